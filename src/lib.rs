@@ -1,0 +1,13 @@
+//! genius-engine: unsupervised LLM self-training (Genius, arXiv 2504.08672) on a Rust engine
+//! with a CPU reference backend and hand-written CUDA kernels.
+//!
+//! Layers, bottom up:
+//! - [`model`]: architecture config, weight loading (safetensors, GGUF), tokenizer and chat template.
+//! - [`backend`]: the [`backend::Backend`] trait and its CPU (reference) and CUDA implementations.
+//! - [`transformer`]: the LLaMA/Qwen2 transformer written once against `Backend`.
+//! - [`cli`]: the `genius-engine` commands.
+
+pub mod backend;
+pub mod cli;
+pub mod model;
+pub mod transformer;

@@ -1,0 +1,92 @@
+//! Everything about a checkpoint on disk: its architecture config, its weights (HF safetensors
+//! directories and GGUF files, dequantised to f32 in HF layout), its tokenizer and chat template,
+//! and where the default model comes from.
+
+pub mod chat_template;
+pub mod config;
+pub mod fetch;
+pub mod gguf;
+pub mod hf;
+pub mod safetensors;
+pub mod tokenizer;
+
+pub use config::{Architecture, ModelConfig, RopeScaling};
+pub use tokenizer::TextTokenizer;
+
+use anyhow::Result;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// A dense f32 tensor in host memory, row-major, in Hugging Face layout (a linear layer's
+/// weight is `[out_features, in_features]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostTensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+impl HostTensor {
+    pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Self {
+        assert_eq!(
+            shape.iter().product::<usize>(),
+            data.len(),
+            "HostTensor shape/data mismatch"
+        );
+        Self { shape, data }
+    }
+    pub fn numel(&self) -> usize {
+        self.data.len()
+    }
+}
+
+/// Where a model's weights come from. Every source answers in HF tensor names
+/// (`model.layers.3.self_attn.q_proj.weight`) and HF layout, whatever its file format.
+pub trait TensorSource: Send + Sync {
+    /// HF names of all tensors the source holds.
+    fn tensor_names(&self) -> Vec<String>;
+    /// Shape (HF layout) of a tensor, without reading its data.
+    fn shape(&self, name: &str) -> Option<Vec<usize>>;
+    /// The tensor dequantised/converted to f32, HF layout. Errors name the file and tensor.
+    fn load_f32(&self, name: &str) -> Result<HostTensor>;
+    /// Storage types on disk with how many tensors use each (e.g. `{"BF16": 290}`).
+    fn dtype_counts(&self) -> BTreeMap<String, usize>;
+}
+
+/// The on-disk format a model was loaded from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelFormat {
+    HfSafetensors,
+    Gguf,
+}
+
+/// A checkpoint ready to use: config, lazily readable weights and tokenizer.
+pub struct LoadedModel {
+    pub name: String,
+    pub path: PathBuf,
+    pub format: ModelFormat,
+    pub config: ModelConfig,
+    pub weights: Box<dyn TensorSource>,
+    pub tokenizer: TextTokenizer,
+}
+
+/// Resolves a `--model` argument: a HF checkpoint directory, a `.gguf` file, or the name of a
+/// known model (the default, `smollm2-135m-instruct`, is fetched on first use).
+pub fn load_model(spec: Option<&str>) -> Result<LoadedModel> {
+    let spec = spec.unwrap_or(fetch::DEFAULT_MODEL);
+    let path = Path::new(spec);
+    if path.is_dir() {
+        hf::load_hf_dir(path)
+    } else if path.is_file() {
+        gguf::load_gguf_model(path)
+    } else if let Some(known) = fetch::known_model(spec) {
+        let file = fetch::ensure_model(known)?;
+        let mut model = gguf::load_gguf_model(&file)?;
+        model.name = known.name.to_string();
+        Ok(model)
+    } else {
+        anyhow::bail!(
+            "model '{spec}': no such directory or file, and not a known model name (known: {})",
+            fetch::known_model_names().join(", ")
+        )
+    }
+}
