@@ -15,7 +15,7 @@ pub fn render_chat_template(
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
     env.add_template("chat", template)?;
     let ctx = minijinja::context! {
-        messages => minijinja::Value::from_serialize(messages),
+        messages => minijinja::Value::from(minijinja::value::Serde(messages)),
         add_generation_prompt => add_generation_prompt,
         bos_token => bos_token.unwrap_or(""),
         eos_token => eos_token.unwrap_or(""),
