@@ -23,8 +23,11 @@ impl Architecture {
 }
 
 /// RoPE frequency scaling. Only LLaMA-3's scheme changes the frequencies; `default` is none.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum RopeScaling {
+    /// Per-frequency divisors, as GGUF stores LLaMA-3 scaling (`rope_freqs.weight`):
+    /// `inv_freq[i] / factors[i]`.
+    FreqFactors(Vec<f32>),
     Llama3 {
         factor: f32,
         low_freq_factor: f32,
@@ -75,6 +78,11 @@ impl ModelConfig {
         let mut inv: Vec<f64> = (0..d / 2)
             .map(|i| 1.0 / (self.rope_theta as f64).powf((2 * i) as f64 / d as f64))
             .collect();
+        if let Some(RopeScaling::FreqFactors(factors)) = &self.rope_scaling {
+            for (f, d) in inv.iter_mut().zip(factors) {
+                *f /= *d as f64;
+            }
+        }
         if let Some(RopeScaling::Llama3 {
             factor,
             low_freq_factor,
