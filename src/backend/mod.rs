@@ -1,1 +1,94 @@
-//! The Backend trait.
+//! The device boundary. [`Backend`] is every operation the transformer needs, on tensors that
+//! live wherever the backend keeps them; `transformer/`, `engine/` and `genius/` are written
+//! once against it. [`cpu`] is the f32 reference every other backend is checked against;
+//! [`cuda`] holds the CUDA side (device discovery now, kernels in later work).
+
+pub mod cpu;
+pub mod cuda;
+
+use crate::model::HostTensor;
+use anyhow::Result;
+
+/// One sequence inside a packed batch: rows `start..start + len` of the token-major tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeqSpan {
+    pub start: usize,
+    pub len: usize,
+}
+
+/// Shapes of an attention call: `q` is `[tokens, num_heads * head_dim]`, `k` and `v` are
+/// `[tokens, num_kv_heads * head_dim]`; query head `h` reads kv head `h / (num_heads / num_kv_heads)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionShape {
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// The operations of a LLaMA/Qwen2 forward pass. Tensors are row-major with the token as the
+/// leading dimension; a linear weight is `[out, in]` (HF layout).
+pub trait Backend: Send + Sync {
+    /// A tensor on this backend's device.
+    type Tensor: Send + Sync;
+
+    /// Human-readable device name ("cpu (2 threads)").
+    fn name(&self) -> String;
+
+    fn upload(&self, t: &HostTensor) -> Result<Self::Tensor>;
+    fn download(&self, t: &Self::Tensor) -> Result<HostTensor>;
+    fn shape<'a>(&self, t: &'a Self::Tensor) -> &'a [usize];
+
+    /// Rows of `table` (`[vocab, dim]`) for each id: `[ids.len(), dim]`.
+    fn embedding(&self, table: &Self::Tensor, ids: &[u32]) -> Result<Self::Tensor>;
+
+    /// `x / rms(x) * weight` over the last dimension.
+    fn rms_norm(&self, x: &Self::Tensor, weight: &Self::Tensor, eps: f32) -> Result<Self::Tensor>;
+
+    /// `x @ weight^T + bias`: `[n, in] x [out, in] -> [n, out]`.
+    fn linear(
+        &self,
+        x: &Self::Tensor,
+        weight: &Self::Tensor,
+        bias: Option<&Self::Tensor>,
+    ) -> Result<Self::Tensor>;
+
+    /// Rotary embedding in place (HF rotate-half layout): `x` is `[tokens, heads * head_dim]`,
+    /// token `t` is at `positions[t]`, `inv_freq` has `head_dim / 2` entries.
+    fn rope(
+        &self,
+        x: &mut Self::Tensor,
+        positions: &[u32],
+        head_dim: usize,
+        inv_freq: &[f32],
+    ) -> Result<()>;
+
+    /// Causal self-attention within each sequence of a packed batch (GQA), scaled by
+    /// `1/sqrt(head_dim)`. Returns `[tokens, num_heads * head_dim]`.
+    fn causal_attention(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        seqs: &[SeqSpan],
+        shape: AttentionShape,
+    ) -> Result<Self::Tensor>;
+
+    /// `silu(gate) * up`, elementwise.
+    fn swiglu(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Result<Self::Tensor>;
+
+    /// `x += y`, elementwise.
+    fn add_assign(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<()>;
+
+    /// Selected rows of a `[n, d]` tensor.
+    fn gather_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Result<Self::Tensor>;
+
+    /// Fused LM head + log-softmax + gather: for each row `r` of `hidden` (`[n, d]`), the
+    /// log-probability of `targets[r]` under `softmax(hidden[r] @ lm_head^T)`, computed in
+    /// chunks of rows so that `n x vocab` logits are never held at once.
+    fn target_logprobs(
+        &self,
+        hidden: &Self::Tensor,
+        lm_head: &Self::Tensor,
+        targets: &[u32],
+    ) -> Result<Vec<f32>>;
+}

@@ -90,7 +90,11 @@ impl ModelConfig {
             original_max_position_embeddings,
         }) = self.rope_scaling
         {
-            let (factor, lo, hi) = (factor as f64, low_freq_factor as f64, high_freq_factor as f64);
+            let (factor, lo, hi) = (
+                factor as f64,
+                low_freq_factor as f64,
+                high_freq_factor as f64,
+            );
             let old = original_max_position_embeddings as f64;
             let low_freq_wavelen = old / lo;
             let high_freq_wavelen = old / hi;
@@ -154,10 +158,12 @@ impl ModelConfig {
             ),
         };
         let req = |k: &str| -> Result<usize> {
-            let f = v.get(k).with_context(|| format!("{o}: missing field '{k}'"))?;
-            f.as_u64()
-                .map(|x| x as usize)
-                .with_context(|| format!("{o}: field '{k}' must be a non-negative integer, got {f}"))
+            let f = v
+                .get(k)
+                .with_context(|| format!("{o}: missing field '{k}'"))?;
+            f.as_u64().map(|x| x as usize).with_context(|| {
+                format!("{o}: field '{k}' must be a non-negative integer, got {f}")
+            })
         };
         let opt_f = |k: &str, default: f64| -> Result<f64> {
             match v.get(k) {
@@ -202,9 +208,8 @@ impl ModelConfig {
                             factor: f("factor")? as f32,
                             low_freq_factor: f("low_freq_factor")? as f32,
                             high_freq_factor: f("high_freq_factor")? as f32,
-                            original_max_position_embeddings: f(
-                                "original_max_position_embeddings",
-                            )? as usize,
+                            original_max_position_embeddings: f("original_max_position_embeddings")?
+                                as usize,
                         })
                     }
                     other => bail!(

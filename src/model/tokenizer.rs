@@ -106,3 +106,13 @@ impl TextTokenizer {
         .with_context(|| format!("{}: chat template", self.origin.display()))
     }
 }
+
+// PROVISIONAL (replaced by the full HF tokenizer loader when it lands).
+impl TextTokenizer {
+    pub fn from_hf_dir(dir: &std::path::Path) -> Result<Self> {
+        let path = dir.join("tokenizer.json");
+        let inner = tokenizers::Tokenizer::from_file(&path)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        Ok(Self::new(inner, None, None, vec![], None, path))
+    }
+}

@@ -1,1 +1,206 @@
-//! The transformer.
+//! The LLaMA/Qwen2 transformer, written once against [`Backend`]: weights (checked against the
+//! config as they are uploaded) and the forward pass over a packed batch of whole sequences
+//! (prefill). The rollout engine's paged-KV path plugs in at the attention call: everything
+//! around it (projections, RoPE, MLP, norms) is shared.
+
+use crate::backend::{AttentionShape, Backend, SeqSpan};
+use crate::model::{HostTensor, ModelConfig, TensorSource};
+use anyhow::{Context, Result, bail};
+
+/// One decoder layer's weights.
+pub struct LayerWeights<T> {
+    pub input_norm: T,
+    pub q_proj: T,
+    pub k_proj: T,
+    pub v_proj: T,
+    pub q_bias: Option<T>,
+    pub k_bias: Option<T>,
+    pub v_bias: Option<T>,
+    pub o_proj: T,
+    pub post_attention_norm: T,
+    pub gate_proj: T,
+    pub up_proj: T,
+    pub down_proj: T,
+}
+
+/// All weights of the model on a backend.
+pub struct Weights<T> {
+    pub embed_tokens: T,
+    pub layers: Vec<LayerWeights<T>>,
+    pub final_norm: T,
+    /// `None` when the LM head is tied to the embedding.
+    pub lm_head: Option<T>,
+}
+
+/// Sequences packed token-major into one batch: `tokens[i]` sits at `positions[i]` in its
+/// sequence; `seqs` say which rows belong together.
+#[derive(Debug, Clone, Default)]
+pub struct PackedBatch {
+    pub tokens: Vec<u32>,
+    pub positions: Vec<u32>,
+    pub seqs: Vec<SeqSpan>,
+}
+
+impl PackedBatch {
+    /// Packs whole sequences, each starting at position 0.
+    pub fn from_sequences<S: AsRef<[u32]>>(sequences: &[S]) -> Self {
+        let mut b = PackedBatch::default();
+        for s in sequences {
+            let s = s.as_ref();
+            b.seqs.push(SeqSpan {
+                start: b.tokens.len(),
+                len: s.len(),
+            });
+            b.tokens.extend_from_slice(s);
+            b.positions.extend(0..s.len() as u32);
+        }
+        b
+    }
+}
+
+/// The model on a backend.
+pub struct Transformer<B: Backend> {
+    pub config: ModelConfig,
+    pub backend: B,
+    pub weights: Weights<B::Tensor>,
+    inv_freq: Vec<f32>,
+}
+
+/// The HF names of layer `i`'s tensors, shared by every loader and writer.
+pub fn layer_tensor_name(i: usize, part: &str) -> String {
+    format!("model.layers.{i}.{part}")
+}
+
+impl<B: Backend> Transformer<B> {
+    /// Reads every tensor from `source`, checks its shape against `config`, uploads it.
+    pub fn load(backend: B, config: ModelConfig, source: &dyn TensorSource) -> Result<Self> {
+        let c = &config;
+        let (h, q, kv) = (
+            c.hidden_size,
+            c.num_heads * c.head_dim,
+            c.num_kv_heads * c.head_dim,
+        );
+        let get = |name: &str, shape: &[usize]| -> Result<B::Tensor> {
+            let t = source
+                .load_f32(name)
+                .with_context(|| format!("loading tensor '{name}'"))?;
+            if t.shape != shape {
+                bail!(
+                    "tensor '{name}' has shape {:?}, the config implies {shape:?}",
+                    t.shape
+                );
+            }
+            backend.upload(&t)
+        };
+        let has = |name: &str| source.shape(name).is_some();
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for i in 0..c.num_layers {
+            let n = |p: &str| layer_tensor_name(i, p);
+            let bias = |p: &str, len: usize| -> Result<Option<B::Tensor>> {
+                let name = n(p);
+                if c.attention_bias {
+                    get(&name, &[len]).map(Some)
+                } else if has(&name) {
+                    bail!("tensor '{name}' present but the config says the attention has no bias")
+                } else {
+                    Ok(None)
+                }
+            };
+            layers.push(LayerWeights {
+                input_norm: get(&n("input_layernorm.weight"), &[h])?,
+                q_proj: get(&n("self_attn.q_proj.weight"), &[q, h])?,
+                k_proj: get(&n("self_attn.k_proj.weight"), &[kv, h])?,
+                v_proj: get(&n("self_attn.v_proj.weight"), &[kv, h])?,
+                q_bias: bias("self_attn.q_proj.bias", q)?,
+                k_bias: bias("self_attn.k_proj.bias", kv)?,
+                v_bias: bias("self_attn.v_proj.bias", kv)?,
+                o_proj: get(&n("self_attn.o_proj.weight"), &[h, q])?,
+                post_attention_norm: get(&n("post_attention_layernorm.weight"), &[h])?,
+                gate_proj: get(&n("mlp.gate_proj.weight"), &[c.intermediate_size, h])?,
+                up_proj: get(&n("mlp.up_proj.weight"), &[c.intermediate_size, h])?,
+                down_proj: get(&n("mlp.down_proj.weight"), &[h, c.intermediate_size])?,
+            });
+        }
+        let lm_head = if c.tie_word_embeddings {
+            None
+        } else {
+            Some(get("lm_head.weight", &[c.vocab_size, h])?)
+        };
+        let weights = Weights {
+            embed_tokens: get("model.embed_tokens.weight", &[c.vocab_size, h])?,
+            layers,
+            final_norm: get("model.norm.weight", &[h])?,
+            lm_head,
+        };
+        let inv_freq = config.rope_inv_freq();
+        Ok(Self {
+            config,
+            backend,
+            weights,
+            inv_freq,
+        })
+    }
+
+    /// The LM head matrix (`[vocab, hidden]`): the embedding when tied.
+    pub fn lm_head(&self) -> &B::Tensor {
+        self.weights
+            .lm_head
+            .as_ref()
+            .unwrap_or(&self.weights.embed_tokens)
+    }
+
+    /// Runs every layer over a packed batch; returns the final-normed hidden states
+    /// `[tokens, hidden]`.
+    pub fn forward_hidden(&self, batch: &PackedBatch) -> Result<B::Tensor> {
+        let be = &self.backend;
+        let c = &self.config;
+        if let Some(&t) = batch.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+            bail!(
+                "token id {t} is outside the vocabulary ({} entries)",
+                c.vocab_size
+            );
+        }
+        let shape = AttentionShape {
+            num_heads: c.num_heads,
+            num_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+        };
+        let mut x = be.embedding(&self.weights.embed_tokens, &batch.tokens)?;
+        for layer in &self.weights.layers {
+            let xn = be.rms_norm(&x, &layer.input_norm, c.rms_norm_eps)?;
+            let mut q = be.linear(&xn, &layer.q_proj, layer.q_bias.as_ref())?;
+            let mut k = be.linear(&xn, &layer.k_proj, layer.k_bias.as_ref())?;
+            let v = be.linear(&xn, &layer.v_proj, layer.v_bias.as_ref())?;
+            be.rope(&mut q, &batch.positions, c.head_dim, &self.inv_freq)?;
+            be.rope(&mut k, &batch.positions, c.head_dim, &self.inv_freq)?;
+            let attn = be.causal_attention(&q, &k, &v, &batch.seqs, shape)?;
+            let o = be.linear(&attn, &layer.o_proj, None)?;
+            be.add_assign(&mut x, &o)?;
+            let xn = be.rms_norm(&x, &layer.post_attention_norm, c.rms_norm_eps)?;
+            let gate = be.linear(&xn, &layer.gate_proj, None)?;
+            let up = be.linear(&xn, &layer.up_proj, None)?;
+            let act = be.swiglu(&gate, &up)?;
+            let down = be.linear(&act, &layer.down_proj, None)?;
+            be.add_assign(&mut x, &down)?;
+        }
+        be.rms_norm(&x, &self.weights.final_norm, c.rms_norm_eps)
+    }
+
+    /// Full logits (`[rows.len(), vocab]`) at the given rows of the hidden states.
+    pub fn logits_at(&self, hidden: &B::Tensor, rows: &[usize]) -> Result<HostTensor> {
+        let h = self.backend.gather_rows(hidden, rows)?;
+        let logits = self.backend.linear(&h, self.lm_head(), None)?;
+        self.backend.download(&logits)
+    }
+
+    /// `log p(targets[i] | row rows[i])` from the hidden states, fused over the LM head.
+    pub fn target_logprobs(
+        &self,
+        hidden: &B::Tensor,
+        rows: &[usize],
+        targets: &[u32],
+    ) -> Result<Vec<f32>> {
+        let h = self.backend.gather_rows(hidden, rows)?;
+        self.backend.target_logprobs(&h, self.lm_head(), targets)
+    }
+}

@@ -1,0 +1,209 @@
+//! The CPU backend: f32, the reference every other backend is checked against. Matrix
+//! products go through the `gemm` crate (vectorised, multi-threaded); the other ops are plain
+//! loops parallelised over rows with rayon. One file per op family.
+
+mod attention;
+mod elementwise;
+mod matmul;
+
+pub use matmul::matmul_nt;
+
+use super::{AttentionShape, Backend, SeqSpan};
+use crate::model::HostTensor;
+use anyhow::{Result, bail, ensure};
+
+/// The CPU backend. Threads come from rayon's global pool (`RAYON_NUM_THREADS`).
+#[derive(Debug, Default, Clone)]
+pub struct CpuBackend;
+
+impl CpuBackend {
+    pub fn new() -> Self {
+        CpuBackend
+    }
+    pub fn threads(&self) -> usize {
+        rayon::current_num_threads()
+    }
+}
+
+/// Rows and columns of a tensor seen as a matrix (leading dims flattened).
+fn as_matrix(t: &HostTensor) -> (usize, usize) {
+    let cols = t.shape.last().copied().unwrap_or(1);
+    let rows = if cols == 0 { 0 } else { t.numel() / cols };
+    (rows, cols)
+}
+
+impl Backend for CpuBackend {
+    type Tensor = HostTensor;
+
+    fn name(&self) -> String {
+        format!("cpu ({} threads)", self.threads())
+    }
+
+    fn upload(&self, t: &HostTensor) -> Result<HostTensor> {
+        Ok(t.clone())
+    }
+
+    fn download(&self, t: &HostTensor) -> Result<HostTensor> {
+        Ok(t.clone())
+    }
+
+    fn shape<'a>(&self, t: &'a HostTensor) -> &'a [usize] {
+        &t.shape
+    }
+
+    fn embedding(&self, table: &HostTensor, ids: &[u32]) -> Result<HostTensor> {
+        let (vocab, dim) = as_matrix(table);
+        let mut out = Vec::with_capacity(ids.len() * dim);
+        for &id in ids {
+            let id = id as usize;
+            if id >= vocab {
+                bail!("token id {id} is outside the vocabulary ({vocab} entries)");
+            }
+            out.extend_from_slice(&table.data[id * dim..(id + 1) * dim]);
+        }
+        Ok(HostTensor::new(vec![ids.len(), dim], out))
+    }
+
+    fn rms_norm(&self, x: &HostTensor, weight: &HostTensor, eps: f32) -> Result<HostTensor> {
+        let (_, d) = as_matrix(x);
+        ensure!(
+            weight.numel() == d,
+            "rms_norm: weight has {} entries, x rows {d}",
+            weight.numel()
+        );
+        Ok(elementwise::rms_norm(x, &weight.data, eps))
+    }
+
+    fn linear(
+        &self,
+        x: &HostTensor,
+        weight: &HostTensor,
+        bias: Option<&HostTensor>,
+    ) -> Result<HostTensor> {
+        let (n, k) = as_matrix(x);
+        let (m, k2) = as_matrix(weight);
+        ensure!(k == k2, "linear: x has {k} columns, weight has {k2}");
+        let mut out = vec![0f32; n * m];
+        matmul_nt(&mut out, &x.data, &weight.data, n, m, k);
+        if let Some(b) = bias {
+            ensure!(
+                b.numel() == m,
+                "linear: bias has {} entries, want {m}",
+                b.numel()
+            );
+            for row in out.chunks_exact_mut(m) {
+                for (o, bb) in row.iter_mut().zip(&b.data) {
+                    *o += bb;
+                }
+            }
+        }
+        Ok(HostTensor::new(vec![n, m], out))
+    }
+
+    fn rope(
+        &self,
+        x: &mut HostTensor,
+        positions: &[u32],
+        head_dim: usize,
+        inv_freq: &[f32],
+    ) -> Result<()> {
+        let (n, w) = as_matrix(x);
+        ensure!(
+            n == positions.len(),
+            "rope: {n} rows but {} positions",
+            positions.len()
+        );
+        ensure!(
+            w % head_dim == 0 && inv_freq.len() * 2 == head_dim,
+            "rope: bad head_dim"
+        );
+        elementwise::rope(&mut x.data, w, positions, head_dim, inv_freq);
+        Ok(())
+    }
+
+    fn causal_attention(
+        &self,
+        q: &HostTensor,
+        k: &HostTensor,
+        v: &HostTensor,
+        seqs: &[SeqSpan],
+        shape: AttentionShape,
+    ) -> Result<HostTensor> {
+        let (n, qw) = as_matrix(q);
+        ensure!(
+            qw == shape.num_heads * shape.head_dim,
+            "attention: q width {qw}"
+        );
+        ensure!(
+            as_matrix(k) == (n, shape.num_kv_heads * shape.head_dim)
+                && as_matrix(v) == as_matrix(k),
+            "attention: k/v shapes {:?} {:?}",
+            k.shape,
+            v.shape
+        );
+        ensure!(
+            shape.num_heads % shape.num_kv_heads == 0,
+            "attention: heads not a multiple of kv heads"
+        );
+        for s in seqs {
+            ensure!(s.start + s.len <= n, "attention: sequence past the batch");
+        }
+        let out = attention::causal_attention(&q.data, &k.data, &v.data, n, seqs, shape);
+        Ok(HostTensor::new(vec![n, qw], out))
+    }
+
+    fn swiglu(&self, gate: &HostTensor, up: &HostTensor) -> Result<HostTensor> {
+        ensure!(gate.shape == up.shape, "swiglu: shapes differ");
+        Ok(elementwise::swiglu(gate, up))
+    }
+
+    fn add_assign(&self, x: &mut HostTensor, y: &HostTensor) -> Result<()> {
+        ensure!(
+            x.shape == y.shape,
+            "add: shapes {:?} and {:?} differ",
+            x.shape,
+            y.shape
+        );
+        elementwise::add_assign(&mut x.data, &y.data);
+        Ok(())
+    }
+
+    fn gather_rows(&self, x: &HostTensor, rows: &[usize]) -> Result<HostTensor> {
+        let (n, d) = as_matrix(x);
+        let mut out = Vec::with_capacity(rows.len() * d);
+        for &r in rows {
+            ensure!(r < n, "gather_rows: row {r} of {n}");
+            out.extend_from_slice(&x.data[r * d..(r + 1) * d]);
+        }
+        Ok(HostTensor::new(vec![rows.len(), d], out))
+    }
+
+    fn target_logprobs(
+        &self,
+        hidden: &HostTensor,
+        lm_head: &HostTensor,
+        targets: &[u32],
+    ) -> Result<Vec<f32>> {
+        let (n, d) = as_matrix(hidden);
+        let (vocab, d2) = as_matrix(lm_head);
+        ensure!(
+            d == d2,
+            "target_logprobs: hidden width {d}, lm_head width {d2}"
+        );
+        ensure!(
+            n == targets.len(),
+            "target_logprobs: {n} rows but {} targets",
+            targets.len()
+        );
+        if let Some(&t) = targets.iter().find(|&&t| t as usize >= vocab) {
+            bail!("target id {t} is outside the vocabulary ({vocab} entries)");
+        }
+        Ok(elementwise::target_logprobs(
+            &hidden.data,
+            &lm_head.data,
+            targets,
+            d,
+            vocab,
+        ))
+    }
+}
