@@ -1,1 +1,123 @@
-//! The commands.
+//! The `genius-engine` commands: argument parsing (clap) and one module per command.
+
+pub mod bench;
+pub mod info;
+pub mod score;
+
+use crate::backend::cpu::CpuBackend;
+use crate::model::{LoadedModel, load_model};
+use crate::transformer::Transformer;
+use anyhow::{Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "genius-engine",
+    version,
+    about = "Unsupervised LLM self-training (Genius) on a Rust engine with CUDA kernels"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Which backend runs the maths.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    /// CUDA when a usable GPU backend is present, else the CPU.
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// A HF checkpoint directory, a .gguf file, or a known model name
+    /// (default: smollm2-135m-instruct, fetched on first use into $GENIUS_HOME).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Backend to run on.
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    pub device: Device,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Describe a model: architecture, size, dtypes, tokenizer, chat template, usable devices.
+    Info {
+        #[arg(long)]
+        model: Option<String>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Log-probabilities of completions given prompts (JSONL in, JSONL out).
+    Score {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Lines of {"prompt": str, "completion": str} or {"messages": [...], "completion": str}.
+        #[arg(long)]
+        input: PathBuf,
+        /// Lines of {"prompt_ids", "completion_ids", "logprobs", "sum"}, in input order.
+        #[arg(long)]
+        output: PathBuf,
+        /// Tokens packed into one forward pass.
+        #[arg(long, default_value_t = 4096)]
+        batch_tokens: usize,
+    },
+    /// Throughput benchmarks.
+    Bench {
+        #[arg(value_enum)]
+        what: bench::BenchKind,
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Prompt length for `forward`.
+        #[arg(long, default_value_t = 512)]
+        tokens: usize,
+        /// Timed repetitions (after one warm-up).
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
+    },
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Info { model, json } => info::run(model.as_deref(), json),
+        Command::Score {
+            model,
+            input,
+            output,
+            batch_tokens,
+        } => score::run(&model, &input, &output, batch_tokens),
+        Command::Bench {
+            what,
+            model,
+            tokens,
+            iters,
+        } => bench::run(what, &model, tokens, iters),
+    }
+}
+
+/// Loads the model named by `args` and builds the transformer on the chosen backend.
+/// Only the CPU backend exists in this build; `--device cuda` says so instead of pretending.
+pub fn load_cpu_transformer(args: &ModelArgs) -> Result<(LoadedModel, Transformer<CpuBackend>)> {
+    if args.device == Device::Cuda {
+        bail!(
+            "--device cuda: this build has no CUDA backend yet (the CPU backend is the only one); use --device cpu"
+        );
+    }
+    let model = load_model(args.model.as_deref())?;
+    let started = std::time::Instant::now();
+    let transformer =
+        Transformer::load(CpuBackend::new(), model.config.clone(), model.weights.as_ref())
+            .map_err(|e| anyhow::anyhow!("{}: {e:#}", model.path.display()))?;
+    eprintln!(
+        "loaded {} ({} parameters) on {} in {:.1}s",
+        model.name,
+        info::human_count(model.config.num_parameters()),
+        transformer.backend_name(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok((model, transformer))
+}

@@ -141,6 +141,10 @@ impl<B: Backend> Transformer<B> {
         })
     }
 
+    pub fn backend_name(&self) -> String {
+        self.backend.name()
+    }
+
     /// The LM head matrix (`[vocab, hidden]`): the embedding when tied.
     pub fn lm_head(&self) -> &B::Tensor {
         self.weights
