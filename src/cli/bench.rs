@@ -24,7 +24,11 @@ pub fn median(xs: &mut [f64]) -> f64 {
 /// The model's linear-layer shapes `(name, out, in, uses per layer)`; the LM head runs once
 /// per pass, not per layer (0).
 pub fn linear_shapes(c: &ModelConfig) -> Vec<(&'static str, usize, usize, usize)> {
-    let (h, q, kv) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+    let (h, q, kv) = (
+        c.hidden_size,
+        c.num_heads * c.head_dim,
+        c.num_kv_heads * c.head_dim,
+    );
     vec![
         ("q_proj", q, h, 1),
         ("k/v_proj", kv, h, 2),
@@ -37,8 +41,12 @@ pub fn linear_shapes(c: &ModelConfig) -> Vec<(&'static str, usize, usize, usize)
 
 /// GFLOP/s of `[n, in] x [out, in]^T` on the CPU backend (median of `iters`).
 pub fn gemm_gflops(n: usize, out: usize, inp: usize, iters: usize) -> f64 {
-    let a: Vec<f32> = (0..n * inp).map(|i| ((i % 17) as f32 - 8.0) * 0.01).collect();
-    let b: Vec<f32> = (0..out * inp).map(|i| ((i % 13) as f32 - 6.0) * 0.01).collect();
+    let a: Vec<f32> = (0..n * inp)
+        .map(|i| ((i % 17) as f32 - 8.0) * 0.01)
+        .collect();
+    let b: Vec<f32> = (0..out * inp)
+        .map(|i| ((i % 13) as f32 - 6.0) * 0.01)
+        .collect();
     let mut c = vec![0f32; n * out];
     matmul_nt(&mut c, &a, &b, n, out, inp);
     let mut times: Vec<f64> = (0..iters.max(1))
@@ -64,7 +72,10 @@ fn forward(args: &ModelArgs, tokens: usize, iters: usize) -> Result<()> {
     let (model, transformer) = super::load_cpu_transformer(args)?;
     let c = &model.config;
     if tokens > c.max_position_embeddings {
-        bail!("--tokens {tokens} exceeds the model's context of {}", c.max_position_embeddings);
+        bail!(
+            "--tokens {tokens} exceeds the model's context of {}",
+            c.max_position_embeddings
+        );
     }
     // A fixed pseudo-random prompt: real token ids, no special structure.
     let prompt: Vec<u32> = (0..tokens as u64)
@@ -90,7 +101,10 @@ fn forward(args: &ModelArgs, tokens: usize, iters: usize) -> Result<()> {
         * c.num_layers;
     let flops = 2.0 * (per_token * tokens) as f64;
     println!("device        {}", transformer.backend_name());
-    println!("model         {} ({} layers, hidden {})", model.name, c.num_layers, c.hidden_size);
+    println!(
+        "model         {} ({} layers, hidden {})",
+        model.name, c.num_layers, c.hidden_size
+    );
     println!(
         "prefill       {tokens} tokens: median {:.3}s over {iters} runs -> {tok_s:.0} tokens/s ({:.1} GFLOP/s in linear layers)",
         secs,
@@ -101,7 +115,9 @@ fn forward(args: &ModelArgs, tokens: usize, iters: usize) -> Result<()> {
     for (name, out, inp, _) in linear_shapes(c) {
         let g = gemm_gflops(tokens, out, inp, iters);
         println!("  {name:<14} [{tokens} x {inp}] x [{out} x {inp}]^T  {g:8.1} GFLOP/s");
-        gemms.push(serde_json::json!({"name": name, "rows": tokens, "out": out, "in": inp, "gflops": g}));
+        gemms.push(
+            serde_json::json!({"name": name, "rows": tokens, "out": out, "in": inp, "gflops": g}),
+        );
     }
     println!(
         "{}",

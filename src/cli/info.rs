@@ -84,7 +84,12 @@ pub fn run(model: Option<&str>, as_json: bool) -> Result<()> {
         Some((s, id)) => format!("{s:?} ({id})"),
         None => "none".into(),
     };
-    println!("model          {} ({:?}, {})", m.name, m.format, m.path.display());
+    println!(
+        "model          {} ({:?}, {})",
+        m.name,
+        m.format,
+        m.path.display()
+    );
     println!("architecture   {}", c.arch.name());
     println!(
         "parameters     {} ({})",
@@ -101,10 +106,17 @@ pub fn run(model: Option<&str>, as_json: bool) -> Result<()> {
         t.vocab_size()
     );
     println!("context        {}", c.max_position_embeddings);
-    println!("rope           theta {}, scaling {rope_scaling}", c.rope_theta);
+    println!(
+        "rope           theta {}, scaling {rope_scaling}",
+        c.rope_theta
+    );
     println!(
         "lm head        {}",
-        if c.tie_word_embeddings { "tied to the embedding" } else { "separate" }
+        if c.tie_word_embeddings {
+            "tied to the embedding"
+        } else {
+            "separate"
+        }
     );
     println!(
         "dtypes         {}",
@@ -115,13 +127,28 @@ pub fn run(model: Option<&str>, as_json: bool) -> Result<()> {
             .join(", ")
     );
     println!("bos            {}", tok(&t.bos_token));
-    println!("eos            {} (stop ids {:?})", tok(&t.eos_token), t.eos_ids);
+    println!(
+        "eos            {} (stop ids {:?})",
+        tok(&t.eos_token),
+        t.eos_ids
+    );
     println!(
         "chat template  {}",
-        if t.chat_template.is_some() { "present" } else { "absent" }
+        if t.chat_template.is_some() {
+            "present"
+        } else {
+            "absent"
+        }
     );
     for (i, d) in devices.iter().enumerate() {
-        println!("{}{d}", if i == 0 { "devices        " } else { "               " });
+        println!(
+            "{}{d}",
+            if i == 0 {
+                "devices        "
+            } else {
+                "               "
+            }
+        );
     }
     Ok(())
 }

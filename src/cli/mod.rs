@@ -109,9 +109,12 @@ pub fn load_cpu_transformer(args: &ModelArgs) -> Result<(LoadedModel, Transforme
     }
     let model = load_model(args.model.as_deref())?;
     let started = std::time::Instant::now();
-    let transformer =
-        Transformer::load(CpuBackend::new(), model.config.clone(), model.weights.as_ref())
-            .map_err(|e| anyhow::anyhow!("{}: {e:#}", model.path.display()))?;
+    let transformer = Transformer::load(
+        CpuBackend::new(),
+        model.config.clone(),
+        model.weights.as_ref(),
+    )
+    .map_err(|e| anyhow::anyhow!("{}: {e:#}", model.path.display()))?;
     eprintln!(
         "loaded {} ({} parameters) on {} in {:.1}s",
         model.name,

@@ -149,7 +149,9 @@ pub fn score_packed<B: Backend>(
 /// Checks a request can be scored by a model with this context length.
 fn check_request(r: &ScoreRequest, context: usize) -> Result<()> {
     if r.prompt_ids.is_empty() && !r.completion_ids.is_empty() {
-        bail!("the prompt has no tokens, so the first completion token has nothing to condition on");
+        bail!(
+            "the prompt has no tokens, so the first completion token has nothing to condition on"
+        );
     }
     let n = r.prompt_ids.len() + r.completion_ids.len();
     if n > context {
