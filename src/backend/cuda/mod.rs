@@ -44,3 +44,8 @@ pub fn probe_devices() -> Result<Vec<CudaDeviceInfo>, String> {
         Err(_) => Err("the CUDA driver could not be initialised".into()),
     }
 }
+
+/// Kernel sources from `kernels/`, embedded by `build.rs` for NVRTC.
+pub mod sources {
+    include!(concat!(env!("OUT_DIR"), "/kernel_sources.rs"));
+}
