@@ -21,8 +21,16 @@ fn main() {
          pub const KERNEL_SOURCES: &[(&str, &str)] = &[\n",
     );
     for f in &files {
-        let name = f.file_name().and_then(|n| n.to_str()).expect("utf-8 file name");
-        writeln!(out, "    ({name:?}, include_str!({:?})),", f.display().to_string()).unwrap();
+        let name = f
+            .file_name()
+            .and_then(|n| n.to_str())
+            .expect("utf-8 file name");
+        writeln!(
+            out,
+            "    ({name:?}, include_str!({:?})),",
+            f.display().to_string()
+        )
+        .unwrap();
     }
     out.push_str("];\n");
     let dest = Path::new(&std::env::var("OUT_DIR").expect("OUT_DIR")).join("kernel_sources.rs");

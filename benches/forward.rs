@@ -27,7 +27,9 @@ fn default_model_prefill(c: &mut Criterion) {
     group.bench_function(format!("{}/{PROMPT_TOKENS}_tokens", model.name), |b| {
         b.iter(|| {
             let hidden = transformer.forward_hidden(black_box(&batch)).unwrap();
-            transformer.logits_at(&hidden, &[PROMPT_TOKENS - 1]).unwrap()
+            transformer
+                .logits_at(&hidden, &[PROMPT_TOKENS - 1])
+                .unwrap()
         })
     });
     group.finish();
@@ -35,13 +37,24 @@ fn default_model_prefill(c: &mut Criterion) {
     let mut group = c.benchmark_group("gemm");
     group.sample_size(10);
     for (name, out, inp, _) in linear_shapes(&config) {
-        let a: Vec<f32> = (0..PROMPT_TOKENS * inp).map(|i| (i % 31) as f32 * 0.01).collect();
+        let a: Vec<f32> = (0..PROMPT_TOKENS * inp)
+            .map(|i| (i % 31) as f32 * 0.01)
+            .collect();
         let w: Vec<f32> = (0..out * inp).map(|i| (i % 29) as f32 * 0.01).collect();
         let mut y = vec![0f32; PROMPT_TOKENS * out];
         // Throughput in FLOP: criterion's "elements/s" then reads as FLOP/s.
         group.throughput(Throughput::Elements(2 * (PROMPT_TOKENS * out * inp) as u64));
         group.bench_function(format!("{name}/{PROMPT_TOKENS}x{inp}x{out}"), |b| {
-            b.iter(|| matmul_nt(&mut y, black_box(&a), black_box(&w), PROMPT_TOKENS, out, inp))
+            b.iter(|| {
+                matmul_nt(
+                    &mut y,
+                    black_box(&a),
+                    black_box(&w),
+                    PROMPT_TOKENS,
+                    out,
+                    inp,
+                )
+            })
         });
     }
     group.finish();

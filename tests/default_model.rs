@@ -13,7 +13,13 @@ fn greedy_answer_to_the_capital_of_france() {
     let c = &model.config;
     assert_eq!(c.arch, Architecture::Llama);
     assert_eq!(
-        (c.num_layers, c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads),
+        (
+            c.num_layers,
+            c.hidden_size,
+            c.intermediate_size,
+            c.num_heads,
+            c.num_kv_heads
+        ),
         (30, 576, 1536, 9, 3)
     );
     assert_eq!((c.vocab_size, c.rope_theta), (49152, 100000.0));
@@ -22,16 +28,26 @@ fn greedy_answer_to_the_capital_of_france() {
     let tok = &model.tokenizer;
     let messages = json!([{"role": "user", "content": "What is the capital of France?"}]);
     let prompt = tok.apply_chat_template(&messages, true).unwrap();
-    assert!(prompt.ends_with("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"), "{prompt:?}");
+    assert!(
+        prompt.ends_with(
+            "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+        ),
+        "{prompt:?}"
+    );
     let mut ids = tok.encode(&prompt, false).unwrap();
     let im_start = tok.token_to_id("<|im_start|>").unwrap();
-    assert_eq!(ids.iter().filter(|&&t| t == im_start).count(), prompt.matches("<|im_start|>").count());
+    assert_eq!(
+        ids.iter().filter(|&&t| t == im_start).count(),
+        prompt.matches("<|im_start|>").count()
+    );
 
     let transformer =
         Transformer::load(CpuBackend::new(), c.clone(), model.weights.as_ref()).unwrap();
     let prompt_len = ids.len();
     for _ in 0..12 {
-        let hidden = transformer.forward_hidden(&PackedBatch::from_sequences(&[&ids])).unwrap();
+        let hidden = transformer
+            .forward_hidden(&PackedBatch::from_sequences(&[&ids]))
+            .unwrap();
         let logits = transformer.logits_at(&hidden, &[ids.len() - 1]).unwrap();
         let next = logits
             .data
@@ -46,5 +62,8 @@ fn greedy_answer_to_the_capital_of_france() {
         ids.push(next);
     }
     let answer = tok.decode(&ids[prompt_len..]).unwrap();
-    assert!(answer.starts_with("The capital of France is Paris."), "greedy answer: {answer:?}");
+    assert!(
+        answer.starts_with("The capital of France is Paris."),
+        "greedy answer: {answer:?}"
+    );
 }
