@@ -344,6 +344,18 @@ fn blocks_are_trimmed_and_lstripped_and_one_trailing_newline_is_dropped() {
 }
 
 #[test]
+fn generation_blocks_render_their_body_with_their_whitespace_control() {
+    let template = "{% for m in messages %}\n{% if m.role == 'assistant' %}\n\
+                    {%- generation -%}\n  {{ m.content }}  \n{%- endgeneration %}\n\
+                    {% else %}\n{{ m.content }}|\n{% endif %}\n{% endfor %}";
+    let messages = json!([
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "yo"}
+    ]);
+    assert_eq!(render(template, messages, false), "hi|\nyo");
+}
+
+#[test]
 fn loop_controls_break_and_continue() {
     let template = "{% for m in messages %}{% if m == 2 %}{% continue %}{% endif %}\
                     {% if m == 4 %}{% break %}{% endif %}{{ m }}{% endfor %}";

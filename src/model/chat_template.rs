@@ -13,6 +13,7 @@
 //! - Context: `messages`, `add_generation_prompt`, `bos_token`/`eos_token` (left undefined when
 //!   the model has none, as transformers does), `tools` and `documents` set to `none`, plus any
 //!   extra keyword arguments (`enable_thinking`, `date_string`, `tools`, ...).
+//! - transformers' `{% generation %}` block tag (renders its body).
 //! - Python string/dict methods that templates call (`strip`, `split`, `startswith`, `items`,
 //!   `get`, ...) through minijinja-contrib's `pycompat`; `True`/`False`/`None` printed the
 //!   Python way.
@@ -138,9 +139,65 @@ fn build_environment(template: &str) -> Result<Environment<'static>> {
     env.add_filter("tojson", tojson_filter);
     env.add_function("raise_exception", raise_exception);
     env.add_function("strftime_now", strftime_now);
-    env.add_template_owned(TEMPLATE_NAME, template.to_owned())
+    env.add_template_owned(TEMPLATE_NAME, rewrite_generation_tags(template))
         .map_err(|e| describe_template_error(&e))?;
     Ok(env)
+}
+
+/// transformers' `{% generation %}...{% endgeneration %}` tag (its `AssistantTracker`
+/// extension, which marks assistant tokens for training masks) renders its body unchanged.
+/// minijinja has no such tag, so each one becomes `{% if true %}` / `{% endif %}` with the same
+/// whitespace control (`-`, `+`) on both sides; everything else is kept as written.
+fn rewrite_generation_tags(template: &str) -> String {
+    if !template.contains("generation") {
+        return template.to_owned();
+    }
+    let mut out = String::with_capacity(template.len());
+    let mut rest = template;
+    while let Some(start) = rest.find("{%") {
+        out.push_str(&rest[..start]);
+        let tag = &rest[start..];
+        match generation_tag_replacement(tag) {
+            Some((replacement, tag_len)) => {
+                out.push_str(&replacement);
+                rest = &tag[tag_len..];
+            }
+            None => {
+                out.push_str("{%");
+                rest = &tag[2..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// When `tag` (text starting with `{%`) opens with a `generation` or `endgeneration` block tag:
+/// its replacement and the tag's length.
+fn generation_tag_replacement(tag: &str) -> Option<(String, usize)> {
+    let tag_len = tag.find("%}")? + 2;
+    let inner = &tag[2..tag_len - 2];
+    let left_control = if inner.starts_with(['-', '+']) {
+        &inner[..1]
+    } else {
+        ""
+    };
+    let inner = &inner[left_control.len()..];
+    let right_control = if inner.ends_with(['-', '+']) {
+        &inner[inner.len() - 1..]
+    } else {
+        ""
+    };
+    let inner = &inner[..inner.len() - right_control.len()];
+    let keyword = match inner.trim() {
+        "generation" => "if true",
+        "endgeneration" => "endif",
+        _ => return None,
+    };
+    Some((
+        format!("{{%{left_control} {keyword} {right_control}%}}"),
+        tag_len,
+    ))
 }
 
 /// Prints values the way Jinja2 (Python) does: `True`/`False` and `None`, where minijinja
