@@ -317,13 +317,3 @@ fn token_ids_field(
         Some(id) => Ok(vec![as_id(id)?]),
     }
 }
-
-// PROVISIONAL (replaced by the full HF tokenizer loader when it lands).
-impl TextTokenizer {
-    pub fn from_hf_dir(dir: &std::path::Path) -> Result<Self> {
-        let path = dir.join("tokenizer.json");
-        let inner = tokenizers::Tokenizer::from_file(&path)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        Ok(Self::new(inner, None, None, vec![], None, path))
-    }
-}
