@@ -133,3 +133,19 @@ fn score_command_writes_one_line_per_input() {
         assert!((sum - l["sum"].as_f64().unwrap()).abs() < 1e-4);
     }
 }
+
+#[test]
+fn messages_are_rendered_through_the_chat_template() {
+    use genius_engine::cli::score::{parse_score_line, tokenize_input};
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_checkpoint(dir.path(), &tiny_llama_config(), 8, Dtype::F32);
+    let m = load_model(Some(dir.path().to_str().unwrap())).unwrap();
+    let input = parse_score_line(
+        r#"{"messages": [{"role": "user", "content": "w5 w6"}, {"role": "assistant", "content": "w7"}, {"role": "user", "content": "w8"}], "completion": "w9 </s>"}"#,
+    )
+    .unwrap();
+    let r = tokenize_input(&m.tokenizer, &input).unwrap();
+    // <|user|> w5 w6 <|assistant|> w7 </s> <|user|> w8 <|assistant|>  (generation prompt)
+    assert_eq!(r.prompt_ids, vec![2, 5, 6, 3, 7, 1, 2, 8, 3]);
+    assert_eq!(r.completion_ids, vec![9, 1]);
+}
