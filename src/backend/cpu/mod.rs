@@ -28,7 +28,7 @@ impl CpuBackend {
 /// Rows and columns of a tensor seen as a matrix (leading dims flattened).
 fn as_matrix(t: &HostTensor) -> (usize, usize) {
     let cols = t.shape.last().copied().unwrap_or(1);
-    let rows = if cols == 0 { 0 } else { t.numel() / cols };
+    let rows = t.numel().checked_div(cols).unwrap_or(0);
     (rows, cols)
 }
 
@@ -142,7 +142,7 @@ impl Backend for CpuBackend {
             v.shape
         );
         ensure!(
-            shape.num_heads % shape.num_kv_heads == 0,
+            shape.num_heads.is_multiple_of(shape.num_kv_heads),
             "attention: heads not a multiple of kv heads"
         );
         for s in seqs {
