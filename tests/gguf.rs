@@ -1,6 +1,6 @@
 //! GGUF loading: dequantisation of every supported type against hand-computed values, llama.cpp's
 //! q/k row permutation, config and tokenizer from metadata, and corrupt input (errors, never
-//! panics). With `GENIUS_TEST_GGUF` set to the default model's file, checks it too.
+//! panics), and the default model's real file.
 
 use genius_engine::model::gguf::{
     GgmlType, GgufFile, GgufValue, GgufWriter, config_from_gguf, load_gguf_file, load_gguf_model,
@@ -1087,18 +1087,17 @@ fn flipped_bytes_give_errors_or_values_never_panics() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The real default model (only with GENIUS_TEST_GGUF)
+// The real default model (fetched on first use)
 // ---------------------------------------------------------------------------------------------
 
 #[test]
-fn real_default_model_when_available() {
-    let Some(path) = std::env::var_os("GENIUS_TEST_GGUF").map(PathBuf::from) else {
-        eprintln!(
-            "\n*** SKIPPED real_default_model_when_available: set GENIUS_TEST_GGUF to \
-             SmolLM2-135M-Instruct.Q4_1.gguf to run it ***\n"
-        );
-        return;
-    };
+fn real_default_model() {
+    // The default model, fetched into $GENIUS_HOME on first use.
+    let path = genius_engine::model::fetch::ensure_model(
+        genius_engine::model::fetch::known_model(genius_engine::model::fetch::DEFAULT_MODEL)
+            .expect("default model is known"),
+    )
+    .expect("default model");
     let start = std::time::Instant::now();
     let model = load_gguf_model(&path).unwrap();
     let opened = start.elapsed();
