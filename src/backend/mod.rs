@@ -73,8 +73,12 @@ pub trait Backend: Send + Sync {
         shape: AttentionShape,
     ) -> Result<Self::Tensor>;
 
-    /// `silu(gate) * up`, elementwise.
-    fn swiglu(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Result<Self::Tensor>;
+    /// SwiGLU on a fused `[n, 2 * i]` gate/up projection: `silu(x[:, ..i]) * x[:, i..]`,
+    /// giving `[n, i]`.
+    fn swiglu(&self, gate_up: &Self::Tensor) -> Result<Self::Tensor>;
+
+    /// Splits a `[n, sum(widths)]` tensor into `[n, widths[j]]` tensors, left to right.
+    fn split_columns(&self, x: &Self::Tensor, widths: &[usize]) -> Result<Vec<Self::Tensor>>;
 
     /// `x += y`, elementwise.
     fn add_assign(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<()>;

@@ -7,19 +7,17 @@ use crate::backend::{AttentionShape, Backend, SeqSpan};
 use crate::model::{HostTensor, ModelConfig, TensorSource};
 use anyhow::{Context, Result, bail};
 
-/// One decoder layer's weights.
+/// One decoder layer's weights. Projections that read the same input are stored fused, rows
+/// stacked in HF layout, so each is one matrix product: `qkv_proj` is q_proj, k_proj, v_proj
+/// (`[q + 2 kv, hidden]`), `gate_up_proj` is gate_proj then up_proj (`[2 ffn, hidden]`).
 pub struct LayerWeights<T> {
     pub input_norm: T,
-    pub q_proj: T,
-    pub k_proj: T,
-    pub v_proj: T,
-    pub q_bias: Option<T>,
-    pub k_bias: Option<T>,
-    pub v_bias: Option<T>,
+    pub qkv_proj: T,
+    /// q, k and v biases stacked (Qwen2).
+    pub qkv_bias: Option<T>,
     pub o_proj: T,
     pub post_attention_norm: T,
-    pub gate_proj: T,
-    pub up_proj: T,
+    pub gate_up_proj: T,
     pub down_proj: T,
 }
 
@@ -80,7 +78,7 @@ impl<B: Backend> Transformer<B> {
             c.num_heads * c.head_dim,
             c.num_kv_heads * c.head_dim,
         );
-        let get = |name: &str, shape: &[usize]| -> Result<B::Tensor> {
+        let read = |name: &str, shape: &[usize]| -> Result<HostTensor> {
             let t = source
                 .load_f32(name)
                 .with_context(|| format!("loading tensor '{name}'"))?;
@@ -90,35 +88,56 @@ impl<B: Backend> Transformer<B> {
                     t.shape
                 );
             }
-            backend.upload(&t)
+            Ok(t)
+        };
+        let get = |name: &str, shape: &[usize]| -> Result<B::Tensor> {
+            backend.upload(&read(name, shape)?)
+        };
+        // Tensors stacked along their first dimension, uploaded as one.
+        let stacked = |parts: &[(String, Vec<usize>)]| -> Result<B::Tensor> {
+            let mut rows = 0;
+            let mut data = Vec::new();
+            for (name, shape) in parts {
+                data.extend_from_slice(&read(name, shape)?.data);
+                rows += shape[0];
+            }
+            let mut shape = parts[0].1.clone();
+            shape[0] = rows;
+            backend.upload(&HostTensor::new(shape, data))
         };
         let has = |name: &str| source.shape(name).is_some();
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
             let n = |p: &str| layer_tensor_name(i, p);
-            let bias = |p: &str, len: usize| -> Result<Option<B::Tensor>> {
-                let name = n(p);
-                if c.attention_bias {
-                    get(&name, &[len]).map(Some)
-                } else if has(&name) {
-                    bail!("tensor '{name}' present but the config says the attention has no bias")
-                } else {
-                    Ok(None)
-                }
+            let bias_names =
+                ["q_proj", "k_proj", "v_proj"].map(|p| n(&format!("self_attn.{p}.bias")));
+            let qkv_bias = if c.attention_bias {
+                Some(stacked(&[
+                    (bias_names[0].clone(), vec![q]),
+                    (bias_names[1].clone(), vec![kv]),
+                    (bias_names[2].clone(), vec![kv]),
+                ])?)
+            } else if let Some(name) = bias_names.iter().find(|b| has(b)) {
+                bail!("tensor '{name}' present but the config says the attention has no bias")
+            } else {
+                None
             };
+            let ffn = c.intermediate_size;
             layers.push(LayerWeights {
                 input_norm: get(&n("input_layernorm.weight"), &[h])?,
-                q_proj: get(&n("self_attn.q_proj.weight"), &[q, h])?,
-                k_proj: get(&n("self_attn.k_proj.weight"), &[kv, h])?,
-                v_proj: get(&n("self_attn.v_proj.weight"), &[kv, h])?,
-                q_bias: bias("self_attn.q_proj.bias", q)?,
-                k_bias: bias("self_attn.k_proj.bias", kv)?,
-                v_bias: bias("self_attn.v_proj.bias", kv)?,
+                qkv_proj: stacked(&[
+                    (n("self_attn.q_proj.weight"), vec![q, h]),
+                    (n("self_attn.k_proj.weight"), vec![kv, h]),
+                    (n("self_attn.v_proj.weight"), vec![kv, h]),
+                ])?,
+                qkv_bias,
                 o_proj: get(&n("self_attn.o_proj.weight"), &[h, q])?,
                 post_attention_norm: get(&n("post_attention_layernorm.weight"), &[h])?,
-                gate_proj: get(&n("mlp.gate_proj.weight"), &[c.intermediate_size, h])?,
-                up_proj: get(&n("mlp.up_proj.weight"), &[c.intermediate_size, h])?,
-                down_proj: get(&n("mlp.down_proj.weight"), &[h, c.intermediate_size])?,
+                gate_up_proj: stacked(&[
+                    (n("mlp.gate_proj.weight"), vec![ffn, h]),
+                    (n("mlp.up_proj.weight"), vec![ffn, h]),
+                ])?,
+                down_proj: get(&n("mlp.down_proj.weight"), &[h, ffn])?,
             });
         }
         let lm_head = if c.tie_word_embeddings {
@@ -169,21 +188,27 @@ impl<B: Backend> Transformer<B> {
             num_kv_heads: c.num_kv_heads,
             head_dim: c.head_dim,
         };
+        let qkv_widths = [
+            c.num_heads * c.head_dim,
+            c.num_kv_heads * c.head_dim,
+            c.num_kv_heads * c.head_dim,
+        ];
         let mut x = be.embedding(&self.weights.embed_tokens, &batch.tokens)?;
         for layer in &self.weights.layers {
             let xn = be.rms_norm(&x, &layer.input_norm, c.rms_norm_eps)?;
-            let mut q = be.linear(&xn, &layer.q_proj, layer.q_bias.as_ref())?;
-            let mut k = be.linear(&xn, &layer.k_proj, layer.k_bias.as_ref())?;
-            let v = be.linear(&xn, &layer.v_proj, layer.v_bias.as_ref())?;
+            let qkv = be.linear(&xn, &layer.qkv_proj, layer.qkv_bias.as_ref())?;
+            let [mut q, mut k, v]: [B::Tensor; 3] = be
+                .split_columns(&qkv, &qkv_widths)?
+                .try_into()
+                .map_err(|_| anyhow::anyhow!("split_columns returned the wrong count"))?;
             be.rope(&mut q, &batch.positions, c.head_dim, &self.inv_freq)?;
             be.rope(&mut k, &batch.positions, c.head_dim, &self.inv_freq)?;
             let attn = be.causal_attention(&q, &k, &v, &batch.seqs, shape)?;
             let o = be.linear(&attn, &layer.o_proj, None)?;
             be.add_assign(&mut x, &o)?;
             let xn = be.rms_norm(&x, &layer.post_attention_norm, c.rms_norm_eps)?;
-            let gate = be.linear(&xn, &layer.gate_proj, None)?;
-            let up = be.linear(&xn, &layer.up_proj, None)?;
-            let act = be.swiglu(&gate, &up)?;
+            let gate_up = be.linear(&xn, &layer.gate_up_proj, None)?;
+            let act = be.swiglu(&gate_up)?;
             let down = be.linear(&act, &layer.down_proj, None)?;
             be.add_assign(&mut x, &down)?;
         }

@@ -49,16 +49,18 @@ pub fn rope(x: &mut [f32], width: usize, positions: &[u32], head_dim: usize, inv
         });
 }
 
-pub fn swiglu(gate: &HostTensor, up: &HostTensor) -> HostTensor {
-    let mut out = vec![0f32; gate.numel()];
-    out.par_chunks_mut(4096)
-        .zip(gate.data.par_chunks(4096).zip(up.data.par_chunks(4096)))
-        .for_each(|(o, (g, u))| {
+/// `silu(gate) * up` for rows laid out `[gate (width) | up (width)]`.
+pub fn swiglu(gate_up: &[f32], width: usize) -> Vec<f32> {
+    let mut out = vec![0f32; gate_up.len() / 2];
+    out.par_chunks_mut(width)
+        .zip(gate_up.par_chunks(2 * width))
+        .for_each(|(o, row)| {
+            let (g, u) = row.split_at(width);
             for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
                 *o = g / (1.0 + (-g).exp()) * u;
             }
         });
-    HostTensor::new(gate.shape.clone(), out)
+    out
 }
 
 pub fn add_assign(x: &mut [f32], y: &[f32]) {

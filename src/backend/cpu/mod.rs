@@ -152,9 +152,34 @@ impl Backend for CpuBackend {
         Ok(HostTensor::new(vec![n, qw], out))
     }
 
-    fn swiglu(&self, gate: &HostTensor, up: &HostTensor) -> Result<HostTensor> {
-        ensure!(gate.shape == up.shape, "swiglu: shapes differ");
-        Ok(elementwise::swiglu(gate, up))
+    fn swiglu(&self, gate_up: &HostTensor) -> Result<HostTensor> {
+        let (n, w) = as_matrix(gate_up);
+        ensure!(w.is_multiple_of(2), "swiglu: fused width {w} is odd");
+        Ok(HostTensor::new(
+            vec![n, w / 2],
+            elementwise::swiglu(&gate_up.data, w / 2),
+        ))
+    }
+
+    fn split_columns(&self, x: &HostTensor, widths: &[usize]) -> Result<Vec<HostTensor>> {
+        let (n, w) = as_matrix(x);
+        ensure!(
+            widths.iter().sum::<usize>() == w,
+            "split_columns: widths {widths:?} vs {w}"
+        );
+        let mut outs: Vec<Vec<f32>> = widths.iter().map(|&c| Vec::with_capacity(n * c)).collect();
+        for row in x.data.chunks_exact(w) {
+            let mut at = 0;
+            for (o, &c) in outs.iter_mut().zip(widths) {
+                o.extend_from_slice(&row[at..at + c]);
+                at += c;
+            }
+        }
+        Ok(outs
+            .into_iter()
+            .zip(widths)
+            .map(|(d, &c)| HostTensor::new(vec![n, c], d))
+            .collect())
     }
 
     fn add_assign(&self, x: &mut HostTensor, y: &HostTensor) -> Result<()> {
