@@ -25,6 +25,18 @@ pub struct AttentionShape {
     pub head_dim: usize,
 }
 
+/// One sequence in a paged attention call. Its new queries are rows `q_start..q_start + q_len`
+/// of `q`; after this step's K/V writes the cache holds `context_len` tokens of it, the new ones
+/// last, at the slots its `block_table` gives (position `p` is in block `block_table[p /
+/// block_size]`, row `p % block_size`).
+#[derive(Debug, Clone, Copy)]
+pub struct PagedSeq<'a> {
+    pub q_start: usize,
+    pub q_len: usize,
+    pub context_len: usize,
+    pub block_table: &'a [u32],
+}
+
 /// The operations of a LLaMA/Qwen2 forward pass. Tensors are row-major with the token as the
 /// leading dimension; a linear weight is `[out, in]` (HF layout).
 pub trait Backend: Send + Sync {
@@ -71,6 +83,41 @@ pub trait Backend: Send + Sync {
         v: &Self::Tensor,
         seqs: &[SeqSpan],
         shape: AttentionShape,
+    ) -> Result<Self::Tensor>;
+
+    /// A paged KV cache pool of one layer: `[num_blocks * block_size, width]`, zero-filled.
+    fn kv_pool(&self, num_blocks: usize, block_size: usize, width: usize) -> Result<Self::Tensor>;
+
+    /// Writes row `i` of `k` and `v` (`[n, width]`) into row `slots[i]` of the pools.
+    fn write_kv(
+        &self,
+        k_pool: &mut Self::Tensor,
+        v_pool: &mut Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        slots: &[u32],
+    ) -> Result<()>;
+
+    /// Copies whole blocks `(src, dst)` within a pool (copy-on-write of shared blocks).
+    fn copy_blocks(
+        &self,
+        pool: &mut Self::Tensor,
+        copies: &[(u32, u32)],
+        block_size: usize,
+    ) -> Result<()>;
+
+    /// Causal attention of each sequence's new queries over its cached K/V (GQA, scaled by
+    /// `1/sqrt(head_dim)`): query `i` of a sequence sits at position
+    /// `context_len - q_len + i` and sees positions up to its own. Returns
+    /// `[q rows, num_heads * head_dim]`.
+    fn paged_attention(
+        &self,
+        q: &Self::Tensor,
+        k_pool: &Self::Tensor,
+        v_pool: &Self::Tensor,
+        seqs: &[PagedSeq<'_>],
+        shape: AttentionShape,
+        block_size: usize,
     ) -> Result<Self::Tensor>;
 
     /// SwiGLU on a fused `[n, 2 * i]` gate/up projection: `silu(x[:, ..i]) * x[:, i..]`,

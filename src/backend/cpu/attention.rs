@@ -1,15 +1,105 @@
-//! Causal GQA self-attention on the CPU over a packed batch of sequences. Work is split into
-//! (sequence, head, query block) tasks; each task computes `S = Q K^T` for its query block
-//! against the keys up to the block's end with `gemm`, masks, softmaxes and multiplies by V.
+//! Causal GQA self-attention on the CPU, over contiguous K/V (a packed batch of whole
+//! sequences) or over a paged KV cache (block tables). Both split the work into
+//! (sequence, head, query block) tasks that run [`attend_block`]: `S = Q K^T` for the query
+//! block against the keys it may see with `gemm`, causal mask, softmax, then `S V`.
 
 use super::matmul::gemm_strided;
-use crate::backend::{AttentionShape, SeqSpan};
+use crate::backend::{AttentionShape, PagedSeq, SeqSpan};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-/// Queries per task: bounds the score matrix of a task to `QUERY_BLOCK x seq_len`.
+/// Queries per task: bounds the score matrix of a task to `QUERY_BLOCK x context`.
 const QUERY_BLOCK: usize = 64;
 
+/// Attention of `q_rows` queries of one head against `kv_rows` keys/values of its kv head.
+/// Query `i` sits at position `first_query_pos + i` and sees keys `0..=first_query_pos + i`
+/// (`kv_rows` must be `first_query_pos + q_rows`). Row strides are in floats. Returns
+/// `[q_rows, head_dim]`.
+///
+/// # Safety
+/// `q`, `k`, `v` must address `q_rows` / `kv_rows` rows of `head_dim` floats at their strides.
+#[allow(clippy::too_many_arguments)]
+unsafe fn attend_block(
+    q: *const f32,
+    q_stride: usize,
+    q_rows: usize,
+    k: *const f32,
+    v: *const f32,
+    kv_stride: usize,
+    first_query_pos: usize,
+    head_dim: usize,
+) -> Vec<f32> {
+    let kv_rows = first_query_pos + q_rows;
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let mut scores = vec![0f32; q_rows * kv_rows];
+    unsafe {
+        gemm_strided(
+            q_rows,
+            kv_rows,
+            head_dim,
+            scores.as_mut_ptr(),
+            kv_rows as isize,
+            q,
+            q_stride as isize,
+            1,
+            k,
+            1,
+            kv_stride as isize,
+            Parallelism::None,
+        );
+    }
+    for (i, row) in scores.chunks_exact_mut(kv_rows).enumerate() {
+        let visible = first_query_pos + i + 1;
+        let max = row[..visible]
+            .iter()
+            .fold(f32::NEG_INFINITY, |m, &x| m.max(x * scale));
+        let mut sum = 0f32;
+        for x in &mut row[..visible] {
+            *x = (*x * scale - max).exp();
+            sum += *x;
+        }
+        let inv = 1.0 / sum;
+        row[..visible].iter_mut().for_each(|x| *x *= inv);
+        row[visible..].iter_mut().for_each(|x| *x = 0.0);
+    }
+    let mut out = vec![0f32; q_rows * head_dim];
+    unsafe {
+        gemm_strided(
+            q_rows,
+            head_dim,
+            kv_rows,
+            out.as_mut_ptr(),
+            head_dim as isize,
+            scores.as_ptr(),
+            kv_rows as isize,
+            1,
+            v,
+            kv_stride as isize,
+            1,
+            Parallelism::None,
+        );
+    }
+    out
+}
+
+/// Writes task results (`[rows, head_dim]` per (first row, head)) into `[tokens, heads * head_dim]`.
+fn scatter(
+    tokens: usize,
+    qw: usize,
+    head_dim: usize,
+    placed: impl Iterator<Item = (usize, usize, Vec<f32>)>,
+) -> Vec<f32> {
+    let mut out = vec![0f32; tokens * qw];
+    for (row0, h, block) in placed {
+        for (i, row) in block.chunks_exact(head_dim).enumerate() {
+            let dst = (row0 + i) * qw + h * head_dim;
+            out[dst..dst + head_dim].copy_from_slice(row);
+        }
+    }
+    out
+}
+
+/// Attention within each whole sequence of a packed batch; K/V rows are the sequence's own.
 pub fn causal_attention(
     q: &[f32],
     k: &[f32],
@@ -24,86 +114,121 @@ pub fn causal_attention(
         head_dim,
     } = shape;
     let group = num_heads / num_kv_heads;
-    let qw = num_heads * head_dim;
-    let kw = num_kv_heads * head_dim;
-    let scale = 1.0 / (head_dim as f32).sqrt();
-
-    // (sequence, head, first query row within the sequence)
-    let tasks: Vec<(SeqSpan, usize, usize)> = seqs
+    let (qw, kw) = (num_heads * head_dim, num_kv_heads * head_dim);
+    // (first row of the batch, head, first query index within the sequence, sequence)
+    let tasks: Vec<(usize, usize, usize, SeqSpan)> = seqs
         .iter()
         .flat_map(|&s| {
-            (0..num_heads)
-                .flat_map(move |h| (0..s.len).step_by(QUERY_BLOCK).map(move |q0| (s, h, q0)))
+            (0..num_heads).flat_map(move |h| {
+                (0..s.len)
+                    .step_by(QUERY_BLOCK)
+                    .map(move |q0| (s.start + q0, h, q0, s))
+            })
         })
         .collect();
-
-    let blocks: Vec<Vec<f32>> = tasks
+    let results: Vec<Vec<f32>> = tasks
         .par_iter()
-        .map(|&(s, h, q0)| {
-            let q_rows = QUERY_BLOCK.min(s.len - q0);
-            let kv_rows = q0 + q_rows; // causal: keys up to the last query of the block
+        .map(|&(row0, h, q0, s)| {
             let kvh = h / group;
-            let mut scores = vec![0f32; q_rows * kv_rows];
-            // SAFETY: rows s.start..s.start+s.len are inside q/k/v (checked by the caller),
-            // head offsets stay inside a row.
+            // SAFETY: the caller checked every span lies inside q/k/v; head offsets stay
+            // inside a row.
             unsafe {
-                gemm_strided(
-                    q_rows,
-                    kv_rows,
-                    head_dim,
-                    scores.as_mut_ptr(),
-                    kv_rows as isize,
-                    q.as_ptr().add((s.start + q0) * qw + h * head_dim),
-                    qw as isize,
-                    1,
+                attend_block(
+                    q.as_ptr().add(row0 * qw + h * head_dim),
+                    qw,
+                    QUERY_BLOCK.min(s.len - q0),
                     k.as_ptr().add(s.start * kw + kvh * head_dim),
-                    1,
-                    kw as isize,
-                    Parallelism::None,
-                );
-            }
-            for (i, row) in scores.chunks_exact_mut(kv_rows).enumerate() {
-                let visible = q0 + i + 1;
-                let max = row[..visible]
-                    .iter()
-                    .fold(f32::NEG_INFINITY, |m, &x| m.max(x * scale));
-                let mut sum = 0f32;
-                for x in &mut row[..visible] {
-                    *x = (*x * scale - max).exp();
-                    sum += *x;
-                }
-                let inv = 1.0 / sum;
-                row[..visible].iter_mut().for_each(|x| *x *= inv);
-                row[visible..].iter_mut().for_each(|x| *x = 0.0);
-            }
-            let mut out = vec![0f32; q_rows * head_dim];
-            // SAFETY: as above.
-            unsafe {
-                gemm_strided(
-                    q_rows,
-                    head_dim,
-                    kv_rows,
-                    out.as_mut_ptr(),
-                    head_dim as isize,
-                    scores.as_ptr(),
-                    kv_rows as isize,
-                    1,
                     v.as_ptr().add(s.start * kw + kvh * head_dim),
-                    kw as isize,
-                    1,
-                    Parallelism::None,
-                );
+                    kw,
+                    q0,
+                    head_dim,
+                )
             }
-            out
         })
         .collect();
+    scatter(
+        tokens,
+        qw,
+        head_dim,
+        tasks.iter().zip(results).map(|(t, r)| (t.0, t.1, r)),
+    )
+}
 
-    let mut out = vec![0f32; tokens * qw];
-    for (&(s, h, q0), block) in tasks.iter().zip(&blocks) {
-        for (i, row) in block.chunks_exact(head_dim).enumerate() {
-            let dst = (s.start + q0 + i) * qw + h * head_dim;
-            out[dst..dst + head_dim].copy_from_slice(row);
+/// Copies the rows of positions `0..len` of a sequence out of a paged cache
+/// (`[blocks * block_size, width]`) into one contiguous `[len, width]` buffer.
+fn gather_rows(
+    cache: &[f32],
+    width: usize,
+    block_table: &[u32],
+    block_size: usize,
+    len: usize,
+) -> Vec<f32> {
+    let mut out = Vec::with_capacity(len * width);
+    for (b, &block) in block_table.iter().enumerate() {
+        let first = b * block_size;
+        if first >= len {
+            break;
         }
+        let rows = block_size.min(len - first);
+        let start = block as usize * block_size * width;
+        out.extend_from_slice(&cache[start..start + rows * width]);
     }
     out
+}
+
+/// Attention of new queries against a paged KV cache that already holds their own K/V.
+pub fn paged_attention(
+    q: &[f32],
+    tokens: usize,
+    k_cache: &[f32],
+    v_cache: &[f32],
+    seqs: &[PagedSeq<'_>],
+    shape: AttentionShape,
+    block_size: usize,
+) -> Vec<f32> {
+    let AttentionShape {
+        num_heads,
+        num_kv_heads,
+        head_dim,
+    } = shape;
+    let group = num_heads / num_kv_heads;
+    let (qw, kw) = (num_heads * head_dim, num_kv_heads * head_dim);
+    // (sequence index, first query index within the step's queries of that sequence)
+    let tasks: Vec<(usize, usize)> = seqs
+        .iter()
+        .enumerate()
+        .flat_map(|(i, s)| (0..s.q_len).step_by(QUERY_BLOCK).map(move |q0| (i, q0)))
+        .collect();
+    let results: Vec<Vec<(usize, usize, Vec<f32>)>> = tasks
+        .par_iter()
+        .map(|&(i, q0)| {
+            let s = &seqs[i];
+            let q_rows = QUERY_BLOCK.min(s.q_len - q0);
+            let first_pos = s.context_len - s.q_len + q0;
+            let visible = first_pos + q_rows;
+            let keys = gather_rows(k_cache, kw, s.block_table, block_size, visible);
+            let values = gather_rows(v_cache, kw, s.block_table, block_size, visible);
+            (0..num_heads)
+                .map(|h| {
+                    let kvh = h / group;
+                    // SAFETY: the caller checked the rows and block tables; the gathered
+                    // buffers hold `visible` rows of `kw` floats.
+                    let out = unsafe {
+                        attend_block(
+                            q.as_ptr().add((s.q_start + q0) * qw + h * head_dim),
+                            qw,
+                            q_rows,
+                            keys.as_ptr().add(kvh * head_dim),
+                            values.as_ptr().add(kvh * head_dim),
+                            kw,
+                            first_pos,
+                            head_dim,
+                        )
+                    };
+                    (s.q_start + q0, h, out)
+                })
+                .collect()
+        })
+        .collect();
+    scatter(tokens, qw, head_dim, results.into_iter().flatten())
 }

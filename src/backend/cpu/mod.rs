@@ -8,7 +8,7 @@ mod matmul;
 
 pub use matmul::matmul_nt;
 
-use super::{AttentionShape, Backend, SeqSpan};
+use super::{AttentionShape, Backend, PagedSeq, SeqSpan};
 use crate::model::HostTensor;
 use anyhow::{Result, bail, ensure};
 
@@ -149,6 +149,127 @@ impl Backend for CpuBackend {
             ensure!(s.start + s.len <= n, "attention: sequence past the batch");
         }
         let out = attention::causal_attention(&q.data, &k.data, &v.data, n, seqs, shape);
+        Ok(HostTensor::new(vec![n, qw], out))
+    }
+
+    fn kv_pool(&self, num_blocks: usize, block_size: usize, width: usize) -> Result<HostTensor> {
+        let rows = num_blocks
+            .checked_mul(block_size)
+            .filter(|r| r.checked_mul(width).is_some())
+            .ok_or_else(|| {
+                anyhow::anyhow!("kv_pool: {num_blocks} x {block_size} x {width} overflows")
+            })?;
+        Ok(HostTensor::new(vec![rows, width], vec![0f32; rows * width]))
+    }
+
+    fn write_kv(
+        &self,
+        k_pool: &mut HostTensor,
+        v_pool: &mut HostTensor,
+        k: &HostTensor,
+        v: &HostTensor,
+        slots: &[u32],
+    ) -> Result<()> {
+        let (n, w) = as_matrix(k);
+        let (pool_rows, pw) = as_matrix(k_pool);
+        ensure!(
+            as_matrix(v) == (n, w) && as_matrix(v_pool) == (pool_rows, pw) && pw == w,
+            "write_kv: shapes"
+        );
+        ensure!(
+            slots.len() == n,
+            "write_kv: {n} rows but {} slots",
+            slots.len()
+        );
+        for (i, &slot) in slots.iter().enumerate() {
+            let slot = slot as usize;
+            ensure!(
+                slot < pool_rows,
+                "write_kv: slot {slot} outside the pool ({pool_rows} rows)"
+            );
+            k_pool.data[slot * w..(slot + 1) * w].copy_from_slice(&k.data[i * w..(i + 1) * w]);
+            v_pool.data[slot * w..(slot + 1) * w].copy_from_slice(&v.data[i * w..(i + 1) * w]);
+        }
+        Ok(())
+    }
+
+    fn copy_blocks(
+        &self,
+        pool: &mut HostTensor,
+        copies: &[(u32, u32)],
+        block_size: usize,
+    ) -> Result<()> {
+        let (rows, w) = as_matrix(pool);
+        let block = block_size * w;
+        for &(src, dst) in copies {
+            let (src, dst) = (src as usize, dst as usize);
+            ensure!(
+                (src + 1) * block_size <= rows && (dst + 1) * block_size <= rows,
+                "copy_blocks: block outside the pool"
+            );
+            pool.data
+                .copy_within(src * block..(src + 1) * block, dst * block);
+        }
+        Ok(())
+    }
+
+    fn paged_attention(
+        &self,
+        q: &HostTensor,
+        k_pool: &HostTensor,
+        v_pool: &HostTensor,
+        seqs: &[PagedSeq<'_>],
+        shape: AttentionShape,
+        block_size: usize,
+    ) -> Result<HostTensor> {
+        let (n, qw) = as_matrix(q);
+        let (pool_rows, kw) = as_matrix(k_pool);
+        ensure!(
+            qw == shape.num_heads * shape.head_dim,
+            "paged_attention: q width {qw}"
+        );
+        ensure!(
+            kw == shape.num_kv_heads * shape.head_dim,
+            "paged_attention: pool width {kw}"
+        );
+        ensure!(
+            as_matrix(v_pool) == (pool_rows, kw),
+            "paged_attention: k/v pools differ"
+        );
+        ensure!(
+            shape.num_heads.is_multiple_of(shape.num_kv_heads),
+            "paged_attention: heads"
+        );
+        let pool_blocks = pool_rows / block_size.max(1);
+        for s in seqs {
+            ensure!(
+                s.q_start + s.q_len <= n,
+                "paged_attention: queries past the batch"
+            );
+            ensure!(
+                s.q_len <= s.context_len,
+                "paged_attention: more queries than context"
+            );
+            ensure!(
+                s.block_table.len() * block_size >= s.context_len,
+                "paged_attention: block table covers {} of {} tokens",
+                s.block_table.len() * block_size,
+                s.context_len
+            );
+            ensure!(
+                s.block_table.iter().all(|&b| (b as usize) < pool_blocks),
+                "paged_attention: block id outside the pool"
+            );
+        }
+        let out = attention::paged_attention(
+            &q.data,
+            n,
+            &k_pool.data,
+            &v_pool.data,
+            seqs,
+            shape,
+            block_size,
+        );
         Ok(HostTensor::new(vec![n, qw], out))
     }
 
