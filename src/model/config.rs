@@ -1,5 +1,5 @@
 //! The transformer's architecture, read from HF `config.json` (GGUF metadata maps onto the same
-//! struct in `gguf.rs`).
+//! struct in `gguf/config.rs`).
 
 use anyhow::{Context, Result, bail};
 use serde_json::Value;

@@ -1,7 +1,7 @@
 //! The model's tokenizer (the `tokenizers` crate) together with its special tokens and chat
 //! template. Built from HF files (`tokenizer.json`, `tokenizer_config.json`,
 //! `chat_template.jinja`, `generation_config.json`; see [`TextTokenizer::from_hf_dir`]) or from
-//! GGUF metadata (see `gguf.rs`).
+//! GGUF metadata (see `gguf/tokenizer.rs`).
 
 use anyhow::{Context, Result, bail};
 use serde_json::Value as Json;
