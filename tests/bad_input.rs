@@ -124,6 +124,40 @@ fn config_missing_field_or_unsupported_architecture() {
         &["config.json", "not valid JSON"],
     );
 
+    for (key, value, expect) in [
+        (
+            "num_hidden_layers",
+            serde_json::json!(1e15 as u64),
+            "beyond any real model",
+        ),
+        (
+            "hidden_act",
+            serde_json::json!("gelu"),
+            "unsupported hidden_act 'gelu'",
+        ),
+        (
+            "attention_bias",
+            serde_json::json!(true),
+            "attention_bias = true",
+        ),
+        ("mlp_bias", serde_json::json!(true), "mlp_bias = true"),
+    ] {
+        let mut v = tiny_llama_config().to_hf_value();
+        v[key] = value;
+        std::fs::write(&path, v.to_string()).unwrap();
+        assert_mentions(
+            &err_of(ModelConfig::from_hf_json(&path)),
+            &["config.json", expect],
+        );
+    }
+    let mut v = tiny_qwen2_config().to_hf_value();
+    v["use_sliding_window"] = true.into();
+    std::fs::write(&path, v.to_string()).unwrap();
+    assert_mentions(
+        &err_of(ModelConfig::from_hf_json(&path)),
+        &["config.json", "sliding-window"],
+    );
+
     let mut v = tiny_llama_config().to_hf_value();
     v["num_key_value_heads"] = 3.into();
     std::fs::write(&path, v.to_string()).unwrap();

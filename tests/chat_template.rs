@@ -473,6 +473,27 @@ fn unknown_methods_and_undefined_attributes_are_errors_not_panics() {
     let err =
         render_chat_template("{{ nothing.attr }}", &json!([]), false, None, None).unwrap_err();
     assert!(format!("{err:#}").contains("undefined"), "{err:#}");
+    // Malformed block tags near `generation` (the `{% generation %}` rewrite reads them).
+    for template in [
+        "{%}generation",
+        "{%-}",
+        "{% generation",
+        "{%%}{{ add_generation_prompt }}",
+    ] {
+        assert!(
+            check_chat_template(template).is_err(),
+            "{template:?} should not compile"
+        );
+    }
+    let err = render_chat_template(
+        "{{ {'a': 1} | tojson(indent=100000000) }}",
+        &json!([]),
+        false,
+        None,
+        None,
+    )
+    .unwrap_err();
+    assert!(format!("{err:#}").contains("indent"), "{err:#}");
 }
 
 #[test]

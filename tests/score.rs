@@ -149,3 +149,25 @@ fn messages_are_rendered_through_the_chat_template() {
     assert_eq!(r.prompt_ids, vec![2, 5, 6, 3, 7, 1, 2, 8, 3]);
     assert_eq!(r.completion_ids, vec![9, 1]);
 }
+
+#[test]
+fn an_empty_prompt_is_refused_not_misscored() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_llama_config();
+    write_tiny_checkpoint(dir.path(), &cfg, 3, Dtype::F32);
+    let m = load_model(Some(dir.path().to_str().unwrap())).unwrap();
+    let model = Transformer::load(CpuBackend::new(), cfg, m.weights.as_ref()).unwrap();
+    let ok = ScoreRequest {
+        prompt_ids: vec![5, 6],
+        completion_ids: vec![7],
+    };
+    let empty = ScoreRequest {
+        prompt_ids: vec![],
+        completion_ids: vec![8],
+    };
+    let err = score_packed(&model, &[&ok, &empty]).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("request 1: the prompt has no tokens"),
+        "{err:#}"
+    );
+}

@@ -115,12 +115,28 @@ pub fn tokenize_input(tok: &TextTokenizer, input: &ScoreInput) -> Result<ScoreRe
     })
 }
 
+impl ScoreRequest {
+    /// Tokens of prompt and completion together.
+    pub fn len(&self) -> usize {
+        self.prompt_ids.len() + self.completion_ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// Scores requests in one packed forward pass: `logprobs[r][i]` is
 /// `log p(completion_ids[i] | prompt_ids, completion_ids[..i])`.
 pub fn score_packed<B: Backend>(
     model: &Transformer<B>,
     requests: &[&ScoreRequest],
 ) -> Result<Vec<Vec<f32>>> {
+    for (i, r) in requests.iter().enumerate() {
+        if r.prompt_ids.is_empty() && !r.completion_ids.is_empty() {
+            bail!("request {i}: {EMPTY_PROMPT}");
+        }
+    }
     let seqs: Vec<Vec<u32>> = requests
         .iter()
         .map(|r| [r.prompt_ids.as_slice(), r.completion_ids.as_slice()].concat())
@@ -146,6 +162,9 @@ pub fn score_packed<B: Backend>(
     Ok(out)
 }
 
+const EMPTY_PROMPT: &str =
+    "the prompt has no tokens, so the first completion token has nothing to condition on";
+
 /// Checks a request can be scored by a model with this context length.
 fn check_request(r: &ScoreRequest, context: usize) -> Result<()> {
     if r.prompt_ids.is_empty() && !r.completion_ids.is_empty() {
@@ -153,7 +172,7 @@ fn check_request(r: &ScoreRequest, context: usize) -> Result<()> {
             "the prompt has no tokens, so the first completion token has nothing to condition on"
         );
     }
-    let n = r.prompt_ids.len() + r.completion_ids.len();
+    let n = r.len();
     if n > context {
         bail!("{n} tokens exceed the model's context length of {context}");
     }
@@ -173,7 +192,7 @@ pub fn score_all<B: Backend>(
         let mut end = start;
         let mut tokens = 0;
         while end < requests.len() {
-            let n = requests[end].prompt_ids.len() + requests[end].completion_ids.len();
+            let n = requests[end].len();
             if end > start && tokens + n > batch_tokens {
                 break;
             }
@@ -202,10 +221,7 @@ pub fn run(args: &ModelArgs, input: &Path, output: &Path, batch_tokens: usize) -
             .with_context(|| format!("{}: record {}", input.display(), i + 1))?;
         requests.push(r);
     }
-    let total_tokens: usize = requests
-        .iter()
-        .map(|r| r.prompt_ids.len() + r.completion_ids.len())
-        .sum();
+    let total_tokens: usize = requests.iter().map(ScoreRequest::len).sum();
     let out_file = std::fs::File::create(output)
         .with_context(|| format!("{}: cannot create output", output.display()))?;
     let mut out = BufWriter::new(out_file);
@@ -227,7 +243,7 @@ pub fn run(args: &ModelArgs, input: &Path, output: &Path, batch_tokens: usize) -
             };
             serde_json::to_writer(&mut out, &line)?;
             out.write_all(b"\n")?;
-            bar.inc((r.prompt_ids.len() + r.completion_ids.len()) as u64);
+            bar.inc(r.len() as u64);
         }
         // Each finished batch reaches the disk before the next starts.
         out.flush()

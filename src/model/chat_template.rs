@@ -172,10 +172,14 @@ fn rewrite_generation_tags(template: &str) -> String {
     out
 }
 
+/// Widest `tojson(indent=N)` accepted (templates use 2 or 4).
+const MAX_TOJSON_INDENT: usize = 64;
+
 /// When `tag` (text starting with `{%`) opens with a `generation` or `endgeneration` block tag:
 /// its replacement and the tag's length.
 fn generation_tag_replacement(tag: &str) -> Option<(String, usize)> {
-    let tag_len = tag.find("%}")? + 2;
+    // The closing `%}` comes after the opening `{%` (in `{%}` the two overlap).
+    let tag_len = tag.get(2..)?.find("%}")? + 4;
     let inner = &tag[2..tag_len - 2];
     let left_control = if inner.starts_with(['-', '+']) {
         &inner[..1]
@@ -379,12 +383,17 @@ fn tojson_filter(value: &Value, kwargs: Kwargs) -> Result<Value, minijinja::Erro
         Some(v) => Some(match v.as_str() {
             Some(text) => text.to_owned(),
             None => {
-                let width = usize::try_from(v.clone()).map_err(|_| {
-                    minijinja::Error::new(
-                        ErrorKind::InvalidOperation,
-                        format!("tojson: indent must be a number or a string, not {v}"),
-                    )
-                })?;
+                let width = usize::try_from(v.clone())
+                    .ok()
+                    .filter(|&w| w <= MAX_TOJSON_INDENT)
+                    .ok_or_else(|| {
+                        minijinja::Error::new(
+                            ErrorKind::InvalidOperation,
+                            format!(
+                                "tojson: indent must be a string or a number up to {MAX_TOJSON_INDENT}, not {v}"
+                            ),
+                        )
+                    })?;
                 " ".repeat(width)
             }
         }),

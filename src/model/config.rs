@@ -36,6 +36,10 @@ pub enum RopeScaling {
     },
 }
 
+/// Upper bound on every dimension of a config (vocabulary, widths, layers, heads, context), so
+/// that sizes derived from them cannot overflow; real models are far below it.
+pub const MAX_DIMENSION: usize = 1 << 24;
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
     pub arch: Architecture,
@@ -116,6 +120,23 @@ impl ModelConfig {
     /// Checks that the dimensions are consistent; `origin` names the file in the error.
     pub fn validate(&self, origin: &Path) -> Result<()> {
         let o = origin.display();
+        for (what, value) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_layers),
+            ("num_attention_heads", self.num_heads),
+            ("num_key_value_heads", self.num_kv_heads),
+            ("head_dim", self.head_dim),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ] {
+            if value > MAX_DIMENSION {
+                bail!("{o}: {what} = {value} is beyond any real model (limit {MAX_DIMENSION})");
+            }
+        }
+        if self.num_heads * self.head_dim > MAX_DIMENSION {
+            bail!("{o}: num_attention_heads x head_dim is beyond any real model");
+        }
         if self.num_heads == 0 || self.num_kv_heads == 0 || self.num_layers == 0 {
             bail!("{o}: heads, kv heads and layers must be positive");
         }
@@ -218,13 +239,27 @@ impl ModelConfig {
                 }
             }
         };
-        let attention_bias = match arch {
-            Architecture::Qwen2 => true,
-            Architecture::Llama => v
-                .get("attention_bias")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
-        };
+        // Settings of the HF classes that change the maths and that this engine does not
+        // implement: refused, never silently ignored.
+        let flag = |k: &str| v.get(k).and_then(Value::as_bool).unwrap_or(false);
+        if let Some(act) = v.get("hidden_act").and_then(Value::as_str)
+            && act != "silu"
+        {
+            bail!("{o}: unsupported hidden_act '{act}' (supported: silu)");
+        }
+        match arch {
+            Architecture::Llama if flag("attention_bias") => bail!(
+                "{o}: attention_bias = true (biases on q/k/v/o projections) is not supported for llama"
+            ),
+            Architecture::Llama if flag("mlp_bias") => {
+                bail!("{o}: mlp_bias = true is not supported")
+            }
+            Architecture::Qwen2 if flag("use_sliding_window") => {
+                bail!("{o}: use_sliding_window = true (sliding-window attention) is not supported")
+            }
+            _ => {}
+        }
+        let attention_bias = arch == Architecture::Qwen2;
         let cfg = ModelConfig {
             arch,
             vocab_size: req("vocab_size")?,
@@ -274,7 +309,8 @@ impl ModelConfig {
             "torch_dtype": "bfloat16",
         });
         if self.arch == Architecture::Llama {
-            v["attention_bias"] = Value::Bool(self.attention_bias);
+            v["attention_bias"] = Value::Bool(false);
+            v["mlp_bias"] = Value::Bool(false);
         }
         if let Some(RopeScaling::Llama3 {
             factor,
