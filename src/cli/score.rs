@@ -168,9 +168,7 @@ const EMPTY_PROMPT: &str =
 /// Checks a request can be scored by a model with this context length.
 fn check_request(r: &ScoreRequest, context: usize) -> Result<()> {
     if r.prompt_ids.is_empty() && !r.completion_ids.is_empty() {
-        bail!(
-            "the prompt has no tokens, so the first completion token has nothing to condition on"
-        );
+        bail!("{EMPTY_PROMPT}");
     }
     let n = r.len();
     if n > context {
