@@ -3,7 +3,7 @@
 //! (prefill). The rollout engine's paged-KV path plugs in at the attention call: everything
 //! around it (projections, RoPE, MLP, norms) is shared.
 
-use crate::backend::{AttentionShape, Backend, SeqSpan};
+use crate::backend::{AttentionShape, Backend, PagedSeq, SeqSpan};
 use crate::model::{HostTensor, ModelConfig, TensorSource};
 use anyhow::{Context, Result, bail};
 
@@ -54,6 +54,37 @@ impl PackedBatch {
         }
         b
     }
+}
+
+/// The paged KV cache of a model: per layer, K and V pools of `num_blocks * block_size` rows
+/// of `num_kv_heads * head_dim` values. Which rows belong to which sequence is the block
+/// manager's business (`engine/`); the cache only holds the numbers.
+pub struct KvCache<T> {
+    pub k: Vec<T>,
+    pub v: Vec<T>,
+    pub block_size: usize,
+    pub num_blocks: usize,
+}
+
+/// One sequence's part of a paged step: its new tokens are rows `q_start..q_start + q_len` of
+/// the batch; after the step the cache holds `context_len` of its tokens (the new ones last) in
+/// the blocks of `block_table`.
+#[derive(Debug, Clone, Default)]
+pub struct PagedSeqBatch {
+    pub q_start: usize,
+    pub q_len: usize,
+    pub context_len: usize,
+    pub block_table: Vec<u32>,
+}
+
+/// New tokens of several sequences with cached prefixes: token `i` is at `positions[i]` and
+/// its K/V go to cache row `slots[i]`.
+#[derive(Debug, Clone, Default)]
+pub struct PagedBatch {
+    pub tokens: Vec<u32>,
+    pub positions: Vec<u32>,
+    pub slots: Vec<u32>,
+    pub seqs: Vec<PagedSeqBatch>,
 }
 
 /// The model on a backend.
@@ -175,35 +206,124 @@ impl<B: Backend> Transformer<B> {
     /// Runs every layer over a packed batch; returns the final-normed hidden states
     /// `[tokens, hidden]`.
     pub fn forward_hidden(&self, batch: &PackedBatch) -> Result<B::Tensor> {
+        let shape = self.attention_shape();
+        self.forward_layers(&batch.tokens, &batch.positions, |_, q, k, v| {
+            self.backend.causal_attention(q, k, v, &batch.seqs, shape)
+        })
+    }
+
+    /// Runs every layer over new tokens of sequences whose earlier tokens are in `cache`:
+    /// each layer writes the new K/V at `batch.slots`, then attends over the cache through the
+    /// block tables. Returns the final-normed hidden states of the new tokens. Blocks the
+    /// block manager asked to copy (copy-on-write) must be copied first, with
+    /// [`Self::copy_kv_blocks`].
+    pub fn forward_paged(
+        &self,
+        batch: &PagedBatch,
+        cache: &mut KvCache<B::Tensor>,
+    ) -> Result<B::Tensor> {
+        let shape = self.attention_shape();
+        let n = batch.tokens.len();
+        if batch.slots.len() != n || batch.positions.len() != n {
+            bail!(
+                "paged batch: {n} tokens, {} positions, {} slots",
+                batch.positions.len(),
+                batch.slots.len()
+            );
+        }
+        let seqs: Vec<PagedSeq<'_>> = batch
+            .seqs
+            .iter()
+            .map(|s| PagedSeq {
+                q_start: s.q_start,
+                q_len: s.q_len,
+                context_len: s.context_len,
+                block_table: &s.block_table,
+            })
+            .collect();
+        let block_size = cache.block_size;
+        let (ks, vs) = (&mut cache.k, &mut cache.v);
+        self.forward_layers(&batch.tokens, &batch.positions, |layer, q, k, v| {
+            self.backend
+                .write_kv(&mut ks[layer], &mut vs[layer], k, v, &batch.slots)?;
+            self.backend
+                .paged_attention(q, &ks[layer], &vs[layer], &seqs, shape, block_size)
+        })
+    }
+
+    /// An empty paged KV cache: per layer, K and V pools of `num_blocks` blocks.
+    pub fn new_kv_cache(&self, num_blocks: usize, block_size: usize) -> Result<KvCache<B::Tensor>> {
+        let width = self.config.num_kv_heads * self.config.head_dim;
+        let pools = || -> Result<Vec<B::Tensor>> {
+            (0..self.config.num_layers)
+                .map(|_| self.backend.kv_pool(num_blocks, block_size, width))
+                .collect()
+        };
+        Ok(KvCache {
+            k: pools()?,
+            v: pools()?,
+            block_size,
+            num_blocks,
+        })
+    }
+
+    /// Copies KV blocks `(src, dst)` in every layer (copy-on-write before a shared block is
+    /// written).
+    pub fn copy_kv_blocks(
+        &self,
+        cache: &mut KvCache<B::Tensor>,
+        copies: &[(u32, u32)],
+    ) -> Result<()> {
+        if copies.is_empty() {
+            return Ok(());
+        }
+        for pool in cache.k.iter_mut().chain(cache.v.iter_mut()) {
+            self.backend.copy_blocks(pool, copies, cache.block_size)?;
+        }
+        Ok(())
+    }
+
+    fn attention_shape(&self) -> AttentionShape {
+        AttentionShape {
+            num_heads: self.config.num_heads,
+            num_kv_heads: self.config.num_kv_heads,
+            head_dim: self.config.head_dim,
+        }
+    }
+
+    /// The layer stack, with attention supplied by the caller: `attend(layer, q, k, v)` gets
+    /// RoPE'd q and k and returns `[tokens, heads * head_dim]`. The one place the transformer's
+    /// maths is written; the contiguous and the paged paths differ only in `attend`.
+    fn forward_layers(
+        &self,
+        tokens: &[u32],
+        positions: &[u32],
+        mut attend: impl FnMut(usize, &B::Tensor, &B::Tensor, &B::Tensor) -> Result<B::Tensor>,
+    ) -> Result<B::Tensor> {
         let be = &self.backend;
         let c = &self.config;
-        if let Some(&t) = batch.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
             bail!(
                 "token id {t} is outside the vocabulary ({} entries)",
                 c.vocab_size
             );
         }
-        let shape = AttentionShape {
-            num_heads: c.num_heads,
-            num_kv_heads: c.num_kv_heads,
-            head_dim: c.head_dim,
-        };
         let qkv_widths = [
             c.num_heads * c.head_dim,
             c.num_kv_heads * c.head_dim,
             c.num_kv_heads * c.head_dim,
         ];
-        let mut x = be.embedding(&self.weights.embed_tokens, &batch.tokens)?;
-        for layer in &self.weights.layers {
+        let mut x = be.embedding(&self.weights.embed_tokens, tokens)?;
+        for (i, layer) in self.weights.layers.iter().enumerate() {
             let xn = be.rms_norm(&x, &layer.input_norm, c.rms_norm_eps)?;
             let qkv = be.linear(&xn, &layer.qkv_proj, layer.qkv_bias.as_ref())?;
             let [mut q, mut k, v]: [B::Tensor; 3] = be
                 .split_columns(&qkv, &qkv_widths)?
                 .try_into()
                 .map_err(|_| anyhow::anyhow!("split_columns returned the wrong count"))?;
-            be.rope(&mut q, &batch.positions, c.head_dim, &self.inv_freq)?;
-            be.rope(&mut k, &batch.positions, c.head_dim, &self.inv_freq)?;
-            let attn = be.causal_attention(&q, &k, &v, &batch.seqs, shape)?;
+            be.rope(&mut q, positions, c.head_dim, &self.inv_freq)?;
+            be.rope(&mut k, positions, c.head_dim, &self.inv_freq)?;
+            let attn = attend(i, &q, &k, &v)?;
             let o = be.linear(&attn, &layer.o_proj, None)?;
             be.add_assign(&mut x, &o)?;
             let xn = be.rms_norm(&x, &layer.post_attention_norm, c.rms_norm_eps)?;
