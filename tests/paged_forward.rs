@@ -8,7 +8,7 @@ use common::*;
 use genius_engine::backend::cpu::CpuBackend;
 use genius_engine::model::load_model;
 use genius_engine::model::safetensors::Dtype;
-use genius_engine::transformer::{PagedBatch, PagedSeqBatch, PackedBatch, Transformer};
+use genius_engine::transformer::{PackedBatch, PagedBatch, PagedSeqBatch, Transformer};
 
 /// Hands out pool blocks in a shuffled order so block tables are not the identity.
 struct ShuffledBlocks(Vec<u32>);
@@ -38,7 +38,11 @@ fn check(config: genius_engine::model::ModelConfig, block_size: usize, seed: u64
     let decode_steps = 9;
     let full: Vec<Vec<u32>> = prompt_lens
         .iter()
-        .map(|&p| (0..p + decode_steps).map(|_| rng.below(config.vocab_size) as u32).collect())
+        .map(|&p| {
+            (0..p + decode_steps)
+                .map(|_| rng.below(config.vocab_size) as u32)
+                .collect()
+        })
         .collect();
     let max_len = full.iter().map(Vec::len).max().unwrap();
     let num_blocks = 3 * max_len.div_ceil(block_size) + 5;
@@ -48,7 +52,9 @@ fn check(config: genius_engine::model::ModelConfig, block_size: usize, seed: u64
     let mut lens = vec![0usize; full.len()];
 
     // Reference: every position of every sequence from the full forward.
-    let reference = model.forward_hidden(&PackedBatch::from_sequences(&full)).unwrap();
+    let reference = model
+        .forward_hidden(&PackedBatch::from_sequences(&full))
+        .unwrap();
     let ref_offsets: Vec<usize> = full
         .iter()
         .scan(0, |acc, s| {
@@ -81,7 +87,9 @@ fn check(config: genius_engine::model::ModelConfig, block_size: usize, seed: u64
                 let block = tables[s][pos / block_size];
                 batch.tokens.push(full[s][pos]);
                 batch.positions.push(pos as u32);
-                batch.slots.push(block * block_size as u32 + (pos % block_size) as u32);
+                batch
+                    .slots
+                    .push(block * block_size as u32 + (pos % block_size) as u32);
             }
             lens[s] += add;
             batch.seqs.push(PagedSeqBatch {
@@ -97,7 +105,9 @@ fn check(config: genius_engine::model::ModelConfig, block_size: usize, seed: u64
         for (s, &add) in step.iter().enumerate() {
             for pos in lens[s] - add..lens[s] {
                 let got = model.logits_at(&hidden, &[row]).unwrap();
-                let want = model.logits_at(&reference, &[ref_offsets[s] + pos]).unwrap();
+                let want = model
+                    .logits_at(&reference, &[ref_offsets[s] + pos])
+                    .unwrap();
                 for (a, b) in got.data.iter().zip(&want.data) {
                     worst = worst.max((a - b).abs() / (1.0 + b.abs()));
                 }
@@ -105,7 +115,10 @@ fn check(config: genius_engine::model::ModelConfig, block_size: usize, seed: u64
             }
         }
     }
-    assert!(worst < 1e-4, "block size {block_size}: max relative logit difference {worst}");
+    assert!(
+        worst < 1e-4,
+        "block size {block_size}: max relative logit difference {worst}"
+    );
 }
 
 #[test]

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod info;
+pub mod prompts;
 pub mod score;
 
 use crate::backend::cpu::CpuBackend;

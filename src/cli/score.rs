@@ -6,6 +6,7 @@
 //! them). The completion is tokenized on its own and appended.
 
 use super::ModelArgs;
+pub use super::prompts::{Prompt, parse_prompt, tokenize_prompt};
 use crate::backend::Backend;
 use crate::model::TextTokenizer;
 use crate::transformer::{PackedBatch, Transformer};
@@ -14,14 +15,6 @@ use serde::Serialize;
 use serde_json::Value;
 use std::io::{BufRead, BufWriter, Write};
 use std::path::Path;
-
-/// What to condition on.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Prompt {
-    Text(String),
-    /// A JSON list of chat messages.
-    Messages(Value),
-}
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ScoreInput {
@@ -45,7 +38,7 @@ pub struct ScoreOutput {
     pub sum: f64,
 }
 
-/// Parses one input line (1-based `line_no` for messages).
+/// Parses one input line.
 pub fn parse_score_line(line: &str) -> Result<ScoreInput> {
     let v: Value = serde_json::from_str(line).context("not valid JSON")?;
     let obj = v.as_object().context("expected a JSON object")?;
@@ -54,24 +47,10 @@ pub fn parse_score_line(line: &str) -> Result<ScoreInput> {
         Some(_) => bail!("'completion' must be a string"),
         None => bail!("missing 'completion'"),
     };
-    let prompt = match (obj.get("prompt"), obj.get("messages")) {
-        (Some(_), Some(_)) => bail!("give either 'prompt' or 'messages', not both"),
-        (Some(Value::String(s)), None) => Prompt::Text(s.clone()),
-        (Some(_), None) => bail!("'prompt' must be a string"),
-        (None, Some(m @ Value::Array(items))) => {
-            for (i, it) in items.iter().enumerate() {
-                let ok = it.get("role").is_some_and(Value::is_string)
-                    && it.get("content").is_some_and(Value::is_string);
-                if !ok {
-                    bail!("messages[{i}] must be an object with string 'role' and 'content'");
-                }
-            }
-            Prompt::Messages(m.clone())
-        }
-        (None, Some(_)) => bail!("'messages' must be a list"),
-        (None, None) => bail!("missing 'prompt' (or 'messages')"),
-    };
-    Ok(ScoreInput { prompt, completion })
+    Ok(ScoreInput {
+        prompt: parse_prompt(obj)?,
+        completion,
+    })
 }
 
 /// Reads every line of a JSONL input; errors name the file and line. Blank lines are skipped.
@@ -104,10 +83,7 @@ pub fn read_score_inputs(path: &Path) -> Result<Vec<ScoreInput>> {
 
 /// Tokenizes one input as the module comment says.
 pub fn tokenize_input(tok: &TextTokenizer, input: &ScoreInput) -> Result<ScoreRequest> {
-    let prompt_ids = match &input.prompt {
-        Prompt::Text(t) => tok.encode(t, true)?,
-        Prompt::Messages(m) => tok.encode(&tok.apply_chat_template(m, true)?, false)?,
-    };
+    let prompt_ids = tokenize_prompt(tok, &input.prompt)?;
     let completion_ids = tok.encode(&input.completion, false)?;
     Ok(ScoreRequest {
         prompt_ids,
