@@ -1,0 +1,321 @@
+//! Reproducible token sampling: temperature, top-k, top-p (nucleus), driven by a counter-based
+//! random number generator so that the draw for a token depends only on
+//! `(seed, sequence id, position)`, never on batch composition or scheduling order.
+//!
+//! # Random numbers
+//!
+//! [`philox4x32_10`] is Philox4x32 with 10 rounds (Salmon et al., SC'11; the generator behind
+//! cuRAND's `curandStatePhilox4_32_10_t`): a round maps counter `c` and key `k` to
+//! `(hi(M1*c2) ^ c1 ^ k0, lo(M1*c2), hi(M0*c0) ^ c3 ^ k1, lo(M0*c0))` with
+//! `M0 = 0xD2511F53`, `M1 = 0xCD9E8D57`; between rounds the key is bumped by
+//! `(0x9E3779B9, 0xBB67AE85)` (wrapping).
+//!
+//! [`uniform`]`(seed, seq_id, position)` runs it with key `(seed lo32, seed hi32)` and counter
+//! `(position, seq_id lo32, seq_id hi32, 0)`, and returns `((x0 << 32 | x1) >> 11) * 2^-53`
+//! from the first two output words: a 53-bit uniform in `[0, 1)`.
+//!
+//! # The sampling definition (the CUDA kernel implements the same)
+//!
+//! Given logits `l` over the vocabulary (`l` must be non-empty, contain no NaN or `+inf` and at
+//! least one finite value; `-inf` masks a token):
+//!
+//! 1. `logprob` of the chosen token is always the log-softmax of the **untempered** logits:
+//!    `l_t - (m + ln Σ_i exp(l_i - m))`, `m = max l`, accumulated in f64.
+//! 2. **Greedy** (`temperature == 0`): the argmax, lowest index on ties; `sampling_logprob = 0`.
+//! 3. Otherwise, with `T = temperature`: `w_i = exp((l_i - m) / T)` in f64, `Z = Σ w_i` (f64),
+//!    `p_i = (w_i / Z)` rounded to f32. Only tokens with `p_i > 0` are candidates.
+//!    Candidates are ordered by `p` descending, ties by lower token id ("rank order").
+//! 4. **Top-k** (`top_k > 0`): keep the first `top_k` candidates in rank order.
+//! 5. **Top-p** (`top_p < 1`): let `S` be the mass (Σ p, f64) of the candidates kept by step 4;
+//!    keep the shortest rank-order prefix whose cumulative mass `>= top_p * S` (at least one
+//!    token; all of them if rounding never reaches the target). `top_p == 1` keeps everything.
+//!    (This is top-p on the distribution renormalised after top-k, as in HF and vLLM.)
+//! 6. `total` = mass of the kept tokens (f64). `u = uniform(seed, seq_id, position)`.
+//!    Walk the kept tokens in rank order accumulating `p` (f64) and take the first token whose
+//!    cumulative mass is `> u * total`; if rounding leaves none, the last kept token.
+//! 7. `sampling_logprob = ln(p_t / total)`: the log-probability of the token under the
+//!    distribution actually sampled from (tempered, filtered, renormalised).
+//!
+//! Sums over sets (Z, S, total when no top-p prefix walk is involved) have an unspecified
+//! summation order: implementations agree up to f64 rounding, i.e. exactly except for draws that
+//! land within ~1e-16 of a boundary. Top-k = 1 equals greedy except where distinct logits round
+//! to the same f32 probability.
+//!
+//! Cost: O(V) for the softmax plus selection; only the part of the rank order that is actually
+//! visited is sorted (top-k sets are sorted whole; otherwise the sorted prefix grows by doubling
+//! via quickselect), so a 150k vocabulary is never fully sorted unless the walk needs it.
+
+use anyhow::{Result, bail};
+use std::cmp::Ordering;
+
+/// Philox4x32 round multipliers.
+pub const PHILOX_M4X32: [u32; 2] = [0xD251_1F53, 0xCD9E_8D57];
+/// Philox4x32 Weyl key increments (golden ratio and sqrt(3) - 1).
+pub const PHILOX_W32: [u32; 2] = [0x9E37_79B9, 0xBB67_AE85];
+/// Rounds of the Philox variant used here (Philox4x32-10).
+pub const PHILOX_ROUNDS: usize = 10;
+
+/// Philox4x32-10: the 128-bit block `counter` encrypted under the 64-bit `key`.
+pub fn philox4x32_10(counter: [u32; 4], key: [u32; 2]) -> [u32; 4] {
+    let mut c = counter;
+    let mut k = key;
+    for round in 0..PHILOX_ROUNDS {
+        if round > 0 {
+            k[0] = k[0].wrapping_add(PHILOX_W32[0]);
+            k[1] = k[1].wrapping_add(PHILOX_W32[1]);
+        }
+        let p0 = u64::from(PHILOX_M4X32[0]) * u64::from(c[0]);
+        let p1 = u64::from(PHILOX_M4X32[1]) * u64::from(c[2]);
+        c = [
+            ((p1 >> 32) as u32) ^ c[1] ^ k[0],
+            p1 as u32,
+            ((p0 >> 32) as u32) ^ c[3] ^ k[1],
+            p0 as u32,
+        ];
+    }
+    c
+}
+
+/// The Philox block for one token draw: key `(seed lo, seed hi)`,
+/// counter `(position, seq_id lo, seq_id hi, 0)`.
+pub fn philox_block(seed: u64, seq_id: u64, position: u32) -> [u32; 4] {
+    philox4x32_10(
+        [position, seq_id as u32, (seq_id >> 32) as u32, 0],
+        [seed as u32, (seed >> 32) as u32],
+    )
+}
+
+/// The uniform draw in `[0, 1)` for `(seed, seq_id, position)`: the top 53 bits of
+/// `x0 << 32 | x1` (first two Philox output words) times `2^-53`.
+pub fn uniform(seed: u64, seq_id: u64, position: u32) -> f64 {
+    let x = philox_block(seed, seq_id, position);
+    let bits = ((u64::from(x[0]) << 32) | u64::from(x[1])) >> 11;
+    bits as f64 * (1.0 / (1u64 << 53) as f64)
+}
+
+/// How to pick the next token of a sequence.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SamplingParams {
+    /// Softmax temperature; `0` means greedy (argmax). Must be finite and `>= 0`.
+    pub temperature: f32,
+    /// Nucleus mass in `(0, 1]`; `1` disables top-p.
+    pub top_p: f32,
+    /// Keep only the `top_k` most likely tokens; `0` disables top-k.
+    pub top_k: usize,
+    /// Key of the random stream (together with sequence id and position).
+    pub seed: u64,
+}
+
+impl Default for SamplingParams {
+    /// Plain sampling from the model's distribution: `T = 1`, no top-p, no top-k, seed 0.
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: 0,
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Greedy decoding (argmax).
+    pub fn greedy() -> Self {
+        Self {
+            temperature: 0.0,
+            ..Self::default()
+        }
+    }
+
+    /// Whether these parameters select the argmax.
+    pub fn is_greedy(&self) -> bool {
+        self.temperature == 0.0
+    }
+
+    /// Rejects a NaN, infinite or negative temperature and a top-p outside `(0, 1]`.
+    pub fn validate(&self) -> Result<()> {
+        let t = self.temperature;
+        if !t.is_finite() || t < 0.0 {
+            bail!("sampling parameter temperature must be finite and >= 0 (0 = greedy), got {t}");
+        }
+        let p = self.top_p;
+        if !(p > 0.0 && p <= 1.0) {
+            bail!("sampling parameter top_p must be in (0, 1], got {p}");
+        }
+        Ok(())
+    }
+}
+
+/// The outcome of sampling one token.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SampledToken {
+    pub token: u32,
+    /// Log-softmax of the untempered logits at `token` (the model's log-probability).
+    pub logprob: f32,
+    /// Log-probability of `token` under the distribution actually sampled from (tempered,
+    /// top-k/top-p filtered, renormalised); `0` for greedy.
+    pub sampling_logprob: f32,
+}
+
+/// A sampling candidate: probability (f32, as in the definition) and token id.
+#[derive(Debug, Clone, Copy)]
+struct Candidate {
+    p: f32,
+    id: u32,
+}
+
+/// Rank order: probability descending, then lower token id first.
+fn rank(a: &Candidate, b: &Candidate) -> Ordering {
+    b.p.total_cmp(&a.p).then(a.id.cmp(&b.id))
+}
+
+/// Candidates whose rank-order prefix is sorted on demand: `items[..sorted]` is the true sorted
+/// prefix and every element after it ranks below all of them.
+struct LazyRanked {
+    items: Vec<Candidate>,
+    sorted: usize,
+}
+
+impl LazyRanked {
+    fn new(items: Vec<Candidate>) -> Self {
+        Self { items, sorted: 0 }
+    }
+
+    fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// The `i`-th candidate in rank order (`i < len`).
+    fn get(&mut self, i: usize) -> Candidate {
+        if i >= self.sorted {
+            let n = self.items.len();
+            let want = (i + 1).max(2 * self.sorted).max(256).min(n);
+            let tail = &mut self.items[self.sorted..];
+            let k = want - self.sorted;
+            if k < tail.len() {
+                tail.select_nth_unstable_by(k - 1, rank);
+            }
+            tail[..k].sort_unstable_by(rank);
+            self.sorted = want;
+        }
+        self.items[i]
+    }
+}
+
+/// Checks logits and returns `(argmax, max)`: lowest index among the maximal values.
+fn scan_logits(logits: &[f32]) -> Result<(usize, f32)> {
+    if logits.is_empty() {
+        bail!("cannot sample from an empty logits vector");
+    }
+    let mut best = 0usize;
+    let mut max = f32::NEG_INFINITY;
+    for (i, &l) in logits.iter().enumerate() {
+        if l.is_nan() || l == f32::INFINITY {
+            bail!("logit {i} is {l}: cannot sample from non-finite logits");
+        }
+        if l > max {
+            max = l;
+            best = i;
+        }
+    }
+    if max == f32::NEG_INFINITY {
+        bail!(
+            "all {} logits are -inf: no token can be sampled",
+            logits.len()
+        );
+    }
+    Ok((best, max))
+}
+
+/// `max + ln Σ exp(l - max)` in f64: the log-partition function of the untempered logits.
+fn log_sum_exp(logits: &[f32], max: f32) -> f64 {
+    let m = f64::from(max);
+    let s: f64 = logits.iter().map(|&l| (f64::from(l) - m).exp()).sum();
+    m + s.ln()
+}
+
+/// Samples the token at `position` of sequence `seq_id` from `logits`; see the module
+/// documentation for the exact definition. Errors on invalid parameters or logits.
+pub fn sample(
+    logits: &[f32],
+    params: &SamplingParams,
+    seq_id: u64,
+    position: u32,
+) -> Result<SampledToken> {
+    params.validate()?;
+    let (argmax, max) = scan_logits(logits)?;
+    let lse = log_sum_exp(logits, max);
+    let logprob = |t: usize| (f64::from(logits[t]) - lse) as f32;
+    if params.is_greedy() {
+        return Ok(SampledToken {
+            token: argmax as u32,
+            logprob: logprob(argmax),
+            sampling_logprob: 0.0,
+        });
+    }
+
+    // Tempered softmax: f64 weights and normaliser, f32 probabilities.
+    let t = f64::from(params.temperature);
+    let m = f64::from(max);
+    let weights: Vec<f64> = logits
+        .iter()
+        .map(|&l| ((f64::from(l) - m) / t).exp())
+        .collect();
+    let z: f64 = weights.iter().sum();
+    let mut candidates: Vec<Candidate> = weights
+        .iter()
+        .enumerate()
+        .filter_map(|(i, &w)| {
+            let p = (w / z) as f32;
+            (p > 0.0).then_some(Candidate { p, id: i as u32 })
+        })
+        .collect();
+    // The argmax has w = 1 and p >= 1/V > 0, so there is always a candidate.
+
+    // Top-k: quickselect the k best (rank order), dropping the rest.
+    if params.top_k > 0 && params.top_k < candidates.len() {
+        candidates.select_nth_unstable_by(params.top_k - 1, rank);
+        candidates.truncate(params.top_k);
+    }
+    let mass: f64 = candidates.iter().map(|c| f64::from(c.p)).sum();
+    let mut ranked = LazyRanked::new(candidates);
+
+    // Top-p: shortest rank-order prefix with cumulative mass >= top_p * mass.
+    let (kept, total) = if params.top_p < 1.0 {
+        let target = f64::from(params.top_p) * mass;
+        let mut cum = 0.0f64;
+        let mut kept = ranked.len();
+        for i in 0..ranked.len() {
+            cum += f64::from(ranked.get(i).p);
+            if cum >= target {
+                kept = i + 1;
+                break;
+            }
+        }
+        (kept, cum)
+    } else {
+        (ranked.len(), mass)
+    };
+
+    // Inverse-CDF walk in rank order.
+    let threshold = uniform(params.seed, seq_id, position) * total;
+    let mut cum = 0.0f64;
+    let mut chosen = None;
+    for i in 0..kept {
+        let c = ranked.get(i);
+        cum += f64::from(c.p);
+        if cum > threshold {
+            chosen = Some(c);
+            break;
+        }
+    }
+    let chosen = match chosen {
+        Some(c) => c,
+        None => ranked.get(kept - 1),
+    };
+    Ok(SampledToken {
+        token: chosen.id,
+        logprob: logprob(chosen.id as usize),
+        sampling_logprob: (f64::from(chosen.p) / total).ln() as f32,
+    })
+}
