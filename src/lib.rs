@@ -5,7 +5,7 @@
 //! - [`model`]: architecture config, weight loading (safetensors, GGUF), tokenizer and chat template.
 //! - [`backend`]: the [`backend::Backend`] trait and its CPU (reference) and CUDA implementations.
 //! - [`transformer`]: the LLaMA/Qwen2 transformer written once against `Backend`.
-//! - [`engine`]: the rollout engine (sampler, stop strings).
+//! - [`engine`]: the rollout engine (paged KV block manager, scheduler, sampler, stops).
 //! - [`cli`]: the `genius-engine` commands.
 
 pub mod backend;

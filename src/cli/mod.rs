@@ -1,6 +1,7 @@
 //! The `genius-engine` commands: argument parsing (clap) and one module per command.
 
 pub mod bench;
+pub mod generate;
 pub mod info;
 pub mod prompts;
 pub mod score;
@@ -67,6 +68,8 @@ pub enum Command {
         #[arg(long, default_value_t = 4096)]
         batch_tokens: usize,
     },
+    /// Sample completions of prompts on the rollout engine (JSONL in, JSONL out).
+    Generate(generate::GenerateArgs),
     /// Throughput benchmarks.
     Bench {
         #[arg(value_enum)]
@@ -91,6 +94,7 @@ pub fn run(cli: Cli) -> Result<()> {
             output,
             batch_tokens,
         } => score::run(&model, &input, &output, batch_tokens),
+        Command::Generate(args) => generate::run(&args),
         Command::Bench {
             what,
             model,

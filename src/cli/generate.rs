@@ -1,0 +1,254 @@
+//! `genius-engine generate`: batched sampling from prompts on the rollout engine. A prompt with
+//! `--n` samples is prefilled once and forked. Output lines are written as sequences finish
+//! (each line names its input `index` and `sample`); a line that cannot run (malformed, longer
+//! than the context) gets an `error` record and the others complete.
+
+use super::ModelArgs;
+use super::prompts::{parse_prompt, tokenize_prompt};
+use crate::engine::block_manager::SeqId;
+use crate::engine::sampler::SamplingParams;
+use crate::engine::scheduler::{Engine, EngineConfig, Finished, Request, StopRules};
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::io::{BufRead, BufWriter, Write};
+use std::path::PathBuf;
+
+/// `generate`'s flags.
+#[derive(clap::Args, Debug, Clone)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Lines of {"prompt": str} or {"messages": [...]}.
+    #[arg(long)]
+    pub input: PathBuf,
+    /// Lines of {"index", "sample", "text", "token_ids", "logprobs", "finish_reason"}.
+    #[arg(long)]
+    pub output: PathBuf,
+    /// Samples per prompt (the prompt is prefilled once and forked).
+    #[arg(long, default_value_t = 1)]
+    pub n: usize,
+    /// Softmax temperature; 0 is greedy.
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// 0 disables top-k.
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 256)]
+    pub max_new_tokens: usize,
+    /// Stop string (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Keep the matched stop string in the text.
+    #[arg(long)]
+    pub include_stop_str: bool,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Tokens per KV block.
+    #[arg(long, default_value_t = 16)]
+    pub block_size: usize,
+    /// KV cache capacity in tokens.
+    #[arg(long, default_value_t = 32768)]
+    pub kv_budget: usize,
+    /// Tokens per forward pass.
+    #[arg(long, default_value_t = 2048)]
+    pub max_batch_tokens: usize,
+}
+
+/// The random stream of sample `sample` of input `index`: stable whatever the batch.
+pub fn stream_id(index: usize, sample: usize) -> u64 {
+    ((index as u64) << 20) | sample as u64
+}
+
+pub fn run(args: &GenerateArgs) -> Result<()> {
+    let sampling = SamplingParams {
+        temperature: args.temperature,
+        top_p: args.top_p,
+        top_k: args.top_k,
+        seed: args.seed,
+    };
+    sampling.validate()?;
+    if args.n == 0 || args.n >= 1 << 20 {
+        bail!("--n must be between 1 and {}", (1 << 20) - 1);
+    }
+    if args.max_new_tokens == 0 {
+        bail!("--max-new-tokens must be positive");
+    }
+    let stop = StopRules {
+        max_new_tokens: args.max_new_tokens,
+        stop_strings: args.stop.clone(),
+        include_stop_str: args.include_stop_str,
+        ..StopRules::default()
+    };
+    let file = std::fs::File::open(&args.input)
+        .with_context(|| format!("{}: cannot open input", args.input.display()))?;
+    let lines: Vec<String> = std::io::BufReader::new(file)
+        .lines()
+        .collect::<std::io::Result<_>>()
+        .with_context(|| format!("{}: cannot read", args.input.display()))?;
+
+    let (model, transformer) = super::load_cpu_transformer(&args.model)?;
+    let tok = &model.tokenizer;
+    let mut engine = Engine::new(
+        transformer,
+        tok,
+        EngineConfig {
+            block_size: args.block_size,
+            kv_budget_tokens: args.kv_budget,
+            max_batch_tokens: args.max_batch_tokens,
+        },
+    )?;
+    let out_file = std::fs::File::create(&args.output)
+        .with_context(|| format!("{}: cannot create output", args.output.display()))?;
+    let mut out = BufWriter::new(out_file);
+    let mut failures = Vec::new();
+    let mut fail =
+        |out: &mut BufWriter<std::fs::File>, index: usize, e: anyhow::Error| -> Result<()> {
+            let msg = format!("{}:{}: {e:#}", args.input.display(), index + 1);
+            serde_json::to_writer(&mut *out, &json!({"index": index, "error": msg}))?;
+            out.write_all(b"\n")?;
+            failures.push(msg);
+            Ok(())
+        };
+
+    // Phase 1: tokenize every line; prompts with several samples get a prefill-only parent
+    // holding all but the last prompt token.
+    let mut prompts: Vec<(usize, Vec<u32>)> = Vec::new();
+    let mut parents: HashMap<usize, SeqId> = HashMap::new();
+    for (index, line) in lines.iter().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let parsed = serde_json::from_str::<Value>(line)
+            .context("not valid JSON")
+            .and_then(|v| {
+                let obj = v.as_object().context("expected a JSON object")?;
+                tokenize_prompt(tok, &parse_prompt(obj)?)
+            });
+        let ids = match parsed {
+            Ok(ids) if ids.is_empty() => {
+                fail(&mut out, index, anyhow::anyhow!("the prompt has no tokens"))?;
+                continue;
+            }
+            Ok(ids) => ids,
+            Err(e) => {
+                fail(&mut out, index, e)?;
+                continue;
+            }
+        };
+        if args.n > 1 && ids.len() > 1 {
+            let parent = engine.submit(Request {
+                tokens: ids[..ids.len() - 1].to_vec(),
+                parent: None,
+                sampling,
+                stop: StopRules {
+                    max_new_tokens: 0,
+                    ..StopRules::default()
+                },
+                stream: stream_id(index, 0),
+            });
+            match parent {
+                Ok(p) => {
+                    parents.insert(index, p);
+                }
+                Err(e) => {
+                    fail(&mut out, index, e)?;
+                    continue;
+                }
+            }
+        }
+        prompts.push((index, ids));
+    }
+    engine.run_until_idle()?;
+
+    // Phase 2: the samples, forked from their parent where there is one.
+    let started = std::time::Instant::now();
+    let mut owners: HashMap<SeqId, (usize, usize)> = HashMap::new();
+    for (index, ids) in &prompts {
+        for sample in 0..args.n {
+            let request = match parents.get(index) {
+                Some(&p) => Request {
+                    tokens: ids[ids.len() - 1..].to_vec(),
+                    parent: Some(p),
+                    sampling,
+                    stop: stop.clone(),
+                    stream: stream_id(*index, sample),
+                },
+                None => Request {
+                    tokens: ids.clone(),
+                    parent: None,
+                    sampling,
+                    stop: stop.clone(),
+                    stream: stream_id(*index, sample),
+                },
+            };
+            match engine.submit(request) {
+                Ok(seq) => {
+                    owners.insert(seq, (*index, sample));
+                }
+                Err(e) => {
+                    fail(&mut out, *index, e)?;
+                    break;
+                }
+            }
+        }
+    }
+    let total = owners.len() as u64;
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} samples  {msg}")
+            .expect("static template"),
+    );
+    let generated_before = engine.tokens_generated;
+    let mut peak_shared = 0;
+    while engine.num_active() > 0 {
+        let done: Vec<Finished> = engine.step()?;
+        peak_shared = peak_shared.max(engine.stats().shared);
+        for f in done {
+            let Some(&(index, sample)) = owners.get(&f.seq) else {
+                continue;
+            };
+            let record = json!({
+                "index": index,
+                "sample": sample,
+                "text": f.text,
+                "token_ids": f.tokens,
+                "logprobs": f.logprobs,
+                "finish_reason": f.finish_reason.as_str(),
+            });
+            serde_json::to_writer(&mut out, &record)?;
+            out.write_all(b"\n")?;
+            if let crate::engine::scheduler::FinishReason::Error(e) = &f.finish_reason {
+                failures.push(format!("{}:{}: {e}", args.input.display(), index + 1));
+            }
+            engine.release(f.seq)?;
+            bar.inc(1);
+        }
+        out.flush()
+            .with_context(|| format!("{}: write failed", args.output.display()))?;
+        let secs = started.elapsed().as_secs_f64().max(1e-9);
+        bar.set_message(format!(
+            "{:.0} tokens/s",
+            (engine.tokens_generated - generated_before) as f64 / secs
+        ));
+    }
+    bar.finish_and_clear();
+    let secs = started.elapsed().as_secs_f64();
+    let generated = engine.tokens_generated - generated_before;
+    eprintln!(
+        "generated {total} samples, {generated} tokens in {secs:.2}s ({:.0} tokens/s); {} preemptions; peak shared KV blocks {peak_shared}",
+        generated as f64 / secs.max(1e-9),
+        engine.preemptions
+    );
+    if !failures.is_empty() {
+        bail!(
+            "{} input line(s) failed (the others were written to {}):\n  {}",
+            failures.len(),
+            args.output.display(),
+            failures.join("\n  ")
+        );
+    }
+    Ok(())
+}
