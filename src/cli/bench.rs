@@ -3,6 +3,8 @@
 
 use super::ModelArgs;
 use crate::backend::cpu::matmul_nt;
+use crate::engine::sampler::SamplingParams;
+use crate::engine::{Engine, EngineConfig, Request, StopRules};
 use crate::model::ModelConfig;
 use crate::transformer::PackedBatch;
 use anyhow::{Result, bail};
@@ -13,6 +15,36 @@ use std::time::Instant;
 pub enum BenchKind {
     /// Prefill of one prompt through the whole model, plus GEMM throughput on its shapes.
     Forward,
+    /// Batched decode on the rollout engine at several batch sizes, and the foresight pattern
+    /// (one prompt forked several ways), with KV allocator statistics.
+    Rollout,
+}
+
+/// `bench`'s flags.
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchArgs {
+    #[arg(value_enum)]
+    pub what: BenchKind,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Prompt length (`forward`: the prefill; `rollout`: each sequence's prompt).
+    #[arg(long)]
+    pub tokens: Option<usize>,
+    /// Timed repetitions after one warm-up (`forward`).
+    #[arg(long, default_value_t = 5)]
+    pub iters: usize,
+    /// Concurrent sequences to measure (`rollout`), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32,64")]
+    pub batches: Vec<usize>,
+    /// New tokens per sequence (`rollout`).
+    #[arg(long, default_value_t = 128)]
+    pub new_tokens: usize,
+    /// Ways the foresight prompt is forked (`rollout`); 0 skips that part.
+    #[arg(long, default_value_t = 8)]
+    pub forks: usize,
+    /// Prompt length of the foresight pattern (`rollout`).
+    #[arg(long, default_value_t = 256)]
+    pub fork_prompt_tokens: usize,
 }
 
 /// Median of a non-empty list.
@@ -59,10 +91,153 @@ pub fn gemm_gflops(n: usize, out: usize, inp: usize, iters: usize) -> f64 {
     2.0 * (n * out * inp) as f64 / median(&mut times) / 1e9
 }
 
-pub fn run(what: BenchKind, args: &ModelArgs, tokens: usize, iters: usize) -> Result<()> {
-    match what {
-        BenchKind::Forward => forward(args, tokens, iters),
+pub fn run(args: &BenchArgs) -> Result<()> {
+    match args.what {
+        BenchKind::Forward => forward(&args.model, args.tokens.unwrap_or(512), args.iters),
+        BenchKind::Rollout => rollout(args),
     }
+}
+
+/// A fixed pseudo-random prompt of real token ids.
+fn synthetic_prompt(len: usize, vocab: usize, salt: u64) -> Vec<u32> {
+    (0..len as u64)
+        .map(|i| (((i + salt * 7919).wrapping_mul(2654435761) >> 7) % vocab as u64) as u32)
+        .collect()
+}
+
+fn rollout(args: &BenchArgs) -> Result<()> {
+    let prompt_len = args.tokens.unwrap_or(128);
+    if prompt_len < 2 || args.new_tokens == 0 || args.batches.contains(&0) {
+        bail!("--tokens must be at least 2, --new-tokens and every --batches entry positive");
+    }
+    let (model, transformer) = super::load_cpu_transformer(&args.model)?;
+    let vocab = model.config.vocab_size;
+    let max_batch = args
+        .batches
+        .iter()
+        .copied()
+        .max()
+        .unwrap_or(1)
+        .max(args.forks);
+    let per_seq = prompt_len.max(args.fork_prompt_tokens) + args.new_tokens + 16;
+    let config = EngineConfig {
+        block_size: 16,
+        kv_budget_tokens: max_batch * per_seq + args.fork_prompt_tokens,
+        max_batch_tokens: 4096,
+    };
+    let mut engine = Engine::new(transformer, &model.tokenizer, config)?;
+    let sampling = SamplingParams {
+        temperature: 1.0,
+        top_p: 1.0,
+        top_k: 0,
+        seed: 7,
+    };
+    let stop = StopRules {
+        max_new_tokens: args.new_tokens,
+        ignore_eos: true,
+        ..StopRules::default()
+    };
+    println!("device        {}", engine.model().backend_name());
+    println!("model         {}", model.name);
+    println!(
+        "rollout: prompt {prompt_len} tokens, {} new tokens per sequence, sampling T=1",
+        args.new_tokens
+    );
+    println!("  sequences   prefill s   decode s   decode tokens/s   KV blocks used (peak)");
+    let mut rows = Vec::new();
+    for &batch in &args.batches {
+        // Prefill every prompt (all but its last token), then time the decode of the rest.
+        let t0 = Instant::now();
+        let parents = (0..batch)
+            .map(|b| {
+                engine.submit(Request {
+                    tokens: synthetic_prompt(prompt_len, vocab, b as u64),
+                    parent: None,
+                    sampling,
+                    stop: StopRules {
+                        max_new_tokens: 0,
+                        ..StopRules::default()
+                    },
+                    stream: b as u64,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        engine.run_until_idle()?;
+        let prefill_s = t0.elapsed().as_secs_f64();
+        for &p in &parents {
+            engine.continue_sequence(p, sampling, stop.clone())?;
+        }
+        let generated0 = engine.tokens_generated;
+        let t1 = Instant::now();
+        let mut peak = 0;
+        while engine.num_active() > 0 {
+            engine.step()?;
+            peak = peak.max(engine.stats().used);
+        }
+        let decode_s = t1.elapsed().as_secs_f64();
+        let tokens = engine.tokens_generated - generated0;
+        let tok_s = tokens as f64 / decode_s;
+        println!("  {batch:>9}   {prefill_s:>9.2}   {decode_s:>8.2}   {tok_s:>15.1}   {peak:>6}");
+        rows.push(
+            serde_json::json!({"sequences": batch, "prefill_s": prefill_s, "decode_s": decode_s,
+            "decode_tokens": tokens, "decode_tokens_per_s": tok_s, "peak_blocks_used": peak}),
+        );
+        for p in parents {
+            engine.release(p)?;
+        }
+    }
+    let mut foresight = serde_json::Value::Null;
+    if args.forks > 0 {
+        // One prompt prefilled once, forked `forks` ways; each fork samples its own rollout.
+        let prompt = synthetic_prompt(args.fork_prompt_tokens, vocab, 99);
+        let t0 = Instant::now();
+        let parent = engine.submit(Request {
+            tokens: prompt[..prompt.len() - 1].to_vec(),
+            parent: None,
+            sampling,
+            stop: StopRules {
+                max_new_tokens: 0,
+                ..StopRules::default()
+            },
+            stream: 1000,
+        })?;
+        engine.run_until_idle()?;
+        let children = (0..args.forks)
+            .map(|f| {
+                engine.submit(Request {
+                    tokens: prompt[prompt.len() - 1..].to_vec(),
+                    parent: Some(parent),
+                    sampling,
+                    stop: stop.clone(),
+                    stream: 1001 + f as u64,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        engine.step()?;
+        let after_fork = engine.stats();
+        let generated0 = engine.tokens_generated;
+        engine.run_until_idle()?;
+        let secs = t0.elapsed().as_secs_f64();
+        let tokens = engine.tokens_generated - generated0;
+        let unshared_blocks = args.forks * (args.fork_prompt_tokens + 1).div_ceil(16);
+        println!(
+            "foresight: {}-token prompt forked {} ways: {:.2}s, {tokens} tokens after the fork; KV after the first step: {} blocks used, {} shared (unshared copies would need {unshared_blocks})",
+            args.fork_prompt_tokens, args.forks, secs, after_fork.used, after_fork.shared
+        );
+        foresight = serde_json::json!({"prompt_tokens": args.fork_prompt_tokens, "forks": args.forks,
+            "seconds": secs, "blocks_used": after_fork.used, "blocks_shared": after_fork.shared,
+            "blocks_without_sharing": unshared_blocks});
+        for c in children {
+            engine.release(c)?;
+        }
+        engine.release(parent)?;
+    }
+    println!(
+        "{}",
+        serde_json::json!({"bench": "rollout", "device": engine.model().backend_name(), "model": model.name,
+            "prompt_tokens": prompt_len, "new_tokens": args.new_tokens, "batches": rows, "foresight": foresight})
+    );
+    Ok(())
 }
 
 fn forward(args: &ModelArgs, tokens: usize, iters: usize) -> Result<()> {

@@ -71,18 +71,7 @@ pub enum Command {
     /// Sample completions of prompts on the rollout engine (JSONL in, JSONL out).
     Generate(generate::GenerateArgs),
     /// Throughput benchmarks.
-    Bench {
-        #[arg(value_enum)]
-        what: bench::BenchKind,
-        #[command(flatten)]
-        model: ModelArgs,
-        /// Prompt length for `forward`.
-        #[arg(long, default_value_t = 512)]
-        tokens: usize,
-        /// Timed repetitions (after one warm-up).
-        #[arg(long, default_value_t = 5)]
-        iters: usize,
-    },
+    Bench(bench::BenchArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -95,12 +84,7 @@ pub fn run(cli: Cli) -> Result<()> {
             batch_tokens,
         } => score::run(&model, &input, &output, batch_tokens),
         Command::Generate(args) => generate::run(&args),
-        Command::Bench {
-            what,
-            model,
-            tokens,
-            iters,
-        } => bench::run(what, &model, tokens, iters),
+        Command::Bench(args) => bench::run(&args),
     }
 }
 

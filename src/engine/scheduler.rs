@@ -286,7 +286,26 @@ impl<'t, B: Backend> Engine<'t, B> {
                 sampling_logprobs: Vec::new(),
             },
         );
+        self.ensure_pending(id)?;
         Ok(id)
+    }
+
+    /// An active sequence samples from the logits of its last token, so that token must be
+    /// (re)computed: when every token is cached (a fork with no new tokens, a continued
+    /// prefill-only sequence), the last one is dropped from the cache.
+    fn ensure_pending(&mut self, id: SeqId) -> Result<()> {
+        let s = self
+            .seqs
+            .get_mut(&id)
+            .with_context(|| format!("unknown {id}"))?;
+        if s.cached >= s.tokens.len() {
+            s.cached = s.tokens.len() - 1;
+            let cached = s.cached;
+            if self.blocks.seq_len(id)? > cached {
+                self.blocks.truncate(id, cached)?;
+            }
+        }
+        Ok(())
     }
 
     fn bump_age(&mut self) -> u64 {
@@ -322,7 +341,7 @@ impl<'t, B: Backend> Engine<'t, B> {
         s.text.clear();
         s.logprobs.clear();
         s.sampling_logprobs.clear();
-        Ok(())
+        self.ensure_pending(seq)
     }
 
     /// Cuts a finished sequence back to its first `len` tokens (a mark), freeing KV blocks no
