@@ -286,7 +286,24 @@ impl<'t, B: Backend> Engine<'t, B> {
                 sampling_logprobs: Vec::new(),
             },
         );
+        self.leave_last_token_pending(id)?;
         Ok(id)
+    }
+
+    /// A sequence about to generate needs its last token in the next forward pass (that pass
+    /// yields the logits it samples from); when every token is cached (a fork of a prefilled
+    /// parent with no new tokens, a continue after a prefill-only request or a truncate), the
+    /// last token's KV is dropped so that it is recomputed.
+    fn leave_last_token_pending(&mut self, id: SeqId) -> Result<()> {
+        let s = self.seqs.get_mut(&id).expect("sequence exists");
+        if s.cached >= s.tokens.len() {
+            s.cached = s.tokens.len() - 1;
+            if self.blocks.contains(id) {
+                let keep = self.blocks.seq_len(id)?.min(s.cached);
+                self.blocks.truncate(id, keep)?;
+            }
+        }
+        Ok(())
     }
 
     fn bump_age(&mut self) -> u64 {
@@ -322,7 +339,7 @@ impl<'t, B: Backend> Engine<'t, B> {
         s.text.clear();
         s.logprobs.clear();
         s.sampling_logprobs.clear();
-        Ok(())
+        self.leave_last_token_pending(seq)
     }
 
     /// Cuts a finished sequence back to its first `len` tokens (a mark), freeing KV blocks no
