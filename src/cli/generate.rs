@@ -29,9 +29,9 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 1)]
     pub n: usize,
     /// Softmax temperature; 0 is greedy.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub temperature: f32,
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub top_p: f32,
     /// 0 disables top-k.
     #[arg(long, default_value_t = 0)]

@@ -286,23 +286,24 @@ impl<'t, B: Backend> Engine<'t, B> {
                 sampling_logprobs: Vec::new(),
             },
         );
-        self.ensure_pending(id)?;
+        self.leave_last_token_pending(id)?;
         Ok(id)
     }
 
-    /// An active sequence samples from the logits of its last token, so that token must be
-    /// (re)computed: when every token is cached (a fork with no new tokens, a continued
-    /// prefill-only sequence), the last one is dropped from the cache.
-    fn ensure_pending(&mut self, id: SeqId) -> Result<()> {
+    /// A sequence about to generate needs its last token in the next forward pass (that pass
+    /// yields the logits it samples from); when every token is cached (a fork of a prefilled
+    /// parent with no new tokens, a continue after a prefill-only request or a truncate), the
+    /// last token's KV is dropped so that it is recomputed.
+    fn leave_last_token_pending(&mut self, id: SeqId) -> Result<()> {
         let s = self
             .seqs
             .get_mut(&id)
             .with_context(|| format!("unknown {id}"))?;
         if s.cached >= s.tokens.len() {
             s.cached = s.tokens.len() - 1;
-            let cached = s.cached;
-            if self.blocks.seq_len(id)? > cached {
-                self.blocks.truncate(id, cached)?;
+            if self.blocks.contains(id) {
+                let keep = self.blocks.seq_len(id)?.min(s.cached);
+                self.blocks.truncate(id, keep)?;
             }
         }
         Ok(())
@@ -341,7 +342,7 @@ impl<'t, B: Backend> Engine<'t, B> {
         s.text.clear();
         s.logprobs.clear();
         s.sampling_logprobs.clear();
-        self.ensure_pending(seq)
+        self.leave_last_token_pending(seq)
     }
 
     /// Cuts a finished sequence back to its first `len` tokens (a mark), freeing KV blocks no
