@@ -443,16 +443,18 @@ impl<'t, B: Backend> Engine<'t, B> {
                 match self.blocks.reserve(id, chunk)? {
                     Ok(plan) => break Some(plan),
                     Err(short) => {
+                        // The youngest active sequence holding KV that this step has not
+                        // already scheduled.
                         let victim = order
                             .iter()
-                            .rev()
-                            .map(|&(_, v)| v)
-                            .find(|&v| {
+                            .filter(|&&(_, v)| {
                                 v != id
                                     && !skipped.contains(&v)
                                     && !planned.iter().any(|(p, _)| *p == v)
                                     && self.blocks.seq_len(v).map(|l| l > 0).unwrap_or(false)
                             })
+                            .max_by_key(|&&(age, _)| age)
+                            .map(|&(_, v)| v)
                             .or_else(|| {
                                 // Idle sequences holding KV can give it up too.
                                 self.seqs
