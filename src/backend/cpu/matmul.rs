@@ -5,7 +5,10 @@ use gemm::Parallelism;
 /// Below this many rows a product runs as dot products straight off the weight rows: decode
 /// steps of few sequences are memory bound, and packing the weight matrix for `gemm` would read
 /// and write it once more for little reuse.
-const FEW_ROWS: usize = 8;
+const FEW_ROWS: usize = 24;
+
+/// Rows of `a` dotted with one weight row in a single pass (accumulators held in registers).
+const ROW_GROUP: usize = 8;
 
 /// `out[n, m] = a[n, k] @ b[m, k]^T`, row-major, multi-threaded. This is a linear layer with
 /// HF weight layout.
@@ -83,9 +86,15 @@ fn matmul_nt_few_rows(out: &mut [f32], a: &[f32], b: &[f32], n: usize, m: usize,
         .par_chunks_mut(COLUMNS_PER_TASK * n)
         .enumerate()
         .for_each(|(t, chunk)| {
-            for (c, dst) in chunk.chunks_exact_mut(n).enumerate() {
-                let j = t * COLUMNS_PER_TASK + c;
-                dots(a, n, &b[j * k..(j + 1) * k], dst);
+            // Row groups outside, weight rows inside: a group of `a` rows stays in L1 while
+            // the task's weight rows (in L2) stream past it.
+            for g in (0..n).step_by(ROW_GROUP) {
+                let rows = ROW_GROUP.min(n - g);
+                let group = &a[g * k..(g + rows) * k];
+                for (c, dst) in chunk.chunks_exact_mut(n).enumerate() {
+                    let j = t * COLUMNS_PER_TASK + c;
+                    dots(group, rows, &b[j * k..(j + 1) * k], &mut dst[g..g + rows]);
+                }
             }
         });
     for (j, col) in columns.chunks_exact(n).enumerate() {
@@ -95,7 +104,7 @@ fn matmul_nt_few_rows(out: &mut [f32], a: &[f32], b: &[f32], n: usize, m: usize,
     }
 }
 
-/// `dst[i] = a[i, :] . w` for the `n <= FEW_ROWS` rows of `a` (`[n, w.len()]`).
+/// `dst[i] = a[i, :] . w` for the `n <= ROW_GROUP` rows of `a` (`[n, w.len()]`).
 fn dots(a: &[f32], n: usize, w: &[f32], dst: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
@@ -114,8 +123,8 @@ fn dots(a: &[f32], n: usize, w: &[f32], dst: &mut [f32]) {
 unsafe fn dots_avx512(a: &[f32], n: usize, w: &[f32], dst: &mut [f32]) {
     use std::arch::x86_64::*;
     let k = w.len();
-    assert!(n <= FEW_ROWS && a.len() >= n * k && dst.len() >= n);
-    let mut acc = [_mm512_setzero_ps(); FEW_ROWS];
+    assert!(n <= ROW_GROUP && a.len() >= n * k && dst.len() >= n);
+    let mut acc = [_mm512_setzero_ps(); ROW_GROUP];
     let mut t = 0;
     while t + 16 <= k {
         // SAFETY: t + 16 <= k bounds every load below (rows i < n of a hold k floats each).
@@ -281,31 +290,56 @@ mod tests {
 
 #[cfg(test)]
 mod timing {
-    /// Manual timing aid: `cargo test --release --lib few_rows_timing -- --ignored --nocapture`.
+    /// Manual timing aid comparing the few-rows path with `gemm`:
+    /// `cargo test --release --lib few_rows_timing -- --ignored --nocapture`.
     #[test]
     #[ignore]
     fn few_rows_timing() {
-        for &(n, m, k) in &[
+        let gemm_path = |out: &mut [f32], a: &[f32], b: &[f32], n: usize, m: usize, k: usize| unsafe {
+            super::gemm_strided(
+                n,
+                m,
+                k,
+                out.as_mut_ptr(),
+                m as isize,
+                a.as_ptr(),
+                k as isize,
+                1,
+                b.as_ptr(),
+                1,
+                k as isize,
+                gemm::Parallelism::Rayon(0),
+            )
+        };
+        let shapes = [
             (1, 1536, 576),
-            (8, 1536, 576),
-            (1, 49152, 576),
+            (8, 3072, 576),
+            (16, 3072, 576),
+            (32, 3072, 576),
+            (64, 3072, 576),
             (8, 49152, 576),
+            (32, 49152, 576),
             (64, 49152, 576),
-        ] {
+        ];
+        for (n, m, k) in shapes {
             let a = vec![0.5f32; n * k];
             let b = vec![0.25f32; m * k];
             let mut out = vec![0f32; n * m];
-            super::matmul_nt(&mut out, &a, &b, n, m, k);
-            let t = std::time::Instant::now();
-            for _ in 0..20 {
-                super::matmul_nt(&mut out, &a, &b, n, m, k);
-            }
-            let s = t.elapsed().as_secs_f64() / 20.0;
+            let mut time = |f: &dyn Fn(&mut [f32])| {
+                f(&mut out);
+                let t = std::time::Instant::now();
+                for _ in 0..10 {
+                    f(&mut out);
+                }
+                t.elapsed().as_secs_f64() / 10.0
+            };
+            let few = time(&|o| super::matmul_nt_few_rows(o, &a, &b, n, m, k));
+            let gemm = time(&|o| gemm_path(o, &a, &b, n, m, k));
+            let gf = |s: f64| 2.0 * (n * m * k) as f64 / s / 1e9;
             eprintln!(
-                "n={n} m={m} k={k}: {:.3} ms, weights {:.1} GB/s, {:.1} GFLOP/s",
-                s * 1e3,
-                (m * k * 4) as f64 / s / 1e9,
-                2.0 * (n * m * k) as f64 / s / 1e9
+                "n={n:>2} m={m:>5} k={k}: few-rows {:7.1} GFLOP/s, gemm {:7.1} GFLOP/s",
+                gf(few),
+                gf(gemm)
             );
         }
     }
