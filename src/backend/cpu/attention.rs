@@ -176,6 +176,68 @@ fn gather_rows(
     out
 }
 
+/// Up to this many new queries, a sequence's paged attention reads K/V rows in place through its
+/// block table with dot products (decode steps); longer chunks gather the rows and use `gemm`.
+const DIRECT_QUERIES: usize = 8;
+
+/// Attention of `q_rows` queries (row stride `qw`) of one sequence straight off the paged
+/// cache: query `i` sits at `first_pos + i`. Returns `[q_rows, heads * head_dim]`.
+#[allow(clippy::too_many_arguments)]
+fn attend_direct(
+    q: &[f32],
+    qw: usize,
+    q_rows: usize,
+    k_cache: &[f32],
+    v_cache: &[f32],
+    block_table: &[u32],
+    block_size: usize,
+    first_pos: usize,
+    shape: AttentionShape,
+) -> Vec<f32> {
+    let AttentionShape {
+        num_heads,
+        num_kv_heads,
+        head_dim,
+    } = shape;
+    let group = num_heads / num_kv_heads;
+    let kw = num_kv_heads * head_dim;
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let visible_max = first_pos + q_rows;
+    let slots: Vec<usize> = (0..visible_max)
+        .map(|p| block_table[p / block_size] as usize * block_size + p % block_size)
+        .collect();
+    let mut out = vec![0f32; q_rows * qw];
+    let mut scores = vec![0f32; visible_max];
+    for i in 0..q_rows {
+        let visible = first_pos + i + 1;
+        for h in 0..num_heads {
+            let kv_off = (h / group) * head_dim;
+            let qh = &q[i * qw + h * head_dim..i * qw + (h + 1) * head_dim];
+            let mut max = f32::NEG_INFINITY;
+            for (sc, &slot) in scores[..visible].iter_mut().zip(&slots) {
+                let k = &k_cache[slot * kw + kv_off..slot * kw + kv_off + head_dim];
+                *sc = super::matmul::dot(qh, k) * scale;
+                max = max.max(*sc);
+            }
+            let mut sum = 0f32;
+            for sc in &mut scores[..visible] {
+                *sc = (*sc - max).exp();
+                sum += *sc;
+            }
+            let inv = 1.0 / sum;
+            let o = &mut out[i * qw + h * head_dim..i * qw + (h + 1) * head_dim];
+            for (&w, &slot) in scores[..visible].iter().zip(&slots) {
+                let v = &v_cache[slot * kw + kv_off..slot * kw + kv_off + head_dim];
+                let w = w * inv;
+                for (o, &v) in o.iter_mut().zip(v) {
+                    *o += w * v;
+                }
+            }
+        }
+    }
+    out
+}
+
 /// Attention of new queries against a paged KV cache that already holds their own K/V.
 pub fn paged_attention(
     q: &[f32],
@@ -205,6 +267,30 @@ pub fn paged_attention(
             let s = &seqs[i];
             let q_rows = QUERY_BLOCK.min(s.q_len - q0);
             let first_pos = s.context_len - s.q_len + q0;
+            if s.q_len <= DIRECT_QUERIES {
+                let rows = &q[(s.q_start + q0) * qw..(s.q_start + q0 + q_rows) * qw];
+                let out = attend_direct(
+                    rows,
+                    qw,
+                    q_rows,
+                    k_cache,
+                    v_cache,
+                    s.block_table,
+                    block_size,
+                    first_pos,
+                    shape,
+                );
+                // One entry per head, as the gemm path returns.
+                return (0..num_heads)
+                    .map(|h| {
+                        let block: Vec<f32> = out
+                            .chunks_exact(qw)
+                            .flat_map(|row| row[h * head_dim..(h + 1) * head_dim].iter().copied())
+                            .collect();
+                        (s.q_start + q0, h, block)
+                    })
+                    .collect();
+            }
             let visible = first_pos + q_rows;
             let keys = gather_rows(k_cache, kw, s.block_table, block_size, visible);
             let values = gather_rows(v_cache, kw, s.block_table, block_size, visible);

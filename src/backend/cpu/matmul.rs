@@ -5,7 +5,7 @@ use gemm::Parallelism;
 /// Below this many rows a product runs as dot products straight off the weight rows: decode
 /// steps of few sequences are memory bound, and packing the weight matrix for `gemm` would read
 /// and write it once more for little reuse.
-const FEW_ROWS: usize = 24;
+const FEW_ROWS: usize = 64;
 
 /// Rows of `a` dotted with one weight row in a single pass (accumulators held in registers).
 const ROW_GROUP: usize = 8;
