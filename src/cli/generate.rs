@@ -49,12 +49,69 @@ pub struct GenerateArgs {
     /// Tokens per KV block.
     #[arg(long, default_value_t = 16)]
     pub block_size: usize,
-    /// KV cache capacity in tokens.
-    #[arg(long, default_value_t = 32768)]
-    pub kv_budget: usize,
+    /// KV cache capacity: tokens (`32768`) or bytes with a unit (`512MiB`, `2GiB`, `1.5GB`).
+    #[arg(long, default_value = "32768")]
+    pub kv_budget: String,
     /// Tokens per forward pass.
     #[arg(long, default_value_t = 2048)]
     pub max_batch_tokens: usize,
+}
+
+/// Bytes of KV cache one token takes on the CPU backend (f32 K and V in every layer).
+pub fn kv_bytes_per_token(c: &crate::model::ModelConfig) -> usize {
+    2 * c.num_layers * c.num_kv_heads * c.head_dim * std::mem::size_of::<f32>()
+}
+
+/// `--kv-budget` in tokens: a plain number is tokens; a number with a byte unit (B, KB, MB, GB,
+/// KiB, MiB, GiB) is divided by `bytes_per_token`.
+pub fn parse_kv_budget(text: &str, bytes_per_token: usize) -> Result<usize> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let value: f64 = number
+        .parse()
+        .ok()
+        .filter(|v: &f64| v.is_finite() && *v > 0.0)
+        .with_context(|| {
+            format!("--kv-budget '{text}': expected a positive number of tokens or bytes")
+        })?;
+    let scale = match unit.trim() {
+        "" => bytes_per_token as f64, // plain tokens
+        "B" => 1.0,
+        "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "KiB" => 1024.0,
+        "MiB" => 1024.0 * 1024.0,
+        "GiB" => 1024.0 * 1024.0 * 1024.0,
+        other => bail!(
+            "--kv-budget '{text}': unknown unit '{other}' (B, KB, MB, GB, KiB, MiB, GiB, or none for tokens)"
+        ),
+    };
+    let tokens = (value * scale / bytes_per_token.max(1) as f64) as usize;
+    if tokens == 0 {
+        bail!("--kv-budget '{text}' holds no token ({bytes_per_token} bytes each)");
+    }
+    Ok(tokens)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_kv_budget;
+
+    #[test]
+    fn kv_budget_in_tokens_or_bytes() {
+        assert_eq!(parse_kv_budget("32768", 1000).unwrap(), 32768);
+        assert_eq!(parse_kv_budget("2MiB", 1024).unwrap(), 2048);
+        assert_eq!(parse_kv_budget("1.5GB", 1_000_000).unwrap(), 1500);
+        assert_eq!(parse_kv_budget(" 4096 B ", 4).unwrap(), 1024);
+        for bad in ["", "-5", "0", "abc", "3 parsecs", "1B"] {
+            let err = parse_kv_budget(bad, 46080).unwrap_err().to_string();
+            assert!(err.contains("--kv-budget"), "{bad:?}: {err}");
+        }
+    }
 }
 
 /// The random stream of sample `sample` of input `index`: stable whatever the batch.
@@ -96,7 +153,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         tok,
         EngineConfig {
             block_size: args.block_size,
-            kv_budget_tokens: args.kv_budget,
+            kv_budget_tokens: parse_kv_budget(&args.kv_budget, kv_bytes_per_token(&model.config))?,
             max_batch_tokens: args.max_batch_tokens,
         },
     )?;
