@@ -97,23 +97,6 @@ pub fn parse_kv_budget(text: &str, bytes_per_token: usize) -> Result<usize> {
     Ok(tokens)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::parse_kv_budget;
-
-    #[test]
-    fn kv_budget_in_tokens_or_bytes() {
-        assert_eq!(parse_kv_budget("32768", 1000).unwrap(), 32768);
-        assert_eq!(parse_kv_budget("2MiB", 1024).unwrap(), 2048);
-        assert_eq!(parse_kv_budget("1.5GB", 1_000_000).unwrap(), 1500);
-        assert_eq!(parse_kv_budget(" 4096 B ", 4).unwrap(), 1024);
-        for bad in ["", "-5", "0", "abc", "3 parsecs", "1B"] {
-            let err = parse_kv_budget(bad, 46080).unwrap_err().to_string();
-            assert!(err.contains("--kv-budget"), "{bad:?}: {err}");
-        }
-    }
-}
-
 /// The random stream of sample `sample` of input `index`: stable whatever the batch.
 pub fn stream_id(index: usize, sample: usize) -> u64 {
     ((index as u64) << 20) | sample as u64
@@ -308,4 +291,21 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_kv_budget;
+
+    #[test]
+    fn kv_budget_in_tokens_or_bytes() {
+        assert_eq!(parse_kv_budget("32768", 1000).unwrap(), 32768);
+        assert_eq!(parse_kv_budget("2MiB", 1024).unwrap(), 2048);
+        assert_eq!(parse_kv_budget("1.5GB", 1_000_000).unwrap(), 1500);
+        assert_eq!(parse_kv_budget(" 4096 B ", 4).unwrap(), 1024);
+        for bad in ["", "-5", "0", "abc", "3 parsecs", "1B"] {
+            let err = parse_kv_budget(bad, 46080).unwrap_err().to_string();
+            assert!(err.contains("--kv-budget"), "{bad:?}: {err}");
+        }
+    }
 }
