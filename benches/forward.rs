@@ -4,7 +4,7 @@
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use genius_engine::backend::cpu::{CpuBackend, matmul_nt};
-use genius_engine::cli::bench::linear_shapes;
+use genius_engine::cli::bench::{linear_shapes, synthetic_prompt};
 use genius_engine::model::load_model;
 use genius_engine::transformer::{PackedBatch, Transformer};
 use std::hint::black_box;
@@ -16,9 +16,7 @@ fn default_model_prefill(c: &mut Criterion) {
     let config = model.config.clone();
     let transformer = Transformer::load(CpuBackend::new(), config.clone(), model.weights.as_ref())
         .expect("load weights");
-    let prompt: Vec<u32> = (0..PROMPT_TOKENS as u64)
-        .map(|i| ((i.wrapping_mul(2654435761) >> 7) % config.vocab_size as u64) as u32)
-        .collect();
+    let prompt = synthetic_prompt(PROMPT_TOKENS, config.vocab_size, 0);
     let batch = PackedBatch::from_sequences(&[&prompt]);
 
     let mut group = c.benchmark_group("prefill");

@@ -5,18 +5,13 @@
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use genius_engine::backend::cpu::CpuBackend;
+use genius_engine::cli::bench::synthetic_prompt as prompt;
 use genius_engine::engine::sampler::SamplingParams;
 use genius_engine::engine::{Engine, EngineConfig, Request, StopRules};
 use genius_engine::model::load_model;
 use genius_engine::transformer::Transformer;
 
 const NEW_TOKENS: usize = 16;
-
-fn prompt(len: usize, vocab: usize, salt: u64) -> Vec<u32> {
-    (0..len as u64)
-        .map(|i| (((i + salt * 7919).wrapping_mul(2654435761) >> 7) % vocab as u64) as u32)
-        .collect()
-}
 
 fn rollouts(c: &mut Criterion) {
     let model = load_model(None).expect("default model (fetched on first use)");

@@ -98,8 +98,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
 }
 
-/// A fixed pseudo-random prompt of real token ids.
-fn synthetic_prompt(len: usize, vocab: usize, salt: u64) -> Vec<u32> {
+/// A fixed pseudo-random prompt of real token ids (`salt` picks one of many).
+pub fn synthetic_prompt(len: usize, vocab: usize, salt: u64) -> Vec<u32> {
     (0..len as u64)
         .map(|i| (((i + salt * 7919).wrapping_mul(2654435761) >> 7) % vocab as u64) as u32)
         .collect()
@@ -252,10 +252,7 @@ fn forward(args: &ModelArgs, tokens: usize, iters: usize) -> Result<()> {
             c.max_position_embeddings
         );
     }
-    // A fixed pseudo-random prompt: real token ids, no special structure.
-    let prompt: Vec<u32> = (0..tokens as u64)
-        .map(|i| ((i.wrapping_mul(2654435761) >> 7) % c.vocab_size as u64) as u32)
-        .collect();
+    let prompt = synthetic_prompt(tokens, c.vocab_size, 0);
     let batch = PackedBatch::from_sequences(&[&prompt]);
     let last = [tokens - 1];
     let run_once = || -> Result<f64> {
