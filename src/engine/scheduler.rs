@@ -394,6 +394,13 @@ impl<'t, B: Backend> Engine<'t, B> {
 
     /// Frees a sequence's KV so it is recomputed later.
     fn preempt(&mut self, seq: SeqId) -> Result<()> {
+        self.drop_kv(seq)?;
+        self.preemptions += 1;
+        Ok(())
+    }
+
+    /// Frees all of a sequence's KV blocks; its tokens stay and are recomputed when it runs.
+    fn drop_kv(&mut self, seq: SeqId) -> Result<()> {
         if self.blocks.contains(seq) {
             self.blocks.release(seq)?;
         }
@@ -401,7 +408,6 @@ impl<'t, B: Backend> Engine<'t, B> {
         if let Some(s) = self.seqs.get_mut(&seq) {
             s.cached = 0;
         }
-        self.preemptions += 1;
         Ok(())
     }
 
@@ -483,8 +489,7 @@ impl<'t, B: Backend> Engine<'t, B> {
                                     "the sequence needs {needed_tokens} tokens of KV but the budget holds {} ({short})",
                                     self.blocks.num_blocks() * self.blocks.block_size()
                                 );
-                                self.preempt(id)?;
-                                self.preemptions -= 1;
+                                self.drop_kv(id)?;
                                 let s = self.seqs.get_mut(&id).expect("scheduled sequence exists");
                                 s.state = State::Idle;
                                 finished.push(self.finish_record(id, FinishReason::Error(reason)));
