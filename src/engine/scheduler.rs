@@ -324,13 +324,7 @@ impl<'t, B: Backend> Engine<'t, B> {
     ) -> Result<()> {
         sampling.validate()?;
         let context = self.model.config.max_position_embeddings;
-        let s = self
-            .seqs
-            .get_mut(&seq)
-            .with_context(|| format!("unknown {seq}"))?;
-        if s.state == State::Active {
-            bail!("{seq} is still generating");
-        }
+        let s = self.idle_seq_mut(seq)?;
         if s.tokens.len() >= context {
             bail!("{seq} already fills the model's context of {context}");
         }
@@ -345,9 +339,8 @@ impl<'t, B: Backend> Engine<'t, B> {
         self.leave_last_token_pending(seq)
     }
 
-    /// Cuts a finished sequence back to its first `len` tokens (a mark), freeing KV blocks no
-    /// one else uses.
-    pub fn truncate(&mut self, seq: SeqId, len: usize) -> Result<()> {
+    /// A sequence that has finished generating, for changing it.
+    fn idle_seq_mut(&mut self, seq: SeqId) -> Result<&mut Sequence> {
         let s = self
             .seqs
             .get_mut(&seq)
@@ -355,6 +348,13 @@ impl<'t, B: Backend> Engine<'t, B> {
         if s.state == State::Active {
             bail!("{seq} is still generating");
         }
+        Ok(s)
+    }
+
+    /// Cuts a finished sequence back to its first `len` tokens (a mark), freeing KV blocks no
+    /// one else uses.
+    pub fn truncate(&mut self, seq: SeqId, len: usize) -> Result<()> {
+        let s = self.idle_seq_mut(seq)?;
         if len == 0 || len > s.tokens.len() {
             bail!(
                 "cannot truncate {seq} of {} tokens to {len}",
@@ -364,8 +364,9 @@ impl<'t, B: Backend> Engine<'t, B> {
         s.tokens.truncate(len);
         s.cached = s.cached.min(len);
         s.generation_start = s.generation_start.min(len);
+        let cached = s.cached;
         if self.blocks.contains(seq) {
-            let keep = self.blocks.seq_len(seq)?.min(s.cached);
+            let keep = self.blocks.seq_len(seq)?.min(cached);
             self.blocks.truncate(seq, keep)?;
         }
         Ok(())
