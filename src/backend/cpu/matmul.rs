@@ -22,7 +22,13 @@ pub fn matmul_nt(out: &mut [f32], a: &[f32], b: &[f32], n: usize, m: usize, k: u
     } else {
         Parallelism::None
     };
-    // SAFETY: the asserts above bound every index the strides below produce.
+    gemm_nt(out, a, b, n, m, k, par);
+}
+
+/// `out[n, m] = a[n, k] @ b[m, k]^T` through `gemm`, whatever the row count.
+fn gemm_nt(out: &mut [f32], a: &[f32], b: &[f32], n: usize, m: usize, k: usize, par: Parallelism) {
+    assert!(out.len() == n * m && a.len() == n * k && b.len() == m * k);
+    // SAFETY: the assert above bounds every index the strides below produce.
     unsafe {
         gemm_strided(
             n,
@@ -295,22 +301,6 @@ mod timing {
     #[test]
     #[ignore]
     fn few_rows_timing() {
-        let gemm_path = |out: &mut [f32], a: &[f32], b: &[f32], n: usize, m: usize, k: usize| unsafe {
-            super::gemm_strided(
-                n,
-                m,
-                k,
-                out.as_mut_ptr(),
-                m as isize,
-                a.as_ptr(),
-                k as isize,
-                1,
-                b.as_ptr(),
-                1,
-                k as isize,
-                gemm::Parallelism::Rayon(0),
-            )
-        };
         let shapes = [
             (1, 1536, 576),
             (8, 3072, 576),
@@ -334,7 +324,7 @@ mod timing {
                 t.elapsed().as_secs_f64() / 10.0
             };
             let few = time(&|o| super::matmul_nt_few_rows(o, &a, &b, n, m, k));
-            let gemm = time(&|o| gemm_path(o, &a, &b, n, m, k));
+            let gemm = time(&|o| super::gemm_nt(o, &a, &b, n, m, k, gemm::Parallelism::Rayon(0)));
             let gf = |s: f64| 2.0 * (n * m * k) as f64 / s / 1e9;
             eprintln!(
                 "n={n:>2} m={m:>5} k={k}: few-rows {:7.1} GFLOP/s, gemm {:7.1} GFLOP/s",
