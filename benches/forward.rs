@@ -3,7 +3,7 @@
 //! `genius-engine bench forward` reports the same figures from the binary.
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use genius_engine::backend::cpu::{CpuBackend, matmul_nt};
+use genius_engine::backend::cpu::{CpuBackend, PackedMatrix};
 use genius_engine::cli::bench::{linear_shapes, synthetic_prompt};
 use genius_engine::model::load_model;
 use genius_engine::transformer::{PackedBatch, Transformer};
@@ -39,20 +39,12 @@ fn default_model_prefill(c: &mut Criterion) {
             .map(|i| (i % 31) as f32 * 0.01)
             .collect();
         let w: Vec<f32> = (0..out * inp).map(|i| (i % 29) as f32 * 0.01).collect();
+        let w = PackedMatrix::pack(&w, out, inp);
         let mut y = vec![0f32; PROMPT_TOKENS * out];
         // Throughput in FLOP: criterion's "elements/s" then reads as FLOP/s.
         group.throughput(Throughput::Elements(2 * (PROMPT_TOKENS * out * inp) as u64));
         group.bench_function(format!("{name}/{PROMPT_TOKENS}x{inp}x{out}"), |b| {
-            b.iter(|| {
-                matmul_nt(
-                    &mut y,
-                    black_box(&a),
-                    black_box(&w),
-                    PROMPT_TOKENS,
-                    out,
-                    inp,
-                )
-            })
+            b.iter(|| black_box(&w).matmul(&mut y, black_box(&a), PROMPT_TOKENS))
         });
     }
     group.finish();

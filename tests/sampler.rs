@@ -343,7 +343,10 @@ fn reference_sample(logits: &[f32], p: &SamplingParams, seq: u64, pos: u32) -> (
         .map(|(i, &x)| ((x / z) as f32, i as u32))
         .filter(|c| c.0 > 0.0)
         .collect();
-    c.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    // Rank order when a filter is on; token-id order (as collected) otherwise.
+    if p.top_k > 0 || p.top_p < 1.0 {
+        c.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    }
     if p.top_k > 0 {
         c.truncate(p.top_k);
     }

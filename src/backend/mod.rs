@@ -42,6 +42,9 @@ pub struct PagedSeq<'a> {
 pub trait Backend: Send + Sync {
     /// A tensor on this backend's device.
     type Tensor: Send + Sync;
+    /// A linear layer's weight (logically `[out, in]`, HF layout), stored in whatever layout
+    /// this backend multiplies fastest (the CPU packs it into panels once, at upload).
+    type Linear: Send + Sync;
 
     /// Human-readable device name ("cpu (2 threads)").
     fn name(&self) -> String;
@@ -49,6 +52,13 @@ pub trait Backend: Send + Sync {
     fn upload(&self, t: &HostTensor) -> Result<Self::Tensor>;
     fn download(&self, t: &Self::Tensor) -> Result<HostTensor>;
     fn shape<'a>(&self, t: &'a Self::Tensor) -> &'a [usize];
+
+    /// Uploads a `[out, in]` weight for [`Backend::linear`].
+    fn upload_linear(&self, w: &HostTensor) -> Result<Self::Linear>;
+    /// The `[out, in]` weight back in HF layout.
+    fn download_linear(&self, w: &Self::Linear) -> Result<HostTensor>;
+    /// `[out, in]` of a linear weight.
+    fn linear_shape(&self, w: &Self::Linear) -> [usize; 2];
 
     /// Rows of `table` (`[vocab, dim]`) for each id: `[ids.len(), dim]`.
     fn embedding(&self, table: &Self::Tensor, ids: &[u32]) -> Result<Self::Tensor>;
@@ -60,7 +70,7 @@ pub trait Backend: Send + Sync {
     fn linear(
         &self,
         x: &Self::Tensor,
-        weight: &Self::Tensor,
+        weight: &Self::Linear,
         bias: Option<&Self::Tensor>,
     ) -> Result<Self::Tensor>;
 
@@ -139,7 +149,7 @@ pub trait Backend: Send + Sync {
     fn target_logprobs(
         &self,
         hidden: &Self::Tensor,
-        lm_head: &Self::Tensor,
+        lm_head: &Self::Linear,
         targets: &[u32],
     ) -> Result<Vec<f32>>;
 }

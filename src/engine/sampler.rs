@@ -31,8 +31,10 @@
 //!    token; all of them if rounding never reaches the target). `top_p == 1` keeps everything.
 //!    (This is top-p on the distribution renormalised after top-k, as in HF and vLLM.)
 //! 6. `total` = mass of the kept tokens (f64). `u = uniform(seed, seq_id, position)`.
-//!    Walk the kept tokens in rank order accumulating `p` (f64) and take the first token whose
-//!    cumulative mass is `> u * total`; if rounding leaves none, the last kept token.
+//!    Walk the kept tokens accumulating `p` (f64) and take the first token whose cumulative
+//!    mass is `> u * total`; if rounding leaves none, the last kept token. The walk is in rank
+//!    order when a filter is on (`top_k > 0` or `top_p < 1`), and in token-id order when
+//!    neither is (plain sampling needs no sort: one pass, a prefix sum on a GPU).
 //! 7. `sampling_logprob = ln(p_t / total)`: the log-probability of the token under the
 //!    distribution actually sampled from (tempered, filtered, renormalised).
 //!
@@ -41,9 +43,11 @@
 //! land within ~1e-16 of a boundary. Top-k = 1 equals greedy except where distinct logits round
 //! to the same f32 probability.
 //!
-//! Cost: O(V) for the softmax plus selection; only the part of the rank order that is actually
-//! visited is sorted (top-k sets are sorted whole; otherwise the sorted prefix grows by doubling
-//! via quickselect), so a 150k vocabulary is never fully sorted unless the walk needs it.
+//! Cost: O(V) for the softmax plus selection (at `T = 1` the softmax weights double as the
+//! untempered log-partition terms); unfiltered sampling sorts nothing; with top-p only the part
+//! of the rank order that is actually visited is sorted (top-k sets are sorted whole; otherwise
+//! the sorted prefix grows by doubling via quickselect), so a 150k vocabulary is never fully
+//! sorted unless the walk needs it.
 
 use anyhow::{Result, bail};
 use std::cmp::Ordering;
@@ -234,6 +238,39 @@ fn log_sum_exp(logits: &[f32], max: f32) -> f64 {
     m + s.ln()
 }
 
+/// Plain sampling (no top-k, no top-p): the inverse-CDF walk in token-id order over the f32
+/// probabilities `weights[i] / z`.
+fn sample_unfiltered(
+    weights: &[f64],
+    z: f64,
+    params: &SamplingParams,
+    seq_id: u64,
+    position: u32,
+    logprob: impl Fn(usize) -> f32,
+) -> SampledToken {
+    let probs: Vec<f32> = weights.iter().map(|&w| (w / z) as f32).collect();
+    let total: f64 = probs.iter().map(|&p| f64::from(p)).sum();
+    let threshold = uniform(params.seed, seq_id, position) * total;
+    let mut cum = 0.0f64;
+    // The last candidate (p > 0) is the fallback when rounding leaves the walk short; the
+    // argmax has p >= 1/V > 0, so there is one.
+    let mut chosen = 0;
+    for (i, &p) in probs.iter().enumerate() {
+        if p > 0.0 {
+            chosen = i;
+            cum += f64::from(p);
+            if cum > threshold {
+                break;
+            }
+        }
+    }
+    SampledToken {
+        token: chosen as u32,
+        logprob: logprob(chosen),
+        sampling_logprob: (f64::from(probs[chosen]) / total).ln() as f32,
+    }
+}
+
 /// Samples the token at `position` of sequence `seq_id` from `logits`; see the module
 /// documentation for the exact definition. Errors on invalid parameters or logits.
 pub fn sample(
@@ -244,12 +281,11 @@ pub fn sample(
 ) -> Result<SampledToken> {
     params.validate()?;
     let (argmax, max) = scan_logits(logits)?;
-    let lse = log_sum_exp(logits, max);
-    let logprob = |t: usize| (f64::from(logits[t]) - lse) as f32;
     if params.is_greedy() {
+        let lse = log_sum_exp(logits, max);
         return Ok(SampledToken {
             token: argmax as u32,
-            logprob: logprob(argmax),
+            logprob: (f64::from(logits[argmax]) - lse) as f32,
             sampling_logprob: 0.0,
         });
     }
@@ -262,6 +298,19 @@ pub fn sample(
         .map(|&l| ((f64::from(l) - m) / t).exp())
         .collect();
     let z: f64 = weights.iter().sum();
+    // At T = 1 the weights are exactly the terms of the untempered log-partition function.
+    let lse = if t == 1.0 {
+        m + z.ln()
+    } else {
+        log_sum_exp(logits, max)
+    };
+    let logprob = |t: usize| (f64::from(logits[t]) - lse) as f32;
+
+    if params.top_k == 0 && params.top_p == 1.0 {
+        return Ok(sample_unfiltered(
+            &weights, z, params, seq_id, position, logprob,
+        ));
+    }
     let mut candidates: Vec<Candidate> = weights
         .iter()
         .enumerate()

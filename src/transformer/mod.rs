@@ -7,27 +7,30 @@ use crate::backend::{AttentionShape, Backend, PagedSeq, SeqSpan};
 use crate::model::{HostTensor, ModelConfig, TensorSource};
 use anyhow::{Context, Result, bail};
 
-/// One decoder layer's weights. Projections that read the same input are stored fused, rows
-/// stacked in HF layout, so each is one matrix product: `qkv_proj` is q_proj, k_proj, v_proj
-/// (`[q + 2 kv, hidden]`), `gate_up_proj` is gate_proj then up_proj (`[2 ffn, hidden]`).
-pub struct LayerWeights<T> {
+/// One decoder layer's weights: vectors as tensors `T`, projections as linear weights `L`.
+/// Projections that read the same input are stored fused, rows stacked in HF layout, so each
+/// is one matrix product: `qkv_proj` is q_proj, k_proj, v_proj (`[q + 2 kv, hidden]`),
+/// `gate_up_proj` is gate_proj then up_proj (`[2 ffn, hidden]`).
+pub struct LayerWeights<T, L> {
     pub input_norm: T,
-    pub qkv_proj: T,
+    pub qkv_proj: L,
     /// q, k and v biases stacked (Qwen2).
     pub qkv_bias: Option<T>,
-    pub o_proj: T,
+    pub o_proj: L,
     pub post_attention_norm: T,
-    pub gate_up_proj: T,
-    pub down_proj: T,
+    pub gate_up_proj: L,
+    pub down_proj: L,
 }
 
 /// All weights of the model on a backend.
-pub struct Weights<T> {
+pub struct Weights<T, L> {
+    /// The embedding table, read by rows.
     pub embed_tokens: T,
-    pub layers: Vec<LayerWeights<T>>,
+    pub layers: Vec<LayerWeights<T, L>>,
     pub final_norm: T,
-    /// `None` when the LM head is tied to the embedding.
-    pub lm_head: Option<T>,
+    /// The LM head as a linear weight; when the config ties it to the embedding this is a
+    /// second copy of the same values in the backend's linear layout.
+    pub lm_head: L,
 }
 
 /// Sequences packed token-major into one batch: `tokens[i]` sits at `positions[i]` in its
@@ -91,7 +94,7 @@ pub struct PagedBatch {
 pub struct Transformer<B: Backend> {
     pub config: ModelConfig,
     pub backend: B,
-    pub weights: Weights<B::Tensor>,
+    pub weights: Weights<B::Tensor, B::Linear>,
     inv_freq: Vec<f32>,
 }
 
@@ -124,8 +127,11 @@ impl<B: Backend> Transformer<B> {
         let get = |name: &str, shape: &[usize]| -> Result<B::Tensor> {
             backend.upload(&read(name, shape)?)
         };
-        // Tensors stacked along their first dimension, uploaded as one.
-        let stacked = |parts: &[(String, Vec<usize>)]| -> Result<B::Tensor> {
+        let get_linear = |name: &str, shape: &[usize]| -> Result<B::Linear> {
+            backend.upload_linear(&read(name, shape)?)
+        };
+        // Tensors stacked along their first dimension, read as one.
+        let stacked = |parts: &[(String, Vec<usize>)]| -> Result<HostTensor> {
             let mut rows = 0;
             let mut data = Vec::new();
             for (name, shape) in parts {
@@ -134,7 +140,7 @@ impl<B: Backend> Transformer<B> {
             }
             let mut shape = parts[0].1.clone();
             shape[0] = rows;
-            backend.upload(&HostTensor::new(shape, data))
+            Ok(HostTensor::new(shape, data))
         };
         let has = |name: &str| source.shape(name).is_some();
         let mut layers = Vec::with_capacity(c.num_layers);
@@ -143,11 +149,11 @@ impl<B: Backend> Transformer<B> {
             let bias_names =
                 ["q_proj", "k_proj", "v_proj"].map(|p| n(&format!("self_attn.{p}.bias")));
             let qkv_bias = if c.attention_bias {
-                Some(stacked(&[
+                Some(backend.upload(&stacked(&[
                     (bias_names[0].clone(), vec![q]),
                     (bias_names[1].clone(), vec![kv]),
                     (bias_names[2].clone(), vec![kv]),
-                ])?)
+                ])?)?)
             } else if let Some(name) = bias_names.iter().find(|b| has(b)) {
                 bail!("tensor '{name}' present but the config says the attention has no bias")
             } else {
@@ -156,28 +162,29 @@ impl<B: Backend> Transformer<B> {
             let ffn = c.intermediate_size;
             layers.push(LayerWeights {
                 input_norm: get(&n("input_layernorm.weight"), &[h])?,
-                qkv_proj: stacked(&[
+                qkv_proj: backend.upload_linear(&stacked(&[
                     (n("self_attn.q_proj.weight"), vec![q, h]),
                     (n("self_attn.k_proj.weight"), vec![kv, h]),
                     (n("self_attn.v_proj.weight"), vec![kv, h]),
-                ])?,
+                ])?)?,
                 qkv_bias,
-                o_proj: get(&n("self_attn.o_proj.weight"), &[h, q])?,
+                o_proj: get_linear(&n("self_attn.o_proj.weight"), &[h, q])?,
                 post_attention_norm: get(&n("post_attention_layernorm.weight"), &[h])?,
-                gate_up_proj: stacked(&[
+                gate_up_proj: backend.upload_linear(&stacked(&[
                     (n("mlp.gate_proj.weight"), vec![ffn, h]),
                     (n("mlp.up_proj.weight"), vec![ffn, h]),
-                ])?,
-                down_proj: get(&n("mlp.down_proj.weight"), &[h, ffn])?,
+                ])?)?,
+                down_proj: get_linear(&n("mlp.down_proj.weight"), &[h, ffn])?,
             });
         }
+        let embed = read("model.embed_tokens.weight", &[c.vocab_size, h])?;
         let lm_head = if c.tie_word_embeddings {
-            None
+            backend.upload_linear(&embed)?
         } else {
-            Some(get("lm_head.weight", &[c.vocab_size, h])?)
+            get_linear("lm_head.weight", &[c.vocab_size, h])?
         };
         let weights = Weights {
-            embed_tokens: get("model.embed_tokens.weight", &[c.vocab_size, h])?,
+            embed_tokens: backend.upload(&embed)?,
             layers,
             final_norm: get("model.norm.weight", &[h])?,
             lm_head,
@@ -195,12 +202,9 @@ impl<B: Backend> Transformer<B> {
         self.backend.name()
     }
 
-    /// The LM head matrix (`[vocab, hidden]`): the embedding when tied.
-    pub fn lm_head(&self) -> &B::Tensor {
-        self.weights
-            .lm_head
-            .as_ref()
-            .unwrap_or(&self.weights.embed_tokens)
+    /// The LM head matrix (`[vocab, hidden]`): the embedding's values when tied.
+    pub fn lm_head(&self) -> &B::Linear {
+        &self.weights.lm_head
     }
 
     /// Runs every layer over a packed batch; returns the final-normed hidden states

@@ -207,30 +207,38 @@ fn attend_direct(
         .map(|p| block_table[p / block_size] as usize * block_size + p % block_size)
         .collect();
     let mut out = vec![0f32; q_rows * qw];
-    let mut scores = vec![0f32; visible_max];
+    // Scores of the `group` query heads that share one kv head: each K/V row is read once
+    // for all of them.
+    let mut scores = vec![0f32; group * visible_max];
     for i in 0..q_rows {
         let visible = first_pos + i + 1;
-        for h in 0..num_heads {
-            let kv_off = (h / group) * head_dim;
-            let qh = &q[i * qw + h * head_dim..i * qw + (h + 1) * head_dim];
-            let mut max = f32::NEG_INFINITY;
-            for (sc, &slot) in scores[..visible].iter_mut().zip(&slots) {
+        for kvh in 0..num_kv_heads {
+            let kv_off = kvh * head_dim;
+            let heads = kvh * group..(kvh + 1) * group;
+            let qh = |h: usize| &q[i * qw + h * head_dim..i * qw + (h + 1) * head_dim];
+            for (pos, &slot) in slots[..visible].iter().enumerate() {
                 let k = &k_cache[slot * kw + kv_off..slot * kw + kv_off + head_dim];
-                *sc = super::matmul::dot(qh, k) * scale;
-                max = max.max(*sc);
+                for (g, h) in heads.clone().enumerate() {
+                    scores[g * visible_max + pos] = super::matmul::dot(qh(h), k) * scale;
+                }
             }
-            let mut sum = 0f32;
-            for sc in &mut scores[..visible] {
-                *sc = (*sc - max).exp();
-                sum += *sc;
+            for g in 0..group {
+                let sc = &mut scores[g * visible_max..g * visible_max + visible];
+                let max = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0f32;
+                for s in sc.iter_mut() {
+                    *s = (*s - max).exp();
+                    sum += *s;
+                }
+                let inv = 1.0 / sum;
+                sc.iter_mut().for_each(|s| *s *= inv);
             }
-            let inv = 1.0 / sum;
-            let o = &mut out[i * qw + h * head_dim..i * qw + (h + 1) * head_dim];
-            for (&w, &slot) in scores[..visible].iter().zip(&slots) {
+            let o =
+                &mut out[i * qw + kvh * group * head_dim..i * qw + (kvh + 1) * group * head_dim];
+            for (pos, &slot) in slots[..visible].iter().enumerate() {
                 let v = &v_cache[slot * kw + kv_off..slot * kw + kv_off + head_dim];
-                let w = w * inv;
-                for (o, &v) in o.iter_mut().zip(v) {
-                    *o += w * v;
+                for (g, o) in o.chunks_exact_mut(head_dim).enumerate() {
+                    super::matmul::axpy(o, scores[g * visible_max + pos], v);
                 }
             }
         }

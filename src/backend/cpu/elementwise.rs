@@ -1,7 +1,7 @@
 //! Row-wise and elementwise ops of the CPU backend: RMSNorm, RoPE, SwiGLU, residual add, and
 //! the fused LM-head log-softmax gather.
 
-use super::matmul::matmul_nt;
+use super::packed::PackedMatrix;
 use crate::model::HostTensor;
 use rayon::prelude::*;
 
@@ -74,13 +74,8 @@ pub fn add_assign(x: &mut [f32], y: &[f32]) {
 pub const LOGPROB_CHUNK_ROWS: usize = 64;
 
 /// `log softmax(hidden[r] @ lm_head^T)[targets[r]]` for every row, chunk by chunk.
-pub fn target_logprobs(
-    hidden: &[f32],
-    lm_head: &[f32],
-    targets: &[u32],
-    d: usize,
-    vocab: usize,
-) -> Vec<f32> {
+pub fn target_logprobs(hidden: &[f32], lm_head: &PackedMatrix, targets: &[u32]) -> Vec<f32> {
+    let (vocab, d) = (lm_head.out_features(), lm_head.in_features());
     let mut out = Vec::with_capacity(targets.len());
     let mut logits = vec![0f32; LOGPROB_CHUNK_ROWS.min(targets.len()) * vocab];
     for (h, t) in hidden
@@ -89,7 +84,7 @@ pub fn target_logprobs(
     {
         let rows = t.len();
         let logits = &mut logits[..rows * vocab];
-        matmul_nt(logits, h, lm_head, rows, vocab, d);
+        lm_head.matmul(logits, h, rows);
         let lp: Vec<f32> = logits
             .par_chunks(vocab)
             .zip(t.par_iter())

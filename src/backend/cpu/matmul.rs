@@ -1,22 +1,12 @@
-//! Matrix products on the CPU through the `gemm` crate (AVX2/AVX-512 kernels, rayon threads).
+//! Matrix products on the CPU through the `gemm` crate (AVX2/AVX-512 kernels, rayon threads)
+//! for operands that are not packed weights (attention, and training's weight gradients), and
+//! the dot product.
 
 use gemm::Parallelism;
 
-/// Below this many rows a product runs as dot products straight off the weight rows: decode
-/// steps of few sequences are memory bound, and packing the weight matrix for `gemm` would read
-/// and write it once more for little reuse.
-const FEW_ROWS: usize = 64;
-
-/// Rows of `a` dotted with one weight row in a single pass (accumulators held in registers).
-const ROW_GROUP: usize = 8;
-
-/// `out[n, m] = a[n, k] @ b[m, k]^T`, row-major, multi-threaded. This is a linear layer with
-/// HF weight layout.
+/// `out[n, m] = a[n, k] @ b[m, k]^T`, row-major (a linear layer with HF weight layout, for
+/// matrices that are not packed weights), multi-threaded when large.
 pub fn matmul_nt(out: &mut [f32], a: &[f32], b: &[f32], n: usize, m: usize, k: usize) {
-    assert!(out.len() == n * m && a.len() == n * k && b.len() == m * k);
-    if n <= FEW_ROWS && k > 0 {
-        return matmul_nt_few_rows(out, a, b, n, m, k);
-    }
     let par = if n * m * k >= 1 << 18 && rayon::current_num_threads() > 1 {
         Parallelism::Rayon(0)
     } else {
@@ -78,75 +68,38 @@ pub(super) unsafe fn gemm_strided(
     }
 }
 
-/// Output columns per parallel task of the few-rows path.
-const COLUMNS_PER_TASK: usize = 64;
-
-/// `matmul_nt` for a handful of rows: each weight row is read once and dotted with every row of
-/// `a` in the same pass (one weight load feeds `n` FMAs); output columns are split across
-/// threads.
-fn matmul_nt_few_rows(out: &mut [f32], a: &[f32], b: &[f32], n: usize, m: usize, k: usize) {
-    use rayon::prelude::*;
-    // Column-major scratch: task t owns columns t*COLUMNS_PER_TASK.., all n rows of each.
-    let mut columns = vec![0f32; m * n];
-    columns
-        .par_chunks_mut(COLUMNS_PER_TASK * n)
-        .enumerate()
-        .for_each(|(t, chunk)| {
-            // Row groups outside, weight rows inside: a group of `a` rows stays in L1 while
-            // the task's weight rows (in L2) stream past it.
-            for g in (0..n).step_by(ROW_GROUP) {
-                let rows = ROW_GROUP.min(n - g);
-                let group = &a[g * k..(g + rows) * k];
-                for (c, dst) in chunk.chunks_exact_mut(n).enumerate() {
-                    let j = t * COLUMNS_PER_TASK + c;
-                    dots(group, rows, &b[j * k..(j + 1) * k], &mut dst[g..g + rows]);
-                }
-            }
-        });
-    for (j, col) in columns.chunks_exact(n).enumerate() {
-        for (i, &v) in col.iter().enumerate() {
-            out[i * m + j] = v;
-        }
-    }
-}
-
-/// `dst[i] = a[i, :] . w` for the `n <= ROW_GROUP` rows of `a` (`[n, w.len()]`).
-fn dots(a: &[f32], n: usize, w: &[f32], dst: &mut [f32]) {
+/// `y += a * x`, with the widest vector unit the CPU has.
+pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    assert_eq!(y.len(), x.len());
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: AVX-512F is present; shapes are checked by the caller.
-        unsafe { dots_avx512(a, n, w, dst) };
+        // SAFETY: AVX-512F is present; the lengths are equal (asserted above).
+        unsafe { axpy_avx512(y, a, x) };
         return;
     }
-    let k = w.len();
-    for (i, d) in dst.iter_mut().enumerate().take(n) {
-        *d = dot(&a[i * k..(i + 1) * k], w);
+    for (y, &x) in y.iter_mut().zip(x) {
+        *y = a.mul_add(x, *y);
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn dots_avx512(a: &[f32], n: usize, w: &[f32], dst: &mut [f32]) {
+unsafe fn axpy_avx512(y: &mut [f32], a: f32, x: &[f32]) {
     use std::arch::x86_64::*;
-    let k = w.len();
-    assert!(n <= ROW_GROUP && a.len() >= n * k && dst.len() >= n);
-    let mut acc = [_mm512_setzero_ps(); ROW_GROUP];
-    let mut t = 0;
-    while t + 16 <= k {
-        // SAFETY: t + 16 <= k bounds every load below (rows i < n of a hold k floats each).
-        let wv = unsafe { _mm512_loadu_ps(w.as_ptr().add(t)) };
-        for (i, acc) in acc.iter_mut().enumerate().take(n) {
-            let xv = unsafe { _mm512_loadu_ps(a.as_ptr().add(i * k + t)) };
-            *acc = _mm512_fmadd_ps(xv, wv, *acc);
+    let n = y.len();
+    let av = _mm512_set1_ps(a);
+    let mut i = 0;
+    while i + 16 <= n {
+        // SAFETY: i + 16 <= n = y.len() = x.len().
+        unsafe {
+            let yv = _mm512_loadu_ps(y.as_ptr().add(i));
+            let xv = _mm512_loadu_ps(x.as_ptr().add(i));
+            _mm512_storeu_ps(y.as_mut_ptr().add(i), _mm512_fmadd_ps(av, xv, yv));
         }
-        t += 16;
+        i += 16;
     }
-    for i in 0..n {
-        let mut total = _mm512_reduce_add_ps(acc[i]);
-        for u in t..k {
-            total += a[i * k + u] * w[u];
-        }
-        dst[i] = total;
+    for j in i..n {
+        y[j] = a.mul_add(x[j], y[j]);
     }
 }
 
@@ -235,7 +188,7 @@ unsafe fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
 mod tests {
     use super::*;
 
-    /// Both paths (few rows and gemm) against a plain triple loop on odd shapes.
+    /// `gemm` with our strides against a plain triple loop on odd shapes.
     #[test]
     fn matmul_nt_matches_naive_loops() {
         let mut seed = 1u64;
@@ -273,6 +226,21 @@ mod tests {
     }
 
     #[test]
+    fn axpy_matches_scalar_loop() {
+        for len in [0, 1, 15, 16, 17, 64, 65] {
+            let x: Vec<f32> = (0..len).map(|i| (i as f32 * 0.37).sin()).collect();
+            let mut y: Vec<f32> = (0..len).map(|i| (i as f32 * 0.11).cos()).collect();
+            let want: Vec<f32> = x
+                .iter()
+                .zip(&y)
+                .map(|(x, y)| 0.75f32.mul_add(*x, *y))
+                .collect();
+            axpy(&mut y, 0.75, &x);
+            assert_eq!(y, want, "len {len}");
+        }
+    }
+
+    #[test]
     fn dot_paths_agree() {
         let a: Vec<f32> = (0..1000).map(|i| (i as f32 * 0.37).sin()).collect();
         let b: Vec<f32> = (0..1000).map(|i| (i as f32 * 0.11).cos()).collect();
@@ -289,47 +257,6 @@ mod tests {
             assert!(
                 (dot_portable(&a[..len], &b[..len]) as f64 - want).abs() < 1e-3,
                 "len {len}"
-            );
-        }
-    }
-}
-
-#[cfg(test)]
-mod timing {
-    /// Manual timing aid comparing the few-rows path with `gemm`:
-    /// `cargo test --release --lib few_rows_timing -- --ignored --nocapture`.
-    #[test]
-    #[ignore]
-    fn few_rows_timing() {
-        let shapes = [
-            (1, 1536, 576),
-            (8, 3072, 576),
-            (16, 3072, 576),
-            (32, 3072, 576),
-            (64, 3072, 576),
-            (8, 49152, 576),
-            (32, 49152, 576),
-            (64, 49152, 576),
-        ];
-        for (n, m, k) in shapes {
-            let a = vec![0.5f32; n * k];
-            let b = vec![0.25f32; m * k];
-            let mut out = vec![0f32; n * m];
-            let mut time = |f: &dyn Fn(&mut [f32])| {
-                f(&mut out);
-                let t = std::time::Instant::now();
-                for _ in 0..10 {
-                    f(&mut out);
-                }
-                t.elapsed().as_secs_f64() / 10.0
-            };
-            let few = time(&|o| super::matmul_nt_few_rows(o, &a, &b, n, m, k));
-            let gemm = time(&|o| super::gemm_nt(o, &a, &b, n, m, k, gemm::Parallelism::Rayon(0)));
-            let gf = |s: f64| 2.0 * (n * m * k) as f64 / s / 1e9;
-            eprintln!(
-                "n={n:>2} m={m:>5} k={k}: few-rows {:7.1} GFLOP/s, gemm {:7.1} GFLOP/s",
-                gf(few),
-                gf(gemm)
             );
         }
     }

@@ -5,8 +5,10 @@
 mod attention;
 mod elementwise;
 mod matmul;
+mod packed;
 
 pub use matmul::matmul_nt;
+pub use packed::PackedMatrix;
 
 use super::{AttentionShape, Backend, PagedSeq, SeqSpan};
 use crate::model::HostTensor;
@@ -34,6 +36,7 @@ fn as_matrix(t: &HostTensor) -> (usize, usize) {
 
 impl Backend for CpuBackend {
     type Tensor = HostTensor;
+    type Linear = PackedMatrix;
 
     fn name(&self) -> String {
         format!("cpu ({} threads)", self.threads())
@@ -49,6 +52,26 @@ impl Backend for CpuBackend {
 
     fn shape<'a>(&self, t: &'a HostTensor) -> &'a [usize] {
         &t.shape
+    }
+
+    fn upload_linear(&self, w: &HostTensor) -> Result<PackedMatrix> {
+        ensure!(
+            w.shape.len() == 2,
+            "linear weight must be 2-D [out, in], got shape {:?}",
+            w.shape
+        );
+        Ok(PackedMatrix::pack(&w.data, w.shape[0], w.shape[1]))
+    }
+
+    fn download_linear(&self, w: &PackedMatrix) -> Result<HostTensor> {
+        Ok(HostTensor::new(
+            vec![w.out_features(), w.in_features()],
+            w.unpack(),
+        ))
+    }
+
+    fn linear_shape(&self, w: &PackedMatrix) -> [usize; 2] {
+        [w.out_features(), w.in_features()]
     }
 
     fn embedding(&self, table: &HostTensor, ids: &[u32]) -> Result<HostTensor> {
@@ -77,14 +100,14 @@ impl Backend for CpuBackend {
     fn linear(
         &self,
         x: &HostTensor,
-        weight: &HostTensor,
+        weight: &PackedMatrix,
         bias: Option<&HostTensor>,
     ) -> Result<HostTensor> {
         let (n, k) = as_matrix(x);
-        let (m, k2) = as_matrix(weight);
+        let (m, k2) = (weight.out_features(), weight.in_features());
         ensure!(k == k2, "linear: x has {k} columns, weight has {k2}");
         let mut out = vec![0f32; n * m];
-        matmul_nt(&mut out, &x.data, &weight.data, n, m, k);
+        weight.matmul(&mut out, &x.data, n);
         if let Some(b) = bias {
             ensure!(
                 b.numel() == m,
@@ -327,11 +350,11 @@ impl Backend for CpuBackend {
     fn target_logprobs(
         &self,
         hidden: &HostTensor,
-        lm_head: &HostTensor,
+        lm_head: &PackedMatrix,
         targets: &[u32],
     ) -> Result<Vec<f32>> {
         let (n, d) = as_matrix(hidden);
-        let (vocab, d2) = as_matrix(lm_head);
+        let (vocab, d2) = (lm_head.out_features(), lm_head.in_features());
         ensure!(
             d == d2,
             "target_logprobs: hidden width {d}, lm_head width {d2}"
@@ -344,12 +367,6 @@ impl Backend for CpuBackend {
         if let Some(&t) = targets.iter().find(|&&t| t as usize >= vocab) {
             bail!("target id {t} is outside the vocabulary ({vocab} entries)");
         }
-        Ok(elementwise::target_logprobs(
-            &hidden.data,
-            &lm_head.data,
-            targets,
-            d,
-            vocab,
-        ))
+        Ok(elementwise::target_logprobs(&hidden.data, lm_head, targets))
     }
 }
