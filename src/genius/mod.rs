@@ -2,5 +2,8 @@
 //!
 //! - [`loss`]: preference losses (ACO, DPO, SimPO, IPO, SFT) on per-sequence log-prob sums,
 //!   with their gradients with respect to those sums.
+//! - [`optim`]: AdamW over flat f32 parameter slices, the linear warm-up/decay learning-rate
+//!   schedule, global gradient-norm clipping, and optimizer state files for resuming.
 
 pub mod loss;
+pub mod optim;
