@@ -4,6 +4,8 @@
 //!   with their gradients with respect to those sums.
 //! - [`optim`]: AdamW over flat f32 parameter slices, the linear warm-up/decay learning-rate
 //!   schedule, global gradient-norm clipping, and optimizer state files for resuming.
+//! - [`pairs`]: the trajectory and pair file formats and one preference pair per step.
 
 pub mod loss;
 pub mod optim;
+pub mod pairs;
