@@ -5,7 +5,9 @@
 //! - [`optim`]: AdamW over flat f32 parameter slices, the linear warm-up/decay learning-rate
 //!   schedule, global gradient-norm clipping, and optimizer state files for resuming.
 //! - [`pairs`]: the trajectory and pair file formats and one preference pair per step.
+//! - [`queries`]: the training-query files and the bundled default query set.
 
 pub mod loss;
 pub mod optim;
 pub mod pairs;
+pub mod queries;
