@@ -207,7 +207,7 @@ impl AdamW {
         self.m.iter().map(Vec::len).collect()
     }
 
-    /// First and second moments of slice `i`.
+    /// First and second moments of slice `i` (panics if there is no slice `i`).
     pub fn moments(&self, i: usize) -> (&[f32], &[f32]) {
         (&self.m[i], &self.v[i])
     }
@@ -237,9 +237,9 @@ impl AdamW {
         }
         self.step += 1;
         let c = &self.config;
-        let t = self.step as i32;
-        let bias1 = 1.0 - c.beta1.powi(t);
-        let bias2 = 1.0 - c.beta2.powi(t);
+        let t = self.step as f64;
+        let bias1 = 1.0 - c.beta1.powf(t);
+        let bias2 = 1.0 - c.beta2.powf(t);
         let step_size = (lr / bias1) as f32;
         let inv_sqrt_bias2 = (1.0 / bias2.sqrt()) as f32;
         let decay = (1.0 - lr * c.weight_decay) as f32;
