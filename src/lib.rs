@@ -6,10 +6,12 @@
 //! - [`backend`]: the [`backend::Backend`] trait and its CPU (reference) and CUDA implementations.
 //! - [`transformer`]: the LLaMA/Qwen2 transformer written once against `Backend`.
 //! - [`engine`]: the rollout engine (paged KV block manager, scheduler, sampler, stops).
+//! - [`genius`]: foresight re-sampling, pair construction, losses, trainer, the round loop.
 //! - [`cli`]: the `genius-engine` commands.
 
 pub mod backend;
 pub mod cli;
 pub mod engine;
+pub mod genius;
 pub mod model;
 pub mod transformer;

@@ -1,0 +1,13 @@
+//! Genius: foresight re-sampling, pair construction, losses, trainer, the round loop.
+//!
+//! - [`loss`]: preference losses (ACO, DPO, SimPO, IPO, SFT) on per-sequence log-prob sums,
+//!   with their gradients with respect to those sums.
+//! - [`optim`]: AdamW over flat f32 parameter slices, the linear warm-up/decay learning-rate
+//!   schedule, global gradient-norm clipping, and optimizer state files for resuming.
+//! - [`pairs`]: the trajectory and pair file formats and one preference pair per step.
+//! - [`queries`]: the training-query files and the bundled default query set.
+
+pub mod loss;
+pub mod optim;
+pub mod pairs;
+pub mod queries;
