@@ -113,6 +113,8 @@ pub struct Finished {
     /// Generated text, cut at a stop string, without a final EOS / stop token.
     pub text: String,
     pub finish_reason: FinishReason,
+    /// The stop string that ended the sequence (finish reason `stop`).
+    pub matched_stop: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,6 +140,7 @@ struct Sequence {
     stream: u64,
     checker: StopChecker,
     text: String,
+    matched_stop: Option<String>,
     logprobs: Vec<f32>,
     sampling_logprobs: Vec<f32>,
 }
@@ -195,6 +198,11 @@ impl<'t, B: Backend> Engine<'t, B> {
 
     pub fn model(&self) -> &Transformer<B> {
         &self.model
+    }
+
+    /// The model back (e.g. for training between sampling rounds); the KV cache is dropped.
+    pub fn into_model(self) -> Transformer<B> {
+        self.model
     }
 
     pub fn stats(&self) -> BlockStats {
@@ -282,6 +290,7 @@ impl<'t, B: Backend> Engine<'t, B> {
                 stop: request.stop,
                 stream: request.stream,
                 text: String::new(),
+                matched_stop: None,
                 logprobs: Vec::new(),
                 sampling_logprobs: Vec::new(),
             },
@@ -334,6 +343,7 @@ impl<'t, B: Backend> Engine<'t, B> {
         s.sampling = sampling;
         s.stop = stop;
         s.text.clear();
+        s.matched_stop = None;
         s.logprobs.clear();
         s.sampling_logprobs.clear();
         self.leave_last_token_pending(seq)
@@ -590,7 +600,7 @@ impl<'t, B: Backend> Engine<'t, B> {
             match s.checker.push(&s.tokens[s.generation_start..], tokenizer)? {
                 StopEvent::Stop { new_text, matched } => {
                     s.text.push_str(&new_text);
-                    let _ = matched;
+                    s.matched_stop = Some(matched);
                     Some(FinishReason::StopString)
                 }
                 StopEvent::Continue { new_text } => {
@@ -624,6 +634,7 @@ impl<'t, B: Backend> Engine<'t, B> {
             sampling_logprobs: s.sampling_logprobs.clone(),
             text: s.text.clone(),
             finish_reason: reason,
+            matched_stop: s.matched_stop.clone(),
         }
     }
 }

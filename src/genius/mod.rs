@@ -6,8 +6,10 @@
 //!   schedule, global gradient-norm clipping, and optimizer state files for resuming.
 //! - [`pairs`]: the trajectory and pair file formats and one preference pair per step.
 //! - [`queries`]: the training-query files and the bundled default query set.
+//! - [`sample`]: stepwise foresight re-sampling of many queries at once on the rollout engine.
 
 pub mod loss;
 pub mod optim;
 pub mod pairs;
 pub mod queries;
+pub mod sample;
