@@ -3,7 +3,9 @@
 pub mod bench;
 pub mod generate;
 pub mod info;
+pub mod pairs;
 pub mod prompts;
+pub mod sample;
 pub mod score;
 
 use crate::backend::cpu::CpuBackend;
@@ -70,6 +72,10 @@ pub enum Command {
     },
     /// Sample completions of prompts on the rollout engine (JSONL in, JSONL out).
     Generate(generate::GenerateArgs),
+    /// Foresight re-sampling of queries into trajectories (resumable).
+    Sample(sample::SampleArgs),
+    /// Preference pairs (one per step) from trajectories.
+    Pairs(pairs::PairsArgs),
     /// Throughput benchmarks.
     Bench(bench::BenchArgs),
 }
@@ -84,6 +90,8 @@ pub fn run(cli: Cli) -> Result<()> {
             batch_tokens,
         } => score::run(&model, &input, &output, batch_tokens),
         Command::Generate(args) => generate::run(&args),
+        Command::Sample(args) => sample::run(&args),
+        Command::Pairs(args) => pairs::run(&args),
         Command::Bench(args) => bench::run(&args),
     }
 }

@@ -1,5 +1,6 @@
 //! Genius: foresight re-sampling, pair construction, losses, trainer, the round loop.
 //!
+//! - [`artifacts`]: resumable JSONL logs and atomic JSON files of a run.
 //! - [`loss`]: preference losses (ACO, DPO, SimPO, IPO, SFT) on per-sequence log-prob sums,
 //!   with their gradients with respect to those sums.
 //! - [`optim`]: AdamW over flat f32 parameter slices, the linear warm-up/decay learning-rate
@@ -8,6 +9,7 @@
 //! - [`queries`]: the training-query files and the bundled default query set.
 //! - [`sample`]: stepwise foresight re-sampling of many queries at once on the rollout engine.
 
+pub mod artifacts;
 pub mod loss;
 pub mod optim;
 pub mod pairs;

@@ -24,7 +24,6 @@ use anyhow::{Context, Result, bail, ensure};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::fs;
-use std::io::Write;
 use std::path::Path;
 
 /// All sampling results for one query: a line of `trajectories.jsonl`.
@@ -263,16 +262,14 @@ pub fn read_jsonl<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
     parse_jsonl(&text, &path.display().to_string())
 }
 
-/// Writes one JSON object per line.
+/// Writes one JSON object per line, atomically (the file is whole or untouched).
 pub fn write_jsonl<T: Serialize>(path: &Path, items: &[T]) -> Result<()> {
-    let file = fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
-    let mut w = std::io::BufWriter::new(file);
+    let mut text = Vec::new();
     for item in items {
-        serde_json::to_writer(&mut w, item)?;
-        w.write_all(b"\n")?;
+        serde_json::to_writer(&mut text, item)?;
+        text.push(b'\n');
     }
-    w.flush()
-        .with_context(|| format!("writing {}", path.display()))
+    super::artifacts::write_atomic(path, &text)
 }
 
 /// Reads `pairs.jsonl`.
