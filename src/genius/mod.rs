@@ -7,6 +7,8 @@
 //!   schedule, global gradient-norm clipping, and optimizer state files for resuming.
 //! - [`pairs`]: the trajectory and pair file formats and one preference pair per step.
 //! - [`queries`]: the training-query files and the bundled default query set.
+//! - [`sequences`]: training token sequences from pairs (prompt masking, truncation) and the
+//!   reference model's log-prob sums.
 //! - [`sample`]: stepwise foresight re-sampling of many queries at once on the rollout engine.
 
 pub mod artifacts;
@@ -15,3 +17,4 @@ pub mod optim;
 pub mod pairs;
 pub mod queries;
 pub mod sample;
+pub mod sequences;
