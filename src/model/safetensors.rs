@@ -111,7 +111,8 @@ impl SafetensorsFile {
         self.tensors.keys()
     }
 
-    fn load(&self, name: &str) -> Result<HostTensor> {
+    /// One tensor converted to f32.
+    pub fn load(&self, name: &str) -> Result<HostTensor> {
         let e = self
             .tensors
             .get(name)
