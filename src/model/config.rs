@@ -286,7 +286,9 @@ impl ModelConfig {
         Ok(cfg)
     }
 
-    /// Serialises to a HF `config.json` value (used by tests and, later, checkpoints).
+    /// Serialises to a HF `config.json` value (tests, and `checkpoint.rs`, which adds the token
+    /// ids and the storage dtype). Floats are written as their shortest decimal (`1e-05`, not
+    /// `9.999999747378752e-06`), which parses back to the same `f32`.
     pub fn to_hf_value(&self) -> Value {
         let mut v = serde_json::json!({
             "architectures": [match self.arch {
@@ -301,8 +303,8 @@ impl ModelConfig {
             "num_attention_heads": self.num_heads,
             "num_key_value_heads": self.num_kv_heads,
             "head_dim": self.head_dim,
-            "rms_norm_eps": self.rms_norm_eps,
-            "rope_theta": self.rope_theta,
+            "rms_norm_eps": json_f32(self.rms_norm_eps),
+            "rope_theta": json_f32(self.rope_theta),
             "max_position_embeddings": self.max_position_embeddings,
             "tie_word_embeddings": self.tie_word_embeddings,
             "hidden_act": "silu",
@@ -321,12 +323,40 @@ impl ModelConfig {
         {
             v["rope_scaling"] = serde_json::json!({
                 "rope_type": "llama3",
-                "factor": factor,
-                "low_freq_factor": low_freq_factor,
-                "high_freq_factor": high_freq_factor,
+                "factor": json_f32(factor),
+                "low_freq_factor": json_f32(low_freq_factor),
+                "high_freq_factor": json_f32(high_freq_factor),
                 "original_max_position_embeddings": original_max_position_embeddings,
             });
         }
         v
+    }
+}
+
+/// An `f32` as the JSON number of its shortest round-tripping decimal: serde_json widens `f32`
+/// to `f64` exactly, which writes `1e-5f32` as `9.999999747378752e-06`. Non-finite values
+/// (never valid in a config) become `null`, as serde_json writes them.
+fn json_f32(x: f32) -> Value {
+    x.to_string()
+        .parse::<f64>()
+        .ok()
+        .and_then(serde_json::Number::from_f64)
+        .map_or(Value::Null, Value::Number)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn floats_are_written_as_their_shortest_decimal_and_read_back_exactly() {
+        for x in [1e-5f32, 1e-6, 0.1, 100000.0, 1_000_000.0, 8.0, 3.0e-7, 0.3] {
+            let v = json_f32(x);
+            assert!(serde_json::to_string(&v).unwrap().len() <= 10, "{v}");
+            assert_eq!(v.as_f64().unwrap() as f32, x);
+        }
+        let text = serde_json::to_string(&json_f32(1e-5)).unwrap();
+        assert_eq!(text.parse::<f64>().unwrap(), 1e-5, "{text}");
+        assert_eq!(json_f32(f32::NAN), Value::Null);
     }
 }

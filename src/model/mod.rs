@@ -1,8 +1,12 @@
 //! Everything about a checkpoint on disk: its architecture config, its weights (HF safetensors
 //! directories and GGUF files, dequantised to f32 in HF layout), its tokenizer and chat template,
 //! and where the default model comes from.
+//!
+//! `checkpoint` writes a model back out as a HF checkpoint directory (config, safetensors,
+//! tokenizer files) that this engine, transformers and vLLM load.
 
 pub mod chat_template;
+pub mod checkpoint;
 pub mod config;
 pub mod fetch;
 pub mod gguf;

@@ -290,9 +290,31 @@ impl TensorSource for SafetensorsWeights {
 
 /// Writes tensors to a safetensors file atomically (temp file, then rename).
 pub fn write_safetensors(path: &Path, tensors: &[(&str, &HostTensor)], dtype: Dtype) -> Result<()> {
+    write_safetensors_with_metadata(path, tensors, dtype, &[])
+}
+
+/// [`write_safetensors`] with a `__metadata__` string map in the header (omitted when empty).
+/// transformers refuses files whose metadata lacks `"format": "pt"`, so checkpoints pass it.
+/// The file is fsynced before it is renamed into place; errors name the file.
+pub fn write_safetensors_with_metadata(
+    path: &Path,
+    tensors: &[(&str, &HostTensor)],
+    dtype: Dtype,
+    metadata: &[(&str, &str)],
+) -> Result<()> {
     let mut header = serde_json::Map::new();
+    if !metadata.is_empty() {
+        let meta: serde_json::Map<String, Value> = metadata
+            .iter()
+            .map(|(k, v)| (k.to_string(), Value::String(v.to_string())))
+            .collect();
+        header.insert("__metadata__".to_string(), Value::Object(meta));
+    }
     let mut offset = 0usize;
     for (name, t) in tensors {
+        if header.contains_key(*name) {
+            bail!("{}: tensor '{name}' given twice", path.display());
+        }
         let n = t.numel() * dtype.size();
         header.insert(
             name.to_string(),
@@ -305,24 +327,38 @@ pub fn write_safetensors(path: &Path, tensors: &[(&str, &HostTensor)], dtype: Dt
         header_bytes.push(b' ');
     }
     let tmp = path.with_extension("safetensors.tmp");
-    {
-        let mut f = std::io::BufWriter::new(
-            File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?,
-        );
+    let write = || -> std::io::Result<()> {
+        let mut f = std::io::BufWriter::new(File::create(&tmp)?);
         f.write_all(&(header_bytes.len() as u64).to_le_bytes())?;
         f.write_all(&header_bytes)?;
+        let mut bytes = Vec::with_capacity(CHUNK * dtype.size());
         for (_, t) in tensors {
-            for &x in &t.data {
-                match dtype {
-                    Dtype::F32 => f.write_all(&x.to_le_bytes())?,
-                    Dtype::F16 => f.write_all(&half::f16::from_f32(x).to_le_bytes())?,
-                    Dtype::BF16 => f.write_all(&half::bf16::from_f32(x).to_le_bytes())?,
+            for chunk in t.data.chunks(CHUNK) {
+                bytes.clear();
+                for &x in chunk {
+                    match dtype {
+                        Dtype::F32 => bytes.extend_from_slice(&x.to_le_bytes()),
+                        Dtype::F16 => {
+                            bytes.extend_from_slice(&half::f16::from_f32(x).to_le_bytes())
+                        }
+                        Dtype::BF16 => {
+                            bytes.extend_from_slice(&half::bf16::from_f32(x).to_le_bytes())
+                        }
+                    }
                 }
+                f.write_all(&bytes)?;
             }
         }
-        f.into_inner()?.sync_all()?;
+        f.into_inner().map_err(|e| e.into_error())?.sync_all()
+    };
+    if let Err(e) = write() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(anyhow::Error::new(e).context(format!("{}: cannot write", tmp.display())));
     }
     std::fs::rename(&tmp, path)
         .with_context(|| format!("{}: cannot move into place", path.display()))?;
     Ok(())
 }
+
+/// Values converted per buffered write by [`write_safetensors_with_metadata`].
+const CHUNK: usize = 1 << 16;
