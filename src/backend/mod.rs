@@ -152,4 +152,120 @@ pub trait Backend: Send + Sync {
         lm_head: &Self::Linear,
         targets: &[u32],
     ) -> Result<Vec<f32>>;
+
+    // ---- Training: small tensor utilities ----
+
+    /// A zero-filled tensor of `shape`.
+    fn zeros(&self, shape: &[usize]) -> Result<Self::Tensor>;
+
+    /// A copy of `x` (same shape).
+    fn copy(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
+
+    /// Sets every element of `x` to zero (clearing gradients).
+    fn fill_zero(&self, x: &mut Self::Tensor) -> Result<()>;
+
+    /// `x *= s`, elementwise.
+    fn scale(&self, x: &mut Self::Tensor, s: f32) -> Result<()>;
+
+    /// `sum(x^2)` over every element, accumulated in f64 (gradient norms).
+    fn sum_squares(&self, x: &Self::Tensor) -> Result<f64>;
+
+    /// Concatenates `[n, w_j]` tensors left to right into `[n, sum(w_j)]`: the inverse of
+    /// [`Backend::split_columns`].
+    fn concat_columns(&self, parts: &[&Self::Tensor]) -> Result<Self::Tensor>;
+
+    /// `dst[rows[i]] += src[i]` for `src` `[rows.len(), d]` and `dst` `[m, d]`, repeated rows
+    /// adding up: the adjoint of [`Backend::gather_rows`].
+    fn scatter_add_rows(
+        &self,
+        dst: &mut Self::Tensor,
+        rows: &[usize],
+        src: &Self::Tensor,
+    ) -> Result<()>;
+
+    // ---- Training: backward of each forward op. Every parameter gradient is *accumulated*
+    // into a caller-owned tensor (`grad += ...`), so micro-batches add up; input gradients
+    // are returned. ----
+
+    /// Input gradient of [`Backend::linear`]: `dx = dy @ W`, `dy` `[n, out]`, `w` `[out, in]`,
+    /// giving `[n, in]`.
+    fn linear_backward_input(&self, dy: &Self::Tensor, w: &Self::Linear) -> Result<Self::Tensor>;
+
+    /// Weight gradient of [`Backend::linear`]: `grad += dy^T @ x`, with `grad` `[out, in]`
+    /// (HF layout, a plain tensor), `x` `[n, in]` and `dy` `[n, out]`.
+    fn accumulate_linear_grad(
+        &self,
+        grad: &mut Self::Tensor,
+        x: &Self::Tensor,
+        dy: &Self::Tensor,
+    ) -> Result<()>;
+
+    /// Bias gradient of [`Backend::linear`]: `grad += column sums of dy`, `grad` `[out]`,
+    /// `dy` `[n, out]`.
+    fn accumulate_bias_grad(&self, grad: &mut Self::Tensor, dy: &Self::Tensor) -> Result<()>;
+
+    /// Backward of [`Backend::rms_norm`] over rows of `x` (`[n, d]`, the norm's input) with
+    /// `weight` `[d]`: returns `dx` (`[n, d]`) and adds the weight's gradient to
+    /// `weight_grad` (`[d]`).
+    fn rms_norm_backward(
+        &self,
+        x: &Self::Tensor,
+        weight: &Self::Tensor,
+        eps: f32,
+        dy: &Self::Tensor,
+        weight_grad: &mut Self::Tensor,
+    ) -> Result<Self::Tensor>;
+
+    /// Backward of [`Backend::rope`], in place: rotates each pair of `dx`
+    /// (`[tokens, heads * head_dim]`) by minus the forward's angle (the rotation's transpose).
+    fn rope_backward(
+        &self,
+        dx: &mut Self::Tensor,
+        positions: &[u32],
+        head_dim: usize,
+        inv_freq: &[f32],
+    ) -> Result<()>;
+
+    /// Backward of [`Backend::swiglu`]: from the fused `[n, 2 i]` input and `dy` `[n, i]`,
+    /// the gradient of the fused input, `[n, 2 i]` (gate columns first).
+    fn swiglu_backward(&self, gate_up: &Self::Tensor, dy: &Self::Tensor) -> Result<Self::Tensor>;
+
+    /// Backward of [`Backend::embedding`]: `grad[ids[i]] += dy[i]`, `grad` `[vocab, dim]`,
+    /// `dy` `[ids.len(), dim]`; repeated ids add up.
+    fn embedding_backward(
+        &self,
+        grad: &mut Self::Tensor,
+        ids: &[u32],
+        dy: &Self::Tensor,
+    ) -> Result<()>;
+
+    /// Backward of [`Backend::causal_attention`] (same `q`, `k`, `v`, `seqs`, `shape`), given
+    /// the output's gradient `dout` (`[tokens, num_heads * head_dim]`): returns
+    /// `(dq, dk, dv)` shaped like `q`, `k`, `v`. The attention probabilities are recomputed;
+    /// `dk` and `dv` are summed over the query heads that share each kv head (GQA). Rows that
+    /// belong to no sequence get zero gradients.
+    fn causal_attention_backward(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        dout: &Self::Tensor,
+        seqs: &[SeqSpan],
+        shape: AttentionShape,
+    ) -> Result<(Self::Tensor, Self::Tensor, Self::Tensor)>;
+
+    /// Backward of [`Backend::target_logprobs`]: with `logits = hidden @ lm_head^T`
+    /// (`hidden` `[n, d]`, `lm_head` `[vocab, d]`), `p = softmax(logits)` per row and
+    /// `dlogits[r] = d_logprob[r] * (onehot(targets[r]) - p[r])`, returns
+    /// `d_hidden = dlogits @ lm_head` (`[n, d]`) and adds `dlogits^T @ hidden` to
+    /// `lm_head_grad` (`[vocab, d]`, a plain tensor). Chunked over rows like the forward: the
+    /// logits of all `n` rows are never held at once.
+    fn target_logprobs_backward(
+        &self,
+        hidden: &Self::Tensor,
+        lm_head: &Self::Linear,
+        targets: &[u32],
+        d_logprob: &[f32],
+        lm_head_grad: &mut Self::Tensor,
+    ) -> Result<Self::Tensor>;
 }

@@ -56,6 +56,43 @@ pub trait TensorSource: Send + Sync {
     fn dtype_counts(&self) -> BTreeMap<String, usize>;
 }
 
+/// Tensors already in host memory under HF names, borrowed: a [`TensorSource`] for weights
+/// that never touched a file (random test models, an import of exported weights).
+pub struct MemoryTensors<'a> {
+    tensors: BTreeMap<&'a str, &'a HostTensor>,
+}
+
+impl<'a> MemoryTensors<'a> {
+    /// Indexes `tensors` by name; a name given twice is an error.
+    pub fn new(tensors: &'a [(String, HostTensor)]) -> Result<Self> {
+        let mut map = BTreeMap::new();
+        for (name, t) in tensors {
+            if map.insert(name.as_str(), t).is_some() {
+                anyhow::bail!("tensor '{name}' is given twice");
+            }
+        }
+        Ok(Self { tensors: map })
+    }
+}
+
+impl TensorSource for MemoryTensors<'_> {
+    fn tensor_names(&self) -> Vec<String> {
+        self.tensors.keys().map(|n| n.to_string()).collect()
+    }
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.tensors.get(name).map(|t| t.shape.clone())
+    }
+    fn load_f32(&self, name: &str) -> Result<HostTensor> {
+        self.tensors
+            .get(name)
+            .map(|&t| t.clone())
+            .ok_or_else(|| anyhow::anyhow!("no tensor named '{name}' among the given tensors"))
+    }
+    fn dtype_counts(&self) -> BTreeMap<String, usize> {
+        BTreeMap::from([("F32".to_string(), self.tensors.len())])
+    }
+}
+
 /// The on-disk format a model was loaded from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ModelFormat {

@@ -1,7 +1,14 @@
 //! The LLaMA/Qwen2 transformer, written once against [`Backend`]: weights (checked against the
 //! config as they are uploaded) and the forward pass over a packed batch of whole sequences
 //! (prefill). The rollout engine's paged-KV path plugs in at the attention call: everything
-//! around it (projections, RoPE, MLP, norms) is shared.
+//! around it (projections, RoPE, MLP, norms) is shared. [`params`] names the weights (export,
+//! import, one at a time); [`train`] is the training forward and its explicit backward.
+
+pub mod params;
+pub mod train;
+
+pub use params::Param;
+pub use train::{Activations, Gradients, TrainBatch};
 
 use crate::backend::{AttentionShape, Backend, PagedSeq, SeqSpan};
 use crate::model::{HostTensor, ModelConfig, TensorSource};
@@ -106,7 +113,23 @@ pub fn layer_tensor_name(i: usize, part: &str) -> String {
 impl<B: Backend> Transformer<B> {
     /// Reads every tensor from `source`, checks its shape against `config`, uploads it.
     pub fn load(backend: B, config: ModelConfig, source: &dyn TensorSource) -> Result<Self> {
-        let c = &config;
+        let weights = Self::load_weights(&backend, &config, source)?;
+        let inv_freq = config.rope_inv_freq();
+        Ok(Self {
+            config,
+            backend,
+            weights,
+            inv_freq,
+        })
+    }
+
+    /// The weights of `config` read from `source` (HF names, shapes checked) and uploaded.
+    fn load_weights(
+        backend: &B,
+        config: &ModelConfig,
+        source: &dyn TensorSource,
+    ) -> Result<Weights<B::Tensor, B::Linear>> {
+        let c = config;
         let (h, q, kv) = (
             c.hidden_size,
             c.num_heads * c.head_dim,
@@ -183,18 +206,11 @@ impl<B: Backend> Transformer<B> {
         } else {
             get_linear("lm_head.weight", &[c.vocab_size, h])?
         };
-        let weights = Weights {
+        Ok(Weights {
             embed_tokens: backend.upload(&embed)?,
             layers,
             final_norm: get("model.norm.weight", &[h])?,
             lm_head,
-        };
-        let inv_freq = config.rope_inv_freq();
-        Ok(Self {
-            config,
-            backend,
-            weights,
-            inv_freq,
         })
     }
 
@@ -211,9 +227,12 @@ impl<B: Backend> Transformer<B> {
     /// `[tokens, hidden]`.
     pub fn forward_hidden(&self, batch: &PackedBatch) -> Result<B::Tensor> {
         let shape = self.attention_shape();
-        self.forward_layers(&batch.tokens, &batch.positions, |_, q, k, v| {
-            self.backend.causal_attention(q, k, v, &batch.seqs, shape)
-        })
+        self.forward_layers(
+            &batch.tokens,
+            &batch.positions,
+            |_, q, k, v| self.backend.causal_attention(q, k, v, &batch.seqs, shape),
+            None,
+        )
     }
 
     /// Runs every layer over new tokens of sequences whose earlier tokens are in `cache`:
@@ -247,12 +266,17 @@ impl<B: Backend> Transformer<B> {
             .collect();
         let block_size = cache.block_size;
         let (ks, vs) = (&mut cache.k, &mut cache.v);
-        self.forward_layers(&batch.tokens, &batch.positions, |layer, q, k, v| {
-            self.backend
-                .write_kv(&mut ks[layer], &mut vs[layer], k, v, &batch.slots)?;
-            self.backend
-                .paged_attention(q, &ks[layer], &vs[layer], &seqs, shape, block_size)
-        })
+        self.forward_layers(
+            &batch.tokens,
+            &batch.positions,
+            |layer, q, k, v| {
+                self.backend
+                    .write_kv(&mut ks[layer], &mut vs[layer], k, v, &batch.slots)?;
+                self.backend
+                    .paged_attention(q, &ks[layer], &vs[layer], &seqs, shape, block_size)
+            },
+            None,
+        )
     }
 
     /// An empty paged KV cache: per layer, K and V pools of `num_blocks` blocks.
@@ -297,12 +321,15 @@ impl<B: Backend> Transformer<B> {
 
     /// The layer stack, with attention supplied by the caller: `attend(layer, q, k, v)` gets
     /// RoPE'd q and k and returns `[tokens, heads * head_dim]`. The one place the transformer's
-    /// maths is written; the contiguous and the paged paths differ only in `attend`.
+    /// maths is written; the contiguous and the paged paths differ only in `attend`, and the
+    /// training forward only in passing `save`, which receives what the backward pass reads
+    /// (see [`train::Saved`]).
     fn forward_layers(
         &self,
         tokens: &[u32],
         positions: &[u32],
         mut attend: impl FnMut(usize, &B::Tensor, &B::Tensor, &B::Tensor) -> Result<B::Tensor>,
+        mut save: Option<&mut train::Saved<B::Tensor>>,
     ) -> Result<B::Tensor> {
         let be = &self.backend;
         let c = &self.config;
@@ -319,6 +346,7 @@ impl<B: Backend> Transformer<B> {
         ];
         let mut x = be.embedding(&self.weights.embed_tokens, tokens)?;
         for (i, layer) in self.weights.layers.iter().enumerate() {
+            let x_in = save.is_some().then(|| be.copy(&x)).transpose()?;
             let xn = be.rms_norm(&x, &layer.input_norm, c.rms_norm_eps)?;
             let qkv = be.linear(&xn, &layer.qkv_proj, layer.qkv_bias.as_ref())?;
             let [mut q, mut k, v]: [B::Tensor; 3] = be
@@ -330,13 +358,29 @@ impl<B: Backend> Transformer<B> {
             let attn = attend(i, &q, &k, &v)?;
             let o = be.linear(&attn, &layer.o_proj, None)?;
             be.add_assign(&mut x, &o)?;
+            let x_mid = save.is_some().then(|| be.copy(&x)).transpose()?;
             let xn = be.rms_norm(&x, &layer.post_attention_norm, c.rms_norm_eps)?;
             let gate_up = be.linear(&xn, &layer.gate_up_proj, None)?;
             let act = be.swiglu(&gate_up)?;
             let down = be.linear(&act, &layer.down_proj, None)?;
             be.add_assign(&mut x, &down)?;
+            if let (Some(saved), Some(x_in), Some(x_mid)) = (save.as_deref_mut(), x_in, x_mid) {
+                saved.layers.push(train::LayerActivations {
+                    x_in,
+                    q,
+                    k,
+                    v,
+                    attn,
+                    x_mid,
+                    gate_up,
+                });
+            }
         }
-        be.rms_norm(&x, &self.weights.final_norm, c.rms_norm_eps)
+        let hidden = be.rms_norm(&x, &self.weights.final_norm, c.rms_norm_eps)?;
+        if let Some(saved) = save {
+            saved.x_final = Some(x);
+        }
+        Ok(hidden)
     }
 
     /// Full logits (`[rows.len(), vocab]`) at the given rows of the hidden states.

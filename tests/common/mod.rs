@@ -192,3 +192,18 @@ pub fn write_tiny_checkpoint(
     .unwrap();
     weights
 }
+
+/// A model with [`random_weights`] on the CPU backend, loaded from memory (no files).
+pub fn random_cpu_model(
+    config: &ModelConfig,
+    seed: u64,
+) -> genius_engine::transformer::Transformer<genius_engine::backend::cpu::CpuBackend> {
+    let weights = random_weights(config, seed);
+    let source = genius_engine::model::MemoryTensors::new(&weights).unwrap();
+    genius_engine::transformer::Transformer::load(
+        genius_engine::backend::cpu::CpuBackend::new(),
+        config.clone(),
+        &source,
+    )
+    .unwrap()
+}

@@ -9,7 +9,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 /// Queries per task: bounds the score matrix of a task to `QUERY_BLOCK x context`.
-const QUERY_BLOCK: usize = 64;
+pub(super) const QUERY_BLOCK: usize = 64;
 
 /// Attention of `q_rows` queries of one head against `kv_rows` keys/values of its kv head.
 /// Query `i` sits at position `first_query_pos + i` and sees keys `0..=first_query_pos + i`
@@ -48,20 +48,7 @@ unsafe fn attend_block(
             Parallelism::None,
         );
     }
-    for (i, row) in scores.chunks_exact_mut(kv_rows).enumerate() {
-        let visible = first_query_pos + i + 1;
-        let max = row[..visible]
-            .iter()
-            .fold(f32::NEG_INFINITY, |m, &x| m.max(x * scale));
-        let mut sum = 0f32;
-        for x in &mut row[..visible] {
-            *x = (*x * scale - max).exp();
-            sum += *x;
-        }
-        let inv = 1.0 / sum;
-        row[..visible].iter_mut().for_each(|x| *x *= inv);
-        row[visible..].iter_mut().for_each(|x| *x = 0.0);
-    }
+    causal_softmax(&mut scores, kv_rows, first_query_pos, scale);
     let mut out = vec![0f32; q_rows * head_dim];
     unsafe {
         gemm_strided(
@@ -80,6 +67,32 @@ unsafe fn attend_block(
         );
     }
     out
+}
+
+/// Turns raw scores `Q K^T` (`[rows, kv_rows]`, row `i` a query at position
+/// `first_query_pos + i`) into causal attention probabilities in place: `softmax(scale * s)`
+/// over the visible keys, zero beyond them. Shared by the forward and the backward pass, so
+/// the backward's recomputed probabilities are the forward's, bit for bit.
+pub(super) fn causal_softmax(
+    scores: &mut [f32],
+    kv_rows: usize,
+    first_query_pos: usize,
+    scale: f32,
+) {
+    for (i, row) in scores.chunks_exact_mut(kv_rows).enumerate() {
+        let visible = first_query_pos + i + 1;
+        let max = row[..visible]
+            .iter()
+            .fold(f32::NEG_INFINITY, |m, &x| m.max(x * scale));
+        let mut sum = 0f32;
+        for x in &mut row[..visible] {
+            *x = (*x * scale - max).exp();
+            sum += *x;
+        }
+        let inv = 1.0 / sum;
+        row[..visible].iter_mut().for_each(|x| *x *= inv);
+        row[visible..].iter_mut().for_each(|x| *x = 0.0);
+    }
 }
 
 /// Writes task results (`[rows, head_dim]` per (first row, head)) into `[tokens, heads * head_dim]`.

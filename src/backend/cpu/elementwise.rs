@@ -25,8 +25,17 @@ pub fn rms_norm(x: &HostTensor, weight: &[f32], eps: f32) -> HostTensor {
     HostTensor::new(x.shape.clone(), out)
 }
 
-/// HF rotate-half RoPE on rows of width `width` (`heads * head_dim`).
-pub fn rope(x: &mut [f32], width: usize, positions: &[u32], head_dim: usize, inv_freq: &[f32]) {
+/// HF rotate-half RoPE on rows of width `width` (`heads * head_dim`); `inverse` rotates by
+/// minus the angle (the transpose of the rotation: RoPE's backward).
+pub fn rope(
+    x: &mut [f32],
+    width: usize,
+    positions: &[u32],
+    head_dim: usize,
+    inv_freq: &[f32],
+    inverse: bool,
+) {
+    let sign = if inverse { -1.0 } else { 1.0 };
     let half = head_dim / 2;
     x.par_chunks_mut(width)
         .zip(positions.par_iter())
@@ -35,7 +44,7 @@ pub fn rope(x: &mut [f32], width: usize, positions: &[u32], head_dim: usize, inv
                 .iter()
                 .map(|&f| {
                     let a = pos as f64 * f as f64;
-                    (a.cos() as f32, a.sin() as f32)
+                    (a.cos() as f32, sign * a.sin() as f32)
                 })
                 .unzip();
             for head in row.chunks_exact_mut(head_dim) {

@@ -7,12 +7,7 @@ use gemm::Parallelism;
 /// `out[n, m] = a[n, k] @ b[m, k]^T`, row-major (a linear layer with HF weight layout, for
 /// matrices that are not packed weights), multi-threaded when large.
 pub fn matmul_nt(out: &mut [f32], a: &[f32], b: &[f32], n: usize, m: usize, k: usize) {
-    let par = if n * m * k >= 1 << 18 && rayon::current_num_threads() > 1 {
-        Parallelism::Rayon(0)
-    } else {
-        Parallelism::None
-    };
-    gemm_nt(out, a, b, n, m, k, par);
+    gemm_nt(out, a, b, n, m, k, parallelism(n, m, k));
 }
 
 /// `out[n, m] = a[n, k] @ b[m, k]^T` through `gemm`, whatever the row count.
@@ -57,14 +52,78 @@ pub(super) unsafe fn gemm_strided(
     rhs_cs: isize,
     par: Parallelism,
 ) {
-    if m == 0 || n == 0 {
+    unsafe {
+        gemm_raw(
+            false, m, n, k, dst, dst_rs, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs, par,
+        )
+    }
+}
+
+/// `dst[m, n] += lhs[m, k] @ rhs[k, n]`, strides as in [`gemm_strided`] (weight gradients
+/// accumulate across the rows of a batch and across batches).
+///
+/// # Safety
+/// Every element addressed by the shapes and strides must be inside its buffer.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn gemm_strided_add(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: isize,
+    lhs: *const f32,
+    lhs_rs: isize,
+    lhs_cs: isize,
+    rhs: *const f32,
+    rhs_rs: isize,
+    rhs_cs: isize,
+    par: Parallelism,
+) {
+    unsafe {
+        gemm_raw(
+            true, m, n, k, dst, dst_rs, lhs, lhs_rs, lhs_cs, rhs, rhs_rs, rhs_cs, par,
+        )
+    }
+}
+
+/// The one call into `gemm`: `dst = (accumulate ? dst : 0) + lhs @ rhs`.
+///
+/// # Safety
+/// As [`gemm_strided`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_raw(
+    accumulate: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: isize,
+    lhs: *const f32,
+    lhs_rs: isize,
+    lhs_cs: isize,
+    rhs: *const f32,
+    rhs_rs: isize,
+    rhs_cs: isize,
+    par: Parallelism,
+) {
+    if m == 0 || n == 0 || (accumulate && k == 0) {
         return;
     }
+    let alpha = if accumulate { 1.0 } else { 0.0 };
     unsafe {
         gemm::gemm(
-            m, n, k, dst, 1, dst_rs, false, lhs, lhs_cs, lhs_rs, rhs, rhs_cs, rhs_rs, 0.0, 1.0,
-            false, false, false, par,
+            m, n, k, dst, 1, dst_rs, accumulate, lhs, lhs_cs, lhs_rs, rhs, rhs_cs, rhs_rs, alpha,
+            1.0, false, false, false, par,
         )
+    }
+}
+
+/// Rayon threads for a product of `m x n x k` when it is large enough to pay for them.
+pub(super) fn parallelism(m: usize, n: usize, k: usize) -> Parallelism {
+    if m * n * k >= 1 << 18 && rayon::current_num_threads() > 1 {
+        Parallelism::Rayon(0)
+    } else {
+        Parallelism::None
     }
 }
 

@@ -3,16 +3,19 @@
 //! loops parallelised over rows with rayon. One file per op family.
 
 mod attention;
+mod backward;
 mod elementwise;
 mod matmul;
 mod packed;
 
+pub use backward::LOGPROB_BACKWARD_CHUNK_ROWS;
 pub use matmul::matmul_nt;
 pub use packed::PackedMatrix;
 
 use super::{AttentionShape, Backend, PagedSeq, SeqSpan};
 use crate::model::HostTensor;
-use anyhow::{Result, bail, ensure};
+use anyhow::{Result, anyhow, bail, ensure};
+use rayon::prelude::*;
 
 /// The CPU backend. Threads come from rayon's global pool (`RAYON_NUM_THREADS`).
 #[derive(Debug, Default, Clone)]
@@ -140,7 +143,7 @@ impl Backend for CpuBackend {
             w % head_dim == 0 && inv_freq.len() * 2 == head_dim,
             "rope: bad head_dim"
         );
-        elementwise::rope(&mut x.data, w, positions, head_dim, inv_freq);
+        elementwise::rope(&mut x.data, w, positions, head_dim, inv_freq, false);
         Ok(())
     }
 
@@ -368,5 +371,310 @@ impl Backend for CpuBackend {
             bail!("target id {t} is outside the vocabulary ({vocab} entries)");
         }
         Ok(elementwise::target_logprobs(&hidden.data, lm_head, targets))
+    }
+
+    fn zeros(&self, shape: &[usize]) -> Result<HostTensor> {
+        let n = shape
+            .iter()
+            .try_fold(1usize, |a, &b| a.checked_mul(b))
+            .ok_or_else(|| anyhow!("zeros: shape {shape:?} overflows"))?;
+        Ok(HostTensor::new(shape.to_vec(), vec![0f32; n]))
+    }
+
+    fn copy(&self, x: &HostTensor) -> Result<HostTensor> {
+        Ok(x.clone())
+    }
+
+    fn fill_zero(&self, x: &mut HostTensor) -> Result<()> {
+        x.data.par_chunks_mut(1 << 16).for_each(|c| c.fill(0.0));
+        Ok(())
+    }
+
+    fn scale(&self, x: &mut HostTensor, s: f32) -> Result<()> {
+        x.data
+            .par_chunks_mut(1 << 16)
+            .for_each(|c| c.iter_mut().for_each(|v| *v *= s));
+        Ok(())
+    }
+
+    fn sum_squares(&self, x: &HostTensor) -> Result<f64> {
+        Ok(x.data
+            .par_chunks(1 << 16)
+            .map(|c| c.iter().map(|&v| v as f64 * v as f64).sum::<f64>())
+            .sum())
+    }
+
+    fn concat_columns(&self, parts: &[&HostTensor]) -> Result<HostTensor> {
+        ensure!(!parts.is_empty(), "concat_columns: no tensors");
+        let n = as_matrix(parts[0]).0;
+        let mut widths = Vec::with_capacity(parts.len());
+        for p in parts {
+            let (rows, w) = as_matrix(p);
+            ensure!(
+                rows == n,
+                "concat_columns: {rows} rows vs {n} (shapes {:?} and {:?})",
+                p.shape,
+                parts[0].shape
+            );
+            widths.push(w);
+        }
+        let total: usize = widths.iter().sum();
+        let mut out = vec![0f32; n * total];
+        out.par_chunks_mut(total).enumerate().for_each(|(r, row)| {
+            let mut at = 0;
+            for (p, &w) in parts.iter().zip(&widths) {
+                row[at..at + w].copy_from_slice(&p.data[r * w..(r + 1) * w]);
+                at += w;
+            }
+        });
+        Ok(HostTensor::new(vec![n, total], out))
+    }
+
+    fn scatter_add_rows(
+        &self,
+        dst: &mut HostTensor,
+        rows: &[usize],
+        src: &HostTensor,
+    ) -> Result<()> {
+        let (m, d) = as_matrix(dst);
+        ensure!(
+            as_matrix(src) == (rows.len(), d),
+            "scatter_add_rows: src {:?} for {} rows of width {d}",
+            src.shape,
+            rows.len()
+        );
+        if let Some(&r) = rows.iter().find(|&&r| r >= m) {
+            bail!("scatter_add_rows: row {r} of {m}");
+        }
+        backward::scatter_add_rows(&mut dst.data, d, rows.iter().copied(), &src.data);
+        Ok(())
+    }
+
+    fn linear_backward_input(&self, dy: &HostTensor, w: &PackedMatrix) -> Result<HostTensor> {
+        let (n, m) = as_matrix(dy);
+        let (out, inp) = (w.out_features(), w.in_features());
+        ensure!(
+            m == out,
+            "linear_backward_input: dy has {m} columns, weight has {out} rows"
+        );
+        let mut dx = vec![0f32; n * inp];
+        w.matmul_transposed(&mut dx, &dy.data, n);
+        Ok(HostTensor::new(vec![n, inp], dx))
+    }
+
+    fn accumulate_linear_grad(
+        &self,
+        grad: &mut HostTensor,
+        x: &HostTensor,
+        dy: &HostTensor,
+    ) -> Result<()> {
+        let (n, inp) = as_matrix(x);
+        let (n2, out) = as_matrix(dy);
+        ensure!(
+            n == n2,
+            "accumulate_linear_grad: x has {n} rows, dy has {n2}"
+        );
+        ensure!(
+            grad.shape == [out, inp],
+            "accumulate_linear_grad: grad {:?}, want [{out}, {inp}]",
+            grad.shape
+        );
+        backward::accumulate_linear_grad(&mut grad.data, &x.data, &dy.data, n, out, inp);
+        Ok(())
+    }
+
+    fn accumulate_bias_grad(&self, grad: &mut HostTensor, dy: &HostTensor) -> Result<()> {
+        let (_, out) = as_matrix(dy);
+        ensure!(
+            grad.numel() == out,
+            "accumulate_bias_grad: grad has {} entries, dy {out} columns",
+            grad.numel()
+        );
+        backward::accumulate_bias_grad(&mut grad.data, &dy.data);
+        Ok(())
+    }
+
+    fn rms_norm_backward(
+        &self,
+        x: &HostTensor,
+        weight: &HostTensor,
+        eps: f32,
+        dy: &HostTensor,
+        weight_grad: &mut HostTensor,
+    ) -> Result<HostTensor> {
+        let (_, d) = as_matrix(x);
+        ensure!(
+            weight.numel() == d && weight_grad.numel() == d,
+            "rms_norm_backward: weight {:?} / grad {:?} for rows of {d}",
+            weight.shape,
+            weight_grad.shape
+        );
+        ensure!(
+            dy.shape == x.shape,
+            "rms_norm_backward: dy {:?} vs x {:?}",
+            dy.shape,
+            x.shape
+        );
+        let dx = backward::rms_norm_backward(
+            &x.data,
+            &weight.data,
+            eps,
+            &dy.data,
+            &mut weight_grad.data,
+        );
+        Ok(HostTensor::new(x.shape.clone(), dx))
+    }
+
+    fn rope_backward(
+        &self,
+        dx: &mut HostTensor,
+        positions: &[u32],
+        head_dim: usize,
+        inv_freq: &[f32],
+    ) -> Result<()> {
+        let (n, w) = as_matrix(dx);
+        ensure!(
+            n == positions.len(),
+            "rope_backward: {n} rows but {} positions",
+            positions.len()
+        );
+        ensure!(
+            head_dim > 0 && w % head_dim == 0 && inv_freq.len() * 2 == head_dim,
+            "rope_backward: bad head_dim"
+        );
+        elementwise::rope(&mut dx.data, w, positions, head_dim, inv_freq, true);
+        Ok(())
+    }
+
+    fn swiglu_backward(&self, gate_up: &HostTensor, dy: &HostTensor) -> Result<HostTensor> {
+        let (n, w) = as_matrix(gate_up);
+        ensure!(
+            w.is_multiple_of(2),
+            "swiglu_backward: fused width {w} is odd"
+        );
+        ensure!(
+            as_matrix(dy) == (n, w / 2),
+            "swiglu_backward: dy {:?} for gate_up {:?}",
+            dy.shape,
+            gate_up.shape
+        );
+        Ok(HostTensor::new(
+            gate_up.shape.clone(),
+            backward::swiglu_backward(&gate_up.data, &dy.data, w / 2),
+        ))
+    }
+
+    fn embedding_backward(
+        &self,
+        grad: &mut HostTensor,
+        ids: &[u32],
+        dy: &HostTensor,
+    ) -> Result<()> {
+        let (vocab, dim) = as_matrix(grad);
+        ensure!(
+            as_matrix(dy) == (ids.len(), dim),
+            "embedding_backward: dy {:?} for {} ids of width {dim}",
+            dy.shape,
+            ids.len()
+        );
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab) {
+            bail!("token id {id} is outside the vocabulary ({vocab} entries)");
+        }
+        backward::scatter_add_rows(
+            &mut grad.data,
+            dim,
+            ids.iter().map(|&i| i as usize),
+            &dy.data,
+        );
+        Ok(())
+    }
+
+    fn causal_attention_backward(
+        &self,
+        q: &HostTensor,
+        k: &HostTensor,
+        v: &HostTensor,
+        dout: &HostTensor,
+        seqs: &[SeqSpan],
+        shape: AttentionShape,
+    ) -> Result<(HostTensor, HostTensor, HostTensor)> {
+        let (n, qw) = as_matrix(q);
+        ensure!(
+            shape.head_dim > 0 && shape.num_kv_heads > 0,
+            "attention_backward: empty heads"
+        );
+        ensure!(
+            qw == shape.num_heads * shape.head_dim,
+            "attention_backward: q width {qw}"
+        );
+        let kw = shape.num_kv_heads * shape.head_dim;
+        ensure!(
+            as_matrix(k) == (n, kw) && as_matrix(v) == (n, kw),
+            "attention_backward: k/v shapes {:?} {:?}",
+            k.shape,
+            v.shape
+        );
+        ensure!(
+            dout.shape == q.shape,
+            "attention_backward: dout {:?} vs q {:?}",
+            dout.shape,
+            q.shape
+        );
+        ensure!(
+            shape.num_heads.is_multiple_of(shape.num_kv_heads),
+            "attention_backward: heads not a multiple of kv heads"
+        );
+        for s in seqs {
+            ensure!(
+                s.start + s.len <= n,
+                "attention_backward: sequence past the batch"
+            );
+        }
+        let [dq, dk, dv] = backward::causal_attention_backward(
+            &q.data, &k.data, &v.data, &dout.data, n, seqs, shape,
+        );
+        Ok((
+            HostTensor::new(vec![n, qw], dq),
+            HostTensor::new(vec![n, kw], dk),
+            HostTensor::new(vec![n, kw], dv),
+        ))
+    }
+
+    fn target_logprobs_backward(
+        &self,
+        hidden: &HostTensor,
+        lm_head: &PackedMatrix,
+        targets: &[u32],
+        d_logprob: &[f32],
+        lm_head_grad: &mut HostTensor,
+    ) -> Result<HostTensor> {
+        let (n, d) = as_matrix(hidden);
+        let (vocab, d2) = (lm_head.out_features(), lm_head.in_features());
+        ensure!(
+            d == d2,
+            "target_logprobs_backward: hidden width {d}, lm_head width {d2}"
+        );
+        ensure!(
+            n == targets.len() && n == d_logprob.len(),
+            "target_logprobs_backward: {n} rows, {} targets, {} gradients",
+            targets.len(),
+            d_logprob.len()
+        );
+        ensure!(
+            lm_head_grad.shape == [vocab, d],
+            "target_logprobs_backward: lm_head_grad {:?}, want [{vocab}, {d}]",
+            lm_head_grad.shape
+        );
+        if let Some(&t) = targets.iter().find(|&&t| t as usize >= vocab) {
+            bail!("target id {t} is outside the vocabulary ({vocab} entries)");
+        }
+        let dh = backward::target_logprobs_backward(
+            &hidden.data,
+            lm_head,
+            targets,
+            d_logprob,
+            &mut lm_head_grad.data,
+        );
+        Ok(HostTensor::new(vec![n, d], dh))
     }
 }

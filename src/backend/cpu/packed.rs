@@ -150,6 +150,222 @@ impl PackedMatrix {
     }
 }
 
+/// Rows of `dy` per register tile of the transposed product.
+const T_TILE_ROWS: usize = 6;
+/// Input columns (`t`) per register tile of the transposed product.
+const T_TILE_COLS: usize = 4;
+/// Input columns per parallel task of the transposed product, a multiple of [`T_TILE_COLS`].
+const T_COLS_PER_TASK: usize = 32;
+/// Panels per pass of the transposed product: a task's slice of `W` for one pass
+/// (`T_PANELS_PER_PASS x T_COLS_PER_TASK x 16` floats, 256 KiB) stays in L2 while every row
+/// tile of `dy` sweeps it.
+const T_PANELS_PER_PASS: usize = 128;
+
+impl PackedMatrix {
+    /// `dx[n, self.in] = dy[n, self.out] @ W`, overwriting `dx`: the input gradient of
+    /// [`Self::matmul`], read straight off the panel layout (no unpacking).
+    ///
+    /// The reduction runs over the output rows `j` of `W`, which the layout keeps contiguous
+    /// within a panel: a register tile of [`T_TILE_ROWS`] rows of `dy` x [`T_TILE_COLS`] input
+    /// columns `t` keeps one 16-lane accumulator per (row, column), adds
+    /// `dy[r, 16p..16p + 16] * W_p[t][0..16]` for every panel `p` of a pass, and reduces each
+    /// accumulator horizontally once per pass. Multi-threaded over groups of input columns.
+    pub fn matmul_transposed(&self, dx: &mut [f32], dy: &[f32], n: usize) {
+        let (m, k) = (self.out, self.inp);
+        assert!(
+            dy.len() == n * m && dx.len() == n * k,
+            "matmul_transposed: shapes"
+        );
+        dx.fill(0.0);
+        if n == 0 || m == 0 || k == 0 {
+            return;
+        }
+        let dx_ptr = SendPtr(dx.as_mut_ptr());
+        let tasks = k.div_ceil(T_COLS_PER_TASK);
+        let run = |task: usize| {
+            let first = task * T_COLS_PER_TASK;
+            let last = (first + T_COLS_PER_TASK).min(k);
+            // SAFETY: task `task` writes only columns `first..last` of `dx`, disjoint from
+            // every other task's; `dx` outlives the call.
+            unsafe { self.transposed_columns(dx_ptr, dy, n, first, last) };
+        };
+        if tasks > 1 && n * m * k >= 1 << 16 && rayon::current_num_threads() > 1 {
+            (0..tasks).into_par_iter().for_each(run);
+        } else {
+            (0..tasks).for_each(run);
+        }
+    }
+
+    /// Input columns `first..last` of `dx += dy @ W`, pass by pass over the panels.
+    ///
+    /// # Safety
+    /// `dx` points at an `[n, self.in]` buffer no one else writes these columns of.
+    unsafe fn transposed_columns(
+        &self,
+        dx: SendPtr,
+        dy: &[f32],
+        n: usize,
+        first: usize,
+        last: usize,
+    ) {
+        let (m, k) = (self.out, self.inp);
+        let panels = self.panels();
+        let mut p0 = 0;
+        while p0 < panels {
+            let pass = T_PANELS_PER_PASS.min(panels - p0);
+            // Valid dy columns in the pass's last panel (the matrix's last panel may be partial).
+            let last_valid = (m - (p0 + pass - 1) * PANEL).min(PANEL);
+            let mut r = 0;
+            while r < n {
+                let rows = T_TILE_ROWS.min(n - r);
+                let mut t = first;
+                while t < last {
+                    let cols = T_TILE_COLS.min(last - t);
+                    let tile = TransposedTile {
+                        // SAFETY (all three): row r < n, column p0 * 16 < m of dy; panel
+                        // p0, column t < k of W; row r, column t of dx.
+                        dy: unsafe { dy.as_ptr().add(r * m + p0 * PANEL) },
+                        ldy: m,
+                        w: unsafe { self.data.as_ptr().add(p0 * k * PANEL + t * PANEL) },
+                        panel_stride: k * PANEL,
+                        panels: pass,
+                        last_valid,
+                        dst: unsafe { dx.0.add(r * k + t) },
+                        ldd: k,
+                    };
+                    // SAFETY: the tile addresses rows r..r + rows, columns t..t + cols of
+                    // dx, and only valid elements of dy and W (see `TransposedTile`).
+                    unsafe { tile.run(rows, cols) };
+                    t += cols;
+                }
+                r += rows;
+            }
+            p0 += pass;
+        }
+    }
+}
+
+/// One register tile of the transposed product: `rows` rows of `dy` against `cols` input
+/// columns of `panels` consecutive panels, added into `dst`.
+struct TransposedTile {
+    /// `dy[r0, 16 p0]`; row stride `ldy`.
+    dy: *const f32,
+    ldy: usize,
+    /// `W_p0[t0][0]`; panel `p` of the pass starts `p * panel_stride` further.
+    w: *const f32,
+    panel_stride: usize,
+    panels: usize,
+    /// Valid `dy` columns (1..=16) in the last panel; the rest are past the end of a row.
+    last_valid: usize,
+    /// `dx[r0, t0]`; row stride `ldd`.
+    dst: *mut f32,
+    ldd: usize,
+}
+
+impl TransposedTile {
+    /// # Safety
+    /// `dy` addresses `rows` rows of `16 * (panels - 1) + last_valid` floats at stride `ldy`;
+    /// `w` addresses `cols * 16` floats at each panel; `dst` addresses `rows` rows of `cols`
+    /// writable floats at stride `ldd`.
+    unsafe fn run(&self, rows: usize, cols: usize) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            macro_rules! dispatch {
+                ($($r:literal)*) => {
+                    match (rows, cols) {
+                        $(($r, 4) => unsafe { self.avx512::<$r, 4>() },
+                          ($r, 3) => unsafe { self.avx512::<$r, 3>() },
+                          ($r, 2) => unsafe { self.avx512::<$r, 2>() },
+                          ($r, 1) => unsafe { self.avx512::<$r, 1>() },)*
+                        _ => unreachable!("tile of {rows} rows x {cols} columns"),
+                    }
+                };
+            }
+            dispatch!(1 2 3 4 5 6);
+            return;
+        }
+        unsafe { self.portable(rows, cols) }
+    }
+
+    /// Reference loops (any CPU).
+    unsafe fn portable(&self, rows: usize, cols: usize) {
+        for r in 0..rows {
+            for j in 0..cols {
+                let mut acc = 0f32;
+                for p in 0..self.panels {
+                    let valid = if p + 1 == self.panels {
+                        self.last_valid
+                    } else {
+                        PANEL
+                    };
+                    for c in 0..valid {
+                        // SAFETY: inside the tile's inputs (see `run`).
+                        let (d, w) = unsafe {
+                            (
+                                *self.dy.add(r * self.ldy + p * PANEL + c),
+                                *self.w.add(p * self.panel_stride + j * PANEL + c),
+                            )
+                        };
+                        acc = d.mul_add(w, acc);
+                    }
+                }
+                // SAFETY: (r, j) is inside the tile's destination.
+                unsafe { *self.dst.add(r * self.ldd + j) += acc };
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn avx512<const R: usize, const T: usize>(&self) {
+        use std::arch::x86_64::*;
+        let mut acc = [[_mm512_setzero_ps(); T]; R];
+        let step = |acc: &mut [[__m512; T]; R], p: usize, mask: Option<__mmask16>| {
+            let mut wv = [_mm512_setzero_ps(); T];
+            for (j, wv) in wv.iter_mut().enumerate() {
+                let src = self.w.wrapping_add(p * self.panel_stride + j * PANEL);
+                // SAFETY: panel p holds 16 floats for each of the tile's columns; the padded
+                // lanes of a partial panel are masked off like dy's.
+                *wv = unsafe {
+                    match mask {
+                        None => _mm512_loadu_ps(src),
+                        Some(mask) => _mm512_maskz_loadu_ps(mask, src),
+                    }
+                };
+            }
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let src = self.dy.wrapping_add(r * self.ldy + p * PANEL);
+                // SAFETY: a full panel has 16 valid floats in row r of dy; a partial one is
+                // read under its mask only.
+                let dv = unsafe {
+                    match mask {
+                        None => _mm512_loadu_ps(src),
+                        Some(mask) => _mm512_maskz_loadu_ps(mask, src),
+                    }
+                };
+                for j in 0..T {
+                    acc[j] = _mm512_fmadd_ps(dv, wv[j], acc[j]);
+                }
+            }
+        };
+        for p in 0..self.panels - 1 {
+            step(&mut acc, p, None);
+        }
+        let mask = if self.last_valid == PANEL {
+            None
+        } else {
+            Some(((1u32 << self.last_valid) - 1) as u16)
+        };
+        step(&mut acc, self.panels - 1, mask);
+        for (r, acc) in acc.iter().enumerate() {
+            for (j, &a) in acc.iter().enumerate() {
+                // SAFETY: (r, j) is inside the tile's destination.
+                unsafe { *self.dst.add(r * self.ldd + j) += _mm512_reduce_add_ps(a) };
+            }
+        }
+    }
+}
+
 /// A raw output pointer that tasks writing disjoint columns share.
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
@@ -320,6 +536,95 @@ mod tests {
                         assert!(
                             (got as f64 - want).abs() < 1e-4 * (1.0 + want.abs()),
                             "{what} ({n},{m},{k}) [{i},{j}]: {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod transposed_tests {
+    use super::*;
+
+    fn rand_vec(n: usize, seed: &mut u64) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                *seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+            })
+            .collect()
+    }
+
+    /// `dx = dy @ W` on odd shapes (every tile size, partial last panel, more panels than one
+    /// pass) against an f64 loop, through the vector kernel and the portable one. The padded
+    /// rows of the last panel are poisoned with NaN after packing: reading them, or dy past a
+    /// row's end, would show.
+    #[test]
+    fn packed_matmul_transposed_matches_naive_loops() {
+        let mut seed = 11u64;
+        for &(n, m, k) in &[
+            (1, 1, 1),
+            (1, 37, 129),
+            (3, 70, 65),
+            (7, 64, 33),
+            (13, 33, 17),
+            (25, 130, 77),
+            (6, 2100, 9),
+            (100, 16, 3),
+        ] {
+            let dy = rand_vec(n * m, &mut seed);
+            let w = rand_vec(m * k, &mut seed);
+            let mut packed = PackedMatrix::pack(&w, m, k);
+            let panels = m.div_ceil(PANEL);
+            let last = panels - 1;
+            for t in 0..k {
+                for c in m - last * PANEL..PANEL {
+                    packed.data[last * k * PANEL + t * PANEL + c] = f32::NAN;
+                }
+            }
+            let mut dx = vec![f32::NAN; n * k];
+            packed.matmul_transposed(&mut dx, &dy, n);
+            let mut portable = vec![0f32; n * k];
+            for r in 0..n {
+                let mut p0 = 0;
+                while p0 < panels {
+                    let pass = T_PANELS_PER_PASS.min(panels - p0);
+                    let tile = TransposedTile {
+                        dy: dy[r * m + p0 * PANEL..].as_ptr(),
+                        ldy: m,
+                        w: packed.data[p0 * k * PANEL..].as_ptr(),
+                        panel_stride: k * PANEL,
+                        panels: pass,
+                        last_valid: (m - (p0 + pass - 1) * PANEL).min(PANEL),
+                        dst: portable[r * k..].as_mut_ptr(),
+                        ldd: k,
+                    };
+                    for t in 0..k {
+                        let tile = TransposedTile {
+                            w: tile.w.wrapping_add(t * PANEL),
+                            dst: tile.dst.wrapping_add(t),
+                            ..tile
+                        };
+                        unsafe { tile.portable(1, 1) };
+                    }
+                    p0 += pass;
+                }
+            }
+            for i in 0..n {
+                for t in 0..k {
+                    let want: f64 = (0..m)
+                        .map(|j| dy[i * m + j] as f64 * w[j * k + t] as f64)
+                        .sum();
+                    for (what, got) in
+                        [("vector", dx[i * k + t]), ("portable", portable[i * k + t])]
+                    {
+                        assert!(
+                            (got as f64 - want).abs() < 1e-4 * (1.0 + want.abs()),
+                            "{what} ({n},{m},{k}) [{i},{t}]: {got} vs {want}"
                         );
                     }
                 }
