@@ -168,8 +168,12 @@ fn trajectories_keep_the_method_invariants_and_scores_match_a_fresh_forward() {
         }
     }
     assert!(
-        checked >= 5,
-        "only {checked} candidates re-tokenized identically"
+        checked >= 20,
+        "only {checked} candidates re-tokenized to the same length"
+    );
+    assert!(
+        matched * 10 >= checked * 9,
+        "only {matched} of {checked} foresight scores match an independent forward pass"
     );
 }
 

@@ -5,8 +5,10 @@ pub mod generate;
 pub mod info;
 pub mod pairs;
 pub mod prompts;
+pub mod run;
 pub mod sample;
 pub mod score;
+pub mod train;
 
 use crate::backend::cpu::CpuBackend;
 use crate::model::{LoadedModel, load_model};
@@ -76,6 +78,10 @@ pub enum Command {
     Sample(sample::SampleArgs),
     /// Preference pairs (one per step) from trajectories.
     Pairs(pairs::PairsArgs),
+    /// Preference training (ACO and baselines) on pairs; writes metrics and a checkpoint.
+    Train(train::TrainArgs),
+    /// The whole Genius loop: sample -> pairs -> reference log-probs -> train -> checkpoint.
+    Run(run::RunArgs),
     /// Throughput benchmarks.
     Bench(bench::BenchArgs),
 }
@@ -92,6 +98,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Generate(args) => generate::run(&args),
         Command::Sample(args) => sample::run(&args),
         Command::Pairs(args) => pairs::run(&args),
+        Command::Train(args) => train::run(&args),
+        Command::Run(args) => run::run(&args),
         Command::Bench(args) => bench::run(&args),
     }
 }

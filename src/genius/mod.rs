@@ -9,6 +9,8 @@
 //! - [`queries`]: the training-query files and the bundled default query set.
 //! - [`sequences`]: training token sequences from pairs (prompt masking, truncation) and the
 //!   reference model's log-prob sums.
+//! - [`trainer`]: the training loop: micro-batches, explicit backward, clipping, AdamW,
+//!   resumable state.
 //! - [`sample`]: stepwise foresight re-sampling of many queries at once on the rollout engine.
 
 pub mod artifacts;
@@ -18,3 +20,4 @@ pub mod pairs;
 pub mod queries;
 pub mod sample;
 pub mod sequences;
+pub mod trainer;
