@@ -5,6 +5,10 @@
 //! crash the file holds whole records plus at most one torn last line. Reopening it reads the
 //! whole records back (a malformed line *before* the last is an error naming the line: that is
 //! not an interruption but a damaged file) and cuts the torn tail off before appending.
+//!
+//! Fault injection for the resume tests: with `GENIUS_ABORT_AFTER=<file name>:<n>` in the
+//! environment, the process aborts (as a kill would stop it) right after the `n`-th record it
+//! appends to a log of that file name is durable.
 
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
@@ -17,6 +21,16 @@ use std::path::{Path, PathBuf};
 pub struct JsonlLog {
     file: File,
     path: PathBuf,
+    /// Records appended by this process, and the count at which to abort (fault injection).
+    appended: usize,
+    abort_after: Option<usize>,
+}
+
+/// The `GENIUS_ABORT_AFTER` count that applies to `path`, if any.
+fn abort_after(path: &Path) -> Option<usize> {
+    let spec = std::env::var("GENIUS_ABORT_AFTER").ok()?;
+    let (name, n) = spec.rsplit_once(':')?;
+    (path.file_name()?.to_str()? == name).then(|| n.parse().ok())?
 }
 
 impl JsonlLog {
@@ -70,6 +84,8 @@ impl JsonlLog {
             Self {
                 file,
                 path: path.to_path_buf(),
+                appended: 0,
+                abort_after: abort_after(path),
             },
             records,
         ))
@@ -82,7 +98,17 @@ impl JsonlLog {
         self.file
             .write_all(line.as_bytes())
             .and_then(|_| self.file.sync_data())
-            .with_context(|| format!("{}: cannot append", self.path.display()))
+            .with_context(|| format!("{}: cannot append", self.path.display()))?;
+        self.appended += 1;
+        if self.abort_after == Some(self.appended) {
+            eprintln!(
+                "GENIUS_ABORT_AFTER: aborting after record {} of {}",
+                self.appended,
+                self.path.display()
+            );
+            std::process::abort();
+        }
+        Ok(())
     }
 
     pub fn path(&self) -> &Path {
