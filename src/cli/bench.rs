@@ -18,6 +18,8 @@ pub enum BenchKind {
     /// Batched decode on the rollout engine at several batch sizes, and the foresight pattern
     /// (one prompt forked several ways), with KV allocator statistics.
     Rollout,
+    /// ACO optimizer steps on synthetic pairs: forward + explicit backward + AdamW, tokens/s.
+    Train,
 }
 
 /// `bench`'s flags.
@@ -30,7 +32,7 @@ pub struct BenchArgs {
     /// Prompt length (`forward`: the prefill; `rollout`: each sequence's prompt).
     #[arg(long)]
     pub tokens: Option<usize>,
-    /// Timed repetitions after one warm-up (`forward`).
+    /// Timed repetitions after one warm-up (`forward`; `train`: optimizer steps).
     #[arg(long, default_value_t = 5)]
     pub iters: usize,
     /// Concurrent sequences to measure (`rollout`), comma-separated.
@@ -97,6 +99,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     match args.what {
         BenchKind::Forward => forward(&args.model, args.tokens.unwrap_or(512), args.iters),
         BenchKind::Rollout => rollout(args),
+        BenchKind::Train => train(args),
     }
 }
 
@@ -298,6 +301,75 @@ fn forward(args: &ModelArgs, tokens: usize, iters: usize) -> Result<()> {
         serde_json::json!({
             "bench": "forward", "device": transformer.backend_name(), "model": model.name,
             "tokens": tokens, "iters": iters, "median_s": secs, "tokens_per_s": tok_s, "gemm": gemms
+        })
+    );
+    Ok(())
+}
+
+/// Optimizer steps of the ACO trainer on synthetic pairs (each sequence `--tokens` long, a
+/// quarter of it prompt): tokens/s of forward + backward, and where a step's time goes.
+fn train(args: &BenchArgs) -> Result<()> {
+    use crate::genius::sequences::TrainSequence;
+    use crate::genius::trainer::{TrainConfig, TrainPair, TrainState, train as train_loop};
+    let len = args.tokens.unwrap_or(256);
+    let pairs_per_step = args.batches.first().copied().unwrap_or(8).max(1);
+    let steps = args.iters.max(1);
+    if len < 4 {
+        bail!("--tokens must be at least 4 for a training sequence");
+    }
+    let (model, mut transformer) = super::load_cpu_transformer(&args.model)?;
+    let vocab = model.config.vocab_size;
+    let seq = |salt: u64| TrainSequence {
+        tokens: synthetic_prompt(len, vocab, salt),
+        prompt_len: len / 4,
+    };
+    let pairs: Vec<TrainPair> = (0..pairs_per_step * steps)
+        .map(|i| TrainPair {
+            id: format!("p{i}"),
+            step: 1,
+            chosen: seq(2 * i as u64),
+            rejected: seq(2 * i as u64 + 1),
+            ref_chosen: 0.0,
+            ref_rejected: 0.0,
+            adv_chosen: 0.0,
+            adv_rejected: -0.5,
+        })
+        .collect();
+    let cfg = TrainConfig {
+        pairs_per_step,
+        lr: 1e-7,
+        warmup_ratio: 0.0,
+        ..TrainConfig::default()
+    };
+    let mut state = TrainState::new(&transformer, cfg.adamw)?;
+    println!("device        {}", transformer.backend_name());
+    println!("model         {}", model.name);
+    println!(
+        "train: {steps} optimizer steps of {pairs_per_step} pairs, sequences of {len} tokens ({} scored), micro-batches of {} tokens",
+        len - len / 4,
+        cfg.micro_batch_tokens
+    );
+    println!("  step   seconds   tokens   fwd+bwd+update tokens/s");
+    let mut rates = Vec::new();
+    let started = Instant::now();
+    train_loop(&mut transformer, &pairs, &cfg, &mut state, |m, _, _, _| {
+        println!(
+            "  {:>4}   {:>7.2}   {:>6}   {:>8.1}",
+            m.step, m.seconds, m.tokens, m.tokens_per_s
+        );
+        rates.push(m.tokens_per_s);
+        Ok(())
+    })?;
+    let total = started.elapsed().as_secs_f64();
+    let med = median(&mut rates);
+    let flops = 6.0 * model.config.num_parameters() as f64 * med / 1e9;
+    println!("median {med:.1} tokens/s (~{flops:.0} GFLOP/s at 6 x parameters per token)");
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "train", "device": transformer.backend_name(), "model": model.name,
+            "tokens_per_sequence": len, "pairs_per_step": pairs_per_step, "steps": steps,
+            "median_tokens_per_s": med, "seconds": total,
         })
     );
     Ok(())
