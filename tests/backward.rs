@@ -906,7 +906,19 @@ fn train_step_timing() {
     let tokens = batch.batch.tokens.len() as f64;
     let mut grads = Gradients::zeros(&model).unwrap();
     let g: Vec<f32> = vec![-1.0 / batch.rows.len() as f32; batch.rows.len()];
-    for iter in 0..3 {
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (mut inference, mut forward, mut backward, mut step) = (vec![], vec![], vec![], vec![]);
+    for iter in 0..5 {
+        // The inference path on the same rows, for scale.
+        let t = std::time::Instant::now();
+        let hidden = model.forward_hidden(&batch.batch).unwrap();
+        model
+            .target_logprobs(&hidden, &batch.rows, &batch.targets)
+            .unwrap();
+        inference.push(t.elapsed().as_secs_f64());
         let t = std::time::Instant::now();
         let (_, acts) = model.forward_train(&batch).unwrap();
         let fwd = t.elapsed().as_secs_f64();
@@ -914,9 +926,22 @@ fn train_step_timing() {
         model.backward(&acts, &g, &mut grads).unwrap();
         let bwd = t.elapsed().as_secs_f64();
         eprintln!(
-            "iter {iter}: forward {fwd:.2} s, backward {bwd:.2} s: {:.0} tokens/s forward+backward ({} threads)",
+            "iter {iter}: inference forward {:.2} s; training forward {fwd:.2} s, backward \
+             {bwd:.2} s: {:.0} tokens/s",
+            inference[iter],
             tokens / (fwd + bwd),
-            rayon::current_num_threads()
         );
+        forward.push(fwd);
+        backward.push(bwd);
+        step.push(fwd + bwd);
     }
+    eprintln!(
+        "median of 5 ({} threads, {tokens} tokens): inference forward {:.2} s, training \
+         forward {:.2} s, backward {:.2} s, forward+backward {:.0} tokens/s",
+        rayon::current_num_threads(),
+        median(inference),
+        median(forward),
+        median(backward),
+        tokens / median(step)
+    );
 }

@@ -353,9 +353,32 @@ impl TransposedTile {
             }
         }
         for (r, acc) in acc.iter().enumerate() {
-            for (j, &a) in acc.iter().enumerate() {
-                // SAFETY: (r, j) is inside the tile's destination.
-                unsafe { *self.dst.add(r * self.ldd + j) += _mm512_reduce_add_ps(a) };
+            let dst = self.dst.wrapping_add(r * self.ldd);
+            if T == 4 {
+                // The four sums of a row at once: interleave and add pairs within 128-bit
+                // lanes until each lane holds [a0, a1, a2, a3] partials, then add the lanes.
+                // (`% T` only keeps the indices in range for the other, dead, instances.)
+                let (a0, a1, a2, a3) = (acc[0], acc[1 % T], acc[2 % T], acc[3 % T]);
+                let t0 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
+                let t1 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
+                let u = _mm512_add_ps(
+                    _mm512_shuffle_ps::<0b01_00_01_00>(t0, t1),
+                    _mm512_shuffle_ps::<0b11_10_11_10>(t0, t1),
+                );
+                let u = _mm512_add_ps(u, _mm512_shuffle_f32x4::<0b01_00_11_10>(u, u));
+                let u = _mm512_add_ps(u, _mm512_shuffle_f32x4::<0b10_11_00_01>(u, u));
+                // SAFETY: columns 0..4 of row r are inside the tile's destination.
+                unsafe {
+                    _mm_storeu_ps(
+                        dst,
+                        _mm_add_ps(_mm_loadu_ps(dst), _mm512_castps512_ps128(u)),
+                    );
+                }
+            } else {
+                for (j, &a) in acc.iter().enumerate() {
+                    // SAFETY: (r, j) is inside the tile's destination.
+                    unsafe { *dst.add(j) += _mm512_reduce_add_ps(a) };
+                }
             }
         }
     }
