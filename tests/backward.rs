@@ -709,6 +709,13 @@ fn train_batch_and_backward_reject_bad_input() {
     let other = random_cpu_model(&tiny_qwen2_config(), 34);
     let mut wrong = Gradients::zeros(&other).unwrap();
     assert!(model.backward(&acts, &[1.0, 1.0], &mut wrong).is_err());
+    let (_, other_acts) = other.forward_train(&batch).unwrap();
+    assert!(
+        model
+            .backward(&other_acts, &[1.0, 1.0], &mut grads)
+            .is_err()
+    );
+    model.backward(&acts, &[1.0, 1.0], &mut grads).unwrap();
     batch.rows[1] = 3;
     assert!(model.forward_train(&batch).is_err());
     batch.rows[1] = 1;
