@@ -709,6 +709,13 @@ fn train_batch_and_backward_reject_bad_input() {
     let other = random_cpu_model(&tiny_qwen2_config(), 34);
     let mut wrong = Gradients::zeros(&other).unwrap();
     assert!(model.backward(&acts, &[1.0, 1.0], &mut wrong).is_err());
+    let (_, other_acts) = other.forward_train(&batch).unwrap();
+    assert!(
+        model
+            .backward(&other_acts, &[1.0, 1.0], &mut grads)
+            .is_err()
+    );
+    model.backward(&acts, &[1.0, 1.0], &mut grads).unwrap();
     batch.rows[1] = 3;
     assert!(model.forward_train(&batch).is_err());
     batch.rows[1] = 1;
@@ -906,7 +913,19 @@ fn train_step_timing() {
     let tokens = batch.batch.tokens.len() as f64;
     let mut grads = Gradients::zeros(&model).unwrap();
     let g: Vec<f32> = vec![-1.0 / batch.rows.len() as f32; batch.rows.len()];
-    for iter in 0..3 {
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (mut inference, mut forward, mut backward, mut step) = (vec![], vec![], vec![], vec![]);
+    for iter in 0..5 {
+        // The inference path on the same rows, for scale.
+        let t = std::time::Instant::now();
+        let hidden = model.forward_hidden(&batch.batch).unwrap();
+        model
+            .target_logprobs(&hidden, &batch.rows, &batch.targets)
+            .unwrap();
+        inference.push(t.elapsed().as_secs_f64());
         let t = std::time::Instant::now();
         let (_, acts) = model.forward_train(&batch).unwrap();
         let fwd = t.elapsed().as_secs_f64();
@@ -914,9 +933,22 @@ fn train_step_timing() {
         model.backward(&acts, &g, &mut grads).unwrap();
         let bwd = t.elapsed().as_secs_f64();
         eprintln!(
-            "iter {iter}: forward {fwd:.2} s, backward {bwd:.2} s: {:.0} tokens/s forward+backward ({} threads)",
+            "iter {iter}: inference forward {:.2} s; training forward {fwd:.2} s, backward \
+             {bwd:.2} s: {:.0} tokens/s",
+            inference[iter],
             tokens / (fwd + bwd),
-            rayon::current_num_threads()
         );
+        forward.push(fwd);
+        backward.push(bwd);
+        step.push(fwd + bwd);
     }
+    eprintln!(
+        "median of 5 ({} threads, {tokens} tokens): inference forward {:.2} s, training \
+         forward {:.2} s, backward {:.2} s, forward+backward {:.0} tokens/s",
+        rayon::current_num_threads(),
+        median(inference),
+        median(forward),
+        median(backward),
+        tokens / median(step)
+    );
 }

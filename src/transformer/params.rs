@@ -18,7 +18,9 @@ pub const LM_HEAD: &str = "lm_head.weight";
 
 /// One parameter of a [`Weights`]: a tensor (embedding, norms, bias) or a linear weight.
 pub enum Param<T, L> {
+    /// A plain tensor: the embedding, a norm's weight, the q/k/v bias.
     Tensor(T),
+    /// A linear layer's `[out, in]` weight.
     Linear(L),
 }
 

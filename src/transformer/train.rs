@@ -19,6 +19,7 @@ use std::ops::Range;
 /// of the batch predicts `targets[i]` (normally the next token of its sequence).
 #[derive(Debug, Clone, Default)]
 pub struct TrainBatch {
+    /// The sequences, packed.
     pub batch: PackedBatch,
     /// Scored rows of the batch.
     pub rows: Vec<usize>,
@@ -125,6 +126,7 @@ impl<B: Backend> Activations<B> {
 /// head *is* the embedding), and `tensors.lm_head` is an empty `[0, hidden]` tensor that
 /// [`Gradients::iter`] leaves out. Untied, `lm_head` is `[vocab, hidden]` and listed.
 pub struct Gradients<B: Backend> {
+    /// The gradients, field by field like the weights.
     pub tensors: Weights<B::Tensor, B::Tensor>,
     tied: bool,
 }
@@ -280,6 +282,8 @@ impl<B: Backend> Transformer<B> {
     /// The explicit backward of [`Self::forward_train`]: given `d_logprob[i]`, the gradient
     /// of the loss with respect to scored row `i`'s log-prob, *adds* every parameter's
     /// gradient into `grads` (so micro-batches accumulate; zero them between optimizer steps).
+    /// The weights must be the ones `acts` was computed with (update them only after the
+    /// backward passes of a step).
     pub fn backward(
         &self,
         acts: &Activations<B>,
@@ -291,6 +295,12 @@ impl<B: Backend> Transformer<B> {
             "backward: {} log-prob gradients for {} scored rows",
             d_logprob.len(),
             acts.rows.len()
+        );
+        ensure!(
+            acts.layers.len() == self.weights.layers.len()
+                && self.backend.shape(&acts.x_final)
+                    == [acts.tokens.len(), self.config.hidden_size],
+            "backward: the activations come from a model of another shape"
         );
         self.check_gradients(grads)?;
         let be = &self.backend;

@@ -269,7 +269,9 @@ impl TransposedTile {
     /// writable floats at stride `ldd`.
     unsafe fn run(&self, rows: usize, cols: usize) {
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f") {
+        if std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+        {
             macro_rules! dispatch {
                 ($($r:literal)*) => {
                     match (rows, cols) {
@@ -315,52 +317,68 @@ impl TransposedTile {
         }
     }
 
+    /// AVX-512VL too: the horizontal reductions use 256- and 128-bit instructions, which
+    /// without it can only reach registers 0-15, and the compiler then keeps (and spills)
+    /// the accumulators there.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f")]
+    #[target_feature(enable = "avx512f,avx512vl")]
     unsafe fn avx512<const R: usize, const T: usize>(&self) {
         use std::arch::x86_64::*;
         let mut acc = [[_mm512_setzero_ps(); T]; R];
-        let step = |acc: &mut [[__m512; T]; R], p: usize, mask: Option<__mmask16>| {
+        // Every load is masked: all lanes but in the pass's last panel, where only the valid
+        // ones are read (the matrix's padded weights and the floats past the end of a dy row
+        // are never touched). One loop body keeps the accumulators in registers.
+        let last_mask = ((1u32 << self.last_valid) - 1) as u16;
+        for p in 0..self.panels {
+            let mask = if p + 1 == self.panels {
+                last_mask
+            } else {
+                u16::MAX
+            };
+            let w = self.w.wrapping_add(p * self.panel_stride);
             let mut wv = [_mm512_setzero_ps(); T];
             for (j, wv) in wv.iter_mut().enumerate() {
-                let src = self.w.wrapping_add(p * self.panel_stride + j * PANEL);
-                // SAFETY: panel p holds 16 floats for each of the tile's columns; the padded
-                // lanes of a partial panel are masked off like dy's.
-                *wv = unsafe {
-                    match mask {
-                        None => _mm512_loadu_ps(src),
-                        Some(mask) => _mm512_maskz_loadu_ps(mask, src),
-                    }
-                };
+                // SAFETY: panel p < panels holds 16 floats for each of the tile's T columns;
+                // only the mask's lanes are read.
+                *wv = unsafe { _mm512_maskz_loadu_ps(mask, w.wrapping_add(j * PANEL)) };
             }
             for (r, acc) in acc.iter_mut().enumerate() {
                 let src = self.dy.wrapping_add(r * self.ldy + p * PANEL);
-                // SAFETY: a full panel has 16 valid floats in row r of dy; a partial one is
-                // read under its mask only.
-                let dv = unsafe {
-                    match mask {
-                        None => _mm512_loadu_ps(src),
-                        Some(mask) => _mm512_maskz_loadu_ps(mask, src),
-                    }
-                };
+                // SAFETY: row r < R of dy has 16 valid floats at a full panel, and the mask's
+                // lanes at the last one.
+                let dv = unsafe { _mm512_maskz_loadu_ps(mask, src) };
                 for j in 0..T {
                     acc[j] = _mm512_fmadd_ps(dv, wv[j], acc[j]);
                 }
             }
-        };
-        for p in 0..self.panels - 1 {
-            step(&mut acc, p, None);
         }
-        let mask = if self.last_valid == PANEL {
-            None
-        } else {
-            Some(((1u32 << self.last_valid) - 1) as u16)
-        };
-        step(&mut acc, self.panels - 1, mask);
         for (r, acc) in acc.iter().enumerate() {
-            for (j, &a) in acc.iter().enumerate() {
-                // SAFETY: (r, j) is inside the tile's destination.
-                unsafe { *self.dst.add(r * self.ldd + j) += _mm512_reduce_add_ps(a) };
+            let dst = self.dst.wrapping_add(r * self.ldd);
+            if T == 4 {
+                // The four sums of a row at once: interleave and add pairs within 128-bit
+                // lanes until each lane holds [a0, a1, a2, a3] partials, then add the lanes.
+                // (`% T` only keeps the indices in range for the other, dead, instances.)
+                let (a0, a1, a2, a3) = (acc[0], acc[1 % T], acc[2 % T], acc[3 % T]);
+                let t0 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
+                let t1 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
+                let u = _mm512_add_ps(
+                    _mm512_shuffle_ps::<0b01_00_01_00>(t0, t1),
+                    _mm512_shuffle_ps::<0b11_10_11_10>(t0, t1),
+                );
+                let u = _mm512_add_ps(u, _mm512_shuffle_f32x4::<0b01_00_11_10>(u, u));
+                let u = _mm512_add_ps(u, _mm512_shuffle_f32x4::<0b10_11_00_01>(u, u));
+                // SAFETY: columns 0..4 of row r are inside the tile's destination.
+                unsafe {
+                    _mm_storeu_ps(
+                        dst,
+                        _mm_add_ps(_mm_loadu_ps(dst), _mm512_castps512_ps128(u)),
+                    );
+                }
+            } else {
+                for (j, &a) in acc.iter().enumerate() {
+                    // SAFETY: (r, j) is inside the tile's destination.
+                    unsafe { *dst.add(j) += _mm512_reduce_add_ps(a) };
+                }
             }
         }
     }
@@ -649,6 +667,10 @@ mod timing {
             (64, 49152, 576),
             (512, 3072, 576),
             (512, 576, 1536),
+            (600, 576, 576),
+            (600, 3072, 576),
+            (600, 576, 1536),
+            (128, 49152, 576),
         ];
         for (n, m, k) in shapes {
             let x = vec![0.5f32; n * k];
@@ -665,10 +687,20 @@ mod timing {
             };
             let p = time(&|o| packed.matmul(o, &x, n));
             let g = time(&|o| super::super::matmul::matmul_nt(o, &x, &w, n, m, k));
+            let dy = vec![0.5f32; n * m];
+            let mut dx = vec![0f32; n * k];
+            packed.matmul_transposed(&mut dx, &dy, n);
+            let t = std::time::Instant::now();
+            for _ in 0..10 {
+                packed.matmul_transposed(&mut dx, &dy, n);
+            }
+            let tr = t.elapsed().as_secs_f64() / 10.0;
             let gf = |s: f64| 2.0 * (n * m * k) as f64 / s / 1e9;
             eprintln!(
-                "n={n:>3} m={m:>5} k={k:>4}: packed {:7.1} GFLOP/s, gemm crate {:7.1} GFLOP/s",
+                "n={n:>3} m={m:>5} k={k:>4}: packed {:7.1} GFLOP/s, transposed {:7.1} GFLOP/s, \
+                 gemm crate {:7.1} GFLOP/s",
                 gf(p),
+                gf(tr),
                 gf(g)
             );
         }
