@@ -8,7 +8,8 @@
 //!
 //! Fault injection for the resume tests: with `GENIUS_ABORT_AFTER=<file name>:<n>` in the
 //! environment, the process aborts (as a kill would stop it) right after the `n`-th record it
-//! appends to a log of that file name is durable.
+//! appends to logs of that file name (counted over the whole process, e.g. across rounds) is
+//! durable.
 
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
@@ -21,10 +22,12 @@ use std::path::{Path, PathBuf};
 pub struct JsonlLog {
     file: File,
     path: PathBuf,
-    /// Records appended by this process, and the count at which to abort (fault injection).
-    appended: usize,
+    /// The count at which to abort (fault injection), when this log's name is the one given.
     abort_after: Option<usize>,
 }
+
+/// Records appended by this process to logs named in `GENIUS_ABORT_AFTER`.
+static FAULT_COUNT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// The `GENIUS_ABORT_AFTER` count that applies to `path`, if any.
 fn abort_after(path: &Path) -> Option<usize> {
@@ -84,7 +87,6 @@ impl JsonlLog {
             Self {
                 file,
                 path: path.to_path_buf(),
-                appended: 0,
                 abort_after: abort_after(path),
             },
             records,
@@ -99,14 +101,15 @@ impl JsonlLog {
             .write_all(line.as_bytes())
             .and_then(|_| self.file.sync_data())
             .with_context(|| format!("{}: cannot append", self.path.display()))?;
-        self.appended += 1;
-        if self.abort_after == Some(self.appended) {
-            eprintln!(
-                "GENIUS_ABORT_AFTER: aborting after record {} of {}",
-                self.appended,
-                self.path.display()
-            );
-            std::process::abort();
+        if let Some(n) = self.abort_after {
+            let count = FAULT_COUNT.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+            if count == n {
+                eprintln!(
+                    "GENIUS_ABORT_AFTER: aborting after record {count} appended to {}",
+                    self.path.display()
+                );
+                std::process::abort();
+            }
         }
         Ok(())
     }
