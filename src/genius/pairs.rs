@@ -59,11 +59,13 @@ pub struct TrajectoryStep {
 pub struct Candidate {
     /// Index of the beam the candidate extends.
     pub beam: usize,
-    /// The candidate's step text (one line, without its "\n").
+    /// The candidate's step text: the decoded step tokens, ending in the newline that stopped
+    /// it (absent when the step hit its token limit or ended the answer).
     pub step: String,
-    /// The foresight rollout text that followed `step + "\n"`.
+    /// The foresight rollout text that followed `step` (the same sequence continued).
     pub rollout: String,
-    /// The full assistant text used for training: `beam + step + "\n" + rollout`.
+    /// The full assistant text used for training: the prefix, the beam's earlier steps,
+    /// `step` and `rollout`, decoded from the sampled tokens (a final EOS left out).
     pub trajectory: String,
     /// Untempered log-probs of the rollout's tokens.
     pub rollout_logprobs: Vec<f32>,
@@ -71,7 +73,8 @@ pub struct Candidate {
     pub f: f64,
     /// Advantage `f - Q[beam]`.
     pub advantage: f64,
-    /// Whether the candidate (or its rollout) ended the answer.
+    /// Whether the candidate step itself ended the answer (EOS, the end marker or a full
+    /// context): its rollout is empty and a beam it makes is complete.
     pub finished: bool,
 }
 
