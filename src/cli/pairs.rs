@@ -17,6 +17,15 @@ pub enum RejectFlag {
     Lowest,
 }
 
+impl From<RejectFlag> for RejectStrategy {
+    fn from(f: RejectFlag) -> Self {
+        match f {
+            RejectFlag::Uniform => RejectStrategy::Uniform,
+            RejectFlag::Lowest => RejectStrategy::Lowest,
+        }
+    }
+}
+
 /// `pairs`' flags.
 #[derive(clap::Args, Debug, Clone)]
 pub struct PairsArgs {
@@ -39,10 +48,7 @@ pub struct PairsArgs {
 
 pub fn run(args: &PairsArgs) -> Result<()> {
     let opts = PairOptions {
-        strategy: match args.rejected {
-            RejectFlag::Uniform => RejectStrategy::Uniform,
-            RejectFlag::Lowest => RejectStrategy::Lowest,
-        },
+        strategy: args.rejected.into(),
         seed: args.seed,
         max_chars: args.max_chars,
     };

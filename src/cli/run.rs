@@ -9,14 +9,11 @@
 //! [`quick_sampling`] and [`quick_training`]).
 
 use super::ModelArgs;
-use super::generate::{kv_bytes_per_token, parse_kv_budget};
 use super::pairs::{RejectFlag, pairs_phase};
-use super::sample::{SampleSummary, SamplingFlags, limit, sample_phase};
+use super::sample::{QueryArgs, SampleSummary, SamplingFlags, sample_phase, sampling_engine};
 use super::train::{TrainFlags, TrainSettings, TrainSummary, train_phase};
-use crate::engine::scheduler::{Engine, EngineConfig};
 use crate::genius::artifacts::{create_dir, write_json_atomic};
-use crate::genius::pairs::{PairOptions, RejectStrategy};
-use crate::genius::queries::load_queries_or_bundled;
+use crate::genius::pairs::PairOptions;
 use crate::genius::sample::SampleConfig;
 use crate::genius::trainer::TrainConfig;
 use crate::model::load_model;
@@ -39,12 +36,8 @@ pub enum Profile {
 pub struct RunArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Query file; default: the bundled set of reasoning queries.
-    #[arg(long)]
-    pub queries: Option<PathBuf>,
-    /// Only the first N queries.
-    #[arg(long)]
-    pub limit: Option<usize>,
+    #[command(flatten)]
+    pub queries: QueryArgs,
     /// Output folder (default: runs/<UTC timestamp>); reuse it to resume.
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -111,10 +104,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let sample_cfg = args.sampling.apply(sample_base, args.seed);
     sample_cfg.validate()?;
     let train_settings = args.training.apply(train_base, args.seed)?;
-    let queries = limit(
-        load_queries_or_bundled(args.queries.as_deref())?,
-        args.limit,
-    );
+    let queries = args.queries.load()?;
     if args.rounds == 0 {
         anyhow::bail!("--rounds must be at least 1");
     }
@@ -144,15 +134,8 @@ pub fn run(args: &RunArgs) -> Result<()> {
     );
     let (loaded, mut model) = super::load_cpu_transformer(&args.model)?;
     let tok = &loaded.tokenizer;
-    let kv_tokens = parse_kv_budget(
-        args.sampling.kv_budget(),
-        kv_bytes_per_token(&loaded.config),
-    )?;
     let pair_opts = PairOptions {
-        strategy: match args.rejected {
-            RejectFlag::Uniform => RejectStrategy::Uniform,
-            RejectFlag::Lowest => RejectStrategy::Lowest,
-        },
+        strategy: args.rejected.into(),
         seed: args.seed,
         max_chars: None,
     };
@@ -180,14 +163,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         let trajectories = dir.join("trajectories.jsonl");
         let pairs_path = dir.join("pairs.jsonl");
         if !dir.join("train_state").exists() {
-            let mut engine = Engine::new(
-                model,
-                tok,
-                EngineConfig {
-                    kv_budget_tokens: kv_tokens,
-                    ..EngineConfig::default()
-                },
-            )?;
+            let mut engine = sampling_engine(model, tok, &args.sampling)?;
             let s = sample_phase(&mut engine, tok, &queries, &sample_cfg, &trajectories);
             model = engine.into_model();
             let s = s?;

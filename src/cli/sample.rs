@@ -13,6 +13,7 @@ use crate::genius::sample::{
     EmptyRollout, FinishedBeams, QueryInput, SampleConfig, SampleStats, Strategy, sample_queries,
 };
 use crate::model::TextTokenizer;
+use crate::transformer::Transformer;
 use anyhow::Result;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -96,17 +97,36 @@ impl SamplingFlags {
     }
 }
 
-/// `sample`'s flags.
-#[derive(clap::Args, Debug, Clone)]
-pub struct SampleArgs {
-    #[command(flatten)]
-    pub model: ModelArgs,
-    /// Query file (JSONL with "query", "instruction" or "prompt"); default: the bundled set.
+/// Which queries to sample.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct QueryArgs {
+    /// Query file (JSONL with "query", "instruction" or "prompt"); default: the bundled set of
+    /// reasoning queries.
     #[arg(long)]
     pub queries: Option<PathBuf>,
     /// Only the first N queries of the file.
     #[arg(long)]
     pub limit: Option<usize>,
+}
+
+impl QueryArgs {
+    /// The queries these flags name.
+    pub fn load(&self) -> Result<Vec<Query>> {
+        let mut queries = load_queries_or_bundled(self.queries.as_deref())?;
+        if let Some(n) = self.limit {
+            queries.truncate(n);
+        }
+        Ok(queries)
+    }
+}
+
+/// `sample`'s flags.
+#[derive(clap::Args, Debug, Clone)]
+pub struct SampleArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub queries: QueryArgs,
     /// Output folder: trajectories.jsonl goes there.
     #[arg(long)]
     pub out: PathBuf,
@@ -119,21 +139,10 @@ pub struct SampleArgs {
 pub fn run(args: &SampleArgs) -> Result<()> {
     let cfg = args.sampling.apply(SampleConfig::default(), args.seed);
     cfg.validate()?;
-    let queries = load_queries_or_bundled(args.queries.as_deref())?;
-    let queries = limit(queries, args.limit);
+    let queries = args.queries.load()?;
     create_dir(&args.out)?;
     let (model, transformer) = super::load_cpu_transformer(&args.model)?;
-    let mut engine = Engine::new(
-        transformer,
-        &model.tokenizer,
-        EngineConfig {
-            kv_budget_tokens: parse_kv_budget(
-                args.sampling.kv_budget(),
-                kv_bytes_per_token(&model.config),
-            )?,
-            ..EngineConfig::default()
-        },
-    )?;
+    let mut engine = sampling_engine(transformer, &model.tokenizer, &args.sampling)?;
     let summary = sample_phase(
         &mut engine,
         &model.tokenizer,
@@ -145,12 +154,21 @@ pub fn run(args: &SampleArgs) -> Result<()> {
     summary.check()
 }
 
-/// The first `limit` queries.
-pub fn limit(mut queries: Vec<Query>, limit: Option<usize>) -> Vec<Query> {
-    if let Some(n) = limit {
-        queries.truncate(n);
-    }
-    queries
+/// The rollout engine for sampling over `model`, with the flags' KV budget.
+pub fn sampling_engine<'t, B: Backend>(
+    model: Transformer<B>,
+    tok: &'t TextTokenizer,
+    flags: &SamplingFlags,
+) -> Result<Engine<'t, B>> {
+    let kv_budget_tokens = parse_kv_budget(flags.kv_budget(), kv_bytes_per_token(&model.config))?;
+    Engine::new(
+        model,
+        tok,
+        EngineConfig {
+            kv_budget_tokens,
+            ..EngineConfig::default()
+        },
+    )
 }
 
 /// What a sampling phase did.
