@@ -370,3 +370,55 @@ fn a_second_round_samples_with_the_trained_weights_and_resumes_across_rounds() {
         logits_of(&out.join("round-2/checkpoint"))
     );
 }
+
+#[test]
+fn a_query_that_can_never_fit_the_kv_budget_fails_alone() {
+    let (dir, model, _) = setup(1);
+    let queries = dir.path().join("mixed.jsonl");
+    let long: Vec<String> = (0..80).map(|i| format!("w{}", 10 + i % 50)).collect();
+    std::fs::write(
+        &queries,
+        format!(
+            "{{\"id\": \"short\", \"query\": \"w10 w11 w12\"}}\n{{\"id\": \"long\", \"query\": \"{}\"}}\n{{\"id\": \"short2\", \"query\": \"w13 w14\"}}\n",
+            long.join(" ")
+        ),
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let args: Vec<String> = [
+        "sample",
+        "--device",
+        "cpu",
+        "--model",
+        model.to_str().unwrap(),
+        "--queries",
+        queries.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "-M",
+        "2",
+        "-N",
+        "2",
+        "-K",
+        "2",
+        "--max-step-tokens",
+        "5",
+        "--max-rollout-tokens",
+        "6",
+        "--kv-budget",
+        "64",
+    ]
+    .map(String::from)
+    .to_vec();
+    let o = genius(&args, None);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success(),
+        "the failed query makes the command fail"
+    );
+    assert!(e.contains("query 'long'") && e.contains("KV"), "{e}");
+    let done = read_trajectories(&out.join("trajectories.jsonl")).unwrap();
+    let mut ids: Vec<&str> = done.iter().map(|t| t.id.as_str()).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, ["short", "short2"], "the others complete");
+}

@@ -36,7 +36,7 @@ use crate::engine::sampler::{SamplingParams, uniform};
 use crate::engine::scheduler::{Engine, FinishReason, Finished, Request, StopRules};
 use crate::model::TextTokenizer;
 use anyhow::{Context, Result, bail};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 /// How the next beams are drawn from a step's candidates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -254,6 +254,8 @@ pub fn sample_queries<B: Backend>(
     let mut waiting: VecDeque<QueryInput> = queries.into();
     let mut runs: HashMap<u64, QueryRun> = HashMap::new();
     let mut owner: HashMap<SeqId, (u64, Role)> = HashMap::new();
+    // Sequences of failed queries, released, whose finish records may still come this step.
+    let mut dropped: HashSet<SeqId> = HashSet::new();
     let generated_before = engine.tokens_generated;
     loop {
         // Admit queries up to the in-flight limit.
@@ -304,6 +306,9 @@ pub fn sample_queries<B: Backend>(
         let finished = engine.step()?;
         stats.tokens_generated = engine.tokens_generated - generated_before;
         for f in finished {
+            if dropped.remove(&f.seq) {
+                continue; // its query failed earlier in this step; already released
+            }
             let (qi, role) = owner
                 .remove(&f.seq)
                 .context("internal error: a sequence finished that no query owns")?;
@@ -314,7 +319,7 @@ pub fn sample_queries<B: Backend>(
                 // The query cannot be sampled (KV budget); free what it holds and report it.
                 let id = run.input.id.clone();
                 let run = runs.remove(&qi).expect("present");
-                release_query(engine, &run, &mut owner)?;
+                dropped.extend(release_query(engine, &run, &mut owner)?);
                 stats.failed.push((id, reason.clone()));
                 continue;
             }
@@ -664,25 +669,26 @@ pub fn draw_without_replacement(scores: &[f64], m: usize, u: impl Fn(usize) -> f
     out
 }
 
-/// Frees every sequence a query holds (after a failure).
+/// Frees every sequence a query holds, running or not (after a failure); returns them.
 fn release_query<B: Backend>(
     engine: &mut Engine<'_, B>,
     run: &QueryRun,
     owner: &mut HashMap<SeqId, (u64, Role)>,
-) -> Result<()> {
+) -> Result<Vec<SeqId>> {
     let mut seqs: Vec<SeqId> = run.beams.iter().filter_map(|b| b.seq).collect();
     seqs.extend(run.root);
     seqs.extend(run.cands.iter().map(|c| c.seq));
     seqs.sort_unstable();
     seqs.dedup();
+    let mut released = Vec::new();
     for seq in seqs {
         owner.remove(&seq);
-        // A sequence still generating cannot be released; it finishes and is then ignored.
-        if engine.release(seq).is_err() {
-            continue;
+        // Already released ones (e.g. the root after the first step) are simply gone.
+        if engine.release(seq).is_ok() {
+            released.push(seq);
         }
     }
-    Ok(())
+    Ok(released)
 }
 
 /// The query's record for `trajectories.jsonl`.
