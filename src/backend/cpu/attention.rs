@@ -271,8 +271,18 @@ fn attend_kv_head(qs: &[f32], kv: &KvHead<'_>, scale: f32, scores: &mut [f32], o
     let (d, visible) = (kv.head_dim, kv.slots.len());
     #[cfg(target_arch = "x86_64")]
     if d % 16 == 0 && std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: AVX-512F is present; head_dim is a multiple of 16.
-        unsafe { attend_kv_head_avx512(qs, kv, scale, scores, out) };
+        let group = qs.len() / d;
+        macro_rules! d64 {
+            ($($g:literal)*) => {
+                match group {
+                    // SAFETY: AVX-512F is present; head_dim is 64; the group size matches.
+                    $($g if d == 64 => unsafe { attend_kv_head_d64::<$g>(qs, kv, scale, scores, out) },)*
+                    // SAFETY: AVX-512F is present; head_dim is a multiple of 16.
+                    _ => unsafe { attend_kv_head_avx512(qs, kv, scale, scores, out) },
+                }
+            };
+        }
+        d64!(1 2 3 4 5 6 7 8);
         return;
     }
     for pos in 0..visible {
@@ -348,6 +358,100 @@ unsafe fn attend_kv_head_avx512(
                     _mm512_storeu_ps(o, _mm512_fmadd_ps(w, vv, _mm512_loadu_ps(o)));
                 }
             }
+        }
+    }
+}
+
+/// `[sum(a), sum(b), sum(c), sum(d)]` of four vectors, with one shared reduction tree.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn reduce4(
+    a: std::arch::x86_64::__m512,
+    b: std::arch::x86_64::__m512,
+    c: std::arch::x86_64::__m512,
+    d: std::arch::x86_64::__m512,
+) -> std::arch::x86_64::__m128 {
+    use std::arch::x86_64::*;
+    // Within each 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3], then [c.., d..] likewise.
+    let ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+    let cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+    // Pairs of floats as doubles: [a, b, c, d] partial sums in every 128-bit lane.
+    let (ab, cd) = (_mm512_castps_pd(ab), _mm512_castps_pd(cd));
+    let abcd = _mm512_add_ps(
+        _mm512_castpd_ps(_mm512_unpacklo_pd(ab, cd)),
+        _mm512_castpd_ps(_mm512_unpackhi_pd(ab, cd)),
+    );
+    let lo = _mm_add_ps(
+        _mm512_extractf32x4_ps::<0>(abcd),
+        _mm512_extractf32x4_ps::<1>(abcd),
+    );
+    let hi = _mm_add_ps(
+        _mm512_extractf32x4_ps::<2>(abcd),
+        _mm512_extractf32x4_ps::<3>(abcd),
+    );
+    _mm_add_ps(lo, hi)
+}
+
+/// [`attend_kv_head`] for head_dim 64 and `G` query heads per kv head: the queries and the
+/// outputs stay in registers, and the scores of four positions share one reduction tree.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn attend_kv_head_d64<const G: usize>(
+    qs: &[f32],
+    kv: &KvHead<'_>,
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    const D: usize = 64;
+    let visible = kv.slots.len();
+    assert!(kv.head_dim == D && qs.len() == G * D && out.len() == G * D);
+    assert!(scores.len() >= G * visible);
+    let load4 = |x: &[f32]| -> [__m512; 4] {
+        // SAFETY: every caller passes a row of D = 64 floats.
+        std::array::from_fn(|c| unsafe { _mm512_loadu_ps(x.as_ptr().add(16 * c)) })
+    };
+    let q: [[__m512; 4]; G] = std::array::from_fn(|g| load4(&qs[g * D..(g + 1) * D]));
+    let dot = |q: &[__m512; 4], k: &[__m512; 4]| -> __m512 {
+        let mut acc = _mm512_mul_ps(q[0], k[0]);
+        for c in 1..4 {
+            acc = _mm512_fmadd_ps(q[c], k[c], acc);
+        }
+        acc
+    };
+    let mut pos = 0;
+    while pos + 4 <= visible {
+        let k: [[__m512; 4]; 4] = std::array::from_fn(|j| load4(kv.k(pos + j)));
+        for (g, q) in q.iter().enumerate() {
+            let s = reduce4(dot(q, &k[0]), dot(q, &k[1]), dot(q, &k[2]), dot(q, &k[3]));
+            let s = _mm_mul_ps(s, _mm_set1_ps(scale));
+            // SAFETY: g * visible + pos + 4 <= G * visible <= scores.len().
+            unsafe { _mm_storeu_ps(scores.as_mut_ptr().add(g * visible + pos), s) };
+        }
+        pos += 4;
+    }
+    for p in pos..visible {
+        let k = load4(kv.k(p));
+        for (g, q) in q.iter().enumerate() {
+            scores[g * visible + p] = _mm512_reduce_add_ps(dot(q, &k)) * scale;
+        }
+    }
+    softmax_rows(&mut scores[..G * visible], visible);
+    let mut o = [[_mm512_setzero_ps(); 4]; G];
+    for p in 0..visible {
+        let v = load4(kv.v(p));
+        for (g, o) in o.iter_mut().enumerate() {
+            let w = _mm512_set1_ps(scores[g * visible + p]);
+            for c in 0..4 {
+                o[c] = _mm512_fmadd_ps(w, v[c], o[c]);
+            }
+        }
+    }
+    for (g, o) in o.iter().enumerate() {
+        for (c, &oc) in o.iter().enumerate() {
+            // SAFETY: g * D + 16 * c + 16 <= G * D = out.len().
+            unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(g * D + 16 * c), oc) };
         }
     }
 }
@@ -437,8 +541,9 @@ pub fn paged_attention(
 mod tests {
     use super::*;
 
-    /// The decode kernel (vector path for head_dim 16 and 64, portable for 8 and 24) against
-    /// plain f64 attention, for GQA groups 1, 2, 3 and scattered slots.
+    /// The decode kernels (head_dim 64 with groups 1-8 in registers, the general vector path
+    /// for 16 and for 64 with a group of 9, portable for 8 and 24) against plain f64
+    /// attention, with scattered slots and positions that do and do not fill groups of four.
     #[test]
     fn attend_kv_head_matches_f64_reference() {
         let mut seed = 3u64;
@@ -448,7 +553,17 @@ mod tests {
                 .wrapping_add(1442695040888963407);
             ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
         };
-        for (d, group, visible) in [(16, 1, 1), (64, 3, 37), (16, 2, 20), (8, 2, 5), (24, 3, 9)] {
+        for (d, group, visible) in [
+            (16, 1, 1),
+            (64, 3, 37),
+            (64, 1, 3),
+            (64, 7, 9),
+            (64, 8, 4),
+            (64, 9, 6),
+            (16, 2, 20),
+            (8, 2, 5),
+            (24, 3, 9),
+        ] {
             let (rows, stride, offset) = (50, 2 * d + 8, d + 8);
             let k_cache: Vec<f32> = (0..rows * stride).map(|_| next()).collect();
             let v_cache: Vec<f32> = (0..rows * stride).map(|_| next()).collect();
@@ -487,6 +602,52 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod timing {
+    use super::*;
+
+    /// Manual timing aid: the head_dim-64 decode kernel against the general vector path,
+    /// `cargo test --release --lib decode_attention_timing -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn decode_attention_timing() {
+        let (d, group, visible, rows) = (64, 3, 192, 4096);
+        let stride = 3 * d;
+        let k_cache: Vec<f32> = (0..rows * stride).map(|i| (i % 97) as f32 * 1e-3).collect();
+        let v_cache = k_cache.clone();
+        let slots: Vec<usize> = (0..visible).map(|p| (p * 37) % rows).collect();
+        let qs: Vec<f32> = (0..group * d).map(|i| (i % 13) as f32 * 1e-2).collect();
+        let kv = KvHead {
+            k_cache: &k_cache,
+            v_cache: &v_cache,
+            slots: &slots,
+            row_stride: stride,
+            offset: d,
+            head_dim: d,
+        };
+        let mut scores = vec![0f32; group * visible];
+        let mut out = vec![0f32; group * d];
+        let reps = 20_000;
+        for round in 0..3 {
+            let t = std::time::Instant::now();
+            for _ in 0..reps {
+                unsafe { attend_kv_head_avx512(&qs, &kv, 0.125, &mut scores, &mut out) };
+            }
+            let general = t.elapsed().as_secs_f64();
+            let t = std::time::Instant::now();
+            for _ in 0..reps {
+                unsafe { attend_kv_head_d64::<3>(&qs, &kv, 0.125, &mut scores, &mut out) };
+            }
+            let d64 = t.elapsed().as_secs_f64();
+            eprintln!(
+                "round {round}: general {:.2} us, head_dim-64 kernel {:.2} us per call",
+                general / reps as f64 * 1e6,
+                d64 / reps as f64 * 1e6
+            );
         }
     }
 }
