@@ -90,13 +90,17 @@ pub struct TrainFlags {
     /// How pairs become sequences [query].
     #[arg(long, value_enum)]
     pub prompt_mode: Option<PromptMode>,
-    /// Save the training state every N optimizer steps (and at the end) [10].
+    /// Save the training state every N optimizer steps, and after any step that ends more
+    /// than two minutes after the last save, and at the end [10].
     #[arg(long)]
     pub save_every: Option<u64>,
     /// Write pair_stats.jsonl (per pair: policy and reference log-prob sums, w, loss).
     #[arg(long)]
     pub log_pairs: bool,
 }
+
+/// Longest stretch of training between two saved states.
+const SAVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// Resolved training settings.
 #[derive(Debug, Clone)]
@@ -438,6 +442,7 @@ pub fn train_phase<B: Backend>(
     bar.set_position(state.step);
     let started = Instant::now();
     let mut tokens = 0;
+    let mut last_save = Instant::now();
     train(
         model,
         &train_pairs,
@@ -450,8 +455,13 @@ pub fn train_phase<B: Backend>(
                     log.append(s)?;
                 }
             }
-            if state.step % settings.save_every == 0 || state.step == m.total_steps {
+            // An interruption loses at most `save_every` steps or about two minutes of work.
+            if state.step % settings.save_every == 0
+                || state.step == m.total_steps
+                || last_save.elapsed() >= SAVE_INTERVAL
+            {
                 state.save(&state_dir)?;
+                last_save = Instant::now();
             }
             tokens += m.tokens;
             bar.set_position(state.step);
