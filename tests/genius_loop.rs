@@ -192,6 +192,16 @@ fn run_interrupted_in_sampling_and_in_training_resumes_to_the_same_result() {
         logits_of(&round_cut.join("checkpoint")),
         logits_of(&round.join("checkpoint"))
     );
+
+    // Resuming under other settings would mix results: refused, naming what differs.
+    let mut other = args.clone();
+    other.extend(["--tau", "0.5"].map(String::from));
+    let o = genius(&other, None);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && e.contains("other settings") && e.contains("sampling"),
+        "{e}"
+    );
 }
 
 #[test]
