@@ -12,7 +12,7 @@ use super::ModelArgs;
 use super::pairs::{RejectFlag, pairs_phase};
 use super::sample::{QueryArgs, SampleSummary, SamplingFlags, sample_phase, sampling_engine};
 use super::train::{TrainFlags, TrainSettings, TrainSummary, train_phase};
-use crate::genius::artifacts::{create_dir, write_json_atomic};
+use crate::genius::artifacts::{check_same_settings, create_dir, write_json_atomic};
 use crate::genius::pairs::PairOptions;
 use crate::genius::sample::SampleConfig;
 use crate::genius::trainer::TrainConfig;
@@ -119,7 +119,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
     };
     create_dir(&out)?;
     check_same_settings(
-        &out,
+        &out.join("settings.json"),
         &json!({
             "model": args.model.model.clone().unwrap_or_else(|| crate::model::fetch::DEFAULT_MODEL.to_string()),
             "queries": queries.iter().map(|q| q.id.as_str()).collect::<Vec<_>>().join(","),
@@ -206,33 +206,6 @@ pub fn run(args: &RunArgs) -> Result<()> {
     )?;
     eprintln!("artifacts in {}", out.display());
     Ok(())
-}
-
-/// Records the settings of a run in `out/settings.json`, or, when resuming, checks they are
-/// the ones it started with: a resumed run must not mix trajectories or training steps made
-/// under other settings. (`--rounds` may grow: a finished run continues with more rounds.)
-fn check_same_settings(out: &Path, settings: &serde_json::Value) -> Result<()> {
-    let path = out.join("settings.json");
-    if let Ok(text) = std::fs::read_to_string(&path) {
-        let old: serde_json::Value = serde_json::from_str(&text)
-            .with_context(|| format!("{}: not valid JSON", path.display()))?;
-        if &old != settings {
-            let differs: Vec<&str> = settings
-                .as_object()
-                .into_iter()
-                .flatten()
-                .filter(|(k, v)| old.get(k.as_str()) != Some(v))
-                .map(|(k, _)| k.as_str())
-                .collect();
-            anyhow::bail!(
-                "{} was started with other settings ({} differ); resume with the same flags or use a new --out",
-                out.display(),
-                differs.join(", ")
-            );
-        }
-        return Ok(());
-    }
-    write_json_atomic(&path, settings)
 }
 
 /// Replaces the model's weights with a checkpoint's (resuming after a finished round).

@@ -6,7 +6,7 @@ use super::ModelArgs;
 use super::generate::{kv_bytes_per_token, parse_kv_budget};
 use crate::backend::Backend;
 use crate::engine::scheduler::{Engine, EngineConfig};
-use crate::genius::artifacts::{JsonlLog, create_dir};
+use crate::genius::artifacts::{JsonlLog, check_same_settings, create_dir};
 use crate::genius::pairs::Trajectory;
 use crate::genius::queries::{Query, load_queries_or_bundled};
 use crate::genius::sample::{
@@ -141,6 +141,14 @@ pub fn run(args: &SampleArgs) -> Result<()> {
     cfg.validate()?;
     let queries = args.queries.load()?;
     create_dir(&args.out)?;
+    check_same_settings(
+        &args.out.join("sample_settings.json"),
+        &serde_json::json!({
+            "model": args.model.model.clone().unwrap_or_else(|| crate::model::fetch::DEFAULT_MODEL.to_string()),
+            "queries": queries.iter().map(|q| q.id.as_str()).collect::<Vec<_>>().join(","),
+            "sampling": format!("{cfg:?}"),
+        }),
+    )?;
     let (model, transformer) = super::load_cpu_transformer(&args.model)?;
     let mut engine = sampling_engine(transformer, &model.tokenizer, &args.sampling)?;
     let summary = sample_phase(

@@ -6,7 +6,7 @@
 
 use super::ModelArgs;
 use crate::backend::Backend;
-use crate::genius::artifacts::{JsonlLog, create_dir};
+use crate::genius::artifacts::{JsonlLog, check_same_settings, create_dir};
 use crate::genius::loss::{AcoClip, LossConfig, LossKind};
 use crate::genius::pairs::{Pair, read_pairs, write_jsonl};
 use crate::genius::sequences::{PromptMode, build_sequence, response_logprob_sums};
@@ -238,6 +238,15 @@ pub struct TrainArgs {
 pub fn run(args: &TrainArgs) -> Result<()> {
     let settings = args.training.apply(TrainSettings::paper(), args.seed)?;
     create_dir(&args.out)?;
+    check_same_settings(
+        &args.out.join("train_settings.json"),
+        &serde_json::json!({
+            "model": args.model.model.clone().unwrap_or_else(|| crate::model::fetch::DEFAULT_MODEL.to_string()),
+            "pairs": args.pairs.display().to_string(),
+            "ref_model": args.ref_model,
+            "training": format!("{settings:?}"),
+        }),
+    )?;
     let (loaded, mut model) = super::load_cpu_transformer(&args.model)?;
     let reference = match &args.ref_model {
         Some(name) => Some(super::load_cpu_transformer(&ModelArgs {

@@ -141,6 +141,31 @@ pub fn write_json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<()> {
     write_atomic(path, text.as_bytes())
 }
 
+/// Records the settings of a resumable job in `path`, or, when resuming, checks they are the
+/// ones it started with: a resumed job must not mix results made under other settings.
+pub fn check_same_settings(path: &Path, settings: &serde_json::Value) -> Result<()> {
+    if let Ok(text) = fs::read_to_string(path) {
+        let old: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not valid JSON", path.display()))?;
+        if &old != settings {
+            let differs: Vec<&str> = settings
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(k, v)| old.get(k.as_str()) != Some(v))
+                .map(|(k, _)| k.as_str())
+                .collect();
+            bail!(
+                "{} was started with other settings ({} differ); resume with the same flags or use a new output folder",
+                path.parent().unwrap_or(path).display(),
+                differs.join(", ")
+            );
+        }
+        return Ok(());
+    }
+    write_json_atomic(path, settings)
+}
+
 /// Creates a run folder (and parents), with an error that names it.
 pub fn create_dir(dir: &Path) -> Result<()> {
     fs::create_dir_all(dir).with_context(|| format!("{}: cannot create directory", dir.display()))
