@@ -80,7 +80,8 @@ fn int(v: usize, op: &str, what: &str) -> Result<i32> {
 /// The CUDA backend: one device, one stream, the kernels of `kernels/` and a cuBLASLt handle.
 pub struct CudaBackend {
     gpu: GpuContext,
-    blas: CudaBlasLT,
+    /// cuBLASLt handle (and its workspace), used by one thread at a time.
+    blas: Mutex<CudaBlasLT>,
     poison: bool,
     /// The last RoPE `inv_freq` table uploaded (as f32 bits) and its device copy.
     rope_table: Mutex<Option<(Vec<u32>, CudaSlice<f32>)>>,
@@ -100,7 +101,7 @@ impl CudaBackend {
             .map_err(|e| anyhow!("creating a cuBLASLt handle: {e:?}"))?;
         Ok(Self {
             gpu,
-            blas,
+            blas: Mutex::new(blas),
             poison: options.poison_outputs,
             rope_table: Mutex::new(None),
         })
@@ -296,8 +297,8 @@ impl Backend for CudaBackend {
 
     fn download(&self, t: &CudaTensor) -> Result<HostTensor> {
         let data = match &t.data {
-            DeviceData::Bf16(s) => from_bf16(&self.gpu.download_slice(s)?),
-            DeviceData::F32(s) => self.gpu.download_slice(s)?,
+            DeviceData::Bf16(s) => from_bf16(&self.gpu.download_slice(s, t.numel())?),
+            DeviceData::F32(s) => self.gpu.download_slice(s, t.numel())?,
         };
         Ok(HostTensor::new(t.shape.clone(), data))
     }
@@ -322,7 +323,11 @@ impl Backend for CudaBackend {
     fn download_linear(&self, w: &CudaLinear) -> Result<HostTensor> {
         Ok(HostTensor::new(
             vec![w.out_features, w.in_features],
-            from_bf16(&self.gpu.download_slice(&w.weight)?),
+            from_bf16(
+                &self
+                    .gpu
+                    .download_slice(&w.weight, w.out_features * w.in_features)?,
+            ),
         ))
     }
 
@@ -418,14 +423,14 @@ impl Backend for CudaBackend {
                 stride_bias: None,
                 batch_size: None,
             };
+            let blas = self
+                .blas
+                .lock()
+                .map_err(|_| anyhow!("linear: the cuBLASLt handle's lock is poisoned"))?;
             self.gpu.ctx.bind_to_thread()?;
             // SAFETY: w is [m, k], x is [n, k], out is [n, m] and bias is [m], all bf16 and
             // live; beta = 0 so out's (possibly poisoned) contents are not read.
-            unsafe {
-                self.blas
-                    .matmul(cfg, &weight.weight, xs, &mut out, bs, None)
-            }
-            .map_err(|e| {
+            unsafe { blas.matmul(cfg, &weight.weight, xs, &mut out, bs, None) }.map_err(|e| {
                 anyhow!(
                     "linear: cuBLASLt bf16 GEMM [{n}, {k}] x [{m}, {k}]^T{} failed: {e:?}",
                     if bs.is_some() { " + bias" } else { "" }
@@ -622,22 +627,18 @@ impl Backend for CudaBackend {
     }
 
     fn copy(&self, x: &CudaTensor) -> Result<CudaTensor> {
+        // Whole buffers (an empty tensor's one placeholder element included).
         let data = match &x.data {
-            DeviceData::Bf16(s) if !s.is_empty() => {
-                DeviceData::Bf16(self.gpu.stream.clone_dtod(s)?)
-            }
-            DeviceData::F32(s) if !s.is_empty() => DeviceData::F32(self.gpu.stream.clone_dtod(s)?),
-            DeviceData::Bf16(_) => DeviceData::Bf16(self.gpu.alloc(0)?),
-            DeviceData::F32(_) => DeviceData::F32(self.gpu.alloc(0)?),
+            DeviceData::Bf16(s) => DeviceData::Bf16(self.gpu.stream.clone_dtod(s)?),
+            DeviceData::F32(s) => DeviceData::F32(self.gpu.stream.clone_dtod(s)?),
         };
         CudaTensor::new(data, x.shape.clone())
     }
 
     fn fill_zero(&self, x: &mut CudaTensor) -> Result<()> {
         match &mut x.data {
-            DeviceData::Bf16(s) if !s.is_empty() => self.gpu.stream.memset_zeros(s)?,
-            DeviceData::F32(s) if !s.is_empty() => self.gpu.stream.memset_zeros(s)?,
-            _ => {}
+            DeviceData::Bf16(s) => self.gpu.stream.memset_zeros(s)?,
+            DeviceData::F32(s) => self.gpu.stream.memset_zeros(s)?,
         }
         Ok(())
     }

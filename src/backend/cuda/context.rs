@@ -238,14 +238,13 @@ impl GpuContext {
             .with_context(|| format!("CUDA error while waiting for {what}"))
     }
 
-    /// A buffer of `len` elements, uninitialised (the caller writes all of it).
+    /// A buffer of `len` elements, uninitialised (the caller writes all of it). An empty
+    /// tensor still gets one element: zero-byte allocations are not valid for every CUDA
+    /// allocator, so the backend never asks for one (see [`CudaTensor::new`]).
+    ///
+    /// [`CudaTensor::new`]: super::tensor::CudaTensor::new
     pub(crate) fn alloc<T: DeviceRepr>(&self, len: usize) -> Result<CudaSlice<T>> {
-        if len == 0 {
-            return self
-                .stream
-                .null()
-                .context("allocating an empty device buffer");
-        }
+        let len = len.max(1);
         // SAFETY: the contents are unset; every caller writes every element before reading.
         unsafe { self.stream.alloc(len) }.with_context(|| {
             format!(
@@ -255,14 +254,12 @@ impl GpuContext {
         })
     }
 
-    /// A zero-filled buffer of `len` elements.
+    /// A zero-filled buffer of `len` elements (at least one, as in [`GpuContext::alloc`]).
     pub(crate) fn alloc_zeros<T: DeviceRepr + cudarc::driver::ValidAsZeroBits>(
         &self,
         len: usize,
     ) -> Result<CudaSlice<T>> {
-        if len == 0 {
-            return self.alloc(0);
-        }
+        let len = len.max(1);
         self.stream.alloc_zeros(len).with_context(|| {
             format!(
                 "allocating {len} x {} zeroed bytes on the device",
@@ -271,7 +268,7 @@ impl GpuContext {
         })
     }
 
-    /// A copy of host data in a new device buffer.
+    /// A copy of host data in a new device buffer (one unset element when `data` is empty).
     pub(crate) fn upload_slice<T: DeviceRepr>(&self, data: &[T]) -> Result<CudaSlice<T>> {
         if data.is_empty() {
             return self.alloc(0);
@@ -281,16 +278,20 @@ impl GpuContext {
             .with_context(|| format!("copying {} elements to the device", data.len()))
     }
 
-    /// A device buffer back on the host (waits for the stream first).
-    pub(crate) fn download_slice<T: DeviceRepr>(&self, s: &CudaSlice<T>) -> Result<Vec<T>> {
+    /// The first `len` elements of a device buffer, on the host (waits for the stream).
+    pub(crate) fn download_slice<T: DeviceRepr>(
+        &self,
+        s: &CudaSlice<T>,
+        len: usize,
+    ) -> Result<Vec<T>> {
         self.sync("the work before a download")?;
-        if s.len() == 0 {
+        if len == 0 {
             return Ok(Vec::new());
         }
         let v = self
             .stream
-            .clone_dtoh(s)
-            .with_context(|| format!("copying {} elements from the device", s.len()))?;
+            .clone_dtoh(&s.slice(..len))
+            .with_context(|| format!("copying {len} elements from the device"))?;
         self.sync("a download")?;
         Ok(v)
     }

@@ -41,7 +41,8 @@ pub struct CudaTensor {
 }
 
 impl CudaTensor {
-    /// Wraps a buffer; its length must be the shape's element count.
+    /// Wraps a buffer; its length must be the shape's element count, or one for an empty
+    /// shape (the backend never allocates zero bytes).
     pub fn new(data: DeviceData, shape: Vec<usize>) -> Result<Self> {
         let n = numel(&shape)?;
         let len = match &data {
@@ -49,7 +50,7 @@ impl CudaTensor {
             DeviceData::F32(s) => s.len(),
         };
         ensure!(
-            n == len,
+            len == n || (n == 0 && len == 1),
             "device buffer of {len} elements for shape {shape:?}"
         );
         Ok(Self { data, shape })
@@ -93,7 +94,8 @@ impl CudaTensor {
 }
 
 /// A linear layer's weight on the device: bf16, `[out, in]` row-major (HF layout), which
-/// cuBLASLt reads as its transposed column-major operand.
+/// cuBLASLt reads as its transposed column-major operand. (An empty weight holds one unused
+/// element, as empty tensors do.)
 #[derive(Debug)]
 pub struct CudaLinear {
     pub(crate) weight: CudaSlice<bf16>,
