@@ -19,11 +19,17 @@ fn skipped(why: &str) {
     let _ = writeln!(std::io::stderr(), "SKIPPED: {why}");
 }
 
-/// The folder of the PyPI CUDA toolkit's libraries, if installed.
+/// The folder of the PyPI CUDA toolkit's libraries, if installed (where
+/// tools/compile-kernels.sh puts it: `$GENIUS_CUDA_TOOLKIT`, default
+/// `$HOME/.cache/genius-engine/cuda-toolkit`).
 fn toolkit_lib_dir() -> Option<PathBuf> {
     let root = std::env::var_os("GENIUS_CUDA_TOOLKIT")
+        .filter(|v| !v.is_empty())
         .map(PathBuf::from)
-        .or_else(|| dirs::cache_dir().map(|d| d.join("genius-engine").join("cuda-toolkit")))?;
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .map(|h| PathBuf::from(h).join(".cache/genius-engine/cuda-toolkit"))
+        })?;
     let lib = root.join("nvidia").join("cu13").join("lib");
     lib.join("libnvrtc.so.13").is_file().then_some(lib)
 }
