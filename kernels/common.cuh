@@ -2,13 +2,45 @@
 // Conventions, fixed before the first kernel lands so every family follows them:
 // - activations and weights are bf16, row-major, token-major ([tokens, features]);
 // - accumulation, norms, softmax and log-probabilities are fp32;
-// - a kernel's arguments that the Rust side also builds live in a struct declared here.
+// - a kernel's arguments that the Rust side also builds live in a struct declared in
+//   args.h (mirrored into Rust by bindgen), passed by value;
+// - kernels are `extern "C"` and named `ge_<op>[_<dtype>]`; the Rust registry
+//   (src/backend/cuda/context.rs) lists every one of them.
+//
+// The kernels include no system or CUDA headers: NVRTC has no include path at run time on a
+// machine with only the driver and libnvrtc, so bf16 is handled here through its bits and the
+// PTX conversion instruction (sm_80 and newer).
 #pragma once
 
-#include <cuda_bf16.h>
-#include <stdint.h>
+#include "args.h"
 
 #define GE_WARP_SIZE 32
+
+// A bf16 value as stored in memory: the upper 16 bits of an IEEE f32.
+struct __align__(2) ge_bf16 {
+    unsigned short bits;
+};
+
+// bf16 -> f32 (exact).
+__device__ __forceinline__ float ge_bf16_to_f32(ge_bf16 v) {
+    return __uint_as_float(static_cast<unsigned int>(v.bits) << 16);
+}
+
+// f32 -> bf16, rounded to nearest even (NaN stays NaN), one instruction on sm_80+.
+__device__ __forceinline__ ge_bf16 ge_f32_to_bf16(float f) {
+    ge_bf16 r;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r.bits) : "f"(f));
+    return r;
+}
+
+// Element type conversions used by the templated kernels.
+__device__ __forceinline__ float ge_to_f32(ge_bf16 v) { return ge_bf16_to_f32(v); }
+__device__ __forceinline__ float ge_to_f32(float v) { return v; }
+template <typename T> __device__ __forceinline__ T ge_from_f32(float v);
+template <> __device__ __forceinline__ ge_bf16 ge_from_f32<ge_bf16>(float v) {
+    return ge_f32_to_bf16(v);
+}
+template <> __device__ __forceinline__ float ge_from_f32<float>(float v) { return v; }
 
 // Sum of `v` over the 32 lanes of a warp, returned to every lane.
 __device__ __forceinline__ float ge_warp_sum(float v) {
@@ -26,4 +58,28 @@ __device__ __forceinline__ float ge_warp_max(float v) {
         v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
     }
     return v;
+}
+
+// Sum of `v` over every thread of a one-dimensional block, returned to every thread. The
+// block size must be a multiple of 32 (at most 1024) and every thread must call it;
+// `scratch` is 32 floats of shared memory, which may be reused right after the call.
+__device__ __forceinline__ float ge_block_sum(float v, float* scratch) {
+    const int lane = threadIdx.x % GE_WARP_SIZE;
+    const int warp = threadIdx.x / GE_WARP_SIZE;
+    const int warps = blockDim.x / GE_WARP_SIZE;
+    v = ge_warp_sum(v);
+    __syncthreads();  // an earlier call's readers are done with `scratch`
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < warps ? scratch[lane] : 0.0f;
+    return ge_warp_sum(v);
+}
+
+// Index of this thread in a one-dimensional grid, and the grid's thread count, as 64-bit
+// values for grid-stride loops over tensors of more than 2^31 elements.
+__device__ __forceinline__ long long ge_global_index() {
+    return static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+}
+__device__ __forceinline__ long long ge_grid_threads() {
+    return static_cast<long long>(gridDim.x) * blockDim.x;
 }

@@ -2,8 +2,9 @@
 # Compiles every CUDA source in kernels/ for sm_90 on a machine without a GPU, so a kernel
 # that does not compile never lands. Uses $NVCC, or nvcc on PATH, or installs NVIDIA's
 # pinned compiler wheels from PyPI into $GENIUS_CUDA_TOOLKIT (default
-# ~/.cache/genius-engine/cuda-toolkit). Headers are compiled too, through a unit that includes
-# them all. Output (cubins) goes to target/kernels/.
+# ~/.cache/genius-engine/cuda-toolkit). Headers (.cuh, .h) are compiled too, through a unit that
+# includes them all. Output (cubins, and each unit's resource report in its .log) goes to
+# target/kernels/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,7 +26,7 @@ echo "compile-kernels: $("$nvcc" --version | tail -n 2 | head -n 1)"
 out=target/kernels
 mkdir -p "$out"
 units=(kernels/*.cu)
-headers=(kernels/*.cuh)
+headers=(kernels/*.cuh kernels/*.h)
 check_unit=$out/all_headers.cu
 : >"$check_unit"
 for h in "${headers[@]}"; do

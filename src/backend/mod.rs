@@ -1,7 +1,8 @@
 //! The device boundary. [`Backend`] is every operation the transformer needs, on tensors that
 //! live wherever the backend keeps them; `transformer/`, `engine/` and `genius/` are written
 //! once against it. [`cpu`] is the f32 reference every other backend is checked against;
-//! [`cuda`] holds the CUDA side (device discovery now, kernels in later work).
+//! [`cuda`] is the CUDA backend (bf16 on the GPU; part of the ops so far, see
+//! [`cuda::ON_CUDA`]).
 
 pub mod cpu;
 pub mod cuda;

@@ -1,7 +1,7 @@
 //! `genius-engine info`: what a model is and where it can run.
 
 use crate::backend::cpu::CpuBackend;
-use crate::backend::cuda::probe_devices;
+use crate::backend::cuda::{probe_devices, readiness};
 use crate::model::{RopeScaling, load_model};
 use anyhow::Result;
 use serde_json::json;
@@ -38,10 +38,11 @@ pub fn run(model: Option<&str>, as_json: bool) -> Result<()> {
                 .iter()
                 .map(|d| {
                     format!(
-                        "cuda:{}: {} ({:.0} GiB; the CUDA backend is not in this build yet)",
+                        "cuda:{}: {} ({:.0} GiB; {})",
                         d.ordinal,
                         d.name,
-                        d.total_memory as f64 / (1u64 << 30) as f64
+                        d.total_memory as f64 / (1u64 << 30) as f64,
+                        readiness()
                     )
                 })
                 .collect(),

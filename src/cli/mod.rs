@@ -105,11 +105,15 @@ pub fn run(cli: Cli) -> Result<()> {
 }
 
 /// Loads the model named by `args` and builds the transformer on the chosen backend.
-/// Only the CPU backend exists in this build; `--device cuda` says so instead of pretending.
+/// Whole commands run on the CPU backend only: the CUDA backend does not have attention, the
+/// KV cache, log-probs, backward or sampling yet, so `--device cuda` says so instead of
+/// pretending (and `auto` means the CPU).
 pub fn load_cpu_transformer(args: &ModelArgs) -> Result<(LoadedModel, Transformer<CpuBackend>)> {
     if args.device == Device::Cuda {
         bail!(
-            "--device cuda: this build has no CUDA backend yet (the CPU backend is the only one); use --device cpu"
+            "--device cuda: the CUDA backend in this build runs only part of the model's ops \
+             (no attention, KV cache, log-probs, backward or sampling yet), so commands cannot \
+             run on it; use --device cpu"
         );
     }
     let model = load_model(args.model.as_deref())?;

@@ -1,6 +1,28 @@
-//! The CUDA side. For now: finding out, without panicking, whether a CUDA driver and devices
-//! are usable (cudarc is built with dynamic loading and panics if libcuda is absent, so the
-//! library is probed first). The backend itself comes with the kernels.
+//! The CUDA backend. cudarc is built with dynamic loading and panics if libcuda is absent, so
+//! [`probe_devices`] finds out first, without panicking, whether a driver and devices are
+//! usable; nothing else here touches the driver before it says yes.
+//!
+//! - [`kernels`]: where device code comes from (embedded sources, nvcc's ahead-of-time PTX and
+//!   cubins, NVRTC with an on-disk cache) and the list of every kernel; host-only, tested on
+//!   the CPU.
+//! - [`args`]: the kernels' argument structs, generated from `kernels/args.h` by bindgen.
+//! - [`context`]: device selection, the backend's one stream, the kernel registry, launches.
+//! - [`tensor`]: [`CudaTensor`] (bf16 or f32 device buffers) and [`CudaLinear`] (bf16 weights).
+//! - [`backend`]: [`CudaBackend`], the [`crate::backend::Backend`] implementation. Part of the
+//!   trait runs on the GPU ([`ON_CUDA`]); the rest returns an error naming the op
+//!   ([`NOT_YET_ON_CUDA`]), so the commands do not offer `--device cuda` yet.
+
+#[allow(non_camel_case_types, non_snake_case, non_upper_case_globals)]
+pub mod args;
+pub mod backend;
+pub mod context;
+pub mod kernels;
+pub mod tensor;
+
+pub use backend::{CudaBackend, NOT_YET_ON_CUDA, ON_CUDA};
+pub use context::CudaOptions;
+pub use kernels::KernelSourcePolicy;
+pub use tensor::{CudaLinear, CudaTensor, DType};
 
 /// A CUDA device the driver reports.
 #[derive(Debug, Clone)]
@@ -8,6 +30,16 @@ pub struct CudaDeviceInfo {
     pub ordinal: usize,
     pub name: String,
     pub total_memory: usize,
+}
+
+/// One line on what the CUDA backend can do in this build (for `genius-engine info`).
+pub fn readiness() -> String {
+    format!(
+        "CUDA backend: {} of {} backend ops on the GPU; attention, KV cache, log-probs, \
+         backward and sampling not yet, so commands run with --device cpu",
+        ON_CUDA.len(),
+        ON_CUDA.len() + NOT_YET_ON_CUDA.len()
+    )
 }
 
 /// Devices usable through the CUDA driver, or why none are.
@@ -46,6 +78,4 @@ pub fn probe_devices() -> Result<Vec<CudaDeviceInfo>, String> {
 }
 
 /// Kernel sources from `kernels/`, embedded by `build.rs` for NVRTC.
-pub mod sources {
-    include!(concat!(env!("OUT_DIR"), "/kernel_sources.rs"));
-}
+pub use kernels::sources;

@@ -1,0 +1,124 @@
+// Row-wise and elementwise ops: RMSNorm, RoPE, SwiGLU, residual add, scale, and the data
+// movement ops (column split/concat, row gather, which the embedding lookup also uses).
+// bf16 in and out, f32 maths; the movement and add/scale kernels also come in f32.
+// Launch shapes are chosen on the Rust side (src/backend/cuda/mod.rs), which states each
+// kernel's requirements next to its launch.
+#include "common.cuh"
+
+// ---- RMSNorm: one block per row; block size a multiple of 32. ----
+extern "C" __global__ void ge_rms_norm(RmsNormArgs a) {
+    __shared__ float scratch[GE_WARP_SIZE];
+    const long long row = blockIdx.x;
+    const ge_bf16* x = reinterpret_cast<const ge_bf16*>(a.x) + row * a.dim;
+    const ge_bf16* w = reinterpret_cast<const ge_bf16*>(a.weight);
+    ge_bf16* out = reinterpret_cast<ge_bf16*>(a.out) + row * a.dim;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < a.dim; i += blockDim.x) {
+        const float v = ge_bf16_to_f32(x[i]);
+        ss += v * v;
+    }
+    ss = ge_block_sum(ss, scratch);
+    const float scale = rsqrtf(ss / static_cast<float>(a.dim) + a.eps);
+    for (int i = threadIdx.x; i < a.dim; i += blockDim.x) {
+        out[i] = ge_f32_to_bf16(ge_bf16_to_f32(x[i]) * scale * ge_bf16_to_f32(w[i]));
+    }
+}
+
+// ---- RoPE (rotate-half), in place: one block per row. The row's cos/sin table
+// (head_dim / 2 pairs) is computed once into dynamic shared memory (head_dim floats), the
+// angle in f64 as the CPU reference does, then every head of the row is rotated. ----
+extern "C" __global__ void ge_rope(RopeArgs a) {
+    extern __shared__ float table[];  // cos[half] then sin[half]
+    const int half = a.head_dim / 2;
+    const long long row = blockIdx.x;
+    const double pos = static_cast<double>(reinterpret_cast<const unsigned int*>(a.positions)[row]);
+    const float* inv_freq = reinterpret_cast<const float*>(a.inv_freq);
+    const float sign = a.inverse ? -1.0f : 1.0f;
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+        double s, c;
+        sincos(pos * static_cast<double>(inv_freq[i]), &s, &c);
+        table[i] = static_cast<float>(c);
+        table[half + i] = sign * static_cast<float>(s);
+    }
+    __syncthreads();
+    ge_bf16* x = reinterpret_cast<ge_bf16*>(a.x) + row * a.width;
+    const int pairs = (a.width / a.head_dim) * half;
+    for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
+        const int head = p / half;
+        const int i = p - head * half;
+        ge_bf16* h = x + head * a.head_dim;
+        const float lo = ge_bf16_to_f32(h[i]);
+        const float hi = ge_bf16_to_f32(h[i + half]);
+        const float c = table[i];
+        const float s = table[half + i];
+        h[i] = ge_f32_to_bf16(lo * c - hi * s);
+        h[i + half] = ge_f32_to_bf16(hi * c + lo * s);
+    }
+}
+
+// ---- SwiGLU on the fused gate/up projection: grid-stride over the output. ----
+extern "C" __global__ void ge_swiglu(SwigluArgs a) {
+    const ge_bf16* gu = reinterpret_cast<const ge_bf16*>(a.gate_up);
+    ge_bf16* out = reinterpret_cast<ge_bf16*>(a.out);
+    const long long total = static_cast<long long>(a.rows) * a.inner;
+    for (long long idx = ge_global_index(); idx < total; idx += ge_grid_threads()) {
+        const long long r = idx / a.inner;
+        const long long j = idx - r * a.inner;
+        const ge_bf16* row = gu + r * 2 * a.inner;
+        const float g = ge_bf16_to_f32(row[j]);
+        const float u = ge_bf16_to_f32(row[a.inner + j]);
+        out[idx] = ge_f32_to_bf16(g / (1.0f + expf(-g)) * u);
+    }
+}
+
+// ---- x += y: grid-stride; the sum is formed in f32 and rounded once. ----
+template <typename X, typename Y> __device__ void add_assign(const AddAssignArgs& a) {
+    X* x = reinterpret_cast<X*>(a.x);
+    const Y* y = reinterpret_cast<const Y*>(a.y);
+    for (long long i = ge_global_index(); i < a.n; i += ge_grid_threads()) {
+        x[i] = ge_from_f32<X>(ge_to_f32(x[i]) + ge_to_f32(y[i]));
+    }
+}
+extern "C" __global__ void ge_add_assign_bf16(AddAssignArgs a) { add_assign<ge_bf16, ge_bf16>(a); }
+extern "C" __global__ void ge_add_assign_f32(AddAssignArgs a) { add_assign<float, float>(a); }
+extern "C" __global__ void ge_add_assign_f32_bf16(AddAssignArgs a) { add_assign<float, ge_bf16>(a); }
+
+// ---- x *= factor: grid-stride. ----
+template <typename T> __device__ void scale(const ScaleArgs& a) {
+    T* x = reinterpret_cast<T*>(a.x);
+    for (long long i = ge_global_index(); i < a.n; i += ge_grid_threads()) {
+        x[i] = ge_from_f32<T>(ge_to_f32(x[i]) * a.factor);
+    }
+}
+extern "C" __global__ void ge_scale_bf16(ScaleArgs a) { scale<ge_bf16>(a); }
+extern "C" __global__ void ge_scale_f32(ScaleArgs a) { scale<float>(a); }
+
+// ---- Column block copy (split/concat): grid-stride over rows x cols; bitwise, so it is
+// instantiated per element size (2 bytes: bf16, 4 bytes: f32). ----
+template <typename T> __device__ void copy_columns(const CopyColumnsArgs& a) {
+    const T* src = reinterpret_cast<const T*>(a.src);
+    T* dst = reinterpret_cast<T*>(a.dst);
+    const long long total = static_cast<long long>(a.rows) * a.cols;
+    for (long long idx = ge_global_index(); idx < total; idx += ge_grid_threads()) {
+        const long long r = idx / a.cols;
+        const long long c = idx - r * a.cols;
+        dst[r * a.dst_width + a.dst_col + c] = src[r * a.src_width + a.src_col + c];
+    }
+}
+extern "C" __global__ void ge_copy_columns_bf16(CopyColumnsArgs a) { copy_columns<unsigned short>(a); }
+extern "C" __global__ void ge_copy_columns_f32(CopyColumnsArgs a) { copy_columns<unsigned int>(a); }
+
+// ---- Row gather: grid-stride over count x width; bitwise, per element size. ----
+template <typename T> __device__ void gather_rows(const GatherRowsArgs& a) {
+    const T* src = reinterpret_cast<const T*>(a.src);
+    T* dst = reinterpret_cast<T*>(a.dst);
+    const unsigned int* indices = reinterpret_cast<const unsigned int*>(a.indices);
+    const long long total = static_cast<long long>(a.count) * a.width;
+    for (long long idx = ge_global_index(); idx < total; idx += ge_grid_threads()) {
+        const long long i = idx / a.width;
+        const long long c = idx - i * a.width;
+        dst[idx] = src[static_cast<long long>(indices[i]) * a.width + c];
+    }
+}
+extern "C" __global__ void ge_gather_rows_bf16(GatherRowsArgs a) { gather_rows<unsigned short>(a); }
+extern "C" __global__ void ge_gather_rows_f32(GatherRowsArgs a) { gather_rows<unsigned int>(a); }

@@ -1,0 +1,817 @@
+//! [`CudaBackend`]: the [`Backend`] trait on one CUDA device. bf16 tensors (f32 where asked
+//! for), f32 maths inside the kernels, cuBLASLt bf16 GEMMs with f32 accumulation for
+//! [`Backend::linear`]. Each op checks its shapes on the host (as the CPU backend does),
+//! then launches the kernels of `kernels/elementwise.cu` through [`GpuContext::launch`].
+//!
+//! On the GPU so far: upload/download, the tensor utilities (zeros, copy, fill_zero, scale,
+//! add_assign), embedding, rms_norm, rope, swiglu, split/concat columns, gather_rows and
+//! linear. Every other op returns an error naming the op ([`NOT_YET_ON_CUDA`]).
+
+use super::args;
+use super::context::{CudaOptions, GpuContext, LoadedUnit, grid_stride_config, row_block_threads};
+use super::tensor::{CudaLinear, CudaTensor, DType, DeviceData, from_bf16, numel, to_bf16};
+use crate::backend::{AttentionShape, Backend, PagedSeq, SeqSpan};
+use crate::model::HostTensor;
+use anyhow::{Context, Result, anyhow, bail, ensure};
+use cudarc::cublaslt::{CudaBlasLT, Matmul, MatmulConfig};
+use cudarc::driver::{CudaSlice, LaunchConfig};
+use half::bf16;
+use std::sync::Mutex;
+
+/// The [`Backend`] ops that run on the GPU in this build.
+pub const ON_CUDA: &[&str] = &[
+    "upload",
+    "download",
+    "upload_linear",
+    "download_linear",
+    "linear",
+    "embedding",
+    "rms_norm",
+    "rope",
+    "swiglu",
+    "split_columns",
+    "concat_columns",
+    "gather_rows",
+    "add_assign",
+    "zeros",
+    "copy",
+    "fill_zero",
+    "scale",
+];
+
+/// The [`Backend`] ops that are not on the CUDA backend yet: each returns an error naming it.
+pub const NOT_YET_ON_CUDA: &[&str] = &[
+    "causal_attention",
+    "kv_pool",
+    "write_kv",
+    "copy_blocks",
+    "paged_attention",
+    "target_logprobs",
+    "sum_squares",
+    "scatter_add_rows",
+    "linear_backward_input",
+    "accumulate_linear_grad",
+    "accumulate_bias_grad",
+    "rms_norm_backward",
+    "rope_backward",
+    "swiglu_backward",
+    "embedding_backward",
+    "causal_attention_backward",
+    "target_logprobs_backward",
+];
+
+/// bf16 quiet NaN, the poison of bf16 outputs.
+const BF16_NAN_BITS: u16 = 0x7FC0;
+/// f32 quiet NaN, the poison of f32 outputs.
+const F32_NAN_BITS: u32 = 0x7FC0_0000;
+
+fn not_yet(op: &str) -> anyhow::Error {
+    anyhow!(
+        "{op} is not on the CUDA backend yet (it has: {}); run on the CPU backend",
+        ON_CUDA.join(", ")
+    )
+}
+
+/// A size as the kernels' `int`, or an error naming `op` and `what`.
+fn int(v: usize, op: &str, what: &str) -> Result<i32> {
+    i32::try_from(v).map_err(|_| anyhow!("{op}: {what} = {v} is over the kernels' 2^31 - 1 limit"))
+}
+
+/// The CUDA backend: one device, one stream, the kernels of `kernels/` and a cuBLASLt handle.
+pub struct CudaBackend {
+    gpu: GpuContext,
+    /// cuBLASLt handle (and its workspace), used by one thread at a time.
+    blas: Mutex<CudaBlasLT>,
+    poison: bool,
+    /// The last RoPE `inv_freq` table uploaded (as f32 bits) and its device copy.
+    rope_table: Mutex<Option<(Vec<u32>, CudaSlice<f32>)>>,
+}
+
+impl CudaBackend {
+    /// Opens the device and loads every kernel; errors (no driver, no device, no cuBLASLt,
+    /// a kernel that does not compile or load) say which.
+    pub fn new(options: &CudaOptions) -> Result<Self> {
+        let gpu = GpuContext::new(options)?;
+        // SAFETY: only tries to load the library by its usual names.
+        if !unsafe { cudarc::cublaslt::sys::is_culib_present() } {
+            bail!("CUDA backend: no cuBLASLt library (libcublasLt.so) could be loaded");
+        }
+        gpu.ctx.bind_to_thread()?;
+        let blas = CudaBlasLT::new(gpu.stream.clone())
+            .map_err(|e| anyhow!("creating a cuBLASLt handle: {e:?}"))?;
+        Ok(Self {
+            gpu,
+            blas: Mutex::new(blas),
+            poison: options.poison_outputs,
+            rope_table: Mutex::new(None),
+        })
+    }
+
+    /// [`CudaBackend::new`] with [`CudaOptions::from_env`].
+    pub fn from_env() -> Result<Self> {
+        Self::new(&CudaOptions::from_env()?)
+    }
+
+    /// How each kernel unit was loaded (precompiled image or NVRTC, cache hit or not).
+    pub fn kernel_units(&self) -> &[LoadedUnit] {
+        self.gpu.registry.units()
+    }
+
+    /// Compute capability `(major, minor)` of the device.
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.gpu.compute_capability
+    }
+
+    /// Total device memory in bytes.
+    pub fn total_memory(&self) -> usize {
+        self.gpu.total_memory
+    }
+
+    /// Waits for all queued work; reports any asynchronous error.
+    pub fn synchronize(&self) -> Result<()> {
+        self.gpu.sync("the queued work")
+    }
+
+    /// Uploads `t` as an f32 device tensor (no rounding): for what must stay f32.
+    pub fn upload_f32(&self, t: &HostTensor) -> Result<CudaTensor> {
+        let s = self.gpu.upload_slice(&t.data)?;
+        CudaTensor::new(DeviceData::F32(s), t.shape.clone())
+    }
+
+    /// A zero-filled f32 device tensor.
+    pub fn zeros_f32(&self, shape: &[usize]) -> Result<CudaTensor> {
+        let s = self.gpu.alloc_zeros::<f32>(numel(shape)?)?;
+        CudaTensor::new(DeviceData::F32(s), shape.to_vec())
+    }
+
+    /// A new bf16 buffer for a kernel to write in full (NaN-filled first when poisoning).
+    fn output_bf16(&self, len: usize) -> Result<CudaSlice<bf16>> {
+        let mut s = self.gpu.alloc::<bf16>(len)?;
+        if self.poison {
+            let p = self.gpu.ptr_mut(&mut s);
+            self.gpu.memset_u16(p, BF16_NAN_BITS, len)?;
+        }
+        Ok(s)
+    }
+
+    /// A new buffer of `dtype` for a kernel to write in full.
+    fn output(&self, dtype: DType, shape: Vec<usize>) -> Result<CudaTensor> {
+        let len = numel(&shape)?;
+        let data = match dtype {
+            DType::Bf16 => DeviceData::Bf16(self.output_bf16(len)?),
+            DType::F32 => {
+                let mut s = self.gpu.alloc::<f32>(len)?;
+                if self.poison {
+                    let p = self.gpu.ptr_mut(&mut s);
+                    self.gpu.memset_u32(p, F32_NAN_BITS, len)?;
+                }
+                DeviceData::F32(s)
+            }
+        };
+        CudaTensor::new(data, shape)
+    }
+
+    /// Device address of a tensor's buffer, whatever its type.
+    fn addr(&self, t: &CudaTensor) -> u64 {
+        match &t.data {
+            DeviceData::Bf16(s) => self.gpu.ptr(s),
+            DeviceData::F32(s) => self.gpu.ptr(s),
+        }
+    }
+
+    /// Device address of a tensor's buffer that a kernel writes.
+    fn addr_mut(&self, t: &mut CudaTensor) -> u64 {
+        match &mut t.data {
+            DeviceData::Bf16(s) => self.gpu.ptr_mut(s),
+            DeviceData::F32(s) => self.gpu.ptr_mut(s),
+        }
+    }
+
+    /// `dst` rows = `src` rows at `indices` (each checked below `src`'s row count).
+    fn gather(&self, op: &str, src: &CudaTensor, indices: &[u32]) -> Result<CudaTensor> {
+        let (rows, width) = src.matrix();
+        if let Some(&i) = indices.iter().find(|&&i| i as usize >= rows) {
+            bail!("{op}: index {i} is outside the {rows} rows");
+        }
+        let mut out = self.output(src.dtype(), vec![indices.len(), width])?;
+        if indices.is_empty() || width == 0 {
+            return Ok(out);
+        }
+        let idx = self.gpu.upload_slice(indices)?;
+        let a = args::GatherRowsArgs {
+            src: self.addr(src),
+            dst: self.addr_mut(&mut out),
+            indices: self.gpu.ptr(&idx),
+            count: int(indices.len(), op, "rows")?,
+            width: int(width, op, "width")?,
+        };
+        let kernel = match src.dtype() {
+            DType::Bf16 => "ge_gather_rows_bf16",
+            DType::F32 => "ge_gather_rows_f32",
+        };
+        // SAFETY: `src` is [rows, width] with every index below rows, `out` is
+        // [count, width], `idx` holds `count` u32s; all live until the launch is queued
+        // (frees are stream-ordered after it).
+        unsafe {
+            self.gpu
+                .launch(kernel, grid_stride_config(indices.len() * width), &a)
+        }?;
+        Ok(out)
+    }
+
+    /// Copies `cols` columns from column `src_col` of `src` into column `dst_col` of `dst`.
+    #[allow(clippy::too_many_arguments)]
+    fn copy_columns(
+        &self,
+        op: &str,
+        src: &CudaTensor,
+        src_col: usize,
+        dst: &mut CudaTensor,
+        dst_col: usize,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        if rows == 0 || cols == 0 {
+            return Ok(());
+        }
+        let (src_width, dst_width) = (src.matrix().1, dst.matrix().1);
+        debug_assert!(src_col + cols <= src_width && dst_col + cols <= dst_width);
+        ensure!(
+            src.dtype() == dst.dtype(),
+            "{op}: mixed {} and {} tensors",
+            src.dtype().name(),
+            dst.dtype().name()
+        );
+        let a = args::CopyColumnsArgs {
+            src: self.addr(src),
+            dst: self.addr_mut(dst),
+            rows: int(rows, op, "rows")?,
+            cols: int(cols, op, "columns")?,
+            src_width: int(src_width, op, "width")?,
+            src_col: int(src_col, op, "column")?,
+            dst_width: int(dst_width, op, "width")?,
+            dst_col: int(dst_col, op, "column")?,
+        };
+        let kernel = match src.dtype() {
+            DType::Bf16 => "ge_copy_columns_bf16",
+            DType::F32 => "ge_copy_columns_f32",
+        };
+        // SAFETY: both tensors have `rows` rows of their widths and the copied column ranges
+        // lie inside them (checked by the callers).
+        unsafe { self.gpu.launch(kernel, grid_stride_config(rows * cols), &a) }
+    }
+
+    /// The device copy of `inv_freq`, uploaded when it differs from the last one.
+    fn with_inv_freq<R>(
+        &self,
+        inv_freq: &[f32],
+        f: impl FnOnce(&CudaSlice<f32>) -> Result<R>,
+    ) -> Result<R> {
+        let bits: Vec<u32> = inv_freq.iter().map(|v| v.to_bits()).collect();
+        let mut cache = self
+            .rope_table
+            .lock()
+            .map_err(|_| anyhow!("rope: the inv_freq cache lock is poisoned"))?;
+        if cache.as_ref().is_none_or(|(b, _)| *b != bits) {
+            let table = self.gpu.upload_slice(inv_freq)?;
+            *cache = Some((bits, table));
+        }
+        let (_, table) = cache.as_ref().expect("filled above");
+        f(table)
+    }
+}
+
+impl Backend for CudaBackend {
+    type Tensor = CudaTensor;
+    type Linear = CudaLinear;
+
+    fn name(&self) -> String {
+        let (major, minor) = self.gpu.compute_capability;
+        format!("cuda ({}, sm_{major}{minor}, bf16)", self.gpu.name)
+    }
+
+    fn upload(&self, t: &HostTensor) -> Result<CudaTensor> {
+        let s = self.gpu.upload_slice(&to_bf16(&t.data))?;
+        CudaTensor::new(DeviceData::Bf16(s), t.shape.clone())
+    }
+
+    fn download(&self, t: &CudaTensor) -> Result<HostTensor> {
+        let data = match &t.data {
+            DeviceData::Bf16(s) => from_bf16(&self.gpu.download_slice(s, t.numel())?),
+            DeviceData::F32(s) => self.gpu.download_slice(s, t.numel())?,
+        };
+        Ok(HostTensor::new(t.shape.clone(), data))
+    }
+
+    fn shape<'a>(&self, t: &'a CudaTensor) -> &'a [usize] {
+        &t.shape
+    }
+
+    fn upload_linear(&self, w: &HostTensor) -> Result<CudaLinear> {
+        ensure!(
+            w.shape.len() == 2,
+            "linear weight must be 2-D [out, in], got shape {:?}",
+            w.shape
+        );
+        Ok(CudaLinear {
+            weight: self.gpu.upload_slice(&to_bf16(&w.data))?,
+            out_features: w.shape[0],
+            in_features: w.shape[1],
+        })
+    }
+
+    fn download_linear(&self, w: &CudaLinear) -> Result<HostTensor> {
+        Ok(HostTensor::new(
+            vec![w.out_features, w.in_features],
+            from_bf16(
+                &self
+                    .gpu
+                    .download_slice(&w.weight, w.out_features * w.in_features)?,
+            ),
+        ))
+    }
+
+    fn linear_shape(&self, w: &CudaLinear) -> [usize; 2] {
+        [w.out_features, w.in_features]
+    }
+
+    fn embedding(&self, table: &CudaTensor, ids: &[u32]) -> Result<CudaTensor> {
+        let (vocab, _) = table.matrix();
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab) {
+            bail!("token id {id} is outside the vocabulary ({vocab} entries)");
+        }
+        table.bf16("embedding")?;
+        // The lookup is a row gather of the table.
+        self.gather("embedding", table, ids)
+    }
+
+    fn rms_norm(&self, x: &CudaTensor, weight: &CudaTensor, eps: f32) -> Result<CudaTensor> {
+        let (rows, dim) = x.matrix();
+        ensure!(
+            weight.numel() == dim,
+            "rms_norm: weight has {} entries, x rows {dim}",
+            weight.numel()
+        );
+        let xs = x.bf16("rms_norm")?;
+        let ws = weight.bf16("rms_norm (weight)")?;
+        let mut out = self.output(DType::Bf16, x.shape.clone())?;
+        if rows == 0 || dim == 0 {
+            return Ok(out);
+        }
+        let a = args::RmsNormArgs {
+            x: self.gpu.ptr(xs),
+            weight: self.gpu.ptr(ws),
+            out: self.addr_mut(&mut out),
+            rows: int(rows, "rms_norm", "rows")?,
+            dim: int(dim, "rms_norm", "dim")?,
+            eps,
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (row_block_threads(dim), 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: x and out are [rows, dim] bf16, weight is [dim] bf16; one block per row,
+        // block size a multiple of 32 as ge_block_sum needs.
+        unsafe { self.gpu.launch("ge_rms_norm", cfg, &a) }?;
+        Ok(out)
+    }
+
+    fn linear(
+        &self,
+        x: &CudaTensor,
+        weight: &CudaLinear,
+        bias: Option<&CudaTensor>,
+    ) -> Result<CudaTensor> {
+        let (n, k) = x.matrix();
+        let (m, k2) = (weight.out_features, weight.in_features);
+        ensure!(k == k2, "linear: x has {k} columns, weight has {k2}");
+        ensure!(k > 0, "linear: the weight has no input features");
+        let xs = x.bf16("linear")?;
+        let bs = match bias {
+            Some(b) => {
+                ensure!(
+                    b.numel() == m,
+                    "linear: bias has {} entries, want {m}",
+                    b.numel()
+                );
+                Some(b.bf16("linear (bias)")?)
+            }
+            None => None,
+        };
+        let mut out = self.output_bf16(n * m)?;
+        if n > 0 && m > 0 {
+            // Row-major y[n, m] = x[n, k] w[m, k]^T is column-major y^T[m, n] = w x^T, where
+            // w is the column-major [k, m] matrix (transposed: op(A) = [m, k]) and x^T the
+            // column-major [k, n] matrix. cuBLASLt's bias epilogue adds bias[m] to every
+            // column of y^T, i.e. to every row of y.
+            let cfg = MatmulConfig {
+                transa: true,
+                transb: false,
+                transc: false,
+                m: m as u64,
+                n: n as u64,
+                k: k as u64,
+                alpha: 1.0,
+                lda: k as i64,
+                ldb: k as i64,
+                beta: 0.0,
+                ldc: m as i64,
+                stride_a: None,
+                stride_b: None,
+                stride_c: None,
+                stride_bias: None,
+                batch_size: None,
+            };
+            let blas = self
+                .blas
+                .lock()
+                .map_err(|_| anyhow!("linear: the cuBLASLt handle's lock is poisoned"))?;
+            self.gpu.ctx.bind_to_thread()?;
+            // SAFETY: w is [m, k], x is [n, k], out is [n, m] and bias is [m], all bf16 and
+            // live; beta = 0 so out's (possibly poisoned) contents are not read.
+            unsafe { blas.matmul(cfg, &weight.weight, xs, &mut out, bs, None) }.map_err(|e| {
+                anyhow!(
+                    "linear: cuBLASLt bf16 GEMM [{n}, {k}] x [{m}, {k}]^T{} failed: {e:?}",
+                    if bs.is_some() { " + bias" } else { "" }
+                )
+            })?;
+            if self.gpu.sync_after_launch {
+                self.gpu.sync("the cuBLASLt GEMM of linear")?;
+            }
+        }
+        CudaTensor::new(DeviceData::Bf16(out), vec![n, m])
+    }
+
+    fn rope(
+        &self,
+        x: &mut CudaTensor,
+        positions: &[u32],
+        head_dim: usize,
+        inv_freq: &[f32],
+    ) -> Result<()> {
+        let (n, w) = x.matrix();
+        ensure!(
+            n == positions.len(),
+            "rope: {n} rows but {} positions",
+            positions.len()
+        );
+        ensure!(
+            head_dim > 0 && w % head_dim == 0 && inv_freq.len() * 2 == head_dim,
+            "rope: bad head_dim {head_dim} for width {w} and {} frequencies",
+            inv_freq.len()
+        );
+        if n == 0 || w == 0 {
+            return Ok(());
+        }
+        let pos = self.gpu.upload_slice(positions)?;
+        let xp = self.gpu.ptr_mut(x.bf16_mut("rope")?);
+        self.with_inv_freq(inv_freq, |table| {
+            let a = args::RopeArgs {
+                x: xp,
+                positions: self.gpu.ptr(&pos),
+                inv_freq: self.gpu.ptr(table),
+                rows: int(n, "rope", "rows")?,
+                width: int(w, "rope", "width")?,
+                head_dim: int(head_dim, "rope", "head_dim")?,
+                inverse: 0,
+            };
+            let cfg = LaunchConfig {
+                grid_dim: (n as u32, 1, 1),
+                block_dim: (row_block_threads(w / 2), 1, 1),
+                shared_mem_bytes: (head_dim * std::mem::size_of::<f32>()) as u32,
+            };
+            // SAFETY: x is [n, w] bf16 with w a multiple of head_dim, positions has n u32s,
+            // the table head_dim / 2 f32s; the shared table is head_dim floats.
+            unsafe { self.gpu.launch("ge_rope", cfg, &a) }
+        })
+    }
+
+    fn causal_attention(
+        &self,
+        _q: &CudaTensor,
+        _k: &CudaTensor,
+        _v: &CudaTensor,
+        _seqs: &[SeqSpan],
+        _shape: AttentionShape,
+    ) -> Result<CudaTensor> {
+        Err(not_yet("causal_attention"))
+    }
+
+    fn kv_pool(&self, _num_blocks: usize, _block_size: usize, _width: usize) -> Result<CudaTensor> {
+        Err(not_yet("kv_pool"))
+    }
+
+    fn write_kv(
+        &self,
+        _k_pool: &mut CudaTensor,
+        _v_pool: &mut CudaTensor,
+        _k: &CudaTensor,
+        _v: &CudaTensor,
+        _slots: &[u32],
+    ) -> Result<()> {
+        Err(not_yet("write_kv"))
+    }
+
+    fn copy_blocks(
+        &self,
+        _pool: &mut CudaTensor,
+        _copies: &[(u32, u32)],
+        _block_size: usize,
+    ) -> Result<()> {
+        Err(not_yet("copy_blocks"))
+    }
+
+    fn paged_attention(
+        &self,
+        _q: &CudaTensor,
+        _k_pool: &CudaTensor,
+        _v_pool: &CudaTensor,
+        _seqs: &[PagedSeq<'_>],
+        _shape: AttentionShape,
+        _block_size: usize,
+    ) -> Result<CudaTensor> {
+        Err(not_yet("paged_attention"))
+    }
+
+    fn swiglu(&self, gate_up: &CudaTensor) -> Result<CudaTensor> {
+        let (n, w) = gate_up.matrix();
+        ensure!(w.is_multiple_of(2), "swiglu: fused width {w} is odd");
+        let inner = w / 2;
+        let gs = gate_up.bf16("swiglu")?;
+        let mut out = self.output(DType::Bf16, vec![n, inner])?;
+        if n == 0 || inner == 0 {
+            return Ok(out);
+        }
+        let a = args::SwigluArgs {
+            gate_up: self.gpu.ptr(gs),
+            out: self.addr_mut(&mut out),
+            rows: int(n, "swiglu", "rows")?,
+            inner: int(inner, "swiglu", "width")?,
+        };
+        // SAFETY: gate_up is [n, 2 inner] bf16, out [n, inner] bf16.
+        unsafe {
+            self.gpu
+                .launch("ge_swiglu", grid_stride_config(n * inner), &a)
+        }?;
+        Ok(out)
+    }
+
+    fn split_columns(&self, x: &CudaTensor, widths: &[usize]) -> Result<Vec<CudaTensor>> {
+        let (n, w) = x.matrix();
+        ensure!(
+            widths.iter().sum::<usize>() == w,
+            "split_columns: widths {widths:?} vs {w}"
+        );
+        let mut outs = Vec::with_capacity(widths.len());
+        let mut at = 0;
+        for &c in widths {
+            let mut part = self.output(x.dtype(), vec![n, c])?;
+            self.copy_columns("split_columns", x, at, &mut part, 0, n, c)?;
+            outs.push(part);
+            at += c;
+        }
+        Ok(outs)
+    }
+
+    fn add_assign(&self, x: &mut CudaTensor, y: &CudaTensor) -> Result<()> {
+        ensure!(
+            x.shape == y.shape,
+            "add: shapes {:?} and {:?} differ",
+            x.shape,
+            y.shape
+        );
+        let kernel = match (x.dtype(), y.dtype()) {
+            (DType::Bf16, DType::Bf16) => "ge_add_assign_bf16",
+            (DType::F32, DType::F32) => "ge_add_assign_f32",
+            (DType::F32, DType::Bf16) => "ge_add_assign_f32_bf16",
+            (DType::Bf16, DType::F32) => {
+                bail!("add: adding an f32 tensor into a bf16 one would round it; not supported")
+            }
+        };
+        let n = x.numel();
+        if n == 0 {
+            return Ok(());
+        }
+        let a = args::AddAssignArgs {
+            x: self.addr_mut(x),
+            y: self.addr(y),
+            n: n as i64,
+        };
+        // SAFETY: x and y hold n elements of the kernel's types.
+        unsafe { self.gpu.launch(kernel, grid_stride_config(n), &a) }
+    }
+
+    fn gather_rows(&self, x: &CudaTensor, rows: &[usize]) -> Result<CudaTensor> {
+        let n = x.matrix().0;
+        let mut idx = Vec::with_capacity(rows.len());
+        for &r in rows {
+            ensure!(r < n, "gather_rows: row {r} of {n}");
+            idx.push(u32::try_from(r).context("gather_rows: row index over u32")?);
+        }
+        self.gather("gather_rows", x, &idx)
+    }
+
+    fn target_logprobs(
+        &self,
+        _hidden: &CudaTensor,
+        _lm_head: &CudaLinear,
+        _targets: &[u32],
+    ) -> Result<Vec<f32>> {
+        Err(not_yet("target_logprobs"))
+    }
+
+    fn zeros(&self, shape: &[usize]) -> Result<CudaTensor> {
+        let s = self.gpu.alloc_zeros::<bf16>(numel(shape)?)?;
+        CudaTensor::new(DeviceData::Bf16(s), shape.to_vec())
+    }
+
+    fn copy(&self, x: &CudaTensor) -> Result<CudaTensor> {
+        // Whole buffers (an empty tensor's one placeholder element included).
+        let data = match &x.data {
+            DeviceData::Bf16(s) => DeviceData::Bf16(self.gpu.stream.clone_dtod(s)?),
+            DeviceData::F32(s) => DeviceData::F32(self.gpu.stream.clone_dtod(s)?),
+        };
+        CudaTensor::new(data, x.shape.clone())
+    }
+
+    fn fill_zero(&self, x: &mut CudaTensor) -> Result<()> {
+        match &mut x.data {
+            DeviceData::Bf16(s) => self.gpu.stream.memset_zeros(s)?,
+            DeviceData::F32(s) => self.gpu.stream.memset_zeros(s)?,
+        }
+        Ok(())
+    }
+
+    fn scale(&self, x: &mut CudaTensor, s: f32) -> Result<()> {
+        let n = x.numel();
+        if n == 0 {
+            return Ok(());
+        }
+        let kernel = match x.dtype() {
+            DType::Bf16 => "ge_scale_bf16",
+            DType::F32 => "ge_scale_f32",
+        };
+        let a = args::ScaleArgs {
+            x: self.addr_mut(x),
+            n: n as i64,
+            factor: s,
+        };
+        // SAFETY: x holds n elements of the kernel's type.
+        unsafe { self.gpu.launch(kernel, grid_stride_config(n), &a) }
+    }
+
+    fn sum_squares(&self, _x: &CudaTensor) -> Result<f64> {
+        Err(not_yet("sum_squares"))
+    }
+
+    fn concat_columns(&self, parts: &[&CudaTensor]) -> Result<CudaTensor> {
+        ensure!(!parts.is_empty(), "concat_columns: no tensors");
+        let n = parts[0].matrix().0;
+        let dtype = parts[0].dtype();
+        let mut widths = Vec::with_capacity(parts.len());
+        for p in parts {
+            let (rows, w) = p.matrix();
+            ensure!(
+                rows == n,
+                "concat_columns: {rows} rows vs {n} (shapes {:?} and {:?})",
+                p.shape,
+                parts[0].shape
+            );
+            ensure!(
+                p.dtype() == dtype,
+                "concat_columns: mixed {} and {} tensors",
+                dtype.name(),
+                p.dtype().name()
+            );
+            widths.push(w);
+        }
+        let total: usize = widths.iter().sum();
+        let mut out = self.output(dtype, vec![n, total])?;
+        let mut at = 0;
+        for (p, &w) in parts.iter().zip(&widths) {
+            self.copy_columns("concat_columns", p, 0, &mut out, at, n, w)?;
+            at += w;
+        }
+        Ok(out)
+    }
+
+    fn scatter_add_rows(
+        &self,
+        _dst: &mut CudaTensor,
+        _rows: &[usize],
+        _src: &CudaTensor,
+    ) -> Result<()> {
+        Err(not_yet("scatter_add_rows"))
+    }
+
+    fn linear_backward_input(&self, _dy: &CudaTensor, _w: &CudaLinear) -> Result<CudaTensor> {
+        Err(not_yet("linear_backward_input"))
+    }
+
+    fn accumulate_linear_grad(
+        &self,
+        _grad: &mut CudaTensor,
+        _x: &CudaTensor,
+        _dy: &CudaTensor,
+    ) -> Result<()> {
+        Err(not_yet("accumulate_linear_grad"))
+    }
+
+    fn accumulate_bias_grad(&self, _grad: &mut CudaTensor, _dy: &CudaTensor) -> Result<()> {
+        Err(not_yet("accumulate_bias_grad"))
+    }
+
+    fn rms_norm_backward(
+        &self,
+        _x: &CudaTensor,
+        _weight: &CudaTensor,
+        _eps: f32,
+        _dy: &CudaTensor,
+        _weight_grad: &mut CudaTensor,
+    ) -> Result<CudaTensor> {
+        Err(not_yet("rms_norm_backward"))
+    }
+
+    fn rope_backward(
+        &self,
+        _dx: &mut CudaTensor,
+        _positions: &[u32],
+        _head_dim: usize,
+        _inv_freq: &[f32],
+    ) -> Result<()> {
+        Err(not_yet("rope_backward"))
+    }
+
+    fn swiglu_backward(&self, _gate_up: &CudaTensor, _dy: &CudaTensor) -> Result<CudaTensor> {
+        Err(not_yet("swiglu_backward"))
+    }
+
+    fn embedding_backward(
+        &self,
+        _grad: &mut CudaTensor,
+        _ids: &[u32],
+        _dy: &CudaTensor,
+    ) -> Result<()> {
+        Err(not_yet("embedding_backward"))
+    }
+
+    fn causal_attention_backward(
+        &self,
+        _q: &CudaTensor,
+        _k: &CudaTensor,
+        _v: &CudaTensor,
+        _dout: &CudaTensor,
+        _seqs: &[SeqSpan],
+        _shape: AttentionShape,
+    ) -> Result<(CudaTensor, CudaTensor, CudaTensor)> {
+        Err(not_yet("causal_attention_backward"))
+    }
+
+    fn target_logprobs_backward(
+        &self,
+        _hidden: &CudaTensor,
+        _lm_head: &CudaLinear,
+        _targets: &[u32],
+        _d_logprob: &[f32],
+        _lm_head_grad: &mut CudaTensor,
+    ) -> Result<CudaTensor> {
+        Err(not_yet("target_logprobs_backward"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_op_is_listed_once_as_on_cuda_or_not_yet() {
+        let mut all: Vec<&str> = ON_CUDA.iter().chain(NOT_YET_ON_CUDA).copied().collect();
+        let n = all.len();
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), n, "an op is listed twice");
+        // The Backend trait's methods, less `name`, `shape` and `linear_shape` (no device work).
+        let trait_src = include_str!("../mod.rs");
+        let start = trait_src.find("pub trait Backend").unwrap();
+        let mut methods: Vec<&str> = trait_src[start..]
+            .match_indices("    fn ")
+            .map(|(at, _)| {
+                let rest = &trait_src[start + at + 7..];
+                &rest[..rest.find(['(', '<']).unwrap()]
+            })
+            .filter(|m| !["name", "shape", "linear_shape"].contains(m))
+            .collect();
+        methods.sort();
+        assert_eq!(methods, all);
+    }
+
+    #[test]
+    fn not_yet_errors_name_the_op() {
+        let e = not_yet("paged_attention").to_string();
+        assert!(
+            e.starts_with("paged_attention is not on the CUDA backend yet"),
+            "{e}"
+        );
+    }
+}

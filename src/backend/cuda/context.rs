@@ -1,0 +1,426 @@
+//! The device side of the CUDA backend: [`GpuContext`] picks the device, owns the one stream
+//! every launch and copy goes through, and holds the [`KernelRegistry`] (every unit of
+//! `kernels/` loaded once; kernels looked up by name, with errors that name the kernel).
+//! [`GpuContext::launch`] is the single place kernels are launched from.
+
+use super::args;
+use super::kernels::{self, CacheOutcome, ImageChoice, KERNEL_UNITS, KernelSourcePolicy};
+use super::probe_devices;
+use anyhow::{Context, Result, anyhow, bail};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut,
+    DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use cudarc::nvrtc::Ptx;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+// SAFETY: each is a `#[repr(C)]` plain-data struct (integers, floats and u64 device
+// addresses) generated from kernels/args.h, whose layout the compilers and the layout tests
+// check; the kernels take them by value, which is what `DeviceRepr` passes.
+unsafe impl DeviceRepr for args::RmsNormArgs {}
+unsafe impl DeviceRepr for args::RopeArgs {}
+unsafe impl DeviceRepr for args::SwigluArgs {}
+unsafe impl DeviceRepr for args::AddAssignArgs {}
+unsafe impl DeviceRepr for args::ScaleArgs {}
+unsafe impl DeviceRepr for args::CopyColumnsArgs {}
+unsafe impl DeviceRepr for args::GatherRowsArgs {}
+
+/// Environment variable: the CUDA device ordinal to use (default 0).
+pub const DEVICE_ENV: &str = "GENIUS_CUDA_DEVICE";
+/// Environment variable: `1` synchronizes after every launch (see [`CudaOptions::sync_after_launch`]).
+pub const SYNC_ENV: &str = "GENIUS_CUDA_SYNC";
+
+/// How the CUDA backend is set up.
+#[derive(Debug, Clone, Default)]
+pub struct CudaOptions {
+    /// Device ordinal.
+    pub ordinal: usize,
+    /// Where the kernels' device code comes from.
+    pub kernels: KernelSourcePolicy,
+    /// NVRTC output cache; `None` compiles without caching.
+    pub cache_dir: Option<PathBuf>,
+    /// Fill every freshly allocated output with NaN before the kernel that writes it, so that
+    /// an element a kernel fails to write shows up (for tests; costs one memset per output).
+    pub poison_outputs: bool,
+    /// Synchronize after every launch, so that a fault is reported by the kernel that caused
+    /// it rather than by a later call (for tests and debugging; slow).
+    pub sync_after_launch: bool,
+}
+
+impl CudaOptions {
+    /// Options from the environment: `$GENIUS_CUDA_DEVICE`, `$GENIUS_CUDA_KERNELS`,
+    /// `$GENIUS_CUDA_SYNC`, and the kernel cache under `$GENIUS_HOME`.
+    pub fn from_env() -> Result<Self> {
+        let ordinal = match std::env::var(DEVICE_ENV) {
+            Ok(v) => v
+                .trim()
+                .parse()
+                .with_context(|| format!("{DEVICE_ENV}={v:?} is not a device ordinal"))?,
+            Err(_) => 0,
+        };
+        Ok(Self {
+            ordinal,
+            kernels: KernelSourcePolicy::from_env()?,
+            cache_dir: kernels::default_cache_dir(),
+            poison_outputs: false,
+            sync_after_launch: std::env::var(SYNC_ENV).is_ok_and(|v| v == "1"),
+        })
+    }
+}
+
+/// How one unit of `kernels/` was loaded.
+#[derive(Debug, Clone)]
+pub struct LoadedUnit {
+    pub unit: &'static str,
+    pub image: ImageChoice,
+    /// For NVRTC: whether the disk cache had it.
+    pub cache: Option<CacheOutcome>,
+}
+
+/// Every kernel of [`KERNEL_UNITS`], loaded into the context once.
+pub struct KernelRegistry {
+    functions: HashMap<&'static str, CudaFunction>,
+    units: Vec<LoadedUnit>,
+    _modules: Vec<Arc<CudaModule>>,
+}
+
+impl KernelRegistry {
+    /// Loads every unit (precompiled image or NVRTC, per `policy`) and looks up every kernel.
+    pub fn load(
+        ctx: &Arc<CudaContext>,
+        cc: (i32, i32),
+        policy: KernelSourcePolicy,
+        cache_dir: Option<&std::path::Path>,
+    ) -> Result<Self> {
+        let mut functions = HashMap::new();
+        let mut units = Vec::new();
+        let mut modules = Vec::new();
+        for &(unit, names) in KERNEL_UNITS {
+            let ptx = kernels::precompiled_ptx(unit);
+            let cubin = kernels::precompiled_cubin(unit);
+            let image = kernels::choose_image(policy, cc, ptx.is_some(), cubin.is_some())
+                .with_context(|| format!("kernels/{unit}"))?;
+            let (code, cache) = match (&image, ptx, cubin) {
+                (ImageChoice::Cubin, _, Some(bin)) => (Ptx::from_binary(bin.to_vec()), None),
+                (ImageChoice::Ptx, Some(text), _) => (Ptx::from_src(text), None),
+                (ImageChoice::Nvrtc { arch }, _, _) => {
+                    let (text, outcome) = kernels::compile_unit_cached(unit, arch, cache_dir)?;
+                    (Ptx::from_src(text), Some(outcome))
+                }
+                _ => unreachable!("choose_image picks only images that exist"),
+            };
+            let module = ctx.load_module(code).with_context(|| {
+                format!("loading kernels/{unit} ({image:?}) into the CUDA context")
+            })?;
+            for &name in names {
+                let f = module.load_function(name).with_context(|| {
+                    format!("kernel {name} is not in kernels/{unit} as loaded ({image:?})")
+                })?;
+                functions.insert(name, f);
+            }
+            units.push(LoadedUnit { unit, image, cache });
+            modules.push(module);
+        }
+        Ok(Self {
+            functions,
+            units,
+            _modules: modules,
+        })
+    }
+
+    /// The kernel called `name`.
+    pub fn get(&self, name: &str) -> Result<&CudaFunction> {
+        self.functions.get(name).ok_or_else(|| {
+            anyhow!(
+                "kernel {name} is not in the CUDA kernel registry (units: {})",
+                self.units
+                    .iter()
+                    .map(|u| u.unit)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })
+    }
+
+    /// How each unit was loaded.
+    pub fn units(&self) -> &[LoadedUnit] {
+        &self.units
+    }
+}
+
+/// A CUDA device in use: context, the backend's one stream, and the kernels.
+pub struct GpuContext {
+    pub(crate) ctx: Arc<CudaContext>,
+    pub(crate) stream: Arc<CudaStream>,
+    pub(crate) registry: KernelRegistry,
+    pub(crate) name: String,
+    pub(crate) compute_capability: (i32, i32),
+    pub(crate) total_memory: usize,
+    pub(crate) sync_after_launch: bool,
+}
+
+impl GpuContext {
+    /// Opens device `options.ordinal`, after checking without panicking that a driver and
+    /// the device exist, and loads every kernel.
+    pub fn new(options: &CudaOptions) -> Result<Self> {
+        let devices = probe_devices().map_err(|why| anyhow!("CUDA backend: {why}"))?;
+        let Some(dev) = devices.iter().find(|d| d.ordinal == options.ordinal) else {
+            bail!(
+                "CUDA backend: no device {} (the driver reports {} device(s))",
+                options.ordinal,
+                devices.len()
+            );
+        };
+        let ctx = CudaContext::new(options.ordinal)
+            .with_context(|| format!("creating a CUDA context on device {}", options.ordinal))?;
+        // SAFETY: the backend uses exactly one stream (below) for every allocation, copy and
+        // launch, so stream-ordered execution already orders every use of every buffer and
+        // cudarc's per-buffer events are not needed. No buffer exists yet.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().context("creating a CUDA stream")?;
+        let compute_capability = ctx
+            .compute_capability()
+            .context("reading the compute capability")?;
+        let registry = KernelRegistry::load(
+            &ctx,
+            compute_capability,
+            options.kernels,
+            options.cache_dir.as_deref(),
+        )?;
+        Ok(Self {
+            ctx,
+            stream,
+            registry,
+            name: dev.name.clone(),
+            compute_capability,
+            total_memory: dev.total_memory,
+            sync_after_launch: options.sync_after_launch,
+        })
+    }
+
+    /// Launches kernel `name` with one by-value argument struct, then (with
+    /// `sync_after_launch`) waits for it. Errors name the kernel and launch shape.
+    ///
+    /// # Safety
+    /// `args` must be the struct the kernel takes, and every device address in it must point
+    /// to a live allocation of this context large enough for what the kernel reads and
+    /// writes with these sizes and `cfg`.
+    pub(crate) unsafe fn launch<A: DeviceRepr>(
+        &self,
+        name: &str,
+        cfg: LaunchConfig,
+        args: &A,
+    ) -> Result<()> {
+        let f = self.registry.get(name)?;
+        let mut builder = self.stream.launch_builder(f);
+        builder.arg(args);
+        // SAFETY: forwarded to the caller (see above).
+        unsafe { builder.launch(cfg) }.with_context(|| {
+            format!(
+                "launching {name} (grid {:?}, block {:?}, {} B dynamic shared memory)",
+                cfg.grid_dim, cfg.block_dim, cfg.shared_mem_bytes
+            )
+        })?;
+        if self.sync_after_launch {
+            self.stream
+                .synchronize()
+                .with_context(|| format!("kernel {name} failed on the device"))?;
+        }
+        Ok(())
+    }
+
+    /// Waits for everything queued on the stream; errors say which call was waiting.
+    pub(crate) fn sync(&self, what: &str) -> Result<()> {
+        self.stream
+            .synchronize()
+            .with_context(|| format!("CUDA error while waiting for {what}"))
+    }
+
+    /// A buffer of `len` elements, uninitialised (the caller writes all of it). An empty
+    /// tensor still gets one element: zero-byte allocations are not valid for every CUDA
+    /// allocator, so the backend never asks for one (see [`CudaTensor::new`]).
+    ///
+    /// [`CudaTensor::new`]: super::tensor::CudaTensor::new
+    pub(crate) fn alloc<T: DeviceRepr>(&self, len: usize) -> Result<CudaSlice<T>> {
+        let len = len.max(1);
+        // SAFETY: the contents are unset; every caller writes every element before reading.
+        unsafe { self.stream.alloc(len) }.with_context(|| {
+            format!(
+                "allocating {len} x {} bytes on the device",
+                std::mem::size_of::<T>()
+            )
+        })
+    }
+
+    /// A zero-filled buffer of `len` elements (at least one, as in [`GpuContext::alloc`]).
+    pub(crate) fn alloc_zeros<T: DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+        &self,
+        len: usize,
+    ) -> Result<CudaSlice<T>> {
+        let len = len.max(1);
+        self.stream.alloc_zeros(len).with_context(|| {
+            format!(
+                "allocating {len} x {} zeroed bytes on the device",
+                std::mem::size_of::<T>()
+            )
+        })
+    }
+
+    /// A copy of host data in a new device buffer (one unset element when `data` is empty).
+    pub(crate) fn upload_slice<T: DeviceRepr>(&self, data: &[T]) -> Result<CudaSlice<T>> {
+        if data.is_empty() {
+            return self.alloc(0);
+        }
+        self.stream
+            .clone_htod(data)
+            .with_context(|| format!("copying {} elements to the device", data.len()))
+    }
+
+    /// The first `len` elements of a device buffer, on the host (waits for the stream).
+    pub(crate) fn download_slice<T: DeviceRepr>(
+        &self,
+        s: &CudaSlice<T>,
+        len: usize,
+    ) -> Result<Vec<T>> {
+        self.sync("the work before a download")?;
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let v = self
+            .stream
+            .clone_dtoh(&s.slice(..len))
+            .with_context(|| format!("copying {len} elements from the device"))?;
+        self.sync("a download")?;
+        Ok(v)
+    }
+
+    /// Fills `len` 16-bit elements at device address `ptr` with `bits` (poisoning outputs).
+    pub(crate) fn memset_u16(&self, ptr: u64, bits: u16, len: usize) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        self.ctx.bind_to_thread()?;
+        // SAFETY: `ptr` is the start of a live allocation of at least `len` u16 elements
+        // (callers pass a whole buffer), and the memset is ordered on the backend's stream.
+        unsafe { cudarc::driver::sys::cuMemsetD16Async(ptr, bits, len, self.stream.cu_stream()) }
+            .result()
+            .context("cuMemsetD16Async")
+    }
+
+    /// Fills `len` 32-bit elements at device address `ptr` with `bits` (poisoning outputs).
+    pub(crate) fn memset_u32(&self, ptr: u64, bits: u32, len: usize) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        self.ctx.bind_to_thread()?;
+        // SAFETY: as in `memset_u16`, for u32 elements.
+        unsafe { cudarc::driver::sys::cuMemsetD32Async(ptr, bits, len, self.stream.cu_stream()) }
+            .result()
+            .context("cuMemsetD32Async")
+    }
+
+    /// The device address of a buffer, for an argument struct.
+    pub(crate) fn ptr<T>(&self, s: &CudaSlice<T>) -> u64 {
+        // The returned guard only records a cudarc event, which this backend has turned off
+        // (one stream, see `new`), so it can be dropped at once.
+        let (p, _guard) = s.device_ptr(&self.stream);
+        p
+    }
+
+    /// The device address of a buffer the kernel writes, for an argument struct.
+    pub(crate) fn ptr_mut<T>(&self, s: &mut CudaSlice<T>) -> u64 {
+        let (p, _guard) = s.device_ptr_mut(&self.stream);
+        p
+    }
+}
+
+/// Threads per block of the grid-stride kernels.
+pub(crate) const GRID_STRIDE_THREADS: u32 = 256;
+
+/// A one-dimensional grid-stride launch over `n` elements (`n > 0`): enough blocks to cover
+/// `n`, capped (the kernels loop) so that huge tensors do not need huge grids.
+pub(crate) fn grid_stride_config(n: usize) -> LaunchConfig {
+    const MAX_BLOCKS: usize = 1 << 16;
+    let blocks = n
+        .div_ceil(GRID_STRIDE_THREADS as usize)
+        .clamp(1, MAX_BLOCKS);
+    LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (GRID_STRIDE_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Threads for a one-block-per-row kernel over rows of `width` elements: a multiple of 32
+/// (the block reductions need whole warps), at least 32, at most 256.
+pub(crate) fn row_block_threads(width: usize) -> u32 {
+    (width.div_ceil(32) * 32).clamp(32, 256) as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `(name, size, align)` of every `GE_LAYOUT(Name, size, align);` line of `kernels/args.h`.
+    fn header_layouts() -> Vec<(String, usize, usize)> {
+        let header = crate::backend::cuda::kernels::source("args.h").expect("args.h embedded");
+        header
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("GE_LAYOUT("))
+            .map(|rest| {
+                let inner = rest.trim_end_matches(';').trim_end_matches(')');
+                let f: Vec<&str> = inner.split(',').map(str::trim).collect();
+                assert_eq!(f.len(), 3, "GE_LAYOUT line: {rest}");
+                (
+                    f[0].to_string(),
+                    f[1].parse().unwrap(),
+                    f[2].parse().unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn argument_structs_match_the_header_layouts() {
+        macro_rules! rust_layouts {
+            ($($t:ident),* $(,)?) => {
+                vec![$((
+                    stringify!($t).to_string(),
+                    std::mem::size_of::<args::$t>(),
+                    std::mem::align_of::<args::$t>(),
+                )),*]
+            };
+        }
+        let mut rust = rust_layouts!(
+            RmsNormArgs,
+            RopeArgs,
+            SwigluArgs,
+            AddAssignArgs,
+            ScaleArgs,
+            CopyColumnsArgs,
+            GatherRowsArgs,
+        );
+        let mut header = header_layouts();
+        rust.sort();
+        header.sort();
+        // Same structs on both sides, each with the size and alignment the header states
+        // (and that nvcc / NVRTC check with static_assert).
+        assert_eq!(rust, header);
+    }
+
+    #[test]
+    fn launch_shapes() {
+        let c = grid_stride_config(1);
+        assert_eq!((c.grid_dim.0, c.block_dim.0), (1, 256));
+        assert_eq!(grid_stride_config(257).grid_dim.0, 2);
+        assert_eq!(grid_stride_config(usize::MAX / 2).grid_dim.0, 1 << 16);
+        assert_eq!(row_block_threads(1), 32);
+        assert_eq!(row_block_threads(33), 64);
+        assert_eq!(row_block_threads(896), 256);
+        for w in [1, 7, 31, 32, 33, 100, 5000] {
+            assert_eq!(row_block_threads(w) % 32, 0);
+        }
+    }
+}

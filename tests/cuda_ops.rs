@@ -1,0 +1,652 @@
+//! Every op the CUDA backend runs on the GPU, against the CPU backend, on fresh random inputs
+//! and several shapes (odd sizes included). Inputs are rounded to bf16 first, so that both
+//! backends compute the same function; the CPU's f32 result is the reference.
+//!
+//! Tolerances (the device notes' METHOD.md): ‖gpu − cpu‖ / ‖cpu‖ at most 4e-3 for ops whose
+//! only rounding is the bf16 output (one rounding is at most 2^-8 per element), 1e-2 for the
+//! bf16 GEMM (bf16 operands: 1e-3..1e-2); data movement must be exact; NaN never passes.
+//! The backend is created with `poison_outputs`, so every fresh output is NaN until a kernel
+//! writes it: an element a kernel misses fails the finiteness check. In-place ops are checked
+//! on inputs they must change everywhere.
+//!
+//! Without a CUDA device each test prints `SKIPPED: no CUDA device (why)` and returns.
+
+mod common;
+
+use common::Rng;
+use genius_engine::backend::Backend;
+use genius_engine::backend::cpu::CpuBackend;
+use genius_engine::backend::cuda::kernels::ImageChoice;
+use genius_engine::backend::cuda::tensor::round_to_bf16;
+use genius_engine::backend::cuda::{
+    CudaBackend, CudaOptions, DType, KernelSourcePolicy, NOT_YET_ON_CUDA, probe_devices,
+};
+use genius_engine::backend::{AttentionShape, PagedSeq, SeqSpan};
+use genius_engine::model::HostTensor;
+use std::io::Write as _;
+use std::sync::OnceLock;
+
+/// Relative error bound for ops whose only rounding is the bf16 output.
+const OUTPUT_ROUNDING_TOL: f64 = 4e-3;
+/// Relative error bound for the bf16 GEMM.
+const GEMM_TOL: f64 = 1e-2;
+
+/// Prints a line the test harness does not capture, so that a skip is visible.
+fn skipped(why: &str) {
+    let _ = writeln!(std::io::stderr(), "SKIPPED: no CUDA device ({why})");
+}
+
+/// Whether a device exists; prints the skip line when not.
+fn have_device() -> bool {
+    match probe_devices() {
+        Ok(d) if !d.is_empty() => true,
+        Ok(_) => {
+            skipped("the driver reports no devices");
+            false
+        }
+        Err(why) => {
+            skipped(&why);
+            false
+        }
+    }
+}
+
+fn test_options() -> CudaOptions {
+    CudaOptions {
+        poison_outputs: true,
+        sync_after_launch: true,
+        ..CudaOptions::from_env().expect("CUDA options from the environment")
+    }
+}
+
+/// The shared backend for the op tests (poisoned outputs, a sync after every launch), or
+/// `None` (after printing the skip line) without a device.
+fn gpu() -> Option<&'static CudaBackend> {
+    if !have_device() {
+        return None;
+    }
+    static GPU: OnceLock<CudaBackend> = OnceLock::new();
+    Some(GPU.get_or_init(|| {
+        let be = CudaBackend::new(&test_options()).unwrap_or_else(|e| panic!("{e:#}"));
+        let _ = writeln!(
+            std::io::stderr(),
+            "cuda backend: {} kernels {:?}",
+            be.name(),
+            be.kernel_units()
+        );
+        be
+    }))
+}
+
+/// A random tensor already rounded to bf16 (so that both backends see the same values).
+fn rand_bf16(rng: &mut Rng, shape: &[usize], scale: f32) -> HostTensor {
+    round_to_bf16(&rng.tensor(shape, scale))
+}
+
+/// ‖got − want‖ / ‖want‖ (the error itself when `want` is zero); infinite on any NaN/inf.
+fn rel_err(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    if got.iter().any(|v| !v.is_finite()) {
+        return f64::INFINITY;
+    }
+    let (mut num, mut den) = (0f64, 0f64);
+    for (&g, &w) in got.iter().zip(want) {
+        num += (g as f64 - w as f64).powi(2);
+        den += (w as f64).powi(2);
+    }
+    if den == 0.0 {
+        num.sqrt()
+    } else {
+        (num / den).sqrt()
+    }
+}
+
+#[track_caller]
+fn assert_close(what: &str, got: &HostTensor, want: &HostTensor, tol: f64) {
+    assert_eq!(got.shape, want.shape, "{what}: shape");
+    let unwritten = got.data.iter().filter(|v| v.is_nan()).count();
+    assert_eq!(
+        unwritten, 0,
+        "{what}: {unwritten} NaN elements (unwritten or wrong)"
+    );
+    let e = rel_err(&got.data, &want.data);
+    assert!(e <= tol, "{what}: relative error {e:.3e} over {tol:.0e}");
+}
+
+#[track_caller]
+fn assert_exact(what: &str, got: &HostTensor, want: &HostTensor) {
+    assert_eq!(got.shape, want.shape, "{what}: shape");
+    if let Some(i) = (0..got.data.len()).find(|&i| got.data[i].to_bits() != want.data[i].to_bits())
+    {
+        panic!(
+            "{what}: element {i} is {} but should be {}",
+            got.data[i], want.data[i]
+        );
+    }
+}
+
+#[test]
+fn upload_download_round_trips_through_bf16() {
+    let Some(be) = gpu() else { return };
+    let mut rng = Rng::new(1);
+    for shape in [
+        vec![1],
+        vec![3, 5],
+        vec![17, 33],
+        vec![2, 3, 129],
+        vec![0, 4],
+    ] {
+        let t = rng.tensor(&shape, 3.0);
+        let d = be.upload(&t).unwrap();
+        assert_eq!(be.shape(&d), &shape[..]);
+        assert_eq!(d.dtype(), DType::Bf16);
+        assert_exact(
+            "upload/download",
+            &be.download(&d).unwrap(),
+            &round_to_bf16(&t),
+        );
+        let f = be.upload_f32(&t).unwrap();
+        assert_eq!(f.dtype(), DType::F32);
+        assert_exact("f32 upload/download", &be.download(&f).unwrap(), &t);
+        let w = HostTensor::new(vec![shape.iter().product::<usize>(), 1], t.data.clone());
+        let l = be.upload_linear(&w).unwrap();
+        assert_eq!(be.linear_shape(&l), [w.shape[0], 1]);
+        assert_exact(
+            "linear round trip",
+            &be.download_linear(&l).unwrap(),
+            &round_to_bf16(&w),
+        );
+    }
+}
+
+#[test]
+fn embedding_matches_cpu() {
+    let Some(be) = gpu() else { return };
+    let cpu = CpuBackend::new();
+    let mut rng = Rng::new(2);
+    for (vocab, dim, n) in [(1, 1, 1), (7, 5, 9), (64, 33, 17), (1000, 896, 64)] {
+        let table = rand_bf16(&mut rng, &[vocab, dim], 1.0);
+        let mut ids: Vec<u32> = (0..n).map(|_| rng.below(vocab) as u32).collect();
+        ids[0] = (vocab - 1) as u32;
+        let want = cpu.embedding(&table, &ids).unwrap();
+        let got = be
+            .download(&be.embedding(&be.upload(&table).unwrap(), &ids).unwrap())
+            .unwrap();
+        assert_exact(&format!("embedding {vocab}x{dim}, {n} ids"), &got, &want);
+    }
+    let table = be.upload(&rand_bf16(&mut rng, &[4, 3], 1.0)).unwrap();
+    let err = be.embedding(&table, &[1, 4]).unwrap_err().to_string();
+    assert!(err.contains("outside the vocabulary"), "{err}");
+    let empty = be.embedding(&table, &[]).unwrap();
+    assert_eq!(be.shape(&empty), &[0, 3]);
+}
+
+#[test]
+fn rms_norm_matches_cpu() {
+    let Some(be) = gpu() else { return };
+    let cpu = CpuBackend::new();
+    let mut rng = Rng::new(3);
+    for (rows, dim) in [
+        (1, 1),
+        (3, 7),
+        (5, 32),
+        (17, 33),
+        (4, 255),
+        (64, 896),
+        (3, 4097),
+    ] {
+        let x = rand_bf16(&mut rng, &[rows, dim], 2.0);
+        // Weights around 1, as trained norms are.
+        let w = round_to_bf16(&HostTensor::new(
+            vec![dim],
+            (0..dim).map(|_| 1.0 + 0.5 * rng.uniform()).collect(),
+        ));
+        let want = cpu.rms_norm(&x, &w, 1e-5).unwrap();
+        let got = be
+            .rms_norm(&be.upload(&x).unwrap(), &be.upload(&w).unwrap(), 1e-5)
+            .unwrap();
+        assert_close(
+            &format!("rms_norm [{rows}, {dim}]"),
+            &be.download(&got).unwrap(),
+            &want,
+            OUTPUT_ROUNDING_TOL,
+        );
+    }
+}
+
+#[test]
+fn linear_matches_cpu_with_and_without_bias() {
+    let Some(be) = gpu() else { return };
+    let cpu = CpuBackend::new();
+    let mut rng = Rng::new(4);
+    for (n, k, m) in [
+        (1, 1, 1),
+        (3, 7, 5),
+        (17, 33, 65),
+        (5, 4096, 3),
+        (64, 896, 1000),
+        (256, 896, 4864),
+    ] {
+        let x = rand_bf16(&mut rng, &[n, k], 1.0);
+        let w = rand_bf16(&mut rng, &[m, k], 1.0 / (k as f32).sqrt());
+        let b = rand_bf16(&mut rng, &[m], 1.0);
+        let (cw, gw) = (
+            cpu.upload_linear(&w).unwrap(),
+            be.upload_linear(&w).unwrap(),
+        );
+        let gx = be.upload(&x).unwrap();
+        for bias in [None, Some(&b)] {
+            let want = cpu.linear(&x, &cw, bias).unwrap();
+            let gb = bias.map(|b| be.upload(b).unwrap());
+            let got = be.linear(&gx, &gw, gb.as_ref()).unwrap();
+            assert_close(
+                &format!("linear [{n}, {k}] x [{m}, {k}]^T, bias {}", bias.is_some()),
+                &be.download(&got).unwrap(),
+                &want,
+                GEMM_TOL,
+            );
+        }
+    }
+    // Three-dimensional input: leading dimensions are rows.
+    let x = rand_bf16(&mut rng, &[2, 3, 8], 1.0);
+    let w = be
+        .upload_linear(&rand_bf16(&mut rng, &[4, 8], 0.3))
+        .unwrap();
+    let y = be.linear(&be.upload(&x).unwrap(), &w, None).unwrap();
+    assert_eq!(be.shape(&y), &[6, 4]);
+    let err = be
+        .linear(
+            &be.upload(&rand_bf16(&mut rng, &[2, 7], 1.0)).unwrap(),
+            &w,
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("columns"), "{err}");
+}
+
+#[test]
+fn rope_matches_cpu() {
+    let Some(be) = gpu() else { return };
+    let cpu = CpuBackend::new();
+    let mut rng = Rng::new(5);
+    for (rows, heads, head_dim, max_pos, theta) in [
+        (1, 1, 2, 10, 10000.0f64),
+        (5, 3, 8, 100, 10000.0),
+        (17, 14, 64, 32768, 1e6),
+        (9, 2, 128, 8192, 5e5),
+        (33, 9, 64, 131072, 1e5),
+    ] {
+        let x = rand_bf16(&mut rng, &[rows, heads * head_dim], 1.0);
+        // Positions from 1 up, so that every element is rotated (position 0 is the identity).
+        let positions: Vec<u32> = (0..rows).map(|_| 1 + rng.below(max_pos) as u32).collect();
+        let inv_freq: Vec<f32> = (0..head_dim / 2)
+            .map(|i| theta.powf(-2.0 * i as f64 / head_dim as f64) as f32)
+            .collect();
+        let mut want = x.clone();
+        cpu.rope(&mut want, &positions, head_dim, &inv_freq)
+            .unwrap();
+        let mut got = be.upload(&x).unwrap();
+        be.rope(&mut got, &positions, head_dim, &inv_freq).unwrap();
+        assert_close(
+            &format!("rope [{rows}, {heads} x {head_dim}] positions < {max_pos}"),
+            &be.download(&got).unwrap(),
+            &want,
+            OUTPUT_ROUNDING_TOL,
+        );
+    }
+    // A second table after the first: the cached inv_freq must be replaced.
+    let x = rand_bf16(&mut rng, &[3, 16], 1.0);
+    for inv_freq in [vec![1.0f32, 0.5, 0.25, 0.125], vec![0.9f32, 0.3, 0.1, 0.01]] {
+        let positions = [3u32, 7, 11];
+        let mut want = x.clone();
+        cpu.rope(&mut want, &positions, 8, &inv_freq).unwrap();
+        let mut got = be.upload(&x).unwrap();
+        be.rope(&mut got, &positions, 8, &inv_freq).unwrap();
+        assert_close(
+            "rope table change",
+            &be.download(&got).unwrap(),
+            &want,
+            OUTPUT_ROUNDING_TOL,
+        );
+    }
+    let mut t = be.upload(&x).unwrap();
+    assert!(be.rope(&mut t, &[1, 2], 8, &[1.0; 4]).is_err());
+    assert!(be.rope(&mut t, &[1, 2, 3], 6, &[1.0; 3]).is_err());
+}
+
+#[test]
+fn swiglu_matches_cpu() {
+    let Some(be) = gpu() else { return };
+    let cpu = CpuBackend::new();
+    let mut rng = Rng::new(6);
+    for (rows, inner) in [(1, 1), (3, 7), (17, 48), (64, 4864), (5, 1537)] {
+        let x = rand_bf16(&mut rng, &[rows, 2 * inner], 4.0);
+        let want = cpu.swiglu(&x).unwrap();
+        let got = be.swiglu(&be.upload(&x).unwrap()).unwrap();
+        assert_close(
+            &format!("swiglu [{rows}, 2 x {inner}]"),
+            &be.download(&got).unwrap(),
+            &want,
+            OUTPUT_ROUNDING_TOL,
+        );
+    }
+    assert!(
+        be.swiglu(&be.upload(&rand_bf16(&mut rng, &[2, 5], 1.0)).unwrap())
+            .is_err()
+    );
+}
+
+#[test]
+fn split_and_concat_columns_match_cpu_exactly() {
+    let Some(be) = gpu() else { return };
+    let cpu = CpuBackend::new();
+    let mut rng = Rng::new(7);
+    for (rows, widths) in [
+        (1, vec![1]),
+        (3, vec![2, 5]),
+        (17, vec![896, 128, 128]),
+        (9, vec![7, 0, 33, 1]),
+        (0, vec![3, 4]),
+    ] {
+        let w: usize = widths.iter().sum();
+        let x = rand_bf16(&mut rng, &[rows, w], 1.0);
+        let want = cpu.split_columns(&x, &widths).unwrap();
+        for upload_f32 in [false, true] {
+            let gx = if upload_f32 {
+                be.upload_f32(&x).unwrap()
+            } else {
+                be.upload(&x).unwrap()
+            };
+            let parts = be.split_columns(&gx, &widths).unwrap();
+            assert_eq!(parts.len(), widths.len());
+            for (j, (p, wp)) in parts.iter().zip(&want).enumerate() {
+                assert_exact(
+                    &format!("split {rows} x {widths:?} part {j} (f32 {upload_f32})"),
+                    &be.download(p).unwrap(),
+                    wp,
+                );
+            }
+            // Zero-width parts cannot be concatenated (as on the CPU: a [rows, 0] tensor has
+            // no rows as a matrix), so they are left out.
+            let refs: Vec<_> = parts.iter().filter(|p| p.shape()[1] > 0).collect();
+            let back = be.concat_columns(&refs).unwrap();
+            assert_exact(
+                &format!("concat {rows} x {widths:?} (f32 {upload_f32})"),
+                &be.download(&back).unwrap(),
+                &x,
+            );
+        }
+    }
+    let a = be.upload(&rand_bf16(&mut rng, &[2, 3], 1.0)).unwrap();
+    let b = be.upload(&rand_bf16(&mut rng, &[3, 3], 1.0)).unwrap();
+    assert!(be.concat_columns(&[&a, &b]).is_err());
+    assert!(be.split_columns(&a, &[1, 1]).is_err());
+    let c = be.upload_f32(&rand_bf16(&mut rng, &[2, 3], 1.0)).unwrap();
+    assert!(be.concat_columns(&[&a, &c]).is_err(), "mixed dtypes");
+}
+
+#[test]
+fn gather_rows_matches_cpu_exactly() {
+    let Some(be) = gpu() else { return };
+    let cpu = CpuBackend::new();
+    let mut rng = Rng::new(8);
+    for (n, d, count) in [(1, 1, 1), (5, 7, 9), (64, 896, 17), (33, 3, 0)] {
+        let x = rand_bf16(&mut rng, &[n, d], 1.0);
+        let rows: Vec<usize> = (0..count).map(|_| rng.below(n)).collect();
+        let want = cpu.gather_rows(&x, &rows).unwrap();
+        for f32_tensor in [false, true] {
+            let gx = if f32_tensor {
+                be.upload_f32(&x).unwrap()
+            } else {
+                be.upload(&x).unwrap()
+            };
+            let got = be.gather_rows(&gx, &rows).unwrap();
+            assert_exact(
+                &format!("gather_rows [{n}, {d}] x {count} (f32 {f32_tensor})"),
+                &be.download(&got).unwrap(),
+                &want,
+            );
+        }
+    }
+    let x = be.upload(&rand_bf16(&mut rng, &[3, 2], 1.0)).unwrap();
+    assert!(be.gather_rows(&x, &[0, 3]).is_err());
+}
+
+#[test]
+fn add_assign_and_scale_match_cpu() {
+    let Some(be) = gpu() else { return };
+    let cpu = CpuBackend::new();
+    let mut rng = Rng::new(9);
+    for shape in [vec![1], vec![3, 7], vec![17, 896], vec![2, 3, 1001]] {
+        let x = rand_bf16(&mut rng, &shape, 1.0);
+        let y = rand_bf16(&mut rng, &shape, 1.0);
+        let mut want = x.clone();
+        cpu.add_assign(&mut want, &y).unwrap();
+        let mut scaled = want.clone();
+        cpu.scale(&mut scaled, -0.37).unwrap();
+
+        let mut gx = be.upload(&x).unwrap();
+        be.add_assign(&mut gx, &be.upload(&y).unwrap()).unwrap();
+        assert_close(
+            &format!("add bf16 {shape:?}"),
+            &be.download(&gx).unwrap(),
+            &want,
+            OUTPUT_ROUNDING_TOL,
+        );
+        be.scale(&mut gx, -0.37).unwrap();
+        // Two bf16 roundings (after the add, after the scale).
+        assert_close(
+            &format!("scale bf16 {shape:?}"),
+            &be.download(&gx).unwrap(),
+            &scaled,
+            2.0 * OUTPUT_ROUNDING_TOL,
+        );
+
+        // f32 accumulators: += f32 and += bf16 are exact up to f32 rounding.
+        let mut fx = be.upload_f32(&x).unwrap();
+        be.add_assign(&mut fx, &be.upload_f32(&y).unwrap()).unwrap();
+        assert_close("add f32", &be.download(&fx).unwrap(), &want, 1e-6);
+        let mut fx = be.upload_f32(&x).unwrap();
+        be.add_assign(&mut fx, &be.upload(&y).unwrap()).unwrap();
+        assert_close("add f32 += bf16", &be.download(&fx).unwrap(), &want, 1e-6);
+        be.scale(&mut fx, -0.37).unwrap();
+        assert_close("scale f32", &be.download(&fx).unwrap(), &scaled, 1e-6);
+    }
+    let mut a = be.upload(&rand_bf16(&mut rng, &[2, 3], 1.0)).unwrap();
+    let b = be.upload(&rand_bf16(&mut rng, &[3, 2], 1.0)).unwrap();
+    assert!(be.add_assign(&mut a, &b).is_err());
+    let f = be.upload_f32(&rand_bf16(&mut rng, &[2, 3], 1.0)).unwrap();
+    assert!(be.add_assign(&mut a, &f).is_err(), "f32 into bf16");
+}
+
+#[test]
+fn zeros_copy_and_fill_zero() {
+    let Some(be) = gpu() else { return };
+    let mut rng = Rng::new(10);
+    let z = be.zeros(&[3, 5]).unwrap();
+    assert_exact(
+        "zeros",
+        &be.download(&z).unwrap(),
+        &HostTensor::new(vec![3, 5], vec![0.0; 15]),
+    );
+    let zf = be.zeros_f32(&[4]).unwrap();
+    assert_eq!(zf.dtype(), DType::F32);
+    assert_eq!(be.download(&zf).unwrap().data, vec![0.0; 4]);
+    assert_eq!(be.shape(&be.zeros(&[0, 7]).unwrap()), &[0, 7]);
+
+    for f32_tensor in [false, true] {
+        let x = rand_bf16(&mut rng, &[17, 33], 1.0);
+        let gx = if f32_tensor {
+            be.upload_f32(&x).unwrap()
+        } else {
+            be.upload(&x).unwrap()
+        };
+        let mut c = be.copy(&gx).unwrap();
+        assert_exact("copy", &be.download(&c).unwrap(), &x);
+        // The copy is independent of the original.
+        be.scale(&mut c, 2.0).unwrap();
+        assert_exact(
+            "original after scaling the copy",
+            &be.download(&gx).unwrap(),
+            &x,
+        );
+        be.fill_zero(&mut c).unwrap();
+        assert_exact(
+            "fill_zero",
+            &be.download(&c).unwrap(),
+            &HostTensor::new(vec![17, 33], vec![0.0; 17 * 33]),
+        );
+    }
+}
+
+/// The ops not on the GPU yet fail with an error naming the op instead of doing anything.
+#[test]
+fn ops_not_on_cuda_yet_say_so() {
+    let Some(be) = gpu() else { return };
+    let t = || {
+        be.upload(&HostTensor::new(vec![2, 4], vec![0.5; 8]))
+            .unwrap()
+    };
+    let w = be
+        .upload_linear(&HostTensor::new(vec![4, 4], vec![0.5; 16]))
+        .unwrap();
+    let shape = AttentionShape {
+        num_heads: 1,
+        num_kv_heads: 1,
+        head_dim: 4,
+    };
+    let seqs = [SeqSpan { start: 0, len: 2 }];
+    let table = [0u32];
+    let paged = [PagedSeq {
+        q_start: 0,
+        q_len: 2,
+        context_len: 2,
+        block_table: &table,
+    }];
+    let errors: Vec<(&str, anyhow::Error)> = vec![
+        (
+            "causal_attention",
+            be.causal_attention(&t(), &t(), &t(), &seqs, shape)
+                .unwrap_err(),
+        ),
+        ("kv_pool", be.kv_pool(1, 2, 4).unwrap_err()),
+        (
+            "write_kv",
+            be.write_kv(&mut t(), &mut t(), &t(), &t(), &[0, 1])
+                .unwrap_err(),
+        ),
+        (
+            "copy_blocks",
+            be.copy_blocks(&mut t(), &[(0, 0)], 1).unwrap_err(),
+        ),
+        (
+            "paged_attention",
+            be.paged_attention(&t(), &t(), &t(), &paged, shape, 2)
+                .unwrap_err(),
+        ),
+        (
+            "target_logprobs",
+            be.target_logprobs(&t(), &w, &[0, 1]).unwrap_err(),
+        ),
+        ("sum_squares", be.sum_squares(&t()).unwrap_err()),
+        (
+            "scatter_add_rows",
+            be.scatter_add_rows(&mut t(), &[0, 1], &t()).unwrap_err(),
+        ),
+        (
+            "linear_backward_input",
+            be.linear_backward_input(&t(), &w).unwrap_err(),
+        ),
+        (
+            "accumulate_linear_grad",
+            be.accumulate_linear_grad(&mut t(), &t(), &t()).unwrap_err(),
+        ),
+        (
+            "accumulate_bias_grad",
+            be.accumulate_bias_grad(&mut t(), &t()).unwrap_err(),
+        ),
+        (
+            "rms_norm_backward",
+            be.rms_norm_backward(&t(), &t(), 1e-5, &t(), &mut t())
+                .unwrap_err(),
+        ),
+        (
+            "rope_backward",
+            be.rope_backward(&mut t(), &[0, 1], 4, &[1.0, 0.5])
+                .unwrap_err(),
+        ),
+        (
+            "swiglu_backward",
+            be.swiglu_backward(&t(), &t()).unwrap_err(),
+        ),
+        (
+            "embedding_backward",
+            be.embedding_backward(&mut t(), &[0, 1], &t()).unwrap_err(),
+        ),
+        (
+            "causal_attention_backward",
+            be.causal_attention_backward(&t(), &t(), &t(), &t(), &seqs, shape)
+                .expect_err("an error"),
+        ),
+        (
+            "target_logprobs_backward",
+            be.target_logprobs_backward(&t(), &w, &[0, 1], &[1.0, 1.0], &mut t())
+                .unwrap_err(),
+        ),
+    ];
+    let mut named: Vec<&str> = errors.iter().map(|(op, _)| *op).collect();
+    named.sort();
+    let mut listed = NOT_YET_ON_CUDA.to_vec();
+    listed.sort();
+    assert_eq!(
+        named, listed,
+        "every op listed as not on CUDA is checked here"
+    );
+    for (op, e) in errors {
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with(&format!("{op} is not on the CUDA backend yet")),
+            "{op}: {msg}"
+        );
+    }
+}
+
+/// The NVRTC path on the device (the op tests may use nvcc's precompiled images): a backend
+/// that compiles every unit with NVRTC into a fresh cache, then one that reads the cache,
+/// both computing RMSNorm correctly.
+#[test]
+fn nvrtc_kernels_load_run_and_are_cached() {
+    if !have_device() {
+        return;
+    }
+    let cache = tempfile::tempdir().unwrap();
+    let options = CudaOptions {
+        kernels: KernelSourcePolicy::Nvrtc,
+        cache_dir: Some(cache.path().to_path_buf()),
+        ..test_options()
+    };
+    let cpu = CpuBackend::new();
+    let mut rng = Rng::new(11);
+    let x = rand_bf16(&mut rng, &[7, 129], 1.0);
+    let w = rand_bf16(&mut rng, &[129], 1.0);
+    let want = cpu.rms_norm(&x, &w, 1e-6).unwrap();
+    for expect_hit in [false, true] {
+        let be = CudaBackend::new(&options).unwrap_or_else(|e| panic!("{e:#}"));
+        for u in be.kernel_units() {
+            assert!(matches!(u.image, ImageChoice::Nvrtc { .. }), "{u:?}");
+            use genius_engine::backend::cuda::kernels::CacheOutcome::*;
+            let want_outcome = if expect_hit { Hit } else { Compiled };
+            assert_eq!(u.cache, Some(want_outcome), "{u:?}");
+        }
+        let got = be
+            .rms_norm(&be.upload(&x).unwrap(), &be.upload(&w).unwrap(), 1e-6)
+            .unwrap();
+        assert_close(
+            "rms_norm through NVRTC",
+            &be.download(&got).unwrap(),
+            &want,
+            OUTPUT_ROUNDING_TOL,
+        );
+    }
+}
