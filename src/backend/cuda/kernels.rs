@@ -44,6 +44,16 @@ pub const KERNEL_UNITS: &[(&str, &[&str])] = &[(
         "ge_gather_rows_bf16",
         "ge_gather_rows_f32",
     ],
+),
+(
+    "paged_attention.cu",
+    &[
+        "ge_write_kv_bf16",
+        "ge_copy_blocks_bf16",
+        "ge_paged_attention_d64",
+        "ge_paged_attention_d128",
+        "ge_paged_attention_combine",
+    ],
 )];
 
 /// Environment variable choosing [`KernelSourcePolicy`]: `auto`, `precompiled` or `nvrtc`.
