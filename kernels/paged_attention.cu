@@ -218,10 +218,10 @@ __device__ __forceinline__ void paged_attention_partition(const PagedAttentionAr
     }
 }
 
-extern "C" __global__ void __launch_bounds__(GE_PA_THREADS) ge_paged_attention_d64(PagedAttentionArgs a) {
+extern "C" __global__ void ge_paged_attention_d64(PagedAttentionArgs a) {
     paged_attention_partition<64>(a);
 }
-extern "C" __global__ void __launch_bounds__(GE_PA_THREADS) ge_paged_attention_d128(PagedAttentionArgs a) {
+extern "C" __global__ void ge_paged_attention_d128(PagedAttentionArgs a) {
     paged_attention_partition<128>(a);
 }
 
