@@ -202,10 +202,10 @@ fn build_work(op: &str, rows: usize, seqs: &[(usize, usize, usize, usize)]) -> R
         for f in [q_start, q_len, context_len, base] {
             packed.push(u32_of(f, op, "sequence field")?);
         }
-        for r in q_start..q_start + q_len {
+        for (r, c) in covered.iter_mut().enumerate().skip(q_start).take(q_len) {
             items.push(u32_of(r, op, "row")?);
             items.push(u32_of(i, op, "sequence index")?);
-            covered[r] = true;
+            *c = true;
         }
         if q_len > 0 {
             max_visible = max_visible.max(context_len);

@@ -288,7 +288,7 @@ impl GpuContext {
     /// A device buffer back on the host (waits for the stream first).
     pub(crate) fn download_slice<T: DeviceRepr>(&self, s: &CudaSlice<T>) -> Result<Vec<T>> {
         self.sync("the work before a download")?;
-        if s.len() == 0 {
+        if s.is_empty() {
             return Ok(Vec::new());
         }
         let v = self
