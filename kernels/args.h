@@ -114,4 +114,105 @@ typedef struct GatherRowsArgs {
 } GatherRowsArgs;
 GE_LAYOUT(GatherRowsArgs, 32, 8);
 
+/** Scatter of new K/V rows into a paged cache: `k_pool[slots[i]] = k[i]` and
+ * `v_pool[slots[i]] = v[i]` for rows `i < rows` of `width` elements. */
+typedef struct WriteKvArgs {
+    /** bf16 `[pool_rows, width]`, written at the given slots. */
+    unsigned long long k_pool;
+    /** bf16 `[pool_rows, width]`, written at the given slots. */
+    unsigned long long v_pool;
+    /** bf16 `[rows, width]`, read. */
+    unsigned long long k;
+    /** bf16 `[rows, width]`, read. */
+    unsigned long long v;
+    /** u32 `[rows]`, each below the pool's row count (checked on the host), read. */
+    unsigned long long slots;
+    int rows;
+    int width;
+} WriteKvArgs;
+GE_LAYOUT(WriteKvArgs, 48, 8);
+
+/** Copies whole blocks of a paged cache: block `pairs[2 c + 1]` becomes a copy of block
+ * `pairs[2 c]` for `c < count` (no block is both a source and a destination in one launch;
+ * the host splits the copies otherwise). */
+typedef struct CopyBlocksArgs {
+    /** bf16 `[blocks * block_size, width]`, read and written. */
+    unsigned long long pool;
+    /** u32 `[count, 2]`: (source block, destination block), read. */
+    unsigned long long pairs;
+    /** Elements per block: `block_size * width`. */
+    long long block_elems;
+    int count;
+} CopyBlocksArgs;
+GE_LAYOUT(CopyBlocksArgs, 32, 8);
+
+/** Attention of query rows over a KV cache, split over context partitions. Work item `w`
+ * (`w < work_rows`) is query row `work[2 w]` of sequence `work[2 w + 1]`; a sequence is four
+ * u32s in `seqs`: first query row, query count, context length, and `base` (the offset of its
+ * block table in `block_tables`, or with `contiguous` the K/V row of its position 0). Query
+ * `i` of a sequence sits at position `context_len - q_len + i` and sees positions up to its
+ * own. Position `p` is K/V row `block_tables[base + p / block_size] * block_size +
+ * p % block_size` (paged) or `base + p` (contiguous). Partition `z` covers positions
+ * `z * partition_size ..` of the visible ones. With `num_partitions == 1` the kernel writes
+ * `out`; otherwise each partition writes its normalised partial output, running maximum and
+ * sum of exponentials to the `part_*` buffers and the combine kernel writes `out`. */
+typedef struct PagedAttentionArgs {
+    /** bf16 `[q rows, num_heads * head_dim]`, read. */
+    unsigned long long q;
+    /** bf16 `[pool rows, num_kv_heads * head_dim]`, read. */
+    unsigned long long k_pool;
+    /** bf16 `[pool rows, num_kv_heads * head_dim]`, read. */
+    unsigned long long v_pool;
+    /** bf16 `[q rows, num_heads * head_dim]`, written at the work items' rows. */
+    unsigned long long out;
+    /** f32 `[work_rows, num_heads, num_partitions, head_dim]`, written (split only). */
+    unsigned long long part_out;
+    /** f32 `[work_rows, num_heads, num_partitions]`, written (split only). */
+    unsigned long long part_max;
+    /** f32 `[work_rows, num_heads, num_partitions]`, written (split only). */
+    unsigned long long part_sum;
+    /** u32 `[work_rows, 2]`: (query row, sequence), read. */
+    unsigned long long work;
+    /** u32 `[sequences, 4]`: (q_start, q_len, context_len, base), read. */
+    unsigned long long seqs;
+    /** u32 block ids of every sequence, concatenated; unused with `contiguous`. */
+    unsigned long long block_tables;
+    int work_rows;
+    int num_heads;
+    int num_kv_heads;
+    int head_dim;
+    int block_size;
+    int partition_size;
+    int num_partitions;
+    /** Query heads per thread block (a slice of one kv head's group), at most 8. */
+    int heads_per_block;
+    float scale;
+    int contiguous;
+} PagedAttentionArgs;
+GE_LAYOUT(PagedAttentionArgs, 120, 8);
+
+/** Log-sum-exp merge of the partitions of [`PagedAttentionArgs`]: for each work item and
+ * head, `out = sum_z w_z o_z / sum_z w_z` with `w_z = part_sum_z * exp(part_max_z - max)`,
+ * over the partitions that hold visible positions. */
+typedef struct PagedCombineArgs {
+    /** bf16 `[q rows, num_heads * head_dim]`, written at the work items' rows. */
+    unsigned long long out;
+    /** f32 `[work_rows, num_heads, num_partitions, head_dim]`, read. */
+    unsigned long long part_out;
+    /** f32 `[work_rows, num_heads, num_partitions]`, read. */
+    unsigned long long part_max;
+    /** f32 `[work_rows, num_heads, num_partitions]`, read. */
+    unsigned long long part_sum;
+    /** u32 `[work_rows, 2]`, as in [`PagedAttentionArgs`], read. */
+    unsigned long long work;
+    /** u32 `[sequences, 4]`, as in [`PagedAttentionArgs`], read. */
+    unsigned long long seqs;
+    int work_rows;
+    int num_heads;
+    int head_dim;
+    int partition_size;
+    int num_partitions;
+} PagedCombineArgs;
+GE_LAYOUT(PagedCombineArgs, 72, 8);
+
 #endif /* GENIUS_ENGINE_KERNEL_ARGS_H */

@@ -173,3 +173,187 @@ const _: () = {
     ["Offset of field: GatherRowsArgs::width"]
         [::std::mem::offset_of!(GatherRowsArgs, width) - 28usize];
 };
+#[doc = " Scatter of new K/V rows into a paged cache: `k_pool[slots[i]] = k[i]` and\n `v_pool[slots[i]] = v[i]` for rows `i < rows` of `width` elements."]
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct WriteKvArgs {
+    #[doc = " bf16 `[pool_rows, width]`, written at the given slots."]
+    pub k_pool: ::std::os::raw::c_ulonglong,
+    #[doc = " bf16 `[pool_rows, width]`, written at the given slots."]
+    pub v_pool: ::std::os::raw::c_ulonglong,
+    #[doc = " bf16 `[rows, width]`, read."]
+    pub k: ::std::os::raw::c_ulonglong,
+    #[doc = " bf16 `[rows, width]`, read."]
+    pub v: ::std::os::raw::c_ulonglong,
+    #[doc = " u32 `[rows]`, each below the pool's row count (checked on the host), read."]
+    pub slots: ::std::os::raw::c_ulonglong,
+    pub rows: ::std::os::raw::c_int,
+    pub width: ::std::os::raw::c_int,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of WriteKvArgs"][::std::mem::size_of::<WriteKvArgs>() - 48usize];
+    ["Alignment of WriteKvArgs"][::std::mem::align_of::<WriteKvArgs>() - 8usize];
+    ["Offset of field: WriteKvArgs::k_pool"][::std::mem::offset_of!(WriteKvArgs, k_pool) - 0usize];
+    ["Offset of field: WriteKvArgs::v_pool"][::std::mem::offset_of!(WriteKvArgs, v_pool) - 8usize];
+    ["Offset of field: WriteKvArgs::k"][::std::mem::offset_of!(WriteKvArgs, k) - 16usize];
+    ["Offset of field: WriteKvArgs::v"][::std::mem::offset_of!(WriteKvArgs, v) - 24usize];
+    ["Offset of field: WriteKvArgs::slots"][::std::mem::offset_of!(WriteKvArgs, slots) - 32usize];
+    ["Offset of field: WriteKvArgs::rows"][::std::mem::offset_of!(WriteKvArgs, rows) - 40usize];
+    ["Offset of field: WriteKvArgs::width"][::std::mem::offset_of!(WriteKvArgs, width) - 44usize];
+};
+#[doc = " Copies whole blocks of a paged cache: block `pairs[2 c + 1]` becomes a copy of block\n `pairs[2 c]` for `c < count` (no block is both a source and a destination in one launch;\n the host splits the copies otherwise)."]
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct CopyBlocksArgs {
+    #[doc = " bf16 `[blocks * block_size, width]`, read and written."]
+    pub pool: ::std::os::raw::c_ulonglong,
+    #[doc = " u32 `[count, 2]`: (source block, destination block), read."]
+    pub pairs: ::std::os::raw::c_ulonglong,
+    #[doc = " Elements per block: `block_size * width`."]
+    pub block_elems: ::std::os::raw::c_longlong,
+    pub count: ::std::os::raw::c_int,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of CopyBlocksArgs"][::std::mem::size_of::<CopyBlocksArgs>() - 32usize];
+    ["Alignment of CopyBlocksArgs"][::std::mem::align_of::<CopyBlocksArgs>() - 8usize];
+    ["Offset of field: CopyBlocksArgs::pool"]
+        [::std::mem::offset_of!(CopyBlocksArgs, pool) - 0usize];
+    ["Offset of field: CopyBlocksArgs::pairs"]
+        [::std::mem::offset_of!(CopyBlocksArgs, pairs) - 8usize];
+    ["Offset of field: CopyBlocksArgs::block_elems"]
+        [::std::mem::offset_of!(CopyBlocksArgs, block_elems) - 16usize];
+    ["Offset of field: CopyBlocksArgs::count"]
+        [::std::mem::offset_of!(CopyBlocksArgs, count) - 24usize];
+};
+#[doc = " Attention of query rows over a KV cache, split over context partitions. Work item `w`\n (`w < work_rows`) is query row `work[2 w]` of sequence `work[2 w + 1]`; a sequence is four\n u32s in `seqs`: first query row, query count, context length, and `base` (the offset of its\n block table in `block_tables`, or with `contiguous` the K/V row of its position 0). Query\n `i` of a sequence sits at position `context_len - q_len + i` and sees positions up to its\n own. Position `p` is K/V row `block_tables[base + p / block_size] * block_size +\n p % block_size` (paged) or `base + p` (contiguous). Partition `z` covers positions\n `z * partition_size ..` of the visible ones. With `num_partitions == 1` the kernel writes\n `out`; otherwise each partition writes its normalised partial output, running maximum and\n sum of exponentials to the `part_*` buffers and the combine kernel writes `out`."]
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct PagedAttentionArgs {
+    #[doc = " bf16 `[q rows, num_heads * head_dim]`, read."]
+    pub q: ::std::os::raw::c_ulonglong,
+    #[doc = " bf16 `[pool rows, num_kv_heads * head_dim]`, read."]
+    pub k_pool: ::std::os::raw::c_ulonglong,
+    #[doc = " bf16 `[pool rows, num_kv_heads * head_dim]`, read."]
+    pub v_pool: ::std::os::raw::c_ulonglong,
+    #[doc = " bf16 `[q rows, num_heads * head_dim]`, written at the work items' rows."]
+    pub out: ::std::os::raw::c_ulonglong,
+    #[doc = " f32 `[work_rows, num_heads, num_partitions, head_dim]`, written (split only)."]
+    pub part_out: ::std::os::raw::c_ulonglong,
+    #[doc = " f32 `[work_rows, num_heads, num_partitions]`, written (split only)."]
+    pub part_max: ::std::os::raw::c_ulonglong,
+    #[doc = " f32 `[work_rows, num_heads, num_partitions]`, written (split only)."]
+    pub part_sum: ::std::os::raw::c_ulonglong,
+    #[doc = " u32 `[work_rows, 2]`: (query row, sequence), read."]
+    pub work: ::std::os::raw::c_ulonglong,
+    #[doc = " u32 `[sequences, 4]`: (q_start, q_len, context_len, base), read."]
+    pub seqs: ::std::os::raw::c_ulonglong,
+    #[doc = " u32 block ids of every sequence, concatenated; unused with `contiguous`."]
+    pub block_tables: ::std::os::raw::c_ulonglong,
+    pub work_rows: ::std::os::raw::c_int,
+    pub num_heads: ::std::os::raw::c_int,
+    pub num_kv_heads: ::std::os::raw::c_int,
+    pub head_dim: ::std::os::raw::c_int,
+    pub block_size: ::std::os::raw::c_int,
+    pub partition_size: ::std::os::raw::c_int,
+    pub num_partitions: ::std::os::raw::c_int,
+    #[doc = " Query heads per thread block (a slice of one kv head's group), at most 8."]
+    pub heads_per_block: ::std::os::raw::c_int,
+    pub scale: f32,
+    pub contiguous: ::std::os::raw::c_int,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of PagedAttentionArgs"][::std::mem::size_of::<PagedAttentionArgs>() - 120usize];
+    ["Alignment of PagedAttentionArgs"][::std::mem::align_of::<PagedAttentionArgs>() - 8usize];
+    ["Offset of field: PagedAttentionArgs::q"]
+        [::std::mem::offset_of!(PagedAttentionArgs, q) - 0usize];
+    ["Offset of field: PagedAttentionArgs::k_pool"]
+        [::std::mem::offset_of!(PagedAttentionArgs, k_pool) - 8usize];
+    ["Offset of field: PagedAttentionArgs::v_pool"]
+        [::std::mem::offset_of!(PagedAttentionArgs, v_pool) - 16usize];
+    ["Offset of field: PagedAttentionArgs::out"]
+        [::std::mem::offset_of!(PagedAttentionArgs, out) - 24usize];
+    ["Offset of field: PagedAttentionArgs::part_out"]
+        [::std::mem::offset_of!(PagedAttentionArgs, part_out) - 32usize];
+    ["Offset of field: PagedAttentionArgs::part_max"]
+        [::std::mem::offset_of!(PagedAttentionArgs, part_max) - 40usize];
+    ["Offset of field: PagedAttentionArgs::part_sum"]
+        [::std::mem::offset_of!(PagedAttentionArgs, part_sum) - 48usize];
+    ["Offset of field: PagedAttentionArgs::work"]
+        [::std::mem::offset_of!(PagedAttentionArgs, work) - 56usize];
+    ["Offset of field: PagedAttentionArgs::seqs"]
+        [::std::mem::offset_of!(PagedAttentionArgs, seqs) - 64usize];
+    ["Offset of field: PagedAttentionArgs::block_tables"]
+        [::std::mem::offset_of!(PagedAttentionArgs, block_tables) - 72usize];
+    ["Offset of field: PagedAttentionArgs::work_rows"]
+        [::std::mem::offset_of!(PagedAttentionArgs, work_rows) - 80usize];
+    ["Offset of field: PagedAttentionArgs::num_heads"]
+        [::std::mem::offset_of!(PagedAttentionArgs, num_heads) - 84usize];
+    ["Offset of field: PagedAttentionArgs::num_kv_heads"]
+        [::std::mem::offset_of!(PagedAttentionArgs, num_kv_heads) - 88usize];
+    ["Offset of field: PagedAttentionArgs::head_dim"]
+        [::std::mem::offset_of!(PagedAttentionArgs, head_dim) - 92usize];
+    ["Offset of field: PagedAttentionArgs::block_size"]
+        [::std::mem::offset_of!(PagedAttentionArgs, block_size) - 96usize];
+    ["Offset of field: PagedAttentionArgs::partition_size"]
+        [::std::mem::offset_of!(PagedAttentionArgs, partition_size) - 100usize];
+    ["Offset of field: PagedAttentionArgs::num_partitions"]
+        [::std::mem::offset_of!(PagedAttentionArgs, num_partitions) - 104usize];
+    ["Offset of field: PagedAttentionArgs::heads_per_block"]
+        [::std::mem::offset_of!(PagedAttentionArgs, heads_per_block) - 108usize];
+    ["Offset of field: PagedAttentionArgs::scale"]
+        [::std::mem::offset_of!(PagedAttentionArgs, scale) - 112usize];
+    ["Offset of field: PagedAttentionArgs::contiguous"]
+        [::std::mem::offset_of!(PagedAttentionArgs, contiguous) - 116usize];
+};
+#[doc = " Log-sum-exp merge of the partitions of [`PagedAttentionArgs`]: for each work item and\n head, `out = sum_z w_z o_z / sum_z w_z` with `w_z = part_sum_z * exp(part_max_z - max)`,\n over the partitions that hold visible positions."]
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct PagedCombineArgs {
+    #[doc = " bf16 `[q rows, num_heads * head_dim]`, written at the work items' rows."]
+    pub out: ::std::os::raw::c_ulonglong,
+    #[doc = " f32 `[work_rows, num_heads, num_partitions, head_dim]`, read."]
+    pub part_out: ::std::os::raw::c_ulonglong,
+    #[doc = " f32 `[work_rows, num_heads, num_partitions]`, read."]
+    pub part_max: ::std::os::raw::c_ulonglong,
+    #[doc = " f32 `[work_rows, num_heads, num_partitions]`, read."]
+    pub part_sum: ::std::os::raw::c_ulonglong,
+    #[doc = " u32 `[work_rows, 2]`, as in [`PagedAttentionArgs`], read."]
+    pub work: ::std::os::raw::c_ulonglong,
+    #[doc = " u32 `[sequences, 4]`, as in [`PagedAttentionArgs`], read."]
+    pub seqs: ::std::os::raw::c_ulonglong,
+    pub work_rows: ::std::os::raw::c_int,
+    pub num_heads: ::std::os::raw::c_int,
+    pub head_dim: ::std::os::raw::c_int,
+    pub partition_size: ::std::os::raw::c_int,
+    pub num_partitions: ::std::os::raw::c_int,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of PagedCombineArgs"][::std::mem::size_of::<PagedCombineArgs>() - 72usize];
+    ["Alignment of PagedCombineArgs"][::std::mem::align_of::<PagedCombineArgs>() - 8usize];
+    ["Offset of field: PagedCombineArgs::out"]
+        [::std::mem::offset_of!(PagedCombineArgs, out) - 0usize];
+    ["Offset of field: PagedCombineArgs::part_out"]
+        [::std::mem::offset_of!(PagedCombineArgs, part_out) - 8usize];
+    ["Offset of field: PagedCombineArgs::part_max"]
+        [::std::mem::offset_of!(PagedCombineArgs, part_max) - 16usize];
+    ["Offset of field: PagedCombineArgs::part_sum"]
+        [::std::mem::offset_of!(PagedCombineArgs, part_sum) - 24usize];
+    ["Offset of field: PagedCombineArgs::work"]
+        [::std::mem::offset_of!(PagedCombineArgs, work) - 32usize];
+    ["Offset of field: PagedCombineArgs::seqs"]
+        [::std::mem::offset_of!(PagedCombineArgs, seqs) - 40usize];
+    ["Offset of field: PagedCombineArgs::work_rows"]
+        [::std::mem::offset_of!(PagedCombineArgs, work_rows) - 48usize];
+    ["Offset of field: PagedCombineArgs::num_heads"]
+        [::std::mem::offset_of!(PagedCombineArgs, num_heads) - 52usize];
+    ["Offset of field: PagedCombineArgs::head_dim"]
+        [::std::mem::offset_of!(PagedCombineArgs, head_dim) - 56usize];
+    ["Offset of field: PagedCombineArgs::partition_size"]
+        [::std::mem::offset_of!(PagedCombineArgs, partition_size) - 60usize];
+    ["Offset of field: PagedCombineArgs::num_partitions"]
+        [::std::mem::offset_of!(PagedCombineArgs, num_partitions) - 64usize];
+};

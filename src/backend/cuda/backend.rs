@@ -5,7 +5,8 @@
 //!
 //! On the GPU so far: upload/download, the tensor utilities (zeros, copy, fill_zero, scale,
 //! add_assign), embedding, rms_norm, rope, swiglu, split/concat columns, gather_rows and
-//! linear. Every other op returns an error naming the op ([`NOT_YET_ON_CUDA`]).
+//! linear; the KV cache (kv_pool, write_kv, copy_blocks) and attention (paged and causal) in
+//! [`super::attention`]. Every other op returns an error naming the op ([`NOT_YET_ON_CUDA`]).
 
 use super::args;
 use super::context::{CudaOptions, GpuContext, LoadedUnit, grid_stride_config, row_block_threads};
@@ -37,15 +38,15 @@ pub const ON_CUDA: &[&str] = &[
     "copy",
     "fill_zero",
     "scale",
-];
-
-/// The [`Backend`] ops that are not on the CUDA backend yet: each returns an error naming it.
-pub const NOT_YET_ON_CUDA: &[&str] = &[
     "causal_attention",
     "kv_pool",
     "write_kv",
     "copy_blocks",
     "paged_attention",
+];
+
+/// The [`Backend`] ops that are not on the CUDA backend yet: each returns an error naming it.
+pub const NOT_YET_ON_CUDA: &[&str] = &[
     "target_logprobs",
     "sum_squares",
     "scatter_add_rows",
@@ -79,7 +80,7 @@ fn int(v: usize, op: &str, what: &str) -> Result<i32> {
 
 /// The CUDA backend: one device, one stream, the kernels of `kernels/` and a cuBLASLt handle.
 pub struct CudaBackend {
-    gpu: GpuContext,
+    pub(super) gpu: GpuContext,
     /// cuBLASLt handle (and its workspace), used by one thread at a time.
     blas: Mutex<CudaBlasLT>,
     poison: bool,
@@ -155,7 +156,7 @@ impl CudaBackend {
     }
 
     /// A new buffer of `dtype` for a kernel to write in full.
-    fn output(&self, dtype: DType, shape: Vec<usize>) -> Result<CudaTensor> {
+    pub(super) fn output(&self, dtype: DType, shape: Vec<usize>) -> Result<CudaTensor> {
         let len = numel(&shape)?;
         let data = match dtype {
             DType::Bf16 => DeviceData::Bf16(self.output_bf16(len)?),
@@ -487,51 +488,52 @@ impl Backend for CudaBackend {
         })
     }
 
+    // The KV cache and attention live in attention.rs.
     fn causal_attention(
         &self,
-        _q: &CudaTensor,
-        _k: &CudaTensor,
-        _v: &CudaTensor,
-        _seqs: &[SeqSpan],
-        _shape: AttentionShape,
+        q: &CudaTensor,
+        k: &CudaTensor,
+        v: &CudaTensor,
+        seqs: &[SeqSpan],
+        shape: AttentionShape,
     ) -> Result<CudaTensor> {
-        Err(not_yet("causal_attention"))
+        self.attn_causal(q, k, v, seqs, shape)
     }
 
-    fn kv_pool(&self, _num_blocks: usize, _block_size: usize, _width: usize) -> Result<CudaTensor> {
-        Err(not_yet("kv_pool"))
+    fn kv_pool(&self, num_blocks: usize, block_size: usize, width: usize) -> Result<CudaTensor> {
+        self.attn_kv_pool(num_blocks, block_size, width)
     }
 
     fn write_kv(
         &self,
-        _k_pool: &mut CudaTensor,
-        _v_pool: &mut CudaTensor,
-        _k: &CudaTensor,
-        _v: &CudaTensor,
-        _slots: &[u32],
+        k_pool: &mut CudaTensor,
+        v_pool: &mut CudaTensor,
+        k: &CudaTensor,
+        v: &CudaTensor,
+        slots: &[u32],
     ) -> Result<()> {
-        Err(not_yet("write_kv"))
+        self.attn_write_kv(k_pool, v_pool, k, v, slots)
     }
 
     fn copy_blocks(
         &self,
-        _pool: &mut CudaTensor,
-        _copies: &[(u32, u32)],
-        _block_size: usize,
+        pool: &mut CudaTensor,
+        copies: &[(u32, u32)],
+        block_size: usize,
     ) -> Result<()> {
-        Err(not_yet("copy_blocks"))
+        self.attn_copy_blocks(pool, copies, block_size)
     }
 
     fn paged_attention(
         &self,
-        _q: &CudaTensor,
-        _k_pool: &CudaTensor,
-        _v_pool: &CudaTensor,
-        _seqs: &[PagedSeq<'_>],
-        _shape: AttentionShape,
-        _block_size: usize,
+        q: &CudaTensor,
+        k_pool: &CudaTensor,
+        v_pool: &CudaTensor,
+        seqs: &[PagedSeq<'_>],
+        shape: AttentionShape,
+        block_size: usize,
     ) -> Result<CudaTensor> {
-        Err(not_yet("paged_attention"))
+        self.attn_paged(q, k_pool, v_pool, seqs, shape, block_size)
     }
 
     fn swiglu(&self, gate_up: &CudaTensor) -> Result<CudaTensor> {

@@ -26,6 +26,10 @@ unsafe impl DeviceRepr for args::AddAssignArgs {}
 unsafe impl DeviceRepr for args::ScaleArgs {}
 unsafe impl DeviceRepr for args::CopyColumnsArgs {}
 unsafe impl DeviceRepr for args::GatherRowsArgs {}
+unsafe impl DeviceRepr for args::WriteKvArgs {}
+unsafe impl DeviceRepr for args::CopyBlocksArgs {}
+unsafe impl DeviceRepr for args::PagedAttentionArgs {}
+unsafe impl DeviceRepr for args::PagedCombineArgs {}
 
 /// Environment variable: the CUDA device ordinal to use (default 0).
 pub const DEVICE_ENV: &str = "GENIUS_CUDA_DEVICE";
@@ -401,6 +405,10 @@ mod tests {
             ScaleArgs,
             CopyColumnsArgs,
             GatherRowsArgs,
+            WriteKvArgs,
+            CopyBlocksArgs,
+            PagedAttentionArgs,
+            PagedCombineArgs,
         );
         let mut header = header_layouts();
         rust.sort();

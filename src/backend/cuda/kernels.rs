@@ -28,23 +28,35 @@ pub mod images {
 /// Every kernel the CUDA backend launches, grouped by the unit (`kernels/*.cu`) defining it.
 /// The registry loads each unit once and looks every name up at start, so a missing or
 /// misspelt kernel is an error when the backend is created, naming the kernel and unit.
-pub const KERNEL_UNITS: &[(&str, &[&str])] = &[(
-    "elementwise.cu",
-    &[
-        "ge_rms_norm",
-        "ge_rope",
-        "ge_swiglu",
-        "ge_add_assign_bf16",
-        "ge_add_assign_f32",
-        "ge_add_assign_f32_bf16",
-        "ge_scale_bf16",
-        "ge_scale_f32",
-        "ge_copy_columns_bf16",
-        "ge_copy_columns_f32",
-        "ge_gather_rows_bf16",
-        "ge_gather_rows_f32",
-    ],
-)];
+pub const KERNEL_UNITS: &[(&str, &[&str])] = &[
+    (
+        "elementwise.cu",
+        &[
+            "ge_rms_norm",
+            "ge_rope",
+            "ge_swiglu",
+            "ge_add_assign_bf16",
+            "ge_add_assign_f32",
+            "ge_add_assign_f32_bf16",
+            "ge_scale_bf16",
+            "ge_scale_f32",
+            "ge_copy_columns_bf16",
+            "ge_copy_columns_f32",
+            "ge_gather_rows_bf16",
+            "ge_gather_rows_f32",
+        ],
+    ),
+    (
+        "paged_attention.cu",
+        &[
+            "ge_write_kv_bf16",
+            "ge_copy_blocks_bf16",
+            "ge_paged_attention_d64",
+            "ge_paged_attention_d128",
+            "ge_paged_attention_combine",
+        ],
+    ),
+];
 
 /// Environment variable choosing [`KernelSourcePolicy`]: `auto`, `precompiled` or `nvrtc`.
 pub const KERNELS_ENV: &str = "GENIUS_CUDA_KERNELS";

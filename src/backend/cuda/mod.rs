@@ -14,6 +14,7 @@
 
 #[allow(non_camel_case_types, non_snake_case, non_upper_case_globals)]
 pub mod args;
+pub mod attention;
 pub mod backend;
 pub mod context;
 pub mod kernels;
@@ -35,7 +36,7 @@ pub struct CudaDeviceInfo {
 /// One line on what the CUDA backend can do in this build (for `genius-engine info`).
 pub fn readiness() -> String {
     format!(
-        "CUDA backend: {} of {} backend ops on the GPU; attention, KV cache, log-probs, \
+        "CUDA backend: {} of {} backend ops on the GPU; log-probs, \
          backward and sampling not yet, so commands run with --device cpu",
         ON_CUDA.len(),
         ON_CUDA.len() + NOT_YET_ON_CUDA.len()

@@ -1,0 +1,257 @@
+// Paged KV cache and attention: K/V scatter into the pools (write_kv), copy-on-write block
+// copies (copy_blocks), and attention of query rows over a KV cache read through block tables
+// (or over contiguous K/V rows, for whole-sequence causal attention), split over context
+// partitions with a log-sum-exp combine for long contexts.
+//
+// bf16 in and out, f32 scores, online softmax and accumulation. Launch shapes are chosen on the
+// Rust side (src/backend/cuda/attention.rs), which states each kernel's requirements next to
+// its launch.
+#include "common.cuh"
+
+// -inf without math headers (NVRTC compiles these units with no include path).
+#define GE_NEG_INF __int_as_float(0xff800000)
+
+// ---- write_kv: grid-stride over rows * width elements. ----
+extern "C" __global__ void ge_write_kv_bf16(WriteKvArgs a) {
+    const long long n = static_cast<long long>(a.rows) * a.width;
+    const unsigned int* slots = reinterpret_cast<const unsigned int*>(a.slots);
+    const ge_bf16* k = reinterpret_cast<const ge_bf16*>(a.k);
+    const ge_bf16* v = reinterpret_cast<const ge_bf16*>(a.v);
+    ge_bf16* kp = reinterpret_cast<ge_bf16*>(a.k_pool);
+    ge_bf16* vp = reinterpret_cast<ge_bf16*>(a.v_pool);
+    for (long long i = ge_global_index(); i < n; i += ge_grid_threads()) {
+        const long long r = i / a.width;
+        const long long c = i - r * a.width;
+        const long long dst = static_cast<long long>(slots[r]) * a.width + c;
+        kp[dst] = k[i];
+        vp[dst] = v[i];
+    }
+}
+
+// ---- copy_blocks: blockIdx.y is the copy; x blocks stride over the block's elements, 16 bytes
+// at a time when a block is a whole number of 16-byte vectors (the pool itself is 256-byte
+// aligned). ----
+extern "C" __global__ void ge_copy_blocks_bf16(CopyBlocksArgs a) {
+    const unsigned int* pairs = reinterpret_cast<const unsigned int*>(a.pairs);
+    const long long c = blockIdx.y;
+    if (c >= a.count) return;
+    const long long src = static_cast<long long>(pairs[2 * c]) * a.block_elems;
+    const long long dst = static_cast<long long>(pairs[2 * c + 1]) * a.block_elems;
+    const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
+    const long long first = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (a.block_elems % 8 == 0) {
+        const uint4* s = reinterpret_cast<const uint4*>(reinterpret_cast<const ge_bf16*>(a.pool) + src);
+        uint4* d = reinterpret_cast<uint4*>(reinterpret_cast<ge_bf16*>(a.pool) + dst);
+        for (long long i = first; i < a.block_elems / 8; i += stride) d[i] = s[i];
+    } else {
+        const unsigned short* s = reinterpret_cast<const unsigned short*>(a.pool) + src;
+        unsigned short* d = reinterpret_cast<unsigned short*>(a.pool) + dst;
+        for (long long i = first; i < a.block_elems; i += stride) d[i] = s[i];
+    }
+}
+
+// ---- Paged attention over one context partition. ----
+//
+// Grid: x = work item (one query row of one sequence), y = (kv head, slice of its query heads),
+// z = context partition. Block: GE_PA_THREADS threads (4 warps). The block holds its query
+// heads (at most GE_PA_MAX_HEADS, all sharing one kv head, so each K/V row is read once for
+// all of them) in shared memory and walks its partition in tiles of GE_PA_TILE positions:
+// 1. the tile's K/V row indices, through the block table, into shared memory;
+// 2. scores: each warp takes positions, each lane a slice of head_dim; a warp sum per head;
+// 3. online softmax per head (one warp per head): new running max, the factor that rescales
+//    the earlier accumulation, exponentials in place of the scores, running sum;
+// 4. values: thread (column d, key half) accumulates p * v[d] for every head in registers.
+#define GE_PA_THREADS 128
+#define GE_PA_WARPS (GE_PA_THREADS / GE_WARP_SIZE)
+#define GE_PA_TILE 64
+#define GE_PA_MAX_HEADS 8
+
+template <int HD>
+__device__ __forceinline__ void paged_attention_partition(const PagedAttentionArgs& a) {
+    static_assert(HD % GE_WARP_SIZE == 0 && GE_PA_THREADS % HD == 0, "head_dim");
+    constexpr int PER_LANE = HD / GE_WARP_SIZE;
+    constexpr int KEY_SPLIT = GE_PA_THREADS / HD;
+    __shared__ float q_s[GE_PA_MAX_HEADS][HD];
+    __shared__ float s_s[GE_PA_MAX_HEADS][GE_PA_TILE];
+    __shared__ float corr_s[GE_PA_MAX_HEADS];
+    __shared__ float m_s[GE_PA_MAX_HEADS];
+    __shared__ float l_s[GE_PA_MAX_HEADS];
+    __shared__ long long slot_s[GE_PA_TILE];
+    __shared__ float red_s[KEY_SPLIT][GE_PA_MAX_HEADS][HD];
+
+    const int tid = threadIdx.x;
+    const int lane = tid % GE_WARP_SIZE;
+    const int warp = tid / GE_WARP_SIZE;
+    const unsigned int* work = reinterpret_cast<const unsigned int*>(a.work);
+    const unsigned int* seqs = reinterpret_cast<const unsigned int*>(a.seqs);
+    const long long w = blockIdx.x;
+    const long long row = work[2 * w];
+    const unsigned int* sd = seqs + 4 * static_cast<long long>(work[2 * w + 1]);
+    const int q_start = static_cast<int>(sd[0]);
+    const int q_len = static_cast<int>(sd[1]);
+    const int context_len = static_cast<int>(sd[2]);
+    const long long base = sd[3];
+    const int visible = context_len - q_len + (static_cast<int>(row) - q_start) + 1;
+
+    const int group = a.num_heads / a.num_kv_heads;
+    const int slices = (group + a.heads_per_block - 1) / a.heads_per_block;
+    const int kvh = blockIdx.y / slices;
+    const int g0 = (blockIdx.y % slices) * a.heads_per_block;
+    const int nh = min(a.heads_per_block, group - g0);
+    const int h0 = kvh * group + g0;
+    const int p0 = blockIdx.z * a.partition_size;
+    if (p0 >= visible) return;  // the whole block: this row has fewer partitions
+    const int p1 = min(visible, p0 + a.partition_size);
+
+    const long long qw = static_cast<long long>(a.num_heads) * HD;
+    const long long kw = static_cast<long long>(a.num_kv_heads) * HD;
+    const ge_bf16* q = reinterpret_cast<const ge_bf16*>(a.q) + row * qw + static_cast<long long>(h0) * HD;
+    const ge_bf16* kp = reinterpret_cast<const ge_bf16*>(a.k_pool) + static_cast<long long>(kvh) * HD;
+    const ge_bf16* vp = reinterpret_cast<const ge_bf16*>(a.v_pool) + static_cast<long long>(kvh) * HD;
+    const unsigned int* table = reinterpret_cast<const unsigned int*>(a.block_tables);
+
+    for (int i = tid; i < nh * HD; i += GE_PA_THREADS) q_s[i / HD][i % HD] = ge_bf16_to_f32(q[i]);
+    if (tid < GE_PA_MAX_HEADS) {
+        m_s[tid] = GE_NEG_INF;
+        l_s[tid] = 0.0f;
+    }
+    const int d = tid % HD;
+    const int key_part = tid / HD;
+    float acc[GE_PA_MAX_HEADS];
+#pragma unroll
+    for (int g = 0; g < GE_PA_MAX_HEADS; ++g) acc[g] = 0.0f;
+
+    for (int t0 = p0; t0 < p1; t0 += GE_PA_TILE) {
+        const int tl = min(GE_PA_TILE, p1 - t0);
+        if (tid < tl) {
+            const long long pos = t0 + tid;
+            slot_s[tid] = a.contiguous
+                              ? base + pos
+                              : static_cast<long long>(table[base + pos / a.block_size]) * a.block_size +
+                                    pos % a.block_size;
+        }
+        __syncthreads();  // slots (and, on the first tile, q_s, m_s, l_s) are visible
+
+        for (int t = warp; t < tl; t += GE_PA_WARPS) {
+            const ge_bf16* k = kp + slot_s[t] * kw + lane * PER_LANE;
+            float kf[PER_LANE];
+#pragma unroll
+            for (int j = 0; j < PER_LANE; ++j) kf[j] = ge_bf16_to_f32(k[j]);
+#pragma unroll
+            for (int g = 0; g < GE_PA_MAX_HEADS; ++g) {
+                if (g < nh) {  // uniform over the block
+                    float part = 0.0f;
+#pragma unroll
+                    for (int j = 0; j < PER_LANE; ++j) part += q_s[g][lane * PER_LANE + j] * kf[j];
+                    part = ge_warp_sum(part);
+                    if (lane == 0) s_s[g][t] = part * a.scale;
+                }
+            }
+        }
+        __syncthreads();
+
+        for (int g = warp; g < nh; g += GE_PA_WARPS) {
+            float mx = GE_NEG_INF;
+            for (int t = lane; t < tl; t += GE_WARP_SIZE) mx = fmaxf(mx, s_s[g][t]);
+            mx = ge_warp_max(mx);
+            const float m_old = m_s[g];
+            const float m_new = fmaxf(m_old, mx);
+            float sum = 0.0f;
+            for (int t = lane; t < tl; t += GE_WARP_SIZE) {
+                const float e = expf(s_s[g][t] - m_new);
+                s_s[g][t] = e;
+                sum += e;
+            }
+            sum = ge_warp_sum(sum);
+            if (lane == 0) {
+                const float corr = expf(m_old - m_new);  // 0 on the first tile (m_old = -inf)
+                corr_s[g] = corr;
+                l_s[g] = l_s[g] * corr + sum;
+                m_s[g] = m_new;
+            }
+        }
+        __syncthreads();
+
+#pragma unroll
+        for (int g = 0; g < GE_PA_MAX_HEADS; ++g) {
+            if (g < nh) acc[g] *= corr_s[g];
+        }
+        for (int t = key_part; t < tl; t += KEY_SPLIT) {
+            const float v = ge_bf16_to_f32(vp[slot_s[t] * kw + d]);
+#pragma unroll
+            for (int g = 0; g < GE_PA_MAX_HEADS; ++g) {
+                if (g < nh) acc[g] += s_s[g][t] * v;
+            }
+        }
+        __syncthreads();  // the next tile overwrites slot_s, s_s and corr_s
+    }
+
+    if (KEY_SPLIT > 1) {
+#pragma unroll
+        for (int g = 0; g < GE_PA_MAX_HEADS; ++g) {
+            if (g < nh) red_s[key_part][g][d] = acc[g];
+        }
+        __syncthreads();
+        if (key_part != 0) return;
+#pragma unroll
+        for (int g = 0; g < GE_PA_MAX_HEADS; ++g) {
+            if (g < nh) {
+                for (int s = 1; s < KEY_SPLIT; ++s) acc[g] += red_s[s][g][d];
+            }
+        }
+    }
+#pragma unroll
+    for (int g = 0; g < GE_PA_MAX_HEADS; ++g) {
+        if (g >= nh) continue;
+        const float o = acc[g] / l_s[g];
+        if (a.num_partitions == 1) {
+            ge_bf16* out = reinterpret_cast<ge_bf16*>(a.out);
+            out[row * qw + static_cast<long long>(h0 + g) * HD + d] = ge_f32_to_bf16(o);
+        } else {
+            const long long idx = (w * a.num_heads + h0 + g) * a.num_partitions + blockIdx.z;
+            reinterpret_cast<float*>(a.part_out)[idx * HD + d] = o;
+            if (d == 0) {
+                reinterpret_cast<float*>(a.part_max)[idx] = m_s[g];
+                reinterpret_cast<float*>(a.part_sum)[idx] = l_s[g];
+            }
+        }
+    }
+}
+
+extern "C" __global__ void ge_paged_attention_d64(PagedAttentionArgs a) {
+    paged_attention_partition<64>(a);
+}
+extern "C" __global__ void ge_paged_attention_d128(PagedAttentionArgs a) {
+    paged_attention_partition<128>(a);
+}
+
+// ---- Combine of the partitions: one block per (work item, head), threads over head_dim. Each
+// partition z holding visible positions contributes its normalised output o_z with weight
+// sum_z * exp(max_z - max over partitions); the result is divided by the total weight. ----
+extern "C" __global__ void ge_paged_attention_combine(PagedCombineArgs a) {
+    const unsigned int* work = reinterpret_cast<const unsigned int*>(a.work);
+    const unsigned int* seqs = reinterpret_cast<const unsigned int*>(a.seqs);
+    const long long w = blockIdx.x;
+    const int h = blockIdx.y;
+    const long long row = work[2 * w];
+    const unsigned int* sd = seqs + 4 * static_cast<long long>(work[2 * w + 1]);
+    const int visible = static_cast<int>(sd[2]) - static_cast<int>(sd[1]) +
+                        (static_cast<int>(row) - static_cast<int>(sd[0])) + 1;
+    const int parts = min(a.num_partitions, (visible + a.partition_size - 1) / a.partition_size);
+    const long long first = (w * a.num_heads + h) * a.num_partitions;
+    const float* pm = reinterpret_cast<const float*>(a.part_max) + first;
+    const float* ps = reinterpret_cast<const float*>(a.part_sum) + first;
+    const float* po = reinterpret_cast<const float*>(a.part_out) + first * a.head_dim;
+    float mx = GE_NEG_INF;
+    for (int z = 0; z < parts; ++z) mx = fmaxf(mx, pm[z]);
+    float total = 0.0f;
+    for (int z = 0; z < parts; ++z) total += ps[z] * expf(pm[z] - mx);
+    const float inv = 1.0f / total;
+    ge_bf16* out = reinterpret_cast<ge_bf16*>(a.out) + row * static_cast<long long>(a.num_heads) * a.head_dim +
+                   static_cast<long long>(h) * a.head_dim;
+    for (int d = threadIdx.x; d < a.head_dim; d += blockDim.x) {
+        float o = 0.0f;
+        for (int z = 0; z < parts; ++z) o += ps[z] * expf(pm[z] - mx) * po[static_cast<long long>(z) * a.head_dim + d];
+        out[d] = ge_f32_to_bf16(o * inv);
+    }
+}
