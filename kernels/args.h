@@ -215,4 +215,43 @@ typedef struct PagedCombineArgs {
 } PagedCombineArgs;
 GE_LAYOUT(PagedCombineArgs, 72, 8);
 
+/** Per-row sampling parameters of [`SampleArgs`] (the CPU's `SamplingParams` plus the row's
+ * sequence id and position, which with the seed select the Philox draw). */
+typedef struct SampleRowArgs {
+    /** Philox key: `(seed lo32, seed hi32)`. */
+    unsigned long long seed;
+    /** Philox counter words 1 and 2: `(seq_id lo32, seq_id hi32)`. */
+    unsigned long long seq_id;
+    /** 0 = greedy; otherwise finite and > 0 (checked on the host). */
+    float temperature;
+    /** Must be 1 on the GPU for now (top-p is not implemented there). */
+    float top_p;
+    /** Must be 0 on the GPU for now (top-k is not implemented there). */
+    int top_k;
+    /** Philox counter word 0. */
+    unsigned int position;
+} SampleRowArgs;
+GE_LAYOUT(SampleRowArgs, 32, 8);
+
+/** One token per logits row, greedy or unfiltered sampling (the definition of
+ * `src/engine/sampler.rs`). Each row writes `status`: 0 done, 1 a NaN or `+inf` logit,
+ * 2 every logit `-inf`, 3 top-k / top-p requested (not on the GPU). */
+typedef struct SampleArgs {
+    /** f32 `[rows, vocab]`, read. */
+    unsigned long long logits;
+    /** SampleRowArgs `[rows]`, read. */
+    unsigned long long params;
+    /** u32 `[rows]`, written. */
+    unsigned long long tokens;
+    /** f32 `[rows]`: untempered log-softmax at the token, written. */
+    unsigned long long logprobs;
+    /** f32 `[rows]`: log-probability under the sampled distribution, written. */
+    unsigned long long sampling_logprobs;
+    /** i32 `[rows]`, written. */
+    unsigned long long status;
+    int rows;
+    int vocab;
+} SampleArgs;
+GE_LAYOUT(SampleArgs, 56, 8);
+
 #endif /* GENIUS_ENGINE_KERNEL_ARGS_H */

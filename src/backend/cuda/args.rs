@@ -357,3 +357,70 @@ const _: () = {
     ["Offset of field: PagedCombineArgs::num_partitions"]
         [::std::mem::offset_of!(PagedCombineArgs, num_partitions) - 64usize];
 };
+#[doc = " Per-row sampling parameters of [`SampleArgs`] (the CPU's `SamplingParams` plus the row's\n sequence id and position, which with the seed select the Philox draw)."]
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct SampleRowArgs {
+    #[doc = " Philox key: `(seed lo32, seed hi32)`."]
+    pub seed: ::std::os::raw::c_ulonglong,
+    #[doc = " Philox counter words 1 and 2: `(seq_id lo32, seq_id hi32)`."]
+    pub seq_id: ::std::os::raw::c_ulonglong,
+    #[doc = " 0 = greedy; otherwise finite and > 0 (checked on the host)."]
+    pub temperature: f32,
+    #[doc = " Must be 1 on the GPU for now (top-p is not implemented there)."]
+    pub top_p: f32,
+    #[doc = " Must be 0 on the GPU for now (top-k is not implemented there)."]
+    pub top_k: ::std::os::raw::c_int,
+    #[doc = " Philox counter word 0."]
+    pub position: ::std::os::raw::c_uint,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of SampleRowArgs"][::std::mem::size_of::<SampleRowArgs>() - 32usize];
+    ["Alignment of SampleRowArgs"][::std::mem::align_of::<SampleRowArgs>() - 8usize];
+    ["Offset of field: SampleRowArgs::seed"][::std::mem::offset_of!(SampleRowArgs, seed) - 0usize];
+    ["Offset of field: SampleRowArgs::seq_id"]
+        [::std::mem::offset_of!(SampleRowArgs, seq_id) - 8usize];
+    ["Offset of field: SampleRowArgs::temperature"]
+        [::std::mem::offset_of!(SampleRowArgs, temperature) - 16usize];
+    ["Offset of field: SampleRowArgs::top_p"]
+        [::std::mem::offset_of!(SampleRowArgs, top_p) - 20usize];
+    ["Offset of field: SampleRowArgs::top_k"]
+        [::std::mem::offset_of!(SampleRowArgs, top_k) - 24usize];
+    ["Offset of field: SampleRowArgs::position"]
+        [::std::mem::offset_of!(SampleRowArgs, position) - 28usize];
+};
+#[doc = " One token per logits row, greedy or unfiltered sampling (the definition of\n `src/engine/sampler.rs`). Each row writes `status`: 0 done, 1 a NaN or `+inf` logit,\n 2 every logit `-inf`, 3 top-k / top-p requested (not on the GPU)."]
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct SampleArgs {
+    #[doc = " f32 `[rows, vocab]`, read."]
+    pub logits: ::std::os::raw::c_ulonglong,
+    #[doc = " SampleRowArgs `[rows]`, read."]
+    pub params: ::std::os::raw::c_ulonglong,
+    #[doc = " u32 `[rows]`, written."]
+    pub tokens: ::std::os::raw::c_ulonglong,
+    #[doc = " f32 `[rows]`: untempered log-softmax at the token, written."]
+    pub logprobs: ::std::os::raw::c_ulonglong,
+    #[doc = " f32 `[rows]`: log-probability under the sampled distribution, written."]
+    pub sampling_logprobs: ::std::os::raw::c_ulonglong,
+    #[doc = " i32 `[rows]`, written."]
+    pub status: ::std::os::raw::c_ulonglong,
+    pub rows: ::std::os::raw::c_int,
+    pub vocab: ::std::os::raw::c_int,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of SampleArgs"][::std::mem::size_of::<SampleArgs>() - 56usize];
+    ["Alignment of SampleArgs"][::std::mem::align_of::<SampleArgs>() - 8usize];
+    ["Offset of field: SampleArgs::logits"][::std::mem::offset_of!(SampleArgs, logits) - 0usize];
+    ["Offset of field: SampleArgs::params"][::std::mem::offset_of!(SampleArgs, params) - 8usize];
+    ["Offset of field: SampleArgs::tokens"][::std::mem::offset_of!(SampleArgs, tokens) - 16usize];
+    ["Offset of field: SampleArgs::logprobs"]
+        [::std::mem::offset_of!(SampleArgs, logprobs) - 24usize];
+    ["Offset of field: SampleArgs::sampling_logprobs"]
+        [::std::mem::offset_of!(SampleArgs, sampling_logprobs) - 32usize];
+    ["Offset of field: SampleArgs::status"][::std::mem::offset_of!(SampleArgs, status) - 40usize];
+    ["Offset of field: SampleArgs::rows"][::std::mem::offset_of!(SampleArgs, rows) - 48usize];
+    ["Offset of field: SampleArgs::vocab"][::std::mem::offset_of!(SampleArgs, vocab) - 52usize];
+};

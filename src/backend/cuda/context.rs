@@ -27,6 +27,8 @@ unsafe impl DeviceRepr for args::ScaleArgs {}
 unsafe impl DeviceRepr for args::CopyColumnsArgs {}
 unsafe impl DeviceRepr for args::GatherRowsArgs {}
 unsafe impl DeviceRepr for args::WriteKvArgs {}
+unsafe impl DeviceRepr for args::SampleRowArgs {}
+unsafe impl DeviceRepr for args::SampleArgs {}
 unsafe impl DeviceRepr for args::CopyBlocksArgs {}
 unsafe impl DeviceRepr for args::PagedAttentionArgs {}
 unsafe impl DeviceRepr for args::PagedCombineArgs {}
@@ -409,6 +411,8 @@ mod tests {
             CopyBlocksArgs,
             PagedAttentionArgs,
             PagedCombineArgs,
+            SampleRowArgs,
+            SampleArgs,
         );
         let mut header = header_layouts();
         rust.sort();

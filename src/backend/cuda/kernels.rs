@@ -56,6 +56,7 @@ pub const KERNEL_UNITS: &[(&str, &[&str])] = &[
             "ge_paged_attention_combine",
         ],
     ),
+    ("sampling.cu", &["ge_sample_rows"]),
 ];
 
 /// Environment variable choosing [`KernelSourcePolicy`]: `auto`, `precompiled` or `nvrtc`.

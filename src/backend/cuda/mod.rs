@@ -18,11 +18,13 @@ pub mod attention;
 pub mod backend;
 pub mod context;
 pub mod kernels;
+pub mod sampling;
 pub mod tensor;
 
 pub use backend::{CudaBackend, NOT_YET_ON_CUDA, ON_CUDA};
 pub use context::CudaOptions;
 pub use kernels::KernelSourcePolicy;
+pub use sampling::RowSampling;
 pub use tensor::{CudaLinear, CudaTensor, DType};
 
 /// A CUDA device the driver reports.
