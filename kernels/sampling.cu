@@ -93,7 +93,7 @@ __device__ __forceinline__ float ge_sample_prob(float l, double m, double t, dou
     return static_cast<float>(exp((static_cast<double>(l) - m) / t) / z);
 }
 
-extern "C" __global__ void __launch_bounds__(GE_SAMPLE_THREADS) ge_sample_rows(SampleArgs a) {
+extern "C" __global__ void ge_sample_rows(SampleArgs a) {
     __shared__ float s_max[GE_WARP_SIZE];
     __shared__ int s_idx[GE_WARP_SIZE];
     __shared__ double s_red[GE_WARP_SIZE];

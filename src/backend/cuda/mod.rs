@@ -7,6 +7,7 @@
 //!   the CPU.
 //! - [`args`]: the kernels' argument structs, generated from `kernels/args.h` by bindgen.
 //! - [`context`]: device selection, the backend's one stream, the kernel registry, launches.
+//! - [`sampling`]: greedy and unfiltered token sampling on the GPU ([`CudaBackend::sample_rows`]).
 //! - [`tensor`]: [`CudaTensor`] (bf16 or f32 device buffers) and [`CudaLinear`] (bf16 weights).
 //! - [`backend`]: [`CudaBackend`], the [`crate::backend::Backend`] implementation. Part of the
 //!   trait runs on the GPU ([`ON_CUDA`]); the rest returns an error naming the op
@@ -39,7 +40,8 @@ pub struct CudaDeviceInfo {
 pub fn readiness() -> String {
     format!(
         "CUDA backend: {} of {} backend ops on the GPU; log-probs, \
-         backward and sampling not yet, so commands run with --device cpu",
+         backward and top-k/top-p sampling not yet (greedy and plain sampling have a kernel, \
+         not yet used by the engine), so commands run with --device cpu",
         ON_CUDA.len(),
         ON_CUDA.len() + NOT_YET_ON_CUDA.len()
     )

@@ -1,0 +1,211 @@
+//! The CUDA sampler (`CudaBackend::sample_rows`, `kernels/sampling.cu`) against the CPU
+//! sampler (`engine::sampler::sample`) on identical f32 logits: greedy and unfiltered sampling
+//! at several temperatures, a production-sized and an odd vocabulary, many rows per launch.
+//! The tokens must be the same (the definition fixes the draw up to f64 rounding of a
+//! boundary), the log-probabilities within 1e-5; seeded reruns must repeat exactly; rows the
+//! GPU does not do (top-k / top-p) and bad logits must be refused naming the row.
+//!
+//! These tests are ignored unless built for a GPU run (`GENIUS_GPU_TESTS=1`, as
+//! tools/gpu-prepare.sh does); so built, a missing device fails them.
+
+mod common;
+
+use common::Rng;
+use genius_engine::backend::cuda::{CudaBackend, CudaOptions, RowSampling, probe_devices};
+use genius_engine::engine::sampler::{SampledToken, SamplingParams, sample};
+use genius_engine::model::HostTensor;
+use std::io::Write as _;
+use std::sync::OnceLock;
+
+const LOGPROB_TOL: f32 = 1e-5;
+
+fn gpu() -> Option<&'static CudaBackend> {
+    match probe_devices() {
+        Ok(d) if !d.is_empty() => {}
+        other => {
+            let why = match other {
+                Err(e) => e,
+                Ok(_) => "the driver reports no devices".into(),
+            };
+            if cfg!(genius_gpu_tests) {
+                panic!(
+                    "built for a GPU run (GENIUS_GPU_TESTS) but there is no usable CUDA device: {why}"
+                );
+            }
+            let _ = writeln!(std::io::stderr(), "SKIPPED: no CUDA device ({why})");
+            return None;
+        }
+    }
+    static GPU: OnceLock<CudaBackend> = OnceLock::new();
+    Some(GPU.get_or_init(|| {
+        let opts = CudaOptions {
+            poison_outputs: true,
+            sync_after_launch: true,
+            ..CudaOptions::from_env().expect("CUDA options from the environment")
+        };
+        CudaBackend::new(&opts).unwrap_or_else(|e| panic!("{e:#}"))
+    }))
+}
+
+/// `rows` rows of logits: uniform in `[-scale, scale)`, a few rows with `-inf` masks and tied
+/// maxima so that those paths are exercised.
+fn logits(rng: &mut Rng, rows: usize, vocab: usize, scale: f32) -> HostTensor {
+    let mut t = rng.tensor(&[rows, vocab], scale);
+    for r in (0..rows).step_by(5) {
+        let row = &mut t.data[r * vocab..(r + 1) * vocab];
+        for _ in 0..vocab / 3 {
+            row[rng.below(vocab)] = f32::NEG_INFINITY;
+        }
+        let top = scale + 1.0;
+        row[rng.below(vocab)] = top;
+        row[rng.below(vocab)] = top;
+    }
+    t
+}
+
+fn row_params(rows: usize, temperature: f32, seed: u64) -> Vec<RowSampling> {
+    (0..rows)
+        .map(|r| RowSampling {
+            params: SamplingParams {
+                temperature,
+                seed: seed.wrapping_add(r as u64 * 0x9E37),
+                ..SamplingParams::default()
+            },
+            seq_id: 1000 + r as u64 * 7 + ((r as u64) << 33),
+            position: (r * 31 + 17) as u32,
+        })
+        .collect()
+}
+
+fn cpu_rows(l: &HostTensor, rows: &[RowSampling]) -> Vec<SampledToken> {
+    let vocab = l.shape[1];
+    rows.iter()
+        .enumerate()
+        .map(|(r, p)| {
+            sample(
+                &l.data[r * vocab..(r + 1) * vocab],
+                &p.params,
+                p.seq_id,
+                p.position,
+            )
+            .unwrap()
+        })
+        .collect()
+}
+
+#[track_caller]
+fn assert_same(what: &str, got: &[SampledToken], want: &[SampledToken]) {
+    assert_eq!(got.len(), want.len(), "{what}: row count");
+    for (r, (g, w)) in got.iter().zip(want).enumerate() {
+        assert_eq!(g.token, w.token, "{what}: row {r}: gpu {g:?} cpu {w:?}");
+        assert!(
+            (g.logprob - w.logprob).abs() <= LOGPROB_TOL,
+            "{what}: row {r}: logprob gpu {g:?} cpu {w:?}"
+        );
+        assert!(
+            (g.sampling_logprob - w.sampling_logprob).abs() <= LOGPROB_TOL,
+            "{what}: row {r}: sampling_logprob gpu {g:?} cpu {w:?}"
+        );
+    }
+}
+
+#[test]
+#[cfg_attr(
+    not(genius_gpu_tests),
+    ignore = "needs a CUDA GPU: built by tools/gpu-prepare.sh (GENIUS_GPU_TESTS=1), run by tools/gpu-check.sh"
+)]
+fn cuda_and_cpu_samplers_draw_the_same_tokens() {
+    let Some(be) = gpu() else { return };
+    let mut rng = Rng::new(7);
+    for (vocab, rows) in [(49152, 64), (1001, 97), (1, 3), (257, 40)] {
+        for scale in [2.0f32, 12.0] {
+            let l = logits(&mut rng, rows, vocab, scale);
+            let dev = be.upload_f32(&l).unwrap();
+            for (ti, t) in [0.0f32, 0.6, 1.0, 1.7].into_iter().enumerate() {
+                for seed in [0u64, 42, u64::MAX - ti as u64] {
+                    let params = row_params(rows, t, seed);
+                    let got = be.sample_rows(&dev, &params).unwrap();
+                    let want = cpu_rows(&l, &params);
+                    assert_same(
+                        &format!("vocab {vocab} scale {scale} T {t} seed {seed}"),
+                        &got,
+                        &want,
+                    );
+                }
+            }
+            // Mixed temperatures in one launch.
+            let mut params = row_params(rows, 1.0, 99);
+            for (r, p) in params.iter_mut().enumerate() {
+                p.params.temperature = [0.0, 0.6, 1.0, 1.7][r % 4];
+            }
+            let got = be.sample_rows(&dev, &params).unwrap();
+            assert_same(
+                &format!("vocab {vocab} mixed"),
+                &got,
+                &cpu_rows(&l, &params),
+            );
+        }
+    }
+}
+
+#[test]
+#[cfg_attr(
+    not(genius_gpu_tests),
+    ignore = "needs a CUDA GPU: built by tools/gpu-prepare.sh (GENIUS_GPU_TESTS=1), run by tools/gpu-check.sh"
+)]
+fn seeded_reruns_repeat_and_seeds_differ() {
+    let Some(be) = gpu() else { return };
+    let mut rng = Rng::new(11);
+    let l = logits(&mut rng, 128, 4099, 3.0);
+    let dev = be.upload_f32(&l).unwrap();
+    let params = row_params(128, 1.0, 5);
+    let a = be.sample_rows(&dev, &params).unwrap();
+    let b = be.sample_rows(&dev, &params).unwrap();
+    assert_eq!(a, b, "same seeds, same draws");
+    let other = be.sample_rows(&dev, &row_params(128, 1.0, 6)).unwrap();
+    let differ = a
+        .iter()
+        .zip(&other)
+        .filter(|(x, y)| x.token != y.token)
+        .count();
+    assert!(
+        differ > 64,
+        "another seed changed only {differ} of 128 draws"
+    );
+}
+
+#[test]
+#[cfg_attr(
+    not(genius_gpu_tests),
+    ignore = "needs a CUDA GPU: built by tools/gpu-prepare.sh (GENIUS_GPU_TESTS=1), run by tools/gpu-check.sh"
+)]
+fn filtered_rows_and_bad_logits_are_refused_by_row() {
+    let Some(be) = gpu() else { return };
+    let mut rng = Rng::new(13);
+    let mut l = logits(&mut rng, 4, 300, 2.0);
+    let dev = be.upload_f32(&l).unwrap();
+    let mut params = row_params(4, 1.0, 1);
+    params[2].params.top_k = 40;
+    let e = be.sample_rows(&dev, &params).unwrap_err().to_string();
+    assert!(e.contains("row 2") && e.contains("not on the GPU"), "{e}");
+    params[2].params.top_k = 0;
+    params[1].params.top_p = 0.9;
+    let e = be.sample_rows(&dev, &params).unwrap_err().to_string();
+    assert!(e.contains("row 1"), "{e}");
+    params[1].params.top_p = 1.0;
+
+    l.data[3 * 300 + 17] = f32::NAN;
+    let dev = be.upload_f32(&l).unwrap();
+    let e = be.sample_rows(&dev, &params).unwrap_err().to_string();
+    assert!(e.contains("row 3") && e.contains("NaN"), "{e}");
+    l.data[3 * 300 + 17] = 0.0;
+    for v in &mut l.data[300..600] {
+        *v = f32::NEG_INFINITY;
+    }
+    let dev = be.upload_f32(&l).unwrap();
+    let e = be.sample_rows(&dev, &params).unwrap_err().to_string();
+    assert!(e.contains("row 1") && e.contains("-inf"), "{e}");
+
+    let e = be.sample_rows(&dev, &params[..3]).unwrap_err().to_string();
+    assert!(e.contains("4 logits rows but 3"), "{e}");
+}
