@@ -121,7 +121,7 @@ fn cuda_and_cpu_samplers_draw_the_same_tokens() {
         for scale in [2.0f32, 12.0] {
             let l = logits(&mut rng, rows, vocab, scale);
             let dev = be.upload_f32(&l).unwrap();
-            for (ti, t) in [0.0f32, 0.6, 1.0, 1.7].into_iter().enumerate() {
+            for (ti, t) in [0.0f32, 0.05, 0.6, 1.0, 1.7, 5.0].into_iter().enumerate() {
                 for seed in [0u64, 42, u64::MAX - ti as u64] {
                     let params = row_params(rows, t, seed);
                     let got = be.sample_rows(&dev, &params).unwrap();

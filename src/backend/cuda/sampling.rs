@@ -305,7 +305,7 @@ mod tests {
         {
             for (si, &scale) in [0.5, 4.0, 20.0].iter().enumerate() {
                 let l = logits(vocab, scale, (vi * 10 + si) as u64 + 1);
-                for t in [0.0f32, 0.6, 1.0, 1.7] {
+                for t in [0.0f32, 0.05, 0.6, 1.0, 1.7, 5.0] {
                     let seeds = if vocab > 10_000 { 8 } else { 40 };
                     for seed in 0..seeds {
                         let p = SamplingParams {
