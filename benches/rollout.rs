@@ -33,10 +33,8 @@ fn rollouts(c: &mut Criterion) {
     )
     .expect("engine");
     let sampling = SamplingParams {
-        temperature: 1.0,
-        top_p: 1.0,
-        top_k: 0,
         seed: 3,
+        ..SamplingParams::default()
     };
     let stop = StopRules {
         max_new_tokens: NEW_TOKENS,

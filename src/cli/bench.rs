@@ -132,10 +132,8 @@ fn rollout(args: &BenchArgs) -> Result<()> {
     };
     let mut engine = Engine::new(transformer, &model.tokenizer, config)?;
     let sampling = SamplingParams {
-        temperature: 1.0,
-        top_p: 1.0,
-        top_k: 0,
         seed: 7,
+        ..SamplingParams::default()
     };
     let stop = StopRules {
         max_new_tokens: args.new_tokens,

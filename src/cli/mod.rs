@@ -48,6 +48,15 @@ pub struct ModelArgs {
     pub device: Device,
 }
 
+impl ModelArgs {
+    /// The model as given, or the default model's name.
+    pub fn name(&self) -> String {
+        self.model
+            .clone()
+            .unwrap_or_else(|| crate::model::fetch::DEFAULT_MODEL.to_string())
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Describe a model: architecture, size, dtypes, tokenizer, chat template, usable devices.

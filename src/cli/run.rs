@@ -121,7 +121,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
     check_same_settings(
         &out.join("settings.json"),
         &json!({
-            "model": args.model.model.clone().unwrap_or_else(|| crate::model::fetch::DEFAULT_MODEL.to_string()),
+            "model": args.model.name(),
             "queries": queries.iter().map(|q| q.id.as_str()).collect::<Vec<_>>().join(","),
             "profile": format!("{profile:?}"),
             "sampling": format!("{sample_cfg:?}"),
@@ -287,18 +287,15 @@ fn print_summary(rounds: &[RoundSummary], total: f64) {
                 t.reference_seconds,
                 rate(t.reference_tokens as f64, t.reference_seconds)
             );
-            let loss = |m: &Option<crate::genius::trainer::StepMetrics>| {
-                m.as_ref().map_or(f64::NAN, |m| m.loss)
-            };
             eprintln!(
                 "{:>5}  train     {:>9.1}   {:>11}   {} steps, loss {:.4} -> {:.4}, margin {:.4}",
                 r.round,
                 t.train_seconds,
                 rate(t.train_tokens as f64, t.train_seconds),
                 t.steps,
-                loss(&t.first),
-                loss(&t.last),
-                t.last.as_ref().map_or(f64::NAN, |m| m.margin)
+                t.first_loss(),
+                t.last_loss(),
+                t.last_margin()
             );
             eprintln!(
                 "{:>5}  checkpoint{:>9.1}   {:>11}   {}",

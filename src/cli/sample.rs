@@ -144,7 +144,7 @@ pub fn run(args: &SampleArgs) -> Result<()> {
     check_same_settings(
         &args.out.join("sample_settings.json"),
         &serde_json::json!({
-            "model": args.model.model.clone().unwrap_or_else(|| crate::model::fetch::DEFAULT_MODEL.to_string()),
+            "model": args.model.name(),
             "queries": queries.iter().map(|q| q.id.as_str()).collect::<Vec<_>>().join(","),
             "sampling": format!("{cfg:?}"),
         }),

@@ -241,7 +241,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     check_same_settings(
         &args.out.join("train_settings.json"),
         &serde_json::json!({
-            "model": args.model.model.clone().unwrap_or_else(|| crate::model::fetch::DEFAULT_MODEL.to_string()),
+            "model": args.model.name(),
             "pairs": args.pairs.display().to_string(),
             "ref_model": args.ref_model,
             "training": format!("{settings:?}"),
@@ -284,15 +284,29 @@ pub struct TrainSummary {
 }
 
 impl TrainSummary {
+    /// The first step's loss (NaN when no step ran).
+    pub fn first_loss(&self) -> f64 {
+        self.first.as_ref().map_or(f64::NAN, |m| m.loss)
+    }
+
+    /// The last step's loss (NaN when no step ran).
+    pub fn last_loss(&self) -> f64 {
+        self.last.as_ref().map_or(f64::NAN, |m| m.loss)
+    }
+
+    /// The last step's reward margin (NaN when no step ran).
+    pub fn last_margin(&self) -> f64 {
+        self.last.as_ref().map_or(f64::NAN, |m| m.margin)
+    }
+
     pub fn line(&self) -> String {
-        let loss = |m: &Option<StepMetrics>| m.as_ref().map_or(f64::NAN, |m| m.loss);
         format!(
             "trained on {} pairs, {} steps: loss {:.4} -> {:.4}, margin {:.4}; checkpoint {}",
             self.pairs,
             self.steps,
-            loss(&self.first),
-            loss(&self.last),
-            self.last.as_ref().map_or(f64::NAN, |m| m.margin),
+            self.first_loss(),
+            self.last_loss(),
+            self.last_margin(),
             self.checkpoint.display()
         )
     }

@@ -207,7 +207,7 @@ impl LazyRanked {
 }
 
 /// Checks logits and returns `(argmax, max)`: lowest index among the maximal values.
-fn scan_logits(logits: &[f32]) -> Result<(usize, f32)> {
+pub fn scan_logits(logits: &[f32]) -> Result<(usize, f32)> {
     if logits.is_empty() {
         bail!("cannot sample from an empty logits vector");
     }

@@ -495,7 +495,7 @@ impl Tile<'_> {
 mod tests {
     use super::*;
 
-    fn rand_vec(n: usize, seed: &mut u64) -> Vec<f32> {
+    pub(super) fn rand_vec(n: usize, seed: &mut u64) -> Vec<f32> {
         (0..n)
             .map(|_| {
                 *seed = seed
@@ -564,18 +564,8 @@ mod tests {
 
 #[cfg(test)]
 mod transposed_tests {
+    use super::tests::rand_vec;
     use super::*;
-
-    fn rand_vec(n: usize, seed: &mut u64) -> Vec<f32> {
-        (0..n)
-            .map(|_| {
-                *seed = seed
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-            })
-            .collect()
-    }
 
     /// `dx = dy @ W` on odd shapes (every tile size, partial last panel, more panels than one
     /// pass) against an f64 loop, through the vector kernel and the portable one. The padded

@@ -12,7 +12,7 @@
 use super::args;
 use super::backend::CudaBackend;
 use super::tensor::{CudaTensor, DeviceData};
-use crate::engine::sampler::{SampledToken, SamplingParams, uniform};
+use crate::engine::sampler::{SampledToken, SamplingParams, scan_logits, uniform};
 use anyhow::{Result, anyhow, bail, ensure};
 use cudarc::driver::LaunchConfig;
 
@@ -86,24 +86,9 @@ pub fn blocked_sample(
 ) -> Result<SampledToken> {
     params.validate()?;
     ensure!(!is_filtered(params), "blocked_sample: top-k / top-p rows");
-    ensure!(
-        !logits.is_empty(),
-        "cannot sample from an empty logits vector"
-    );
     let vocab = logits.len();
-    // 1. max / argmax: per-thread strided scans merged (the lowest index among the maxima).
-    let mut max = f32::NEG_INFINITY;
-    let mut argmax = usize::MAX;
-    for (i, &x) in logits.iter().enumerate() {
-        if x.is_nan() || x == f32::INFINITY {
-            bail!("logit {i} is {x}");
-        }
-        if x > max {
-            max = x;
-            argmax = i;
-        }
-    }
-    ensure!(max != f32::NEG_INFINITY, "all logits are -inf");
+    // 1. max / argmax (the lowest index among the maxima), with the CPU sampler's checks.
+    let (argmax, max) = scan_logits(logits)?;
     // 2. normalisers.
     let m = f64::from(max);
     let lse = m + logits
