@@ -254,4 +254,21 @@ typedef struct SampleArgs {
 } SampleArgs;
 GE_LAYOUT(SampleArgs, 56, 8);
 
+/** `out[r] = log_softmax(logits[r])[targets[r]]` for every row `r` (f32 max, f64 sum of
+ * exponentials). `status[r]`: 0 done, 1 a NaN or `+inf` logit, 2 every logit `-inf`, 4 the
+ * target is not a token of the vocabulary. */
+typedef struct TargetLogprobArgs {
+    /** bf16 `[rows, vocab]`, read. */
+    unsigned long long logits;
+    /** u32 `[rows]`, read. */
+    unsigned long long targets;
+    /** f32 `[rows]`, written. */
+    unsigned long long out;
+    /** i32 `[rows]`, written. */
+    unsigned long long status;
+    int rows;
+    int vocab;
+} TargetLogprobArgs;
+GE_LAYOUT(TargetLogprobArgs, 40, 8);
+
 #endif /* GENIUS_ENGINE_KERNEL_ARGS_H */

@@ -1,6 +1,6 @@
 // Token sampling on the GPU: greedy and unfiltered sampling (temperature > 0, no top-k, no
 // top-p), exactly the definition of src/engine/sampler.rs. One block of GE_SAMPLE_THREADS
-// threads per logits row (f32 [rows, vocab]); top-k / top-p rows are refused (status 3), the
+// threads per logits row (f32 or bf16 [rows, vocab]); top-k / top-p rows are refused (status 3), the
 // host routes them elsewhere.
 //
 // Passes over a row (logits are re-read, nothing of vocab size is kept in shared memory):
@@ -93,7 +93,9 @@ __device__ __forceinline__ float ge_sample_prob(float l, double m, double t, dou
     return static_cast<float>(exp((static_cast<double>(l) - m) / t) / z);
 }
 
-extern "C" __global__ void ge_sample_rows(SampleArgs a) {
+// The kernel body for logits of element type T (f32 or bf16; read as f32).
+template <typename T>
+__device__ __forceinline__ void ge_sample_rows_impl(const SampleArgs& a) {
     __shared__ float s_max[GE_WARP_SIZE];
     __shared__ int s_idx[GE_WARP_SIZE];
     __shared__ double s_red[GE_WARP_SIZE];
@@ -109,7 +111,7 @@ extern "C" __global__ void ge_sample_rows(SampleArgs a) {
     const int warp = tid / GE_WARP_SIZE;
     const int warps = blockDim.x / GE_WARP_SIZE;
     const int vocab = a.vocab;
-    const float* l = reinterpret_cast<const float*>(a.logits) + static_cast<long long>(row) * vocab;
+    const T* l = reinterpret_cast<const T*>(a.logits) + static_cast<long long>(row) * vocab;
     const SampleRowArgs p = reinterpret_cast<const SampleRowArgs*>(a.params)[row];
     unsigned int* tokens = reinterpret_cast<unsigned int*>(a.tokens);
     float* logprobs = reinterpret_cast<float*>(a.logprobs);
@@ -139,7 +141,7 @@ extern "C" __global__ void ge_sample_rows(SampleArgs a) {
     int vi = GE_INT_MAX;
     bool bad = false;
     for (int i = tid; i < vocab; i += blockDim.x) {
-        const float x = l[i];
+        const float x = ge_to_f32(l[i]);
         if (x != x || x == inf) {
             bad = true;
         } else if (x > v) {
@@ -193,7 +195,7 @@ extern "C" __global__ void ge_sample_rows(SampleArgs a) {
     double se = 0.0;
     double sz = 0.0;
     for (int i = tid; i < vocab; i += blockDim.x) {
-        const double d = static_cast<double>(l[i]) - m;
+        const double d = static_cast<double>(ge_to_f32(l[i])) - m;
         se += exp(d);
         if (!greedy) sz += exp(d / t);
     }
@@ -202,7 +204,7 @@ extern "C" __global__ void ge_sample_rows(SampleArgs a) {
     if (greedy) {
         if (tid == 0) {
             tokens[row] = static_cast<unsigned int>(argmax);
-            logprobs[row] = static_cast<float>(static_cast<double>(l[argmax]) - lse);
+            logprobs[row] = static_cast<float>(static_cast<double>(ge_to_f32(l[argmax])) - lse);
             sampling_logprobs[row] = 0.0f;
             status[row] = 0;
         }
@@ -216,7 +218,7 @@ extern "C" __global__ void ge_sample_rows(SampleArgs a) {
     const int end = min(begin + chunk, vocab);
     double cs = 0.0;
     for (int i = begin; i < end; ++i) {
-        const float pi = ge_sample_prob(l[i], m, t, z);
+        const float pi = ge_sample_prob(ge_to_f32(l[i]), m, t, z);
         if (pi > 0.0f) cs += static_cast<double>(pi);
     }
     s_prefix[tid] = cs;
@@ -238,7 +240,7 @@ extern "C" __global__ void ge_sample_rows(SampleArgs a) {
     double cum = s_prefix[tid];
     int last = -1;
     for (int i = begin; i < end; ++i) {
-        const float pi = ge_sample_prob(l[i], m, t, z);
+        const float pi = ge_sample_prob(ge_to_f32(l[i]), m, t, z);
         if (pi > 0.0f) {
             last = i;
             cum += static_cast<double>(pi);
@@ -252,10 +254,70 @@ extern "C" __global__ void ge_sample_rows(SampleArgs a) {
     __syncthreads();
     if (tid == 0) {
         const int chosen = s_first != GE_INT_MAX ? s_first : s_last;
-        const float pt = ge_sample_prob(l[chosen], m, t, z);
+        const float pt = ge_sample_prob(ge_to_f32(l[chosen]), m, t, z);
         tokens[row] = static_cast<unsigned int>(chosen);
-        logprobs[row] = static_cast<float>(static_cast<double>(l[chosen]) - lse);
+        logprobs[row] = static_cast<float>(static_cast<double>(ge_to_f32(l[chosen])) - lse);
         sampling_logprobs[row] = static_cast<float>(log(static_cast<double>(pt) / total));
         status[row] = 0;
     }
 }
+
+// f32 logits [rows, vocab].
+extern "C" __global__ void ge_sample_rows(SampleArgs a) { ge_sample_rows_impl<float>(a); }
+
+// bf16 logits [rows, vocab] (the LM head's output), read as f32.
+extern "C" __global__ void ge_sample_rows_bf16(SampleArgs a) { ge_sample_rows_impl<ge_bf16>(a); }
+
+// log_softmax(logits[row])[targets[row]] for bf16 logits [rows, vocab]: one block of
+// GE_SAMPLE_THREADS threads per row; max in f32, sum of exp(l - max) in f64 (as the CPU's
+// fused log-prob gathering), NaN / +inf and all -inf rows reported through status.
+extern "C" __global__ void ge_target_logprobs_bf16(TargetLogprobArgs a) {
+    __shared__ float s_max[GE_WARP_SIZE];
+    __shared__ double s_red[GE_WARP_SIZE];
+    __shared__ int s_bad;
+    const int row = blockIdx.x;
+    const int tid = threadIdx.x;
+    const int lane = tid % GE_WARP_SIZE;
+    const int warp = tid / GE_WARP_SIZE;
+    const int warps = blockDim.x / GE_WARP_SIZE;
+    const int vocab = a.vocab;
+    const ge_bf16* l = reinterpret_cast<const ge_bf16*>(a.logits) + static_cast<long long>(row) * vocab;
+    const unsigned int target = reinterpret_cast<const unsigned int*>(a.targets)[row];
+    float* out = reinterpret_cast<float*>(a.out);
+    int* status = reinterpret_cast<int*>(a.status);
+    if (tid == 0) s_bad = 0;
+    __syncthreads();
+    const float inf = __int_as_float(0x7f800000);
+    float v = -inf;
+    bool bad = false;
+    for (int i = tid; i < vocab; i += blockDim.x) {
+        const float x = ge_bf16_to_f32(l[i]);
+        if (x != x || x == inf) bad = true;
+        else v = fmaxf(v, x);
+    }
+    if (bad) atomicOr(&s_bad, 1);
+    v = ge_warp_max(v);
+    if (lane == 0) s_max[warp] = v;
+    __syncthreads();
+    v = lane < warps ? s_max[lane] : -inf;
+    v = ge_warp_max(v);
+    const float maxf = v;
+    if (s_bad != 0 || maxf == -inf || target >= static_cast<unsigned int>(vocab)) {
+        if (tid == 0) {
+            out[row] = 0.0f;
+            status[row] = s_bad != 0 ? 1 : (maxf == -inf ? 2 : 4);
+        }
+        return;
+    }
+    const double m = static_cast<double>(maxf);
+    double se = 0.0;
+    for (int i = tid; i < vocab; i += blockDim.x) {
+        se += exp(static_cast<double>(ge_bf16_to_f32(l[i])) - m);
+    }
+    se = ge_block_sum_f64(se, s_red);
+    if (tid == 0) {
+        out[row] = static_cast<float>(static_cast<double>(ge_bf16_to_f32(l[target])) - (m + log(se)));
+        status[row] = 0;
+    }
+}
+

@@ -1,4 +1,4 @@
-//! The CUDA sampler (`CudaBackend::sample_rows`, `kernels/sampling.cu`) against the CPU
+//! The CUDA sampler (`CudaBackend::sample_rows_kernel`, `kernels/sampling.cu`) against the CPU
 //! sampler (`engine::sampler::sample`) on identical f32 logits: greedy and unfiltered sampling
 //! at several temperatures, a production-sized and an odd vocabulary, many rows per launch.
 //! The tokens must be the same (the definition fixes the draw up to f64 rounding of a
@@ -124,7 +124,7 @@ fn cuda_and_cpu_samplers_draw_the_same_tokens() {
             for (ti, t) in [0.0f32, 0.05, 0.6, 1.0, 1.7, 5.0].into_iter().enumerate() {
                 for seed in [0u64, 42, u64::MAX - ti as u64] {
                     let params = row_params(rows, t, seed);
-                    let got = be.sample_rows(&dev, &params).unwrap();
+                    let got = be.sample_rows_kernel(&dev, &params).unwrap();
                     let want = cpu_rows(&l, &params);
                     assert_same(
                         &format!("vocab {vocab} scale {scale} T {t} seed {seed}"),
@@ -138,7 +138,7 @@ fn cuda_and_cpu_samplers_draw_the_same_tokens() {
             for (r, p) in params.iter_mut().enumerate() {
                 p.params.temperature = [0.0, 0.6, 1.0, 1.7][r % 4];
             }
-            let got = be.sample_rows(&dev, &params).unwrap();
+            let got = be.sample_rows_kernel(&dev, &params).unwrap();
             assert_same(
                 &format!("vocab {vocab} mixed"),
                 &got,
@@ -159,10 +159,12 @@ fn seeded_reruns_repeat_and_seeds_differ() {
     let l = logits(&mut rng, 128, 4099, 3.0);
     let dev = be.upload_f32(&l).unwrap();
     let params = row_params(128, 1.0, 5);
-    let a = be.sample_rows(&dev, &params).unwrap();
-    let b = be.sample_rows(&dev, &params).unwrap();
+    let a = be.sample_rows_kernel(&dev, &params).unwrap();
+    let b = be.sample_rows_kernel(&dev, &params).unwrap();
     assert_eq!(a, b, "same seeds, same draws");
-    let other = be.sample_rows(&dev, &row_params(128, 1.0, 6)).unwrap();
+    let other = be
+        .sample_rows_kernel(&dev, &row_params(128, 1.0, 6))
+        .unwrap();
     let differ = a
         .iter()
         .zip(&other)
@@ -186,26 +188,144 @@ fn filtered_rows_and_bad_logits_are_refused_by_row() {
     let dev = be.upload_f32(&l).unwrap();
     let mut params = row_params(4, 1.0, 1);
     params[2].params.top_k = 40;
-    let e = be.sample_rows(&dev, &params).unwrap_err().to_string();
+    let e = be
+        .sample_rows_kernel(&dev, &params)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("row 2") && e.contains("not on the GPU"), "{e}");
     params[2].params.top_k = 0;
     params[1].params.top_p = 0.9;
-    let e = be.sample_rows(&dev, &params).unwrap_err().to_string();
+    let e = be
+        .sample_rows_kernel(&dev, &params)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("row 1"), "{e}");
     params[1].params.top_p = 1.0;
 
     l.data[3 * 300 + 17] = f32::NAN;
     let dev = be.upload_f32(&l).unwrap();
-    let e = be.sample_rows(&dev, &params).unwrap_err().to_string();
+    let e = be
+        .sample_rows_kernel(&dev, &params)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("row 3") && e.contains("NaN"), "{e}");
     l.data[3 * 300 + 17] = 0.0;
     for v in &mut l.data[300..600] {
         *v = f32::NEG_INFINITY;
     }
     let dev = be.upload_f32(&l).unwrap();
-    let e = be.sample_rows(&dev, &params).unwrap_err().to_string();
+    let e = be
+        .sample_rows_kernel(&dev, &params)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("row 1") && e.contains("-inf"), "{e}");
 
-    let e = be.sample_rows(&dev, &params[..3]).unwrap_err().to_string();
+    let e = be
+        .sample_rows_kernel(&dev, &params[..3])
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("4 logits rows but 3"), "{e}");
+}
+
+/// `logits` rounded to bf16 (what the LM head's output holds on the GPU), as f32.
+fn bf16_rounded(l: &HostTensor) -> HostTensor {
+    HostTensor::new(
+        l.shape.clone(),
+        l.data
+            .iter()
+            .map(|&x| half::bf16::from_f32(x).to_f32())
+            .collect(),
+    )
+}
+
+#[test]
+#[cfg_attr(
+    not(genius_gpu_tests),
+    ignore = "needs a CUDA GPU: built by tools/gpu-prepare.sh (GENIUS_GPU_TESTS=1), run by tools/gpu-check.sh"
+)]
+fn bf16_logits_and_the_backend_sampler_with_filtered_rows_match_the_cpu() {
+    use genius_engine::backend::Backend;
+    let Some(be) = gpu() else { return };
+    let mut rng = Rng::new(17);
+    for (vocab, rows) in [(151936, 24), (1001, 61)] {
+        // bf16 logits: the kernel reads them as f32, so the CPU sampler on the same rounded
+        // values must draw the same tokens.
+        let l = bf16_rounded(&logits(&mut rng, rows, vocab, 8.0));
+        let dev = be.upload(&l).unwrap();
+        let mut params = row_params(rows, 1.0, 23);
+        for (r, p) in params.iter_mut().enumerate() {
+            p.params.temperature = [0.0, 0.7, 1.0, 1.3][r % 4];
+            // Every third row asks for a filter: the backend samples those on the host.
+            if r % 3 == 1 {
+                p.params.top_k = 50;
+            } else if r % 3 == 2 && r % 2 == 0 {
+                p.params.top_p = 0.8;
+            }
+        }
+        let want = cpu_rows(&l, &params);
+        let got = Backend::sample_rows(be, &dev, &params).unwrap();
+        assert_same(&format!("bf16 vocab {vocab} mixed filters"), &got, &want);
+        let plain: Vec<RowSampling> = params
+            .iter()
+            .map(|p| RowSampling {
+                params: SamplingParams {
+                    top_k: 0,
+                    top_p: 1.0,
+                    ..p.params
+                },
+                ..*p
+            })
+            .collect();
+        let got = be.sample_rows_kernel(&dev, &plain).unwrap();
+        assert_same(
+            &format!("bf16 vocab {vocab} kernel"),
+            &got,
+            &cpu_rows(&l, &plain),
+        );
+    }
+}
+
+#[test]
+#[cfg_attr(
+    not(genius_gpu_tests),
+    ignore = "needs a CUDA GPU: built by tools/gpu-prepare.sh (GENIUS_GPU_TESTS=1), run by tools/gpu-check.sh"
+)]
+fn target_logprobs_match_the_cpu() {
+    use genius_engine::backend::Backend;
+    use genius_engine::backend::cpu::CpuBackend;
+    let Some(be) = gpu() else { return };
+    let cpu = CpuBackend::new();
+    let mut rng = Rng::new(19);
+    for (rows, dim, vocab) in [(37, 64, 1001), (5, 896, 151936), (130, 32, 7)] {
+        let h = bf16_rounded(&rng.tensor(&[rows, dim], 1.0));
+        let w = bf16_rounded(&rng.tensor(&[vocab, dim], 0.5));
+        let targets: Vec<u32> = (0..rows).map(|_| rng.below(vocab) as u32).collect();
+        let want = cpu
+            .target_logprobs(&h, &cpu.upload_linear(&w).unwrap(), &targets)
+            .unwrap();
+        let got = be
+            .target_logprobs(
+                &be.upload(&h).unwrap(),
+                &be.upload_linear(&w).unwrap(),
+                &targets,
+            )
+            .unwrap();
+        assert_eq!(got.len(), rows);
+        // bf16 logits: an absolute error of a few bf16 ulps of the logit's magnitude.
+        for (r, (g, c)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (g - c).abs() <= 0.05 + 0.01 * c.abs(),
+                "rows {rows} dim {dim} vocab {vocab}: row {r}: gpu {g} cpu {c}"
+            );
+        }
+    }
+    let h = be.upload(&rng.tensor(&[2, 8], 1.0)).unwrap();
+    let w = be.upload_linear(&rng.tensor(&[10, 8], 1.0)).unwrap();
+    let e = be
+        .target_logprobs(&h, &w, &[3, 10])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("row 1") && e.contains("outside"), "{e}");
+    let e = be.target_logprobs(&h, &w, &[3]).unwrap_err().to_string();
+    assert!(e.contains("2 rows but 1"), "{e}");
 }

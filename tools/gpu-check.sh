@@ -12,8 +12,16 @@
 # (libtest counts those tests as passed; they are taken out of "passed" here). Exit status 1
 # when any test failed or an executable gave no result.
 #
+# Then, when DIR/bin/genius-engine is there (tools/gpu-prepare.sh puts it there), the
+# benchmarks: `bench rollout --device cuda` on random weights of Qwen2.5-0.5B's shape (prompt
+# 128, 256 new tokens, 64 / 256 / 512 sequences, and one prompt forked 8 ways), `bench
+# forward`, and right after them the HF transformers peer (tools/peer_hf_generate.py), which
+# also measures the device copy ceiling; their logs go beside the tests' and a throughput
+# table (tokens/s, ratio to the peer, achieved GB/s against the ceiling) is printed last.
+#
 # Environment: GPU_CHECK_TIMEOUT (seconds per executable, default 300), GPU_CHECK_THREADS
-# (libtest threads, default 1: readable logs).
+# (libtest threads, default 1: readable logs), GPU_BENCH=0 (tests only), GPU_BENCH_BATCHES
+# (default 64,256,512), GPU_BENCH_MODEL (default random:qwen2.5-0.5b), GPU_PEER=0 (no peer).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,7 +34,7 @@ GENIUS_HOME=$(mktemp -d)
 export GENIUS_HOME
 trap 'rm -rf "$GENIUS_HOME"' EXIT
 nvidia-smi >"$logs/nvidia-smi.txt" 2>&1 || echo "nvidia-smi failed" >>"$logs/nvidia-smi.txt"
-[[ -f $dir/BUILD-INFO ]] && cp "$dir/BUILD-INFO" "$logs/"
+[[ -f $dir/BUILD-INFO ]] && sed 's/^/gpu-check: built: /' "$dir/BUILD-INFO"
 
 rows=()
 bad=0
@@ -54,9 +62,74 @@ for exe in "$dir"/*; do
 done
 
 [[ ${#rows[@]} -gt 0 ]] || { echo "gpu-check: no executables in $dir" >&2; exit 2; }
+
+engine=$dir/bin/genius-engine
+bench_table=""
+if [[ -x $engine && ${GPU_BENCH:-1} != 0 ]]; then
+  model=${GPU_BENCH_MODEL:-random:qwen2.5-0.5b}
+  {
+    echo "== bench rollout"
+    timeout 300 "$engine" bench rollout --device cuda --model "$model" --tokens 128 \
+      --new-tokens 256 --batches "${GPU_BENCH_BATCHES:-64,256,512}" --forks 8
+    echo "rc $?"
+    echo "== bench forward"
+    timeout 120 "$engine" bench forward --device cuda --model "$model" --tokens 2048 --iters 5
+    echo "rc $?"
+  } >"$logs/bench.log" 2>&1
+  grep -q '^rc 0' "$logs/bench.log" || bad=1
+  if [[ ${GPU_PEER:-1} != 0 ]]; then
+    PYTHONUNBUFFERED=1 timeout 300 python3 tools/peer_hf_generate.py --batches 64,256 \
+      --prompt 128 --new-tokens 256 >"$logs/peer.log" 2>&1 || echo "peer failed: $?" >>"$logs/peer.log"
+  fi
+  bench_table=$(python3 - "$logs/bench.log" "$logs/peer.log" <<'PY'
+import json, sys
+def last_json(path, key):
+    try:
+        lines = open(path).read().splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        if line.startswith("{") and key in line:
+            try:
+                return json.loads(line)
+            except ValueError:
+                pass
+    return None
+bench = last_json(sys.argv[1], '"bench": "rollout"')
+fwd = last_json(sys.argv[1], '"bench": "forward"')
+peer = last_json(sys.argv[2], '"peer"')
+ceiling = peer.get("copy_ceiling_gb_s") if peer else None
+peer_rate = {b["sequences"]: b["tokens_per_s"] for b in (peer or {}).get("batches", [])}
+out = []
+if bench is None:
+    out.append("bench rollout: no result (see bench.log)")
+else:
+    out.append(f"rollout on {bench['device']}, {bench['model']}, prompt {bench['prompt_tokens']} + {bench['new_tokens']} new")
+    out.append(f"{'sequences':>9} {'decode tok/s':>13} {'step ms':>8} {'GB/s':>7} {'% copy':>7} {'HF tok/s':>9} {'x HF':>6}")
+    for b in bench["batches"]:
+        n = b["sequences"]
+        pct = f"{100 * b['achieved_gb_s'] / ceiling:6.1f}%" if ceiling else "      -"
+        hf = peer_rate.get(n)
+        ratio = f"{b['decode_tokens_per_s'] / hf:6.1f}" if hf else "     -"
+        hfs = f"{hf:9.0f}" if hf else "        -"
+        out.append(f"{n:>9} {b['decode_tokens_per_s']:>13.0f} {b['decode_step_ms']:>8.2f} {b['achieved_gb_s']:>7.0f} {pct:>7} {hfs} {ratio}")
+    f = bench.get("foresight")
+    if f:
+        out.append(f"foresight: {f['forks']} forks of {f['prompt_tokens']} tokens: {f['blocks_used']} KV blocks used, {f['blocks_shared']} shared ({f['blocks_without_sharing']} without sharing), {f['seconds']:.2f}s")
+if fwd:
+    out.append(f"prefill {fwd['tokens']} tokens: {fwd['tokens_per_s']:.0f} tokens/s")
+if ceiling:
+    out.append(f"device copy ceiling (torch, read + write): {ceiling:.0f} GB/s")
+elif peer is None:
+    out.append("peer: no result (see peer.log)")
+print("\n".join(out))
+PY
+)
+fi
 echo
 echo "gpu-check: $(nvidia-smi -L 2>/dev/null | head -n 1 | grep . || echo 'no GPU seen by nvidia-smi')"
 echo "gpu-check: logs in $logs"
 printf '%-24s %7s %7s %8s %7s  %s\n' "test binary" passed failed skipped time status
 printf '%s\n' "${rows[@]}"
+[[ -n $bench_table ]] && printf '\n%s\n' "$bench_table"
 exit $bad

@@ -3,7 +3,8 @@
 # toolchain) and copies them into .gpu-bin/ (ignored by git; a device run carries it).
 #
 #   tools/gpu-prepare.sh                 the CUDA tests: cuda_ops, cuda_attention, cuda_sampling,
-#                                        cuda_kernels
+#                                        cuda_model, cuda_kernels; and the genius-engine
+#                                        binary (.gpu-bin/bin/) for the benchmarks
 #   tools/gpu-prepare.sh NAME...         these integration test targets instead
 #
 # nvcc is used when found ($NVCC, nvcc on PATH, or the toolkit tools/compile-kernels.sh
@@ -29,15 +30,18 @@ else
 fi
 
 tests=("$@")
-[[ ${#tests[@]} -gt 0 ]] || tests=(cuda_ops cuda_attention cuda_sampling cuda_kernels)
+[[ ${#tests[@]} -gt 0 ]] || tests=(cuda_ops cuda_attention cuda_sampling cuda_model cuda_kernels)
 args=()
 for t in "${tests[@]}"; do args+=(--test "$t"); done
 
-# Built for a GPU run: the GPU tests are not ignored, and a missing device fails them.
-export GENIUS_GPU_TESTS=1
+# Built for a GPU run: the GPU tests are not ignored, and a missing device fails them. The
+# bindings check is left out: it needs bindgen, which the GPU machine does not have (CI and
+# this machine run it).
+export GENIUS_GPU_TESTS=1 GENIUS_BINDGEN_CHECK=0
 json=$(mktemp)
 trap 'rm -f "$json"' EXIT
 cargo test --release --no-run --message-format=json-render-diagnostics "${args[@]}" >"$json"
+cargo build --release --bin genius-engine
 
 rm -rf .gpu-bin
 mkdir -p .gpu-bin
@@ -58,6 +62,9 @@ for line in open(sys.argv[1]):
     subprocess.run(["strip", "--strip-debug", dst], check=False)
     print(f"gpu-prepare: .gpu-bin/{name} ({os.path.getsize(dst) / 2**20:.1f} MiB)")
 PY
+mkdir -p .gpu-bin/bin
+cp target/release/genius-engine .gpu-bin/bin/
+strip --strip-debug .gpu-bin/bin/genius-engine
 {
   echo "commit $(git rev-parse HEAD)$(git diff --quiet HEAD || echo ' (with uncommitted changes)')"
   echo "built $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(uname -m)"

@@ -7,6 +7,7 @@
 pub mod cpu;
 pub mod cuda;
 
+use crate::engine::sampler::{RowSampling, SampledToken, sample_host_rows};
 use crate::model::HostTensor;
 use anyhow::Result;
 
@@ -49,6 +50,15 @@ pub trait Backend: Send + Sync {
 
     /// Human-readable device name ("cpu (2 threads)").
     fn name(&self) -> String;
+
+    /// Bytes per element of this backend's weights, activations and KV cache (f32 on the
+    /// CPU, bf16 on the GPU).
+    fn element_bytes(&self) -> usize;
+
+    /// Device memory `(free, total)` in bytes, where the backend has its own memory.
+    fn memory_info(&self) -> Option<(usize, usize)> {
+        None
+    }
 
     fn upload(&self, t: &HostTensor) -> Result<Self::Tensor>;
     fn download(&self, t: &Self::Tensor) -> Result<HostTensor>;
@@ -153,6 +163,19 @@ pub trait Backend: Send + Sync {
         lm_head: &Self::Linear,
         targets: &[u32],
     ) -> Result<Vec<f32>>;
+
+    /// One token per row of `logits` (`[rows.len(), vocab]`), row `r` drawn with `rows[r]` as
+    /// [`crate::engine::sampler::sample`] defines it (same tokens on every backend). The default
+    /// downloads the logits and samples on the host.
+    fn sample_rows(
+        &self,
+        logits: &Self::Tensor,
+        rows: &[RowSampling],
+    ) -> Result<Vec<SampledToken>> {
+        let host = self.download(logits)?;
+        let vocab = host.shape.last().copied().unwrap_or(0);
+        sample_host_rows(&host.data, vocab, rows)
+    }
 
     // ---- Training: small tensor utilities ----
 

@@ -2,11 +2,12 @@
 //! for `cargo bench`). Numbers go to stdout as a table and one JSON line.
 
 use super::ModelArgs;
+use crate::backend::Backend;
 use crate::backend::cpu::PackedMatrix;
 use crate::engine::sampler::SamplingParams;
 use crate::engine::{Engine, EngineConfig, Request, StopRules};
-use crate::model::ModelConfig;
-use crate::transformer::PackedBatch;
+use crate::model::{LoadedModel, ModelConfig};
+use crate::transformer::{PackedBatch, Transformer};
 use anyhow::{Result, bail};
 use clap::ValueEnum;
 use std::time::Instant;
@@ -115,8 +116,36 @@ fn rollout(args: &BenchArgs) -> Result<()> {
     if prompt_len < 2 || args.new_tokens == 0 || args.batches.contains(&0) {
         bail!("--tokens must be at least 2, --new-tokens and every --batches entry positive");
     }
-    let (model, transformer) = super::load_cpu_transformer(&args.model)?;
+    let (model, any) = super::load_transformer(&args.model)?;
+    crate::with_transformer!(any, t => rollout_on(args, &model, t))
+}
+
+/// Bytes one decode step must read at least: every linear weight (the LM head included; the
+/// embedding table only by rows) plus the K and V of every cached token of the batch.
+pub fn decode_step_bytes(c: &ModelConfig, element_bytes: usize, kv_tokens: f64) -> f64 {
+    let linear: usize = linear_shapes(c)
+        .iter()
+        .map(|&(_, out, inp, per_layer)| {
+            out * inp
+                * if per_layer == 0 {
+                    1
+                } else {
+                    per_layer * c.num_layers
+                }
+        })
+        .sum();
+    let kv_per_token = 2 * c.num_layers * c.num_kv_heads * c.head_dim * element_bytes;
+    (linear * element_bytes) as f64 + kv_tokens * kv_per_token as f64
+}
+
+fn rollout_on<B: Backend>(
+    args: &BenchArgs,
+    model: &LoadedModel,
+    transformer: Transformer<B>,
+) -> Result<()> {
+    let prompt_len = args.tokens.unwrap_or(128);
     let vocab = model.config.vocab_size;
+    let element_bytes = transformer.backend.element_bytes();
     let max_batch = args
         .batches
         .iter()
@@ -146,7 +175,9 @@ fn rollout(args: &BenchArgs) -> Result<()> {
         "rollout: prompt {prompt_len} tokens, {} new tokens per sequence, sampling T=1",
         args.new_tokens
     );
-    println!("  sequences   prefill s   decode s   decode tokens/s   KV blocks used (peak)");
+    println!(
+        "  sequences   prefill s   decode s   decode tokens/s   step ms   GB/s (weights + KV read)   KV blocks used (peak)"
+    );
     let mut rows = Vec::new();
     for &batch in &args.batches {
         // Prefill every prompt (all but its last token), then time the decode of the rest.
@@ -180,10 +211,21 @@ fn rollout(args: &BenchArgs) -> Result<()> {
         let decode_s = t1.elapsed().as_secs_f64();
         let tokens = engine.tokens_generated - generated0;
         let tok_s = tokens as f64 / decode_s;
-        println!("  {batch:>9}   {prefill_s:>9.2}   {decode_s:>8.2}   {tok_s:>15.1}   {peak:>6}");
+        // Each decode step samples one token of every sequence; the mean cached context over
+        // the steps is the prompt plus half the new tokens.
+        let steps = args.new_tokens as f64;
+        let step_s = decode_s / steps;
+        let mean_context = prompt_len as f64 + args.new_tokens as f64 / 2.0;
+        let bytes = decode_step_bytes(&model.config, element_bytes, batch as f64 * mean_context);
+        let gb_s = bytes / step_s / 1e9;
+        println!(
+            "  {batch:>9}   {prefill_s:>9.2}   {decode_s:>8.2}   {tok_s:>15.1}   {:>7.2}   {gb_s:>24.1}   {peak:>6}",
+            step_s * 1e3
+        );
         rows.push(
             serde_json::json!({"sequences": batch, "prefill_s": prefill_s, "decode_s": decode_s,
-            "decode_tokens": tokens, "decode_tokens_per_s": tok_s, "peak_blocks_used": peak}),
+            "decode_tokens": tokens, "decode_tokens_per_s": tok_s, "decode_step_ms": step_s * 1e3,
+            "decode_step_bytes": bytes, "achieved_gb_s": gb_s, "peak_blocks_used": peak}),
         );
         for p in parents {
             engine.release(p)?;
@@ -247,7 +289,16 @@ fn forward(args: &ModelArgs, tokens: usize, iters: usize) -> Result<()> {
     if tokens == 0 || iters == 0 {
         bail!("--tokens and --iters must be positive");
     }
-    let (model, transformer) = super::load_cpu_transformer(args)?;
+    let (model, any) = super::load_transformer(args)?;
+    crate::with_transformer!(any, t => forward_on(&model, t, tokens, iters))
+}
+
+fn forward_on<B: Backend>(
+    model: &LoadedModel,
+    transformer: Transformer<B>,
+    tokens: usize,
+    iters: usize,
+) -> Result<()> {
     let c = &model.config;
     if tokens > c.max_position_embeddings {
         bail!(
@@ -285,9 +336,14 @@ fn forward(args: &ModelArgs, tokens: usize, iters: usize) -> Result<()> {
         secs,
         flops / secs / 1e9
     );
-    println!("gemm on the model's shapes, {tokens} rows:");
     let mut gemms = Vec::new();
-    for (name, out, inp, _) in linear_shapes(c) {
+    // The GEMM table measures the CPU backend's packed kernel; a device backend (one with its
+    // own memory) skips it.
+    let on_host = transformer.backend.memory_info().is_none();
+    if on_host {
+        println!("gemm on the model's shapes, {tokens} rows:");
+    }
+    for (name, out, inp, _) in linear_shapes(c).into_iter().filter(|_| on_host) {
         let g = gemm_gflops(tokens, out, inp, iters);
         println!("  {name:<14} [{tokens} x {inp}] x [{out} x {inp}]^T  {g:8.1} GFLOP/s");
         gemms.push(

@@ -5,9 +5,12 @@
 
 use super::ModelArgs;
 use super::prompts::{parse_prompt, tokenize_prompt};
+use crate::backend::Backend;
 use crate::engine::block_manager::SeqId;
 use crate::engine::sampler::SamplingParams;
 use crate::engine::scheduler::{Engine, EngineConfig, Finished, Request, StopRules};
+use crate::model::LoadedModel;
+use crate::transformer::Transformer;
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 use std::collections::HashMap;
@@ -49,18 +52,76 @@ pub struct GenerateArgs {
     /// Tokens per KV block.
     #[arg(long, default_value_t = 16)]
     pub block_size: usize,
-    /// KV cache capacity: tokens (`32768`) or bytes with a unit (`512MiB`, `2GiB`, `1.5GB`).
-    #[arg(long, default_value = "32768")]
+    /// KV cache capacity: tokens (`32768`), bytes with a unit (`512MiB`, `2GiB`, `1.5GB`), or
+    /// `auto` (on a GPU: --gpu-memory-fraction of its memory less what is in use; on the CPU:
+    /// 2 GiB).
+    #[arg(long, default_value = "auto")]
     pub kv_budget: String,
     /// Tokens per forward pass.
     #[arg(long, default_value_t = 2048)]
     pub max_batch_tokens: usize,
 }
 
-/// Bytes of KV cache one token takes on the CPU backend (f32 K and V in every layer).
-pub fn kv_bytes_per_token(c: &crate::model::ModelConfig) -> usize {
-    2 * c.num_layers * c.num_kv_heads * c.head_dim * std::mem::size_of::<f32>()
+/// Bytes of KV cache one token takes (K and V in every layer) at `element_bytes` per value
+/// (4 on the CPU backend, 2 on the GPU).
+pub fn kv_bytes_per_token(c: &crate::model::ModelConfig, element_bytes: usize) -> usize {
+    2 * c.num_layers * c.num_kv_heads * c.head_dim * element_bytes
 }
+
+/// The KV budget `auto` gives on a backend without device memory (the CPU).
+pub const HOST_AUTO_KV_BYTES: usize = 2 << 30;
+
+/// `--kv-budget` in tokens for the transformer's backend. `auto`: on a GPU,
+/// `gpu_memory_fraction` of the device's memory, less what is already in use (weights,
+/// other processes) and a reserve for one step's activations and logits at
+/// `max_batch_tokens`; on the CPU, 2 GiB. Otherwise as [`parse_kv_budget`].
+pub fn resolve_kv_budget<B: Backend>(
+    text: &str,
+    transformer: &Transformer<B>,
+    max_batch_tokens: usize,
+    gpu_memory_fraction: f64,
+) -> Result<usize> {
+    let c = &transformer.config;
+    let element_bytes = transformer.backend.element_bytes();
+    let per_token = kv_bytes_per_token(c, element_bytes);
+    if text.trim() != "auto" {
+        return parse_kv_budget(text, per_token);
+    }
+    let Some((free, total)) = transformer.backend.memory_info() else {
+        return parse_kv_budget(&format!("{HOST_AUTO_KV_BYTES}B"), per_token);
+    };
+    if !(gpu_memory_fraction > 0.0 && gpu_memory_fraction <= 1.0) {
+        bail!("--gpu-memory-fraction {gpu_memory_fraction}: expected a number in (0, 1]");
+    }
+    // One step's activations: a few hidden-sized and MLP-sized rows per token, plus logits
+    // (bf16 and an f32 copy) for every row that samples, and 512 MiB of slack for the
+    // library workspaces and the allocator.
+    let width = 6 * c.hidden_size + 3 * c.intermediate_size + 3 * c.vocab_size;
+    let reserve = max_batch_tokens * width * element_bytes + (512 << 20);
+    let allowed = (total as f64 * gpu_memory_fraction) as usize;
+    let used = total - free;
+    let kv_bytes = allowed.saturating_sub(used).saturating_sub(reserve);
+    let tokens = kv_bytes / per_token.max(1);
+    if tokens == 0 {
+        bail!(
+            "--kv-budget auto: no room for a KV cache: {:.1} GiB allowed (--gpu-memory-fraction {gpu_memory_fraction} of {:.1} GiB), {:.1} GiB in use, {:.1} GiB reserved for activations",
+            allowed as f64 / GIB,
+            total as f64 / GIB,
+            used as f64 / GIB,
+            reserve as f64 / GIB
+        );
+    }
+    eprintln!(
+        "KV cache: {tokens} tokens ({:.1} GiB: --gpu-memory-fraction {gpu_memory_fraction} of {:.1} GiB, less {:.1} GiB in use and {:.1} GiB for activations)",
+        kv_bytes as f64 / GIB,
+        total as f64 / GIB,
+        used as f64 / GIB,
+        reserve as f64 / GIB
+    );
+    Ok(tokens)
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
 
 /// `--kv-budget` in tokens: a plain number is tokens; a number with a byte unit (B, KB, MB, GB,
 /// KiB, MiB, GiB) is divided by `bytes_per_token`.
@@ -129,14 +190,31 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         .collect::<std::io::Result<_>>()
         .with_context(|| format!("{}: cannot read", args.input.display()))?;
 
-    let (model, transformer) = super::load_cpu_transformer(&args.model)?;
+    let (model, any) = super::load_transformer(&args.model)?;
+    crate::with_transformer!(any, t => generate_on(args, sampling, &stop, &lines, &model, t))
+}
+
+fn generate_on<B: Backend>(
+    args: &GenerateArgs,
+    sampling: SamplingParams,
+    stop: &StopRules,
+    lines: &[String],
+    model: &LoadedModel,
+    transformer: Transformer<B>,
+) -> Result<()> {
     let tok = &model.tokenizer;
+    let kv_budget_tokens = resolve_kv_budget(
+        &args.kv_budget,
+        &transformer,
+        args.max_batch_tokens,
+        args.model.gpu_memory_fraction,
+    )?;
     let mut engine = Engine::new(
         transformer,
         tok,
         EngineConfig {
             block_size: args.block_size,
-            kv_budget_tokens: parse_kv_budget(&args.kv_budget, kv_bytes_per_token(&model.config))?,
+            kv_budget_tokens,
             max_batch_tokens: args.max_batch_tokens,
         },
     )?;

@@ -11,6 +11,7 @@ pub mod score;
 pub mod train;
 
 use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda::{CudaBackend, probe_devices};
 use crate::model::{LoadedModel, load_model};
 use crate::transformer::Transformer;
 use anyhow::{Result, bail};
@@ -46,6 +47,10 @@ pub struct ModelArgs {
     /// Backend to run on.
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     pub device: Device,
+    /// Share of the GPU's memory the engine may hold (weights, activations and the KV cache
+    /// that `--kv-budget auto` sizes from what is left).
+    #[arg(long, default_value_t = 0.9)]
+    pub gpu_memory_fraction: f64,
 }
 
 impl ModelArgs {
@@ -113,16 +118,93 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// Loads the model named by `args` and builds the transformer on the chosen backend.
-/// Whole commands run on the CPU backend only: the CUDA backend does not have attention, the
-/// KV cache, log-probs, backward or sampling yet, so `--device cuda` says so instead of
-/// pretending (and `auto` means the CPU).
+/// A transformer on whichever backend `--device` chose.
+pub enum AnyTransformer {
+    Cpu(Transformer<CpuBackend>),
+    Cuda(Transformer<CudaBackend>),
+}
+
+/// Runs `$body` with `$t` bound to the transformer of an [`AnyTransformer`], whatever its
+/// backend (the body is compiled once per backend, so it can call generic code).
+#[macro_export]
+macro_rules! with_transformer {
+    ($any:expr, $t:ident => $body:expr) => {
+        match $any {
+            $crate::cli::AnyTransformer::Cpu($t) => $body,
+            $crate::cli::AnyTransformer::Cuda($t) => $body,
+        }
+    };
+}
+
+/// The CUDA backend for `--device cuda` (errors say why it cannot start) or `auto` (`None`,
+/// with a note on stderr, when no usable GPU is there).
+fn cuda_backend(device: Device) -> Result<Option<CudaBackend>> {
+    match device {
+        Device::Cpu => Ok(None),
+        Device::Cuda => {
+            let devices = probe_devices().map_err(|why| anyhow::anyhow!("--device cuda: {why}"))?;
+            if devices.is_empty() {
+                bail!("--device cuda: the CUDA driver reports no device");
+            }
+            CudaBackend::from_env()
+                .map(Some)
+                .map_err(|e| anyhow::anyhow!("--device cuda: {e:#}"))
+        }
+        Device::Auto => match probe_devices() {
+            Ok(devices) if !devices.is_empty() => match CudaBackend::from_env() {
+                Ok(b) => Ok(Some(b)),
+                Err(e) => {
+                    eprintln!(
+                        "--device auto: a GPU is present but the CUDA backend could not start ({e:#}); running on the CPU"
+                    );
+                    Ok(None)
+                }
+            },
+            _ => Ok(None),
+        },
+    }
+}
+
+/// Loads the model named by `args` and builds the transformer on the backend `--device`
+/// picks: `cuda`, `cpu`, or `auto` (the GPU when one is usable, else the CPU).
+pub fn load_transformer(args: &ModelArgs) -> Result<(LoadedModel, AnyTransformer)> {
+    let backend = cuda_backend(args.device)?;
+    let model = load_model(args.model.as_deref())?;
+    let started = std::time::Instant::now();
+    let any = match backend {
+        Some(cuda) => AnyTransformer::Cuda(
+            Transformer::load(cuda, model.config.clone(), model.weights.as_ref())
+                .map_err(|e| anyhow::anyhow!("{}: {e:#}", model.path.display()))?,
+        ),
+        None => AnyTransformer::Cpu(
+            Transformer::load(
+                CpuBackend::new(),
+                model.config.clone(),
+                model.weights.as_ref(),
+            )
+            .map_err(|e| anyhow::anyhow!("{}: {e:#}", model.path.display()))?,
+        ),
+    };
+    let backend_name = with_transformer!(&any, t => t.backend_name());
+    eprintln!(
+        "loaded {} ({} parameters) on {} in {:.1}s",
+        model.name,
+        info::human_count(model.config.num_parameters()),
+        backend_name,
+        started.elapsed().as_secs_f64()
+    );
+    Ok((model, any))
+}
+
+/// Loads the model for a command that trains (backward, optimizer): those run on the CPU
+/// backend only, because the backward ops are not on the CUDA backend yet, so `--device cuda`
+/// says so instead of pretending (and `auto` means the CPU).
 pub fn load_cpu_transformer(args: &ModelArgs) -> Result<(LoadedModel, Transformer<CpuBackend>)> {
     if args.device == Device::Cuda {
         bail!(
-            "--device cuda: the CUDA backend in this build runs only part of the model's ops \
-             (no attention, KV cache, log-probs, backward or sampling yet), so commands cannot \
-             run on it; use --device cpu"
+            "--device cuda: training (backward and the optimizer) is not on the CUDA backend \
+             yet, so this command runs on the CPU only; use --device cpu (score, generate, \
+             sample and bench forward/rollout run on the GPU)"
         );
     }
     let model = load_model(args.model.as_deref())?;

@@ -174,7 +174,8 @@ pub fn run(args: &RunArgs) -> Result<()> {
         let trajectories = dir.join("trajectories.jsonl");
         let pairs_path = dir.join("pairs.jsonl");
         if !dir.join("train_state").exists() {
-            let mut engine = sampling_engine(model, tok, &args.sampling)?;
+            let mut engine =
+                sampling_engine(model, tok, &args.sampling, args.model.gpu_memory_fraction)?;
             let s = sample_phase(&mut engine, tok, &queries, &sample_cfg, &trajectories);
             model = engine.into_model();
             let s = s?;

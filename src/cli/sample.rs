@@ -3,7 +3,7 @@
 //! again with the same `--out`, it skips the queries already there.
 
 use super::ModelArgs;
-use super::generate::{kv_bytes_per_token, parse_kv_budget};
+use super::generate::resolve_kv_budget;
 use crate::backend::Backend;
 use crate::engine::scheduler::{Engine, EngineConfig};
 use crate::genius::artifacts::{JsonlLog, check_same_settings, create_dir};
@@ -62,7 +62,8 @@ pub struct SamplingFlags {
     /// Queries sampled at once [8].
     #[arg(long)]
     pub queries_in_flight: Option<usize>,
-    /// KV cache capacity: tokens or bytes with a unit (`2GiB`) [2GiB].
+    /// KV cache capacity: tokens, bytes with a unit (`2GiB`), or `auto` (a GPU's free memory,
+    /// 2 GiB on the CPU) [auto].
     #[arg(long)]
     pub kv_budget: Option<String>,
 }
@@ -93,7 +94,7 @@ impl SamplingFlags {
     }
 
     pub fn kv_budget(&self) -> &str {
-        self.kv_budget.as_deref().unwrap_or("2GiB")
+        self.kv_budget.as_deref().unwrap_or("auto")
     }
 }
 
@@ -149,15 +150,22 @@ pub fn run(args: &SampleArgs) -> Result<()> {
             "sampling": format!("{cfg:?}"),
         }),
     )?;
-    let (model, transformer) = super::load_cpu_transformer(&args.model)?;
-    let mut engine = sampling_engine(transformer, &model.tokenizer, &args.sampling)?;
-    let summary = sample_phase(
-        &mut engine,
-        &model.tokenizer,
-        &queries,
-        &cfg,
-        &args.out.join("trajectories.jsonl"),
-    )?;
+    let (model, any) = super::load_transformer(&args.model)?;
+    let summary = crate::with_transformer!(any, transformer => {
+        let mut engine = sampling_engine(
+            transformer,
+            &model.tokenizer,
+            &args.sampling,
+            args.model.gpu_memory_fraction,
+        )?;
+        sample_phase(
+            &mut engine,
+            &model.tokenizer,
+            &queries,
+            &cfg,
+            &args.out.join("trajectories.jsonl"),
+        )?
+    });
     eprintln!("{}", summary.line());
     summary.check()
 }
@@ -167,8 +175,15 @@ pub fn sampling_engine<'t, B: Backend>(
     model: Transformer<B>,
     tok: &'t TextTokenizer,
     flags: &SamplingFlags,
+    gpu_memory_fraction: f64,
 ) -> Result<Engine<'t, B>> {
-    let kv_budget_tokens = parse_kv_budget(flags.kv_budget(), kv_bytes_per_token(&model.config))?;
+    let config = EngineConfig::default();
+    let kv_budget_tokens = resolve_kv_budget(
+        flags.kv_budget(),
+        &model,
+        config.max_batch_tokens,
+        gpu_memory_fraction,
+    )?;
     Engine::new(
         model,
         tok,

@@ -186,7 +186,18 @@ pub fn run(args: &ModelArgs, input: &Path, output: &Path, batch_tokens: usize) -
         bail!("--batch-tokens must be positive");
     }
     let inputs = read_score_inputs(input)?;
-    let (model, transformer) = super::load_cpu_transformer(args)?;
+    let (model, any) = super::load_transformer(args)?;
+    crate::with_transformer!(any, t => score_on(&model, &t, &inputs, input, output, batch_tokens))
+}
+
+fn score_on<B: Backend>(
+    model: &crate::model::LoadedModel,
+    transformer: &crate::transformer::Transformer<B>,
+    inputs: &[ScoreInput],
+    input: &Path,
+    output: &Path,
+    batch_tokens: usize,
+) -> Result<()> {
     let context = model.config.max_position_embeddings;
     let mut requests = Vec::with_capacity(inputs.len());
     for (i, inp) in inputs.iter().enumerate() {
@@ -207,7 +218,7 @@ pub fn run(args: &ModelArgs, input: &Path, output: &Path, batch_tokens: usize) -
         .expect("static template"),
     );
     let started = std::time::Instant::now();
-    score_all(&transformer, &requests, batch_tokens, |batch, lps| {
+    score_all(transformer, &requests, batch_tokens, |batch, lps| {
         for (r, lp) in batch.iter().zip(lps) {
             let line = ScoreOutput {
                 prompt_ids: r.prompt_ids.clone(),

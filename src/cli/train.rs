@@ -252,6 +252,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         Some(name) => Some(super::load_cpu_transformer(&ModelArgs {
             model: Some(name.clone()),
             device: args.model.device,
+            gpu_memory_fraction: args.model.gpu_memory_fraction,
         })?),
         None => None,
     };

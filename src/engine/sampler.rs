@@ -271,6 +271,47 @@ fn sample_unfiltered(
     }
 }
 
+/// One row of a batched sampling call: how to sample, and the draw's stream
+/// (`seq_id`, `position`) as [`sample`] takes them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RowSampling {
+    pub params: SamplingParams,
+    pub seq_id: u64,
+    pub position: u32,
+}
+
+/// [`sample`] on each row of host logits (`[rows.len(), vocab]`, row-major), in parallel;
+/// the error of a bad row names it.
+pub fn sample_host_rows(
+    logits: &[f32],
+    vocab: usize,
+    rows: &[RowSampling],
+) -> Result<Vec<SampledToken>> {
+    use rayon::prelude::*;
+    if logits.len() != rows.len() * vocab {
+        bail!(
+            "sampling: {} logits for {} rows of a {vocab}-token vocabulary",
+            logits.len(),
+            rows.len()
+        );
+    }
+    if vocab == 0 {
+        return rows
+            .iter()
+            .map(|_| Err(anyhow::anyhow!("sampling: empty vocabulary")))
+            .collect();
+    }
+    logits
+        .par_chunks(vocab)
+        .zip(rows.par_iter())
+        .enumerate()
+        .map(|(r, (row, s))| {
+            sample(row, &s.params, s.seq_id, s.position)
+                .map_err(|e| anyhow::anyhow!("sampling row {r}: {e:#}"))
+        })
+        .collect()
+}
+
 /// Samples the token at `position` of sequence `seq_id` from `logits`; see the module
 /// documentation for the exact definition. Errors on invalid parameters or logits.
 pub fn sample(

@@ -10,13 +10,12 @@
 //! [`Engine::continue_sequence`], [`Engine::truncate`] and [`Engine::release`].
 
 use super::block_manager::{BlockManager, BlockStats, SeqId};
-use super::sampler::{SamplingParams, sample};
+use super::sampler::{RowSampling, SamplingParams};
 use super::stops::{StopChecker, StopEvent};
 use crate::backend::Backend;
 use crate::model::TextTokenizer;
 use crate::transformer::{KvCache, PagedBatch, PagedSeqBatch, Transformer};
 use anyhow::{Context, Result, bail};
-use rayon::prelude::*;
 use std::collections::HashMap;
 
 /// Engine-wide settings.
@@ -559,14 +558,15 @@ impl<'t, B: Backend> Engine<'t, B> {
         if rows.is_empty() {
             return Ok(finished);
         }
-        let logits = self.model.logits_at(&hidden, &rows)?;
-        let vocab = self.model.config.vocab_size;
-        let sampled: Vec<_> = logits
-            .data
-            .par_chunks(vocab)
-            .zip(samplers.par_iter())
-            .map(|(row, (_, params, stream, position))| sample(row, params, *stream, *position))
-            .collect::<Result<_>>()?;
+        let sampling: Vec<RowSampling> = samplers
+            .iter()
+            .map(|&(_, params, seq_id, position)| RowSampling {
+                params,
+                seq_id,
+                position,
+            })
+            .collect();
+        let sampled = self.model.sample_at(&hidden, &rows, &sampling)?;
         for ((id, ..), tok) in samplers.iter().zip(sampled) {
             if let Some(reason) = self.accept(*id, tok.token, tok.logprob, tok.sampling_logprob)? {
                 finished.push(self.finish_record(*id, reason));

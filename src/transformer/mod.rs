@@ -11,6 +11,7 @@ pub use params::Param;
 pub use train::{Activations, Gradients, TrainBatch};
 
 use crate::backend::{AttentionShape, Backend, PagedSeq, SeqSpan};
+use crate::engine::sampler::{RowSampling, SampledToken};
 use crate::model::{HostTensor, ModelConfig, TensorSource};
 use anyhow::{Context, Result, bail};
 
@@ -388,6 +389,19 @@ impl<B: Backend> Transformer<B> {
         let h = self.backend.gather_rows(hidden, rows)?;
         let logits = self.backend.linear(&h, self.lm_head(), None)?;
         self.backend.download(&logits)
+    }
+
+    /// One token per selected row of the hidden states (`rows[i]` drawn with `sampling[i]`):
+    /// LM head and sampling on the backend, so only the tokens leave the device.
+    pub fn sample_at(
+        &self,
+        hidden: &B::Tensor,
+        rows: &[usize],
+        sampling: &[RowSampling],
+    ) -> Result<Vec<SampledToken>> {
+        let h = self.backend.gather_rows(hidden, rows)?;
+        let logits = self.backend.linear(&h, self.lm_head(), None)?;
+        self.backend.sample_rows(&logits, sampling)
     }
 
     /// `log p(targets[i] | row rows[i])` from the hidden states, fused over the LM head.

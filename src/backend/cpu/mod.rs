@@ -13,6 +13,7 @@ pub use matmul::matmul_nt;
 pub use packed::PackedMatrix;
 
 use super::{AttentionShape, Backend, PagedSeq, SeqSpan};
+use crate::engine::sampler::{RowSampling, SampledToken, sample_host_rows};
 use crate::model::HostTensor;
 use anyhow::{Result, anyhow, bail, ensure};
 use rayon::prelude::*;
@@ -49,8 +50,17 @@ impl Backend for CpuBackend {
         Ok(t.clone())
     }
 
+    fn element_bytes(&self) -> usize {
+        4
+    }
+
     fn download(&self, t: &HostTensor) -> Result<HostTensor> {
         Ok(t.clone())
+    }
+
+    fn sample_rows(&self, logits: &HostTensor, rows: &[RowSampling]) -> Result<Vec<SampledToken>> {
+        let vocab = logits.shape.last().copied().unwrap_or(0);
+        sample_host_rows(&logits.data, vocab, rows)
     }
 
     fn shape<'a>(&self, t: &'a HostTensor) -> &'a [usize] {

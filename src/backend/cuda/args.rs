@@ -424,3 +424,35 @@ const _: () = {
     ["Offset of field: SampleArgs::rows"][::std::mem::offset_of!(SampleArgs, rows) - 48usize];
     ["Offset of field: SampleArgs::vocab"][::std::mem::offset_of!(SampleArgs, vocab) - 52usize];
 };
+#[doc = " `out[r] = log_softmax(logits[r])[targets[r]]` for every row `r` (f32 max, f64 sum of\n exponentials). `status[r]`: 0 done, 1 a NaN or `+inf` logit, 2 every logit `-inf`, 4 the\n target is not a token of the vocabulary."]
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct TargetLogprobArgs {
+    #[doc = " bf16 `[rows, vocab]`, read."]
+    pub logits: ::std::os::raw::c_ulonglong,
+    #[doc = " u32 `[rows]`, read."]
+    pub targets: ::std::os::raw::c_ulonglong,
+    #[doc = " f32 `[rows]`, written."]
+    pub out: ::std::os::raw::c_ulonglong,
+    #[doc = " i32 `[rows]`, written."]
+    pub status: ::std::os::raw::c_ulonglong,
+    pub rows: ::std::os::raw::c_int,
+    pub vocab: ::std::os::raw::c_int,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of TargetLogprobArgs"][::std::mem::size_of::<TargetLogprobArgs>() - 40usize];
+    ["Alignment of TargetLogprobArgs"][::std::mem::align_of::<TargetLogprobArgs>() - 8usize];
+    ["Offset of field: TargetLogprobArgs::logits"]
+        [::std::mem::offset_of!(TargetLogprobArgs, logits) - 0usize];
+    ["Offset of field: TargetLogprobArgs::targets"]
+        [::std::mem::offset_of!(TargetLogprobArgs, targets) - 8usize];
+    ["Offset of field: TargetLogprobArgs::out"]
+        [::std::mem::offset_of!(TargetLogprobArgs, out) - 16usize];
+    ["Offset of field: TargetLogprobArgs::status"]
+        [::std::mem::offset_of!(TargetLogprobArgs, status) - 24usize];
+    ["Offset of field: TargetLogprobArgs::rows"]
+        [::std::mem::offset_of!(TargetLogprobArgs, rows) - 32usize];
+    ["Offset of field: TargetLogprobArgs::vocab"]
+        [::std::mem::offset_of!(TargetLogprobArgs, vocab) - 36usize];
+};

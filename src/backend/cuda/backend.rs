@@ -12,6 +12,7 @@ use super::args;
 use super::context::{CudaOptions, GpuContext, LoadedUnit, grid_stride_config, row_block_threads};
 use super::tensor::{CudaLinear, CudaTensor, DType, DeviceData, from_bf16, numel, to_bf16};
 use crate::backend::{AttentionShape, Backend, PagedSeq, SeqSpan};
+use crate::engine::sampler::{RowSampling, SampledToken, sample_host_rows};
 use crate::model::HostTensor;
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use cudarc::cublaslt::{CudaBlasLT, Matmul, MatmulConfig};
@@ -43,11 +44,14 @@ pub const ON_CUDA: &[&str] = &[
     "write_kv",
     "copy_blocks",
     "paged_attention",
+    "target_logprobs",
+    "sample_rows",
+    "element_bytes",
+    "memory_info",
 ];
 
 /// The [`Backend`] ops that are not on the CUDA backend yet: each returns an error naming it.
 pub const NOT_YET_ON_CUDA: &[&str] = &[
-    "target_logprobs",
     "sum_squares",
     "scatter_add_rows",
     "linear_backward_input",
@@ -60,6 +64,9 @@ pub const NOT_YET_ON_CUDA: &[&str] = &[
     "causal_attention_backward",
     "target_logprobs_backward",
 ];
+
+/// Most bytes of bf16 logits [`Backend::target_logprobs`] holds at once.
+const TARGET_LOGPROB_CHUNK_BYTES: usize = 256 << 20;
 
 /// bf16 quiet NaN, the poison of bf16 outputs.
 const BF16_NAN_BITS: u16 = 0x7FC0;
@@ -289,6 +296,15 @@ impl Backend for CudaBackend {
     fn name(&self) -> String {
         let (major, minor) = self.gpu.compute_capability;
         format!("cuda ({}, sm_{major}{minor}, bf16)", self.gpu.name)
+    }
+
+    fn element_bytes(&self) -> usize {
+        2
+    }
+
+    fn memory_info(&self) -> Option<(usize, usize)> {
+        self.gpu.ctx.bind_to_thread().ok()?;
+        cudarc::driver::result::mem_get_info().ok()
     }
 
     fn upload(&self, t: &HostTensor) -> Result<CudaTensor> {
@@ -616,11 +632,103 @@ impl Backend for CudaBackend {
 
     fn target_logprobs(
         &self,
-        _hidden: &CudaTensor,
-        _lm_head: &CudaLinear,
-        _targets: &[u32],
+        hidden: &CudaTensor,
+        lm_head: &CudaLinear,
+        targets: &[u32],
     ) -> Result<Vec<f32>> {
-        Err(not_yet("target_logprobs"))
+        let (n, _) = hidden.matrix();
+        ensure!(
+            targets.len() == n,
+            "target_logprobs: {n} rows but {} targets",
+            targets.len()
+        );
+        let vocab = lm_head.out_features;
+        ensure!(vocab > 0, "target_logprobs: the LM head has no outputs");
+        let vocab_i32 = int(vocab, "target_logprobs", "vocabulary")?;
+        // Rows per chunk: at most TARGET_LOGPROB_CHUNK_BYTES of bf16 logits at once.
+        let chunk = (TARGET_LOGPROB_CHUNK_BYTES / (2 * vocab)).max(1);
+        let mut out = Vec::with_capacity(n);
+        for start in (0..n).step_by(chunk) {
+            let end = (start + chunk).min(n);
+            let rows: Vec<usize> = (start..end).collect();
+            let h = if start == 0 && end == n {
+                None
+            } else {
+                Some(self.gather_rows(hidden, &rows)?)
+            };
+            let logits = self.linear(h.as_ref().unwrap_or(hidden), lm_head, None)?;
+            let m = end - start;
+            let t = self.gpu.upload_slice(&targets[start..end])?;
+            let mut lp = self.gpu.alloc::<f32>(m)?;
+            let mut status = self.gpu.alloc::<i32>(m)?;
+            let a = args::TargetLogprobArgs {
+                logits: self.addr(&logits),
+                targets: self.gpu.ptr(&t),
+                out: self.gpu.ptr_mut(&mut lp),
+                status: self.gpu.ptr_mut(&mut status),
+                rows: int(m, "target_logprobs", "rows")?,
+                vocab: vocab_i32,
+            };
+            let cfg = LaunchConfig {
+                grid_dim: (m as u32, 1, 1),
+                block_dim: (super::sampling::THREADS as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: logits is bf16 [m, vocab], targets u32 [m], out f32 [m], status i32 [m];
+            // one block per row writes its row's out and status.
+            unsafe { self.gpu.launch("ge_target_logprobs_bf16", cfg, &a) }?;
+            let lp = self.gpu.download_slice(&lp, m)?;
+            let status = self.gpu.download_slice(&status, m)?;
+            for (r, (&v, &st)) in lp.iter().zip(&status).enumerate() {
+                let row = start + r;
+                match st {
+                    0 => out.push(v),
+                    1 => bail!("target_logprobs: row {row} has a NaN or +inf logit"),
+                    2 => bail!("target_logprobs: row {row}: every logit is -inf"),
+                    4 => bail!(
+                        "target_logprobs: row {row}: target {} is outside the vocabulary of {vocab}",
+                        targets[row]
+                    ),
+                    s => bail!("target_logprobs: row {row}: unknown kernel status {s}"),
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn sample_rows(&self, logits: &CudaTensor, rows: &[RowSampling]) -> Result<Vec<SampledToken>> {
+        // Greedy and plain sampling run in the kernel; rows with top-k / top-p (not in the
+        // kernel yet) are gathered, downloaded and sampled on the host, same definition.
+        let filtered: Vec<usize> = (0..rows.len())
+            .filter(|&r| super::sampling::is_filtered(&rows[r].params))
+            .collect();
+        if filtered.is_empty() {
+            return self.sample_rows_kernel(logits, rows);
+        }
+        let (n, vocab) = logits.matrix();
+        ensure!(
+            rows.len() == n,
+            "sample_rows: {n} logits rows but {} sampling parameter rows",
+            rows.len()
+        );
+        let mut out: Vec<Option<SampledToken>> = vec![None; n];
+        let plain: Vec<usize> = (0..n).filter(|r| !filtered.contains(r)).collect();
+        if !plain.is_empty() {
+            let l = self.gather_rows(logits, &plain)?;
+            let p: Vec<RowSampling> = plain.iter().map(|&r| rows[r]).collect();
+            for (&r, t) in plain.iter().zip(self.sample_rows_kernel(&l, &p)?) {
+                out[r] = Some(t);
+            }
+        }
+        let l = self.download(&self.gather_rows(logits, &filtered)?)?;
+        let f: Vec<RowSampling> = filtered.iter().map(|&r| rows[r]).collect();
+        for (&r, t) in filtered.iter().zip(sample_host_rows(&l.data, vocab, &f)?) {
+            out[r] = Some(t);
+        }
+        Ok(out
+            .into_iter()
+            .map(|t| t.expect("every row sampled"))
+            .collect())
     }
 
     fn zeros(&self, shape: &[usize]) -> Result<CudaTensor> {

@@ -32,6 +32,7 @@ unsafe impl DeviceRepr for args::SampleArgs {}
 unsafe impl DeviceRepr for args::CopyBlocksArgs {}
 unsafe impl DeviceRepr for args::PagedAttentionArgs {}
 unsafe impl DeviceRepr for args::PagedCombineArgs {}
+unsafe impl DeviceRepr for args::TargetLogprobArgs {}
 
 /// Environment variable: the CUDA device ordinal to use (default 0).
 pub const DEVICE_ENV: &str = "GENIUS_CUDA_DEVICE";
@@ -413,6 +414,7 @@ mod tests {
             PagedCombineArgs,
             SampleRowArgs,
             SampleArgs,
+            TargetLogprobArgs,
         );
         let mut header = header_layouts();
         rust.sort();

@@ -56,7 +56,14 @@ pub const KERNEL_UNITS: &[(&str, &[&str])] = &[
             "ge_paged_attention_combine",
         ],
     ),
-    ("sampling.cu", &["ge_sample_rows"]),
+    (
+        "sampling.cu",
+        &[
+            "ge_sample_rows",
+            "ge_sample_rows_bf16",
+            "ge_target_logprobs_bf16",
+        ],
+    ),
 ];
 
 /// Environment variable choosing [`KernelSourcePolicy`]: `auto`, `precompiled` or `nvrtc`.

@@ -7,11 +7,14 @@
 //!   the CPU.
 //! - [`args`]: the kernels' argument structs, generated from `kernels/args.h` by bindgen.
 //! - [`context`]: device selection, the backend's one stream, the kernel registry, launches.
-//! - [`sampling`]: greedy and unfiltered token sampling on the GPU ([`CudaBackend::sample_rows`]).
+//! - [`sampling`]: greedy and unfiltered token sampling on the GPU
+//!   ([`CudaBackend::sample_rows_kernel`]); the backend's `sample_rows` routes top-k / top-p
+//!   rows to the host sampler.
 //! - [`tensor`]: [`CudaTensor`] (bf16 or f32 device buffers) and [`CudaLinear`] (bf16 weights).
 //! - [`backend`]: [`CudaBackend`], the [`crate::backend::Backend`] implementation. Part of the
-//!   trait runs on the GPU ([`ON_CUDA`]); the rest returns an error naming the op
-//!   ([`NOT_YET_ON_CUDA`]), so the commands do not offer `--device cuda` yet.
+//!   trait runs on the GPU ([`ON_CUDA`]: the forward pass, paged attention, log-probs and
+//!   sampling); the rest (the backward ops) returns an error naming the op
+//!   ([`NOT_YET_ON_CUDA`]), so the training commands stay on the CPU.
 
 #[allow(non_camel_case_types, non_snake_case, non_upper_case_globals)]
 pub mod args;
@@ -39,9 +42,9 @@ pub struct CudaDeviceInfo {
 /// One line on what the CUDA backend can do in this build (for `genius-engine info`).
 pub fn readiness() -> String {
     format!(
-        "CUDA backend: {} of {} backend ops on the GPU; log-probs, \
-         backward and top-k/top-p sampling not yet (greedy and plain sampling have a kernel, \
-         not yet used by the engine), so commands run with --device cpu",
+        "CUDA backend: {} of {} backend ops on the GPU (the whole forward pass, paged KV, \
+         log-probs and sampling; top-k/top-p rows are sampled on the host); score, generate, \
+         sample and bench run with --device cuda, training (backward) is not on the GPU yet",
         ON_CUDA.len(),
         ON_CUDA.len() + NOT_YET_ON_CUDA.len()
     )

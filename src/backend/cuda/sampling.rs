@@ -1,4 +1,4 @@
-//! Token sampling on the CUDA backend (`kernels/sampling.cu`): [`CudaBackend::sample_rows`]
+//! Token sampling on the CUDA backend (`kernels/sampling.cu`): [`CudaBackend::sample_rows_kernel`]
 //! draws one token per row of an f32 logits matrix, greedy or unfiltered (temperature > 0,
 //! no top-k, no top-p), with the definition and the Philox stream of
 //! [`crate::engine::sampler`], so that the GPU and the CPU draw the same tokens.
@@ -12,6 +12,7 @@
 use super::args;
 use super::backend::CudaBackend;
 use super::tensor::{CudaTensor, DeviceData};
+pub use crate::engine::sampler::RowSampling;
 use crate::engine::sampler::{SampledToken, SamplingParams, scan_logits, uniform};
 use anyhow::{Result, anyhow, bail, ensure};
 use cudarc::driver::LaunchConfig;
@@ -19,15 +20,6 @@ use cudarc::driver::LaunchConfig;
 /// Threads per block of `ge_sample_rows` (`GE_SAMPLE_THREADS`); the walk's chunking depends
 /// on it.
 pub const THREADS: usize = 256;
-
-/// What to draw for one logits row: the sampling parameters, and the sequence id and
-/// position that select the random draw.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct RowSampling {
-    pub params: SamplingParams,
-    pub seq_id: u64,
-    pub position: u32,
-}
 
 /// Whether `p` asks for top-k or top-p (not on the GPU yet). Greedy ignores both.
 pub fn is_filtered(p: &SamplingParams) -> bool {
@@ -157,7 +149,7 @@ impl CudaBackend {
     /// `rows[r]`. Errors on a shape or parameter problem, on a row asking for top-k / top-p
     /// (not on the GPU yet), and on a row with a NaN / +inf logit or only -inf logits, naming
     /// the row.
-    pub fn sample_rows(
+    pub fn sample_rows_kernel(
         &self,
         logits: &CudaTensor,
         rows: &[RowSampling],
@@ -168,11 +160,9 @@ impl CudaBackend {
             "sample_rows: logits must be [rows, vocab], got shape {shape:?}"
         );
         let (n, vocab) = (shape[0], shape[1]);
-        let DeviceData::F32(data) = &logits.data else {
-            bail!(
-                "sample_rows: logits must be f32, got {}",
-                logits.dtype().name()
-            );
+        let (kernel, data) = match &logits.data {
+            DeviceData::F32(d) => ("ge_sample_rows", self.gpu.ptr(d)),
+            DeviceData::Bf16(d) => ("ge_sample_rows_bf16", self.gpu.ptr(d)),
         };
         ensure!(
             rows.len() == n,
@@ -197,7 +187,7 @@ impl CudaBackend {
         let mut sampling_logprobs = self.gpu.alloc::<f32>(n)?;
         let mut status = self.gpu.alloc::<i32>(n)?;
         let a = args::SampleArgs {
-            logits: self.gpu.ptr(data),
+            logits: data,
             params: self.gpu.ptr(&params),
             tokens: self.gpu.ptr_mut(&mut tokens),
             logprobs: self.gpu.ptr_mut(&mut logprobs),
@@ -211,9 +201,9 @@ impl CudaBackend {
             block_dim: (THREADS as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: logits is f32 [n, vocab], params holds n SampleRowArgs, the four outputs
+        // SAFETY: logits is [n, vocab] of the kernel's element type, params holds n SampleRowArgs, the four outputs
         // n elements each; one block per row writes its row of each; frees are stream-ordered.
-        unsafe { self.gpu.launch("ge_sample_rows", cfg, &a) }?;
+        unsafe { self.gpu.launch(kernel, cfg, &a) }?;
         let tokens = self.gpu.download_slice(&tokens, n)?;
         let logprobs = self.gpu.download_slice(&logprobs, n)?;
         let sampling_logprobs = self.gpu.download_slice(&sampling_logprobs, n)?;
