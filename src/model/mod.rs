@@ -1,6 +1,7 @@
 //! Everything about a checkpoint on disk: its architecture config, its weights (HF safetensors
 //! directories and GGUF files, dequantised to f32 in HF layout), its tokenizer and chat template,
-//! and where the default model comes from.
+//! and where the default model comes from. `random` builds models with a real architecture's
+//! shape and random weights in memory (`--model random:PRESET[@SEED]`).
 //!
 //! `checkpoint` writes a model back out as a HF checkpoint directory (config, safetensors,
 //! tokenizer files) that this engine, transformers and vLLM load.
@@ -11,6 +12,7 @@ pub mod config;
 pub mod fetch;
 pub mod gguf;
 pub mod hf;
+pub mod random;
 pub mod safetensors;
 pub mod tokenizer;
 
@@ -98,6 +100,8 @@ impl TensorSource for MemoryTensors<'_> {
 pub enum ModelFormat {
     HfSafetensors,
     Gguf,
+    /// Built in memory with random weights (`random:PRESET[@SEED]`, see [`random`]).
+    Random,
 }
 
 /// A checkpoint ready to use: config, lazily readable weights and tokenizer.
@@ -110,10 +114,14 @@ pub struct LoadedModel {
     pub tokenizer: TextTokenizer,
 }
 
-/// Resolves a `--model` argument: a HF checkpoint directory, a `.gguf` file, or the name of a
-/// known model (the default, `smollm2-135m-instruct`, is fetched on first use).
+/// Resolves a `--model` argument: `random:PRESET[@SEED]` (a preset's shape with random weights,
+/// see [`random`]), a HF checkpoint directory, a `.gguf` file, or the name of a known model (the
+/// default, `smollm2-135m-instruct`, is fetched on first use).
 pub fn load_model(spec: Option<&str>) -> Result<LoadedModel> {
     let spec = spec.unwrap_or(fetch::DEFAULT_MODEL);
+    if let Some(model) = random::load_random_spec(spec) {
+        return model;
+    }
     let path = Path::new(spec);
     if path.is_dir() {
         hf::load_hf_dir(path)
@@ -126,8 +134,10 @@ pub fn load_model(spec: Option<&str>) -> Result<LoadedModel> {
         Ok(model)
     } else {
         anyhow::bail!(
-            "model '{spec}': no such directory or file, and not a known model name (known: {})",
-            fetch::known_model_names().join(", ")
+            "model '{spec}': no such directory or file, not a known model name (known: {}), \
+             and not random:PRESET[@SEED] (presets: {})",
+            fetch::known_model_names().join(", "),
+            random::preset_names().join(", ")
         )
     }
 }
