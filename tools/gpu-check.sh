@@ -69,16 +69,16 @@ if [[ -x $engine && ${GPU_BENCH:-1} != 0 ]]; then
   model=${GPU_BENCH_MODEL:-random:qwen2.5-0.5b}
   {
     echo "== bench rollout"
-    timeout 300 "$engine" bench rollout --device cuda --model "$model" --tokens 128 \
+    timeout "${GPU_BENCH_TIMEOUT:-180}" "$engine" bench rollout --device cuda --model "$model" --tokens 128 \
       --new-tokens 256 --batches "${GPU_BENCH_BATCHES:-64,256,512}" --forks 8
     echo "rc $?"
     echo "== bench forward"
-    timeout 120 "$engine" bench forward --device cuda --model "$model" --tokens 2048 --iters 5
+    timeout 60 "$engine" bench forward --device cuda --model "$model" --tokens 2048 --iters 5
     echo "rc $?"
   } >"$logs/bench.log" 2>&1
   grep -q '^rc 0' "$logs/bench.log" || bad=1
   if [[ ${GPU_PEER:-1} != 0 ]]; then
-    PYTHONUNBUFFERED=1 timeout 300 python3 tools/peer_hf_generate.py --batches 64,256 \
+    PYTHONUNBUFFERED=1 timeout 180 python3 tools/peer_hf_generate.py --batches 64,256 \
       --prompt 128 --new-tokens 256 >"$logs/peer.log" 2>&1 || echo "peer failed: $?" >>"$logs/peer.log"
   fi
   bench_table=$(python3 - "$logs/bench.log" "$logs/peer.log" <<'PY'
