@@ -43,7 +43,7 @@ for exe in "$dir"/*; do
   name=$(basename "$exe")
   log=$logs/$name.log
   start=$(date +%s)
-  timeout "${GPU_CHECK_TIMEOUT:-300}" "$exe" --test-threads="${GPU_CHECK_THREADS:-1}" >"$log" 2>&1
+  timeout "${GPU_CHECK_TIMEOUT:-300}" "$exe" --test-threads="${GPU_CHECK_THREADS:-1}" --nocapture >"$log" 2>&1
   rc=$?
   secs=$(($(date +%s) - start))
   result=$(grep -E '^test result: ' "$log" | tail -n 1)
@@ -75,6 +75,15 @@ if [[ -x $engine && ${GPU_BENCH:-1} != 0 ]]; then
     echo "== bench forward"
     timeout 60 "$engine" bench forward --device cuda --model "$model" --tokens 2048 --iters 5
     echo "rc $?"
+    if [[ ${GPU_BENCH_VARIANTS:-1} != 0 ]]; then
+      # A/B of the host-side savings, and where a step's GPU time goes (shorter runs).
+      for variant in GENIUS_CUDA_POOL_KEEP=0 GENIUS_CUDA_MEMO=0 GENIUS_CUDA_PROFILE=1; do
+        echo "== variant $variant"
+        env "$variant" timeout 90 "$engine" bench rollout --device cuda --model "$model" \
+          --tokens 128 --new-tokens 128 --batches 64,256 --forks 0
+        echo "rc $?"
+      done
+    fi
   } >"$logs/bench.log" 2>&1
   grep -q '^rc 0' "$logs/bench.log" || bad=1
   if [[ ${GPU_PEER:-1} != 0 ]]; then
@@ -83,21 +92,42 @@ if [[ -x $engine && ${GPU_BENCH:-1} != 0 ]]; then
   fi
   bench_table=$(python3 - "$logs/bench.log" "$logs/peer.log" <<'PY'
 import json, sys
-def last_json(path, key):
+def sections(path):
+    """(header, [parsed JSON lines]) per '== ' section of a log."""
+    out, cur = [], ("", [])
     try:
         lines = open(path).read().splitlines()
     except OSError:
-        return None
-    for line in reversed(lines):
-        if line.startswith("{") and key in line:
+        return out
+    for line in lines:
+        if line.startswith("== "):
+            cur = (line[3:], [])
+            out.append(cur)
+        elif line.startswith("{"):
             try:
-                return json.loads(line)
+                cur[1].append(json.loads(line))
             except ValueError:
                 pass
+    return out
+secs = sections(sys.argv[1])
+def first(name, key, value):
+    for h, objs in secs:
+        if h == name:
+            for o in objs:
+                if o.get(key) == value:
+                    return o
     return None
-bench = last_json(sys.argv[1], '"bench": "rollout"')
-fwd = last_json(sys.argv[1], '"bench": "forward"')
-peer = last_json(sys.argv[2], '"peer"')
+bench = first("bench rollout", "bench", "rollout")
+fwd = first("bench forward", "bench", "forward")
+variants = [(h, next((o for o in objs if o.get("bench") == "rollout"), None)) for h, objs in secs if h.startswith("variant ")]
+peer = next((o for h, objs in sections(sys.argv[2]) for o in objs if "peer" in o), None)
+if peer is None:
+    try:
+        for line in open(sys.argv[2]):
+            if line.startswith("{") and '"peer"' in line:
+                peer = json.loads(line)
+    except OSError:
+        pass
 ceiling = peer.get("copy_ceiling_gb_s") if peer else None
 peer_rate = {b["sequences"]: b["tokens_per_s"] for b in (peer or {}).get("batches", [])}
 out = []
@@ -118,6 +148,12 @@ else:
         out.append(f"foresight: {f['forks']} forks of {f['prompt_tokens']} tokens: {f['blocks_used']} KV blocks used, {f['blocks_shared']} shared ({f['blocks_without_sharing']} without sharing), {f['seconds']:.2f}s")
 if fwd:
     out.append(f"prefill {fwd['tokens']} tokens: {fwd['tokens_per_s']:.0f} tokens/s")
+for h, v in variants:
+    if v:
+        rates = ", ".join(f"{b['sequences']}: {b['decode_tokens_per_s']:.0f} tok/s ({b['decode_step_ms']:.2f} ms/step)" for b in v["batches"])
+        out.append(f"{h[8:]}: {rates}")
+    else:
+        out.append(f"{h[8:]}: no result")
 if ceiling:
     out.append(f"device copy ceiling (torch, read + write): {ceiling:.0f} GB/s")
 elif peer is None:

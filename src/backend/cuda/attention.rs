@@ -273,18 +273,18 @@ impl CudaBackend {
         if n == 0 || w == 0 {
             return Ok(());
         }
-        let slot_buf = self.gpu.upload_slice(slots)?;
+        let slot_addr = self.gpu.upload_memo("write_kv slots", slots)?;
         let a = args::WriteKvArgs {
             k_pool: self.gpu.ptr_mut(k_pool.bf16_mut("write_kv (k pool)")?),
             v_pool: self.gpu.ptr_mut(v_pool.bf16_mut("write_kv (v pool)")?),
             k: self.gpu.ptr(ks),
             v: self.gpu.ptr(vs),
-            slots: self.gpu.ptr(&slot_buf),
+            slots: slot_addr,
             rows: i32::try_from(n).map_err(|_| anyhow!("write_kv: {n} rows"))?,
             width: i32::try_from(w).map_err(|_| anyhow!("write_kv: width {w}"))?,
         };
         // SAFETY: k, v are [n, w] bf16, the pools [pool_rows, w] bf16 with every slot below
-        // pool_rows, slot_buf holds n u32s; frees are stream-ordered after the launch.
+        // pool_rows, slot_addr holds n u32s until a later upload under its key.
         unsafe {
             self.gpu.launch(
                 "ge_write_kv_bf16",
@@ -383,12 +383,10 @@ impl CudaBackend {
         let part_out = self.gpu.alloc::<f32>(po_len)?;
         let part_max = self.gpu.alloc::<f32>(stats_len)?;
         let part_sum = self.gpu.alloc::<f32>(stats_len)?;
-        let items = self.gpu.upload_slice(&work.items)?;
-        let seqs = self.gpu.upload_slice(&work.seqs)?;
-        // An empty table still needs a valid address; the kernel reads none of it then.
-        let table_buf = self
-            .gpu
-            .upload_slice(if tables.is_empty() { &[0u32] } else { tables })?;
+        let items = self.gpu.upload_memo("attention items", &work.items)?;
+        let seqs = self.gpu.upload_memo("attention seqs", &work.seqs)?;
+        // An empty table still gets a valid address; the kernel reads none of it then.
+        let table_buf = self.gpu.upload_memo("attention block tables", tables)?;
         let out_ptr = self.gpu.ptr_mut(out.bf16_mut(op)?);
         let a = args::PagedAttentionArgs {
             q: self.gpu.ptr(q.bf16(op)?),
@@ -398,9 +396,9 @@ impl CudaBackend {
             part_out: self.gpu.ptr(&part_out),
             part_max: self.gpu.ptr(&part_max),
             part_sum: self.gpu.ptr(&part_sum),
-            work: self.gpu.ptr(&items),
-            seqs: self.gpu.ptr(&seqs),
-            block_tables: self.gpu.ptr(&table_buf),
+            work: items,
+            seqs,
+            block_tables: table_buf,
             work_rows: work_rows as i32,
             num_heads: num_heads as i32,
             num_kv_heads: num_kv_heads as i32,

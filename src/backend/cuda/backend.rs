@@ -10,12 +10,12 @@
 
 use super::args;
 use super::context::{CudaOptions, GpuContext, LoadedUnit, grid_stride_config, row_block_threads};
+use super::gemm::{Gemm, GemmShape};
 use super::tensor::{CudaLinear, CudaTensor, DType, DeviceData, from_bf16, numel, to_bf16};
 use crate::backend::{AttentionShape, Backend, PagedSeq, SeqSpan};
 use crate::engine::sampler::{RowSampling, SampledToken, sample_host_rows};
 use crate::model::HostTensor;
 use anyhow::{Context, Result, anyhow, bail, ensure};
-use cudarc::cublaslt::{CudaBlasLT, Matmul, MatmulConfig};
 use cudarc::driver::{CudaSlice, LaunchConfig};
 use half::bf16;
 use std::sync::Mutex;
@@ -73,6 +73,27 @@ const BF16_NAN_BITS: u16 = 0x7FC0;
 /// f32 quiet NaN, the poison of f32 outputs.
 const F32_NAN_BITS: u32 = 0x7FC0_0000;
 
+/// The profile's name for a GEMM: decode-sized (up to 64 rows) or larger, by output width.
+fn gemm_profile_name(s: GemmShape) -> &'static str {
+    match (s.rows <= 64, s.out >= 32768) {
+        (true, true) => "gemm lm_head, <= 64 rows",
+        (true, false) => "gemm layer, <= 64 rows",
+        (false, true) => "gemm lm_head, > 64 rows",
+        (false, false) => "gemm layer, > 64 rows",
+    }
+}
+
+impl Drop for CudaBackend {
+    fn drop(&mut self) {
+        if let Some(p) = &self.gpu.profile {
+            let _ = self.gpu.sync("the profiled work");
+            if let Ok(mut p) = p.lock() {
+                eprint!("{}", p.report());
+            }
+        }
+    }
+}
+
 fn not_yet(op: &str) -> anyhow::Error {
     anyhow!(
         "{op} is not on the CUDA backend yet (it has: {}); run on the CPU backend",
@@ -89,7 +110,7 @@ fn int(v: usize, op: &str, what: &str) -> Result<i32> {
 pub struct CudaBackend {
     pub(super) gpu: GpuContext,
     /// cuBLASLt handle (and its workspace), used by one thread at a time.
-    blas: Mutex<CudaBlasLT>,
+    gemm: Mutex<Gemm>,
     poison: bool,
     /// The last RoPE `inv_freq` table uploaded (as f32 bits) and its device copy.
     rope_table: Mutex<Option<(Vec<u32>, CudaSlice<f32>)>>,
@@ -105,11 +126,10 @@ impl CudaBackend {
             bail!("CUDA backend: no cuBLASLt library (libcublasLt.so) could be loaded");
         }
         gpu.ctx.bind_to_thread()?;
-        let blas = CudaBlasLT::new(gpu.stream.clone())
-            .map_err(|e| anyhow!("creating a cuBLASLt handle: {e:?}"))?;
+        let gemm = Gemm::new(gpu.stream.clone())?;
         Ok(Self {
             gpu,
-            blas: Mutex::new(blas),
+            gemm: Mutex::new(gemm),
             poison: options.poison_outputs,
             rope_table: Mutex::new(None),
         })
@@ -418,38 +438,29 @@ impl Backend for CudaBackend {
         };
         let mut out = self.output_bf16(n * m)?;
         if n > 0 && m > 0 {
-            // Row-major y[n, m] = x[n, k] w[m, k]^T is column-major y^T[m, n] = w x^T, where
-            // w is the column-major [k, m] matrix (transposed: op(A) = [m, k]) and x^T the
-            // column-major [k, n] matrix. cuBLASLt's bias epilogue adds bias[m] to every
-            // column of y^T, i.e. to every row of y.
-            let cfg = MatmulConfig {
-                transa: true,
-                transb: false,
-                transc: false,
-                m: m as u64,
-                n: n as u64,
-                k: k as u64,
-                alpha: 1.0,
-                lda: k as i64,
-                ldb: k as i64,
-                beta: 0.0,
-                ldc: m as i64,
-                stride_a: None,
-                stride_b: None,
-                stride_c: None,
-                stride_bias: None,
-                batch_size: None,
+            let shape = GemmShape {
+                rows: n,
+                out: m,
+                inp: k,
+                bias: bs.is_some(),
             };
-            let blas = self
-                .blas
+            let x_ptr = self.gpu.ptr(xs);
+            let w_ptr = self.gpu.ptr(&weight.weight);
+            let b_ptr = bs.map(|b| self.gpu.ptr(b));
+            let y_ptr = self.gpu.ptr_mut(&mut out);
+            let mut gemm = self
+                .gemm
                 .lock()
                 .map_err(|_| anyhow!("linear: the cuBLASLt handle's lock is poisoned"))?;
             self.gpu.ctx.bind_to_thread()?;
+            let timing = self.gpu.profile_start()?;
             // SAFETY: w is [m, k], x is [n, k], out is [n, m] and bias is [m], all bf16 and
-            // live; beta = 0 so out's (possibly poisoned) contents are not read.
-            unsafe { blas.matmul(cfg, &weight.weight, xs, &mut out, bs, None) }.map_err(|e| {
+            // live until the stream has run the GEMM (frees are stream-ordered).
+            let done = unsafe { gemm.run(shape, x_ptr, w_ptr, b_ptr, y_ptr) };
+            self.gpu.profile_end(timing, gemm_profile_name(shape))?;
+            done.map_err(|e| {
                 anyhow!(
-                    "linear: cuBLASLt bf16 GEMM [{n}, {k}] x [{m}, {k}]^T{} failed: {e:?}",
+                    "linear: bf16 GEMM [{n}, {k}] x [{m}, {k}]^T{}: {e:#}",
                     if bs.is_some() { " + bias" } else { "" }
                 )
             })?;
@@ -481,12 +492,12 @@ impl Backend for CudaBackend {
         if n == 0 || w == 0 {
             return Ok(());
         }
-        let pos = self.gpu.upload_slice(positions)?;
+        let pos = self.gpu.upload_memo("rope positions", positions)?;
         let xp = self.gpu.ptr_mut(x.bf16_mut("rope")?);
         self.with_inv_freq(inv_freq, |table| {
             let a = args::RopeArgs {
                 x: xp,
-                positions: self.gpu.ptr(&pos),
+                positions: pos,
                 inv_freq: self.gpu.ptr(table),
                 rows: int(n, "rope", "rows")?,
                 width: int(w, "rope", "width")?,

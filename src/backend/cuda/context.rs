@@ -8,13 +8,13 @@ use super::kernels::{self, CacheOutcome, ImageChoice, KERNEL_UNITS, KernelSource
 use super::probe_devices;
 use anyhow::{Context, Result, anyhow, bail};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut,
-    DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr,
+    DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use cudarc::nvrtc::Ptx;
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 // SAFETY: each is a `#[repr(C)]` plain-data struct (integers, floats and u64 device
 // addresses) generated from kernels/args.h, whose layout the compilers and the layout tests
@@ -151,9 +151,97 @@ impl KernelRegistry {
         })
     }
 
+    /// The registry's own copy of a kernel name (for the profile's table).
+    pub fn static_name(&self, name: &str) -> &'static str {
+        self.functions
+            .get_key_value(name)
+            .map_or("unknown kernel", |(k, _)| *k)
+    }
+
     /// How each unit was loaded.
     pub fn units(&self) -> &[LoadedUnit] {
         &self.units
+    }
+}
+
+/// Environment variable: `0` lets the allocator's pool give memory back at every
+/// synchronization (the driver's default), for comparison.
+pub const POOL_KEEP_ENV: &str = "GENIUS_CUDA_POOL_KEEP";
+
+/// Makes the device's default memory pool (which `cuMemAllocAsync` draws from) keep freed
+/// memory instead of releasing it at every synchronization: the backend allocates its
+/// activations per op and synchronizes every decode step (to read the sampled tokens), and
+/// with the driver's default release threshold of 0 each step would map its memory afresh.
+fn keep_pool_memory(ctx: &CudaContext) -> Result<()> {
+    if std::env::var(POOL_KEEP_ENV).is_ok_and(|v| v == "0") {
+        return Ok(());
+    }
+    use cudarc::driver::sys;
+    ctx.bind_to_thread()?;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    // SAFETY: a valid device handle and an out-pointer to a pool handle; then a u64 attribute
+    // set through a pointer to a u64.
+    unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
+            .result()
+            .context("reading the device's default memory pool")?;
+        let threshold: u64 = u64::MAX;
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&threshold) as *const u64 as *mut std::ffi::c_void,
+        )
+        .result()
+        .context("setting the memory pool's release threshold")?;
+    }
+    Ok(())
+}
+
+/// Environment variable: `1` times every kernel launch and GEMM with CUDA events and prints
+/// a table of GPU time per kernel when the backend is dropped (slow; for finding where a
+/// step's time goes).
+pub const PROFILE_ENV: &str = "GENIUS_CUDA_PROFILE";
+
+/// GPU time per kernel name, from events around each launch (see [`PROFILE_ENV`]).
+#[derive(Default)]
+pub(crate) struct Profile {
+    pending: Vec<(&'static str, CudaEvent, CudaEvent)>,
+    /// name -> (launches, total ms)
+    totals: HashMap<&'static str, (u64, f64)>,
+    started: Option<std::time::Instant>,
+}
+
+impl Profile {
+    fn fold(&mut self) {
+        for (name, a, b) in self.pending.drain(..) {
+            let ms = a.elapsed_ms(&b).map(f64::from).unwrap_or(0.0);
+            let e = self.totals.entry(name).or_default();
+            e.0 += 1;
+            e.1 += ms;
+        }
+    }
+
+    /// The table, slowest first.
+    pub(crate) fn report(&mut self) -> String {
+        self.fold();
+        let wall = self
+            .started
+            .map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3);
+        let gpu: f64 = self.totals.values().map(|v| v.1).sum();
+        let mut rows: Vec<_> = self.totals.iter().collect();
+        rows.sort_by(|a, b| b.1.1.total_cmp(&a.1.1));
+        let mut out = format!(
+            "CUDA profile: {gpu:.1} ms of kernel time in {wall:.1} ms since the first launch\n{:<34} {:>9} {:>11} {:>9} {:>6}\n",
+            "kernel", "launches", "total ms", "mean us", "share"
+        );
+        for (name, (n, ms)) in rows {
+            out.push_str(&format!(
+                "{name:<34} {n:>9} {ms:>11.2} {:>9.1} {:>5.1}%\n",
+                ms * 1e3 / *n as f64,
+                100.0 * ms / gpu.max(1e-9)
+            ));
+        }
+        out
     }
 }
 
@@ -166,6 +254,13 @@ pub struct GpuContext {
     pub(crate) compute_capability: (i32, i32),
     pub(crate) total_memory: usize,
     pub(crate) sync_after_launch: bool,
+    /// The last upload under each [`GpuContext::upload_memo`] key: host bytes and device copy.
+    memo: Mutex<HashMap<&'static str, (Vec<u8>, CudaSlice<u8>)>>,
+    /// Whether [`GpuContext::upload_memo`] reuses equal uploads (`$GENIUS_CUDA_MEMO=0` turns
+    /// it off, for comparison).
+    memo_uploads: bool,
+    /// Per-kernel GPU times, when `$GENIUS_CUDA_PROFILE=1`.
+    pub(crate) profile: Option<Mutex<Profile>>,
 }
 
 impl GpuContext {
@@ -187,6 +282,7 @@ impl GpuContext {
         // cudarc's per-buffer events are not needed. No buffer exists yet.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().context("creating a CUDA stream")?;
+        keep_pool_memory(&ctx)?;
         let compute_capability = ctx
             .compute_capability()
             .context("reading the compute capability")?;
@@ -204,6 +300,11 @@ impl GpuContext {
             compute_capability,
             total_memory: dev.total_memory,
             sync_after_launch: options.sync_after_launch,
+            memo: Mutex::new(HashMap::new()),
+            memo_uploads: std::env::var("GENIUS_CUDA_MEMO").map_or(true, |v| v != "0"),
+            profile: std::env::var(PROFILE_ENV)
+                .is_ok_and(|v| v == "1")
+                .then(|| Mutex::new(Profile::default())),
         })
     }
 
@@ -223,6 +324,7 @@ impl GpuContext {
         let f = self.registry.get(name)?;
         let mut builder = self.stream.launch_builder(f);
         builder.arg(args);
+        let timing = self.profile_start()?;
         // SAFETY: forwarded to the caller (see above).
         unsafe { builder.launch(cfg) }.with_context(|| {
             format!(
@@ -230,10 +332,43 @@ impl GpuContext {
                 cfg.grid_dim, cfg.block_dim, cfg.shared_mem_bytes
             )
         })?;
+        self.profile_end(timing, self.registry.static_name(name))?;
         if self.sync_after_launch {
             self.stream
                 .synchronize()
                 .with_context(|| format!("kernel {name} failed on the device"))?;
+        }
+        Ok(())
+    }
+
+    /// With profiling on, an event recorded before the work to time.
+    pub(crate) fn profile_start(&self) -> Result<Option<CudaEvent>> {
+        let Some(p) = &self.profile else {
+            return Ok(None);
+        };
+        let mut p = p.lock().map_err(|_| anyhow!("profile lock poisoned"))?;
+        p.started.get_or_insert_with(std::time::Instant::now);
+        let e = self
+            .ctx
+            .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))?;
+        e.record(&self.stream)?;
+        Ok(Some(e))
+    }
+
+    /// With profiling on, closes the timing `start` opened under `name`.
+    pub(crate) fn profile_end(&self, start: Option<CudaEvent>, name: &'static str) -> Result<()> {
+        let (Some(start), Some(p)) = (start, &self.profile) else {
+            return Ok(());
+        };
+        let end = self
+            .ctx
+            .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))?;
+        end.record(&self.stream)?;
+        let mut p = p.lock().map_err(|_| anyhow!("profile lock poisoned"))?;
+        p.pending.push((name, start, end));
+        if p.pending.len() >= 4096 {
+            self.sync("profiled work")?;
+            p.fold();
         }
         Ok(())
     }
@@ -283,6 +418,48 @@ impl GpuContext {
         self.stream
             .clone_htod(data)
             .with_context(|| format!("copying {} elements to the device", data.len()))
+    }
+
+    /// The device address of a copy of `data`, reusing the last upload made under `key` when
+    /// its bytes are the same. The layers of one forward pass upload the same positions, KV
+    /// slots and attention metadata again and again; this makes all but the first a host-side
+    /// comparison. The copy stays alive until the next upload under `key` with other bytes
+    /// (whose free is stream-ordered after every launch queued before it), so an address is
+    /// good for launches queued before the next call with the same key.
+    pub(crate) fn upload_memo<T: bytemuck::Pod>(
+        &self,
+        key: &'static str,
+        data: &[T],
+    ) -> Result<u64> {
+        let bytes: &[u8] = bytemuck::cast_slice(data);
+        if !self.memo_uploads {
+            let dev = self.upload_slice(if bytes.is_empty() { &[0u8] } else { bytes })?;
+            let addr = self.ptr(&dev);
+            // Freed (stream-ordered) after the launches queued so far, and after the caller's.
+            self.memo
+                .lock()
+                .map_err(|_| anyhow!("upload cache lock poisoned"))?
+                .insert(key, (Vec::new(), dev));
+            return Ok(addr);
+        }
+        let mut memo = self
+            .memo
+            .lock()
+            .map_err(|_| anyhow!("upload cache lock poisoned"))?;
+        if let Some((host, dev)) = memo.get(key)
+            && host.as_slice() == bytes
+        {
+            return Ok(self.ptr(dev));
+        }
+        // An empty upload still gets a (one-byte) buffer so that its address is valid.
+        let dev = if bytes.is_empty() {
+            self.alloc::<u8>(1)?
+        } else {
+            self.upload_slice(bytes)?
+        };
+        let addr = self.ptr(&dev);
+        memo.insert(key, (bytes.to_vec(), dev));
+        Ok(addr)
     }
 
     /// The first `len` elements of a device buffer, on the host (waits for the stream).

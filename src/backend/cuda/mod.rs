@@ -6,6 +6,7 @@
 //!   cubins, NVRTC with an on-disk cache) and the list of every kernel; host-only, tested on
 //!   the CPU.
 //! - [`args`]: the kernels' argument structs, generated from `kernels/args.h` by bindgen.
+//! - [`gemm`]: bf16 GEMMs through cuBLASLt with plans cached per shape.
 //! - [`context`]: device selection, the backend's one stream, the kernel registry, launches.
 //! - [`sampling`]: greedy and unfiltered token sampling on the GPU
 //!   ([`CudaBackend::sample_rows_kernel`]); the backend's `sample_rows` routes top-k / top-p
@@ -21,6 +22,7 @@ pub mod args;
 pub mod attention;
 pub mod backend;
 pub mod context;
+pub mod gemm;
 pub mod kernels;
 pub mod sampling;
 pub mod tensor;

@@ -1,0 +1,249 @@
+//! bf16 GEMMs through cuBLASLt with cached plans. A plan (matrix layouts, the operation
+//! descriptor and the algorithm cuBLASLt's heuristic picked) depends only on the shape and on
+//! whether a bias is fused, so it is built once per `(rows, out, in, bias)` and reused: a decode
+//! step runs about a hundred GEMMs, and building a plan (layouts, descriptor, heuristic query)
+//! costs more host time than launching one. cudarc's `CudaBlasLT::matmul` rebuilds it on every
+//! call, hence this module.
+//!
+//! `y[n, m] = x[n, k] · w[m, k]^T (+ bias[m])`, row-major, is computed as the column-major
+//! `y^T[m, n] = w · x^T`: `w` is the column-major `[k, m]` matrix taken transposed and `x^T` the
+//! column-major `[k, n]` one; the bias epilogue adds `bias[m]` to every column of `y^T`, i.e.
+//! to every row of `y`. bf16 operands and output, f32 accumulation and scale.
+
+use anyhow::{Result, anyhow};
+use cudarc::cublaslt::result;
+use cudarc::cublaslt::sys;
+use cudarc::driver::{CudaSlice, CudaStream};
+use std::collections::HashMap;
+use std::mem::size_of;
+use std::sync::Arc;
+
+/// cuBLASLt's workspace on Hopper, as NVIDIA recommends (32 MiB).
+const WORKSPACE_BYTES: usize = 32 << 20;
+
+/// The shape of one GEMM: `rows` = n, `out` = m, `inp` = k; `bias` whether the epilogue adds one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct GemmShape {
+    pub rows: usize,
+    pub out: usize,
+    pub inp: usize,
+    pub bias: bool,
+}
+
+/// Everything cuBLASLt needs for one shape, built once.
+struct Plan {
+    desc: sys::cublasLtMatmulDesc_t,
+    w_layout: sys::cublasLtMatrixLayout_t,
+    x_layout: sys::cublasLtMatrixLayout_t,
+    y_layout: sys::cublasLtMatrixLayout_t,
+    algo: sys::cublasLtMatmulAlgo_t,
+}
+
+impl Drop for Plan {
+    fn drop(&mut self) {
+        // SAFETY: each handle was created by this plan and is destroyed once; errors at
+        // teardown are ignored (nothing useful can be done with them).
+        unsafe {
+            let _ = result::destroy_matrix_layout(self.w_layout);
+            let _ = result::destroy_matrix_layout(self.x_layout);
+            let _ = result::destroy_matrix_layout(self.y_layout);
+            let _ = result::destroy_matmul_desc(self.desc);
+        }
+    }
+}
+
+/// A cuBLASLt handle, its workspace and the plans built so far. Used by one thread at a time
+/// (the backend keeps it behind a mutex).
+pub struct Gemm {
+    handle: sys::cublasLtHandle_t,
+    workspace: CudaSlice<u8>,
+    stream: Arc<CudaStream>,
+    plans: HashMap<GemmShape, Plan>,
+}
+
+// SAFETY: the raw cuBLASLt handles are only used behind the backend's mutex, one thread at a
+// time; cuBLASLt handles may be used from any thread.
+unsafe impl Send for Gemm {}
+
+impl Drop for Gemm {
+    fn drop(&mut self) {
+        self.plans.clear();
+        // SAFETY: the handle was created in `new` and every plan using it is gone.
+        unsafe {
+            let _ = result::destroy_handle(self.handle);
+        }
+    }
+}
+
+fn blas_err(what: &str, e: result::CublasError) -> anyhow::Error {
+    anyhow!("cuBLASLt {what}: {e:?}")
+}
+
+impl Gemm {
+    /// A handle and workspace on `stream`'s device.
+    pub fn new(stream: Arc<CudaStream>) -> Result<Self> {
+        let handle = result::create_handle().map_err(|e| blas_err("handle creation", e))?;
+        // SAFETY: the workspace is only ever handed to cuBLASLt as scratch; its contents are
+        // never read.
+        let workspace = unsafe { stream.alloc::<u8>(WORKSPACE_BYTES) }
+            .map_err(|e| anyhow!("cuBLASLt workspace ({WORKSPACE_BYTES} bytes): {e:?}"))?;
+        Ok(Self {
+            handle,
+            workspace,
+            stream,
+            plans: HashMap::new(),
+        })
+    }
+
+    /// Plans built so far (for tests and diagnostics).
+    pub fn num_plans(&self) -> usize {
+        self.plans.len()
+    }
+
+    fn plan(&mut self, s: GemmShape) -> Result<&Plan> {
+        if !self.plans.contains_key(&s) {
+            let plan = self.build(s)?;
+            self.plans.insert(s, plan);
+        }
+        Ok(&self.plans[&s])
+    }
+
+    fn build(&self, s: GemmShape) -> Result<Plan> {
+        let bf16 = sys::cudaDataType_t::CUDA_R_16BF;
+        let (m, n, k) = (s.out as u64, s.rows as u64, s.inp as u64);
+        let layout = |rows: u64, cols: u64, ld: u64| {
+            result::create_matrix_layout(bf16, rows, cols, ld as i64)
+                .map_err(|e| blas_err("matrix layout", e))
+        };
+        let desc = result::create_matmul_desc(
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            sys::cudaDataType_t::CUDA_R_32F,
+        )
+        .map_err(|e| blas_err("matmul descriptor", e))?;
+        let mut plan = Plan {
+            desc,
+            // w: column-major [k, m] (taken transposed); x^T: [k, n]; y^T: [m, n].
+            w_layout: layout(k, m, k)?,
+            x_layout: layout(k, n, k)?,
+            y_layout: layout(m, n, m)?,
+            // SAFETY: plain data, overwritten by the heuristic below.
+            algo: unsafe { std::mem::zeroed() },
+        };
+        let transa: i32 = 1;
+        let epilogue = if s.bias {
+            sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS
+        } else {
+            sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_DEFAULT
+        };
+        // SAFETY: the descriptor is live; each attribute is given a pointer to a value of the
+        // size stated.
+        unsafe {
+            result::set_matmul_desc_attribute(
+                plan.desc,
+                sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
+                (&transa) as *const i32 as *const _,
+                size_of::<i32>(),
+            )
+            .map_err(|e| blas_err("transpose attribute", e))?;
+            result::set_matmul_desc_attribute(
+                plan.desc,
+                sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE,
+                (&epilogue) as *const sys::cublasLtEpilogue_t as *const _,
+                size_of::<sys::cublasLtEpilogue_t>(),
+            )
+            .map_err(|e| blas_err("epilogue attribute", e))?;
+            if s.bias {
+                let bias_type = bf16;
+                result::set_matmul_desc_attribute(
+                    plan.desc,
+                    sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE,
+                    (&bias_type) as *const sys::cudaDataType as *const _,
+                    size_of::<sys::cudaDataType>(),
+                )
+                .map_err(|e| blas_err("bias type attribute", e))?;
+            }
+        }
+        let pref = result::create_matmul_pref().map_err(|e| blas_err("preference", e))?;
+        let workspace = WORKSPACE_BYTES;
+        // SAFETY: every handle is live; the heuristic only reads them. The preference is
+        // destroyed right after.
+        let heuristic = unsafe {
+            let r = result::set_matmul_pref_attribute(
+                pref,
+                sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                (&workspace) as *const usize as *const _,
+                size_of::<usize>(),
+            )
+            .and_then(|_| {
+                result::get_matmul_algo_heuristic(
+                    self.handle,
+                    plan.desc,
+                    plan.w_layout,
+                    plan.x_layout,
+                    plan.y_layout,
+                    plan.y_layout,
+                    pref,
+                )
+            });
+            let _ = result::destroy_matmul_pref(pref);
+            r
+        }
+        .map_err(|e| blas_err(&format!("algorithm heuristic for {s:?}"), e))?;
+        plan.algo = heuristic.algo;
+        Ok(plan)
+    }
+
+    /// `y = x w^T (+ bias)` on the stream, with device addresses: `x` bf16 `[rows, inp]`, `w`
+    /// bf16 `[out, inp]`, `bias` bf16 `[out]`, `y` bf16 `[rows, out]`.
+    ///
+    /// # Safety
+    /// The addresses must hold live buffers of those shapes until the stream has run the GEMM.
+    pub unsafe fn run(
+        &mut self,
+        s: GemmShape,
+        x: u64,
+        w: u64,
+        bias: Option<u64>,
+        y: u64,
+    ) -> Result<()> {
+        debug_assert_eq!(s.bias, bias.is_some());
+        let handle = self.handle;
+        let stream = self.stream.cu_stream();
+        self.plan(s)?;
+        let plan = &self.plans[&s];
+        let (ws, _record) = cudarc::driver::DevicePtr::device_ptr(&self.workspace, &self.stream);
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        // SAFETY: the plan's handles are live; the caller vouches for the buffers; beta = 0 so
+        // y's previous contents are not read.
+        unsafe {
+            if let Some(b) = bias {
+                result::set_matmul_desc_attribute(
+                    plan.desc,
+                    sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                    (&b) as *const u64 as *const _,
+                    size_of::<u64>(),
+                )
+                .map_err(|e| blas_err("bias pointer attribute", e))?;
+            }
+            result::matmul(
+                handle,
+                plan.desc,
+                (&alpha) as *const f32 as *const _,
+                (&beta) as *const f32 as *const _,
+                w as *const _,
+                plan.w_layout,
+                x as *const _,
+                plan.x_layout,
+                y as *const _,
+                plan.y_layout,
+                y as *mut _,
+                plan.y_layout,
+                &plan.algo,
+                ws as *mut _,
+                WORKSPACE_BYTES,
+                stream as *mut _,
+            )
+            .map_err(|e| blas_err(&format!("GEMM {s:?}"), e))
+        }
+    }
+}
