@@ -57,7 +57,8 @@ extern "C" __global__ void ge_copy_blocks_bf16(CopyBlocksArgs a) {
 // heads (at most GE_PA_MAX_HEADS, all sharing one kv head, so each K/V row is read once for
 // all of them) in shared memory and walks its partition in tiles of GE_PA_TILE positions:
 // 1. the tile's K/V row indices, through the block table, into shared memory;
-// 2. scores: each warp takes positions, each lane a slice of head_dim; a warp sum per head;
+// 2. scores: each thread takes a position and its whole K row (16-byte loads), a dot product
+//    per head against the block's queries in shared memory;
 // 3. online softmax per head (one warp per head): new running max, the factor that rescales
 //    the earlier accumulation, exponentials in place of the scores, running sum;
 // 4. values: thread (column d, key half) accumulates p * v[d] for every head in registers.
@@ -69,7 +70,6 @@ extern "C" __global__ void ge_copy_blocks_bf16(CopyBlocksArgs a) {
 template <int HD>
 __device__ __forceinline__ void paged_attention_partition(const PagedAttentionArgs& a) {
     static_assert(HD % GE_WARP_SIZE == 0 && GE_PA_THREADS % HD == 0, "head_dim");
-    constexpr int PER_LANE = HD / GE_WARP_SIZE;
     constexpr int KEY_SPLIT = GE_PA_THREADS / HD;
     __shared__ float q_s[GE_PA_MAX_HEADS][HD];
     __shared__ float s_s[GE_PA_MAX_HEADS][GE_PA_TILE];
@@ -132,20 +132,35 @@ __device__ __forceinline__ void paged_attention_partition(const PagedAttentionAr
         }
         __syncthreads();  // slots (and, on the first tile, q_s, m_s, l_s) are visible
 
-        for (int t = warp; t < tl; t += GE_PA_WARPS) {
-            const ge_bf16* k = kp + slot_s[t] * kw + lane * PER_LANE;
-            float kf[PER_LANE];
+        // Scores: one thread per position computes the dot products of its K row (read in
+        // 16-byte vectors) with every query head of the block (q from shared memory, the same
+        // address across the warp: a broadcast). No cross-lane reductions.
+        for (int t = tid; t < tl; t += GE_PA_THREADS) {
+            const uint4* k4 = reinterpret_cast<const uint4*>(kp + slot_s[t] * kw);
+            float dot[GE_PA_MAX_HEADS];
 #pragma unroll
-            for (int j = 0; j < PER_LANE; ++j) kf[j] = ge_bf16_to_f32(k[j]);
+            for (int g = 0; g < GE_PA_MAX_HEADS; ++g) dot[g] = 0.0f;
+#pragma unroll 1
+            for (int c = 0; c < HD / 8; ++c) {
+                const uint4 raw = k4[c];
+                const unsigned int words[4] = {raw.x, raw.y, raw.z, raw.w};
+                float kf[8];
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    kf[2 * j] = __uint_as_float(words[j] << 16);
+                    kf[2 * j + 1] = __uint_as_float(words[j] & 0xffff0000u);
+                }
+#pragma unroll
+                for (int g = 0; g < GE_PA_MAX_HEADS; ++g) {
+                    if (g < nh) {  // uniform over the block
+#pragma unroll
+                        for (int j = 0; j < 8; ++j) dot[g] += q_s[g][c * 8 + j] * kf[j];
+                    }
+                }
+            }
 #pragma unroll
             for (int g = 0; g < GE_PA_MAX_HEADS; ++g) {
-                if (g < nh) {  // uniform over the block
-                    float part = 0.0f;
-#pragma unroll
-                    for (int j = 0; j < PER_LANE; ++j) part += q_s[g][lane * PER_LANE + j] * kf[j];
-                    part = ge_warp_sum(part);
-                    if (lane == 0) s_s[g][t] = part * a.scale;
-                }
+                if (g < nh) s_s[g][t] = dot[g] * a.scale;
             }
         }
         __syncthreads();
@@ -176,6 +191,7 @@ __device__ __forceinline__ void paged_attention_partition(const PagedAttentionAr
         for (int g = 0; g < GE_PA_MAX_HEADS; ++g) {
             if (g < nh) acc[g] *= corr_s[g];
         }
+#pragma unroll 4
         for (int t = key_part; t < tl; t += KEY_SPLIT) {
             const float v = ge_bf16_to_f32(vp[slot_s[t] * kw + d]);
 #pragma unroll

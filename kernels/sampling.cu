@@ -8,10 +8,12 @@
 // 2. f64 sums: untempered sum exp(l - m) (the log-partition) and tempered Z = sum w_i,
 //    w_i = exp((l_i - m) / T);
 // 3. thread t owns the contiguous chunk [t * C, min((t + 1) * C, V)), C = ceil(V / threads),
-//    and sums p_i = (float)(w_i / Z) over p_i > 0 in f64 in token order; thread 0 forms the
-//    exclusive prefix of the chunk sums sequentially and their total;
-// 4. each thread walks its chunk from its prefix and reports its first i with cumulative
-//    > u * total; the token is the lowest reported i, else the last i with p_i > 0.
+//    and sums p_i = (float)(w_i / Z) over p_i > 0 in f64 in token order (and notes its last
+//    i with p_i > 0); thread 0 forms the exclusive prefix of the chunk sums sequentially and
+//    their total;
+// 4. the one chunk with prefix <= u * total < next prefix is walked: the token is its first i
+//    with prefix + (chunk-local running sum) > u * total; if no chunk holds the threshold
+//    (u * total rounded up to the total), the last i with p_i > 0.
 // The summation orders are fixed, so the result is deterministic; src/backend/cuda/sampling.rs
 // has the same algorithm on the host (tested against the CPU sampler).
 #include "common.cuh"
@@ -196,8 +198,9 @@ __device__ __forceinline__ void ge_sample_rows_impl(const SampleArgs& a) {
     double sz = 0.0;
     for (int i = tid; i < vocab; i += blockDim.x) {
         const double d = static_cast<double>(ge_to_f32(l[i])) - m;
-        se += exp(d);
-        if (!greedy) sz += exp(d / t);
+        const double e = exp(d);
+        se += e;
+        if (!greedy) sz += t == 1.0 ? e : exp(d / t);  // d / 1 == d: the same value
     }
     se = ge_block_sum_f64(se, s_red);
     const double lse = m + log(se);
@@ -217,10 +220,15 @@ __device__ __forceinline__ void ge_sample_rows_impl(const SampleArgs& a) {
     const int begin = min(tid * chunk, vocab);
     const int end = min(begin + chunk, vocab);
     double cs = 0.0;
+    int last = -1;
     for (int i = begin; i < end; ++i) {
         const float pi = ge_sample_prob(ge_to_f32(l[i]), m, t, z);
-        if (pi > 0.0f) cs += static_cast<double>(pi);
+        if (pi > 0.0f) {
+            cs += static_cast<double>(pi);
+            last = i;
+        }
     }
+    if (last >= 0) atomicMax(&s_last, last);
     s_prefix[tid] = cs;
     __syncthreads();
     if (tid == 0) {
@@ -234,23 +242,26 @@ __device__ __forceinline__ void ge_sample_rows_impl(const SampleArgs& a) {
     }
     __syncthreads();
 
-    // 4. the inverse-CDF walk, each thread over its chunk.
+    // 4. the inverse-CDF walk: only the chunk whose range [prefix, next prefix) holds the
+    // threshold can hold the first crossing (the walk adds a chunk-local sum to the prefix,
+    // so it ends exactly at the next prefix, and rounding is monotone).
     const double total = s_total;
     const double threshold = ge_philox_uniform(p.seed, p.seq_id, p.position) * total;
-    double cum = s_prefix[tid];
-    int last = -1;
-    for (int i = begin; i < end; ++i) {
-        const float pi = ge_sample_prob(ge_to_f32(l[i]), m, t, z);
-        if (pi > 0.0f) {
-            last = i;
-            cum += static_cast<double>(pi);
-            if (cum > threshold) {
-                atomicMin(&s_first, i);
-                break;
+    const double start = s_prefix[tid];
+    const double next = tid + 1 < GE_SAMPLE_THREADS ? s_prefix[tid + 1] : total;
+    if (start <= threshold && threshold < next) {
+        double local = 0.0;
+        for (int i = begin; i < end; ++i) {
+            const float pi = ge_sample_prob(ge_to_f32(l[i]), m, t, z);
+            if (pi > 0.0f) {
+                local += static_cast<double>(pi);
+                if (start + local > threshold) {
+                    s_first = i;
+                    break;
+                }
             }
         }
     }
-    if (last >= 0) atomicMax(&s_last, last);
     __syncthreads();
     if (tid == 0) {
         const int chosen = s_first != GE_INT_MAX ? s_first : s_last;

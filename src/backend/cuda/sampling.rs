@@ -115,24 +115,29 @@ pub fn blocked_sample(
         *slot = total;
         total += cs;
     }
-    // 4. per-chunk walks; the lowest crossing, else the last candidate.
+    // 4. the walk.
     let threshold = uniform(params.seed, seq_id, position) * total;
+    // The one chunk whose [prefix, next prefix) holds the threshold is walked, with a
+    // chunk-local running sum added to its prefix; if none holds it, the last token with p > 0.
     let mut first = None;
-    let mut last = None;
     for (c, &start) in prefix.iter().enumerate() {
-        let mut cum = start;
+        let next = prefix.get(c + 1).copied().unwrap_or(total);
+        if !(start <= threshold && threshold < next) {
+            continue;
+        }
+        let mut local = 0.0f64;
         for i in range(c) {
             let p = prob(i);
             if p > 0.0 {
-                last = Some(i);
-                cum += f64::from(p);
-                if cum > threshold {
-                    first = Some(first.map_or(i, |f: usize| f.min(i)));
+                local += f64::from(p);
+                if start + local > threshold {
+                    first = Some(i);
                     break;
                 }
             }
         }
     }
+    let last = (0..vocab).rev().find(|&i| prob(i) > 0.0);
     let chosen = first
         .or(last)
         .ok_or_else(|| anyhow!("no token with p > 0"))?;
