@@ -18,7 +18,7 @@
 // has the same algorithm on the host (tested against the CPU sampler).
 #include "common.cuh"
 
-#define GE_SAMPLE_THREADS 256
+#define GE_SAMPLE_THREADS 1024
 #define GE_INT_MAX 0x7fffffff
 
 // Philox4x32-10, as src/engine/sampler.rs (a test compares these constants with the Rust ones).

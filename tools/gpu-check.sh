@@ -77,7 +77,7 @@ if [[ -x $engine && ${GPU_BENCH:-1} != 0 ]]; then
     echo "rc $?"
     if [[ ${GPU_BENCH_VARIANTS:-1} != 0 ]]; then
       # A/B of the host-side savings, and where a step's GPU time goes (shorter runs).
-      for variant in GENIUS_CUDA_POOL_KEEP=0 GENIUS_CUDA_MEMO=0 GENIUS_CUDA_PROFILE=1; do
+      for variant in ${GPU_BENCH_VARIANT_LIST:-GENIUS_CUDA_POOL_KEEP=0 GENIUS_CUDA_MEMO=0 GENIUS_CUDA_PROFILE=1}; do
         echo "== variant $variant"
         env "$variant" timeout 90 "$engine" bench rollout --device cuda --model "$model" \
           --tokens 128 --new-tokens 128 --batches 64,256 --forks 0

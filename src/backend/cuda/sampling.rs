@@ -19,7 +19,7 @@ use cudarc::driver::LaunchConfig;
 
 /// Threads per block of `ge_sample_rows` (`GE_SAMPLE_THREADS`); the walk's chunking depends
 /// on it.
-pub const THREADS: usize = 256;
+pub const THREADS: usize = 1024;
 
 /// Whether `p` asks for top-k or top-p (not on the GPU yet). Greedy ignores both.
 pub fn is_filtered(p: &SamplingParams) -> bool {
