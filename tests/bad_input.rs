@@ -258,3 +258,65 @@ fn binary_reports_bad_input_without_panicking() {
     assert_eq!(code, 2, "{err}");
     assert_mentions(&err, &["tpu"]);
 }
+
+#[test]
+fn device_flags_are_checked() {
+    // A GPU-less machine: `--device cuda` says why it cannot run; `auto` runs on the CPU.
+    if genius_engine::backend::cuda::probe_devices().is_err() {
+        let (code, err) = run_bin(&[
+            "bench",
+            "forward",
+            "--model",
+            "random:llama-tiny",
+            "--device",
+            "cuda",
+            "--tokens",
+            "8",
+        ]);
+        assert_eq!(code, 1, "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert_mentions(&err, &["--device cuda", "driver"]);
+        let (code, err) = run_bin(&[
+            "bench",
+            "forward",
+            "--model",
+            "random:llama-tiny",
+            "--tokens",
+            "8",
+            "--iters",
+            "1",
+        ]);
+        assert_eq!(code, 0, "{err}");
+        assert_mentions(&err, &["on cpu"]);
+    }
+    // Training is not on the GPU: an explicit `--device cuda` is refused, naming the reason.
+    let (code, err) = run_bin(&[
+        "bench",
+        "train",
+        "--model",
+        "random:llama-tiny",
+        "--device",
+        "cuda",
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert_mentions(&err, &["--device cuda", "training"]);
+    // The memory fraction must be a share.
+    for bad in ["0", "1.5", "-0.2", "nan"] {
+        let (code, err) = run_bin(&[
+            "bench",
+            "forward",
+            "--model",
+            "random:llama-tiny",
+            "--device",
+            "cpu",
+            "--gpu-memory-fraction",
+            bad,
+        ]);
+        // (clap itself rejects "-0.2", as an unknown flag: exit status 2.)
+        assert!(code == 1 || code == 2, "{bad}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+        if code == 1 {
+            assert_mentions(&err, &["--gpu-memory-fraction", "(0, 1]"]);
+        }
+    }
+}

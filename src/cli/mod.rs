@@ -56,6 +56,15 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
+    /// Checks the flags that clap cannot (a share in (0, 1]).
+    pub fn check(&self) -> Result<()> {
+        let f = self.gpu_memory_fraction;
+        if !(f > 0.0 && f <= 1.0) {
+            bail!("--gpu-memory-fraction {f}: expected a share of the GPU's memory in (0, 1]");
+        }
+        Ok(())
+    }
+
     /// The model as given, or the default model's name.
     pub fn name(&self) -> String {
         self.model
@@ -122,8 +131,8 @@ pub fn run(cli: Cli) -> Result<()> {
 
 /// A transformer on whichever backend `--device` chose.
 pub enum AnyTransformer {
-    Cpu(Transformer<CpuBackend>),
-    Cuda(Transformer<CudaBackend>),
+    Cpu(Box<Transformer<CpuBackend>>),
+    Cuda(Box<Transformer<CudaBackend>>),
 }
 
 /// Runs `$body` with `$t` bound to the transformer of an [`AnyTransformer`], whatever its
@@ -132,8 +141,14 @@ pub enum AnyTransformer {
 macro_rules! with_transformer {
     ($any:expr, $t:ident => $body:expr) => {
         match $any {
-            $crate::cli::AnyTransformer::Cpu($t) => $body,
-            $crate::cli::AnyTransformer::Cuda($t) => $body,
+            $crate::cli::AnyTransformer::Cpu($t) => {
+                let $t = *$t;
+                $body
+            }
+            $crate::cli::AnyTransformer::Cuda($t) => {
+                let $t = *$t;
+                $body
+            }
         }
     };
 }
@@ -170,24 +185,28 @@ fn cuda_backend(device: Device) -> Result<Option<CudaBackend>> {
 /// Loads the model named by `args` and builds the transformer on the backend `--device`
 /// picks: `cuda`, `cpu`, or `auto` (the GPU when one is usable, else the CPU).
 pub fn load_transformer(args: &ModelArgs) -> Result<(LoadedModel, AnyTransformer)> {
+    args.check()?;
     let backend = cuda_backend(args.device)?;
     let model = load_model(args.model.as_deref())?;
     let started = std::time::Instant::now();
     let any = match backend {
-        Some(cuda) => AnyTransformer::Cuda(
+        Some(cuda) => AnyTransformer::Cuda(Box::new(
             Transformer::load(cuda, model.config.clone(), model.weights.as_ref())
                 .map_err(|e| anyhow::anyhow!("{}: {e:#}", model.path.display()))?,
-        ),
-        None => AnyTransformer::Cpu(
+        )),
+        None => AnyTransformer::Cpu(Box::new(
             Transformer::load(
                 CpuBackend::new(),
                 model.config.clone(),
                 model.weights.as_ref(),
             )
             .map_err(|e| anyhow::anyhow!("{}: {e:#}", model.path.display()))?,
-        ),
+        )),
     };
-    let backend_name = with_transformer!(&any, t => t.backend_name());
+    let backend_name = match &any {
+        AnyTransformer::Cpu(t) => t.backend_name(),
+        AnyTransformer::Cuda(t) => t.backend_name(),
+    };
     eprintln!(
         "loaded {} ({} parameters) on {} in {:.1}s",
         model.name,
@@ -202,6 +221,7 @@ pub fn load_transformer(args: &ModelArgs) -> Result<(LoadedModel, AnyTransformer
 /// backend only, because the backward ops are not on the CUDA backend yet, so `--device cuda`
 /// says so instead of pretending (and `auto` means the CPU).
 pub fn load_cpu_transformer(args: &ModelArgs) -> Result<(LoadedModel, Transformer<CpuBackend>)> {
+    args.check()?;
     if args.device == Device::Cuda {
         bail!(
             "--device cuda: training (backward and the optimizer) is not on the CUDA backend \

@@ -245,6 +245,9 @@ impl Profile {
     }
 }
 
+/// One memoized upload: the host bytes and their device copy.
+type MemoEntry = (Vec<u8>, CudaSlice<u8>);
+
 /// A CUDA device in use: context, the backend's one stream, and the kernels.
 pub struct GpuContext {
     pub(crate) ctx: Arc<CudaContext>,
@@ -255,7 +258,7 @@ pub struct GpuContext {
     pub(crate) total_memory: usize,
     pub(crate) sync_after_launch: bool,
     /// The last upload under each [`GpuContext::upload_memo`] key: host bytes and device copy.
-    memo: Mutex<HashMap<&'static str, (Vec<u8>, CudaSlice<u8>)>>,
+    memo: Mutex<HashMap<&'static str, MemoEntry>>,
     /// Whether [`GpuContext::upload_memo`] reuses equal uploads (`$GENIUS_CUDA_MEMO=0` turns
     /// it off, for comparison).
     memo_uploads: bool,
