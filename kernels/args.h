@@ -271,4 +271,47 @@ typedef struct TargetLogprobArgs {
 } TargetLogprobArgs;
 GE_LAYOUT(TargetLogprobArgs, 40, 8);
 
+/** The residual add fused with the next norm, for every row `r`: `x[r] += y[r]` (rounded to
+ * bf16, as the plain add), then `out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * weight`. */
+typedef struct AddRmsNormArgs {
+    /** bf16 `[rows, dim]`, read and written. */
+    unsigned long long x;
+    /** bf16 `[rows, dim]`, read. */
+    unsigned long long y;
+    /** bf16 `[dim]`, read. */
+    unsigned long long weight;
+    /** bf16 `[rows, dim]`, written. */
+    unsigned long long out;
+    int rows;
+    int dim;
+    float eps;
+} AddRmsNormArgs;
+GE_LAYOUT(AddRmsNormArgs, 48, 8);
+
+/** The paged layer prologue, for every row `r`: q, k and v are the column ranges
+ * `[0, q_width)`, `[q_width, q_width + kv_width)` and the next `kv_width` of `qkv[r]`; q and k
+ * are rotated (RoPE, rotate-half, at `positions[r]`), q goes to `q_out[r]`, k and v to row
+ * `slots[r]` of the pools. */
+typedef struct QkvRopeArgs {
+    /** bf16 `[rows, q_width + 2 * kv_width]`, read. */
+    unsigned long long qkv;
+    /** bf16 `[rows, q_width]`, written. */
+    unsigned long long q_out;
+    /** bf16 `[pool rows, kv_width]`, rows `slots` written. */
+    unsigned long long k_pool;
+    /** bf16 `[pool rows, kv_width]`, rows `slots` written. */
+    unsigned long long v_pool;
+    /** u32 `[rows]`, read. */
+    unsigned long long positions;
+    /** u32 `[rows]`, read. */
+    unsigned long long slots;
+    /** f32 `[head_dim / 2]`, read. */
+    unsigned long long inv_freq;
+    int rows;
+    int q_width;
+    int kv_width;
+    int head_dim;
+} QkvRopeArgs;
+GE_LAYOUT(QkvRopeArgs, 72, 8);
+
 #endif /* GENIUS_ENGINE_KERNEL_ARGS_H */

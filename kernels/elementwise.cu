@@ -122,3 +122,72 @@ template <typename T> __device__ void gather_rows(const GatherRowsArgs& a) {
 }
 extern "C" __global__ void ge_gather_rows_bf16(GatherRowsArgs a) { gather_rows<unsigned short>(a); }
 extern "C" __global__ void ge_gather_rows_f32(GatherRowsArgs a) { gather_rows<unsigned int>(a); }
+
+// ---- The residual add fused with RMSNorm: one block per row, the same arithmetic as
+// ge_add_assign_bf16 then ge_rms_norm (the sum rounded to bf16 and stored, the norm taken of
+// the stored values, the same per-thread order and block reduction), so the result is the
+// same bits. ----
+extern "C" __global__ void ge_add_rms_norm(AddRmsNormArgs a) {
+    __shared__ float scratch[GE_WARP_SIZE];
+    const long long row = blockIdx.x;
+    ge_bf16* x = reinterpret_cast<ge_bf16*>(a.x) + row * a.dim;
+    const ge_bf16* y = reinterpret_cast<const ge_bf16*>(a.y) + row * a.dim;
+    const ge_bf16* w = reinterpret_cast<const ge_bf16*>(a.weight);
+    ge_bf16* out = reinterpret_cast<ge_bf16*>(a.out) + row * a.dim;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < a.dim; i += blockDim.x) {
+        const ge_bf16 sum = ge_f32_to_bf16(ge_bf16_to_f32(x[i]) + ge_bf16_to_f32(y[i]));
+        x[i] = sum;
+        const float v = ge_bf16_to_f32(sum);
+        ss += v * v;
+    }
+    ss = ge_block_sum(ss, scratch);
+    const float scale = rsqrtf(ss / static_cast<float>(a.dim) + a.eps);
+    // Each thread reads back only the elements it wrote above.
+    for (int i = threadIdx.x; i < a.dim; i += blockDim.x) {
+        out[i] = ge_f32_to_bf16(ge_bf16_to_f32(x[i]) * scale * ge_bf16_to_f32(w[i]));
+    }
+}
+
+// ---- The paged layer prologue: one block per row. The row's cos/sin table is computed once
+// as in ge_rope (f64 angle); q's and k's pairs are rotated with ge_rope's arithmetic, q
+// written to q_out, k and v to the pools at the row's slot (ge_write_kv_bf16's copy). ----
+extern "C" __global__ void ge_qkv_rope_write_kv(QkvRopeArgs a) {
+    extern __shared__ float table[];  // cos[half] then sin[half]
+    const int half = a.head_dim / 2;
+    const long long row = blockIdx.x;
+    const double pos = static_cast<double>(reinterpret_cast<const unsigned int*>(a.positions)[row]);
+    const float* inv_freq = reinterpret_cast<const float*>(a.inv_freq);
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+        double s, c;
+        sincos(pos * static_cast<double>(inv_freq[i]), &s, &c);
+        table[i] = static_cast<float>(c);
+        table[half + i] = static_cast<float>(s);
+    }
+    __syncthreads();
+    const long long width = static_cast<long long>(a.q_width) + 2LL * a.kv_width;
+    const ge_bf16* src = reinterpret_cast<const ge_bf16*>(a.qkv) + row * width;
+    ge_bf16* q = reinterpret_cast<ge_bf16*>(a.q_out) + row * a.q_width;
+    const long long slot = reinterpret_cast<const unsigned int*>(a.slots)[row];
+    ge_bf16* kp = reinterpret_cast<ge_bf16*>(a.k_pool) + slot * a.kv_width;
+    ge_bf16* vp = reinterpret_cast<ge_bf16*>(a.v_pool) + slot * a.kv_width;
+    const int q_pairs = (a.q_width / a.head_dim) * half;
+    const int k_pairs = (a.kv_width / a.head_dim) * half;
+    for (int p = threadIdx.x; p < q_pairs + k_pairs; p += blockDim.x) {
+        const bool is_q = p < q_pairs;
+        const int pp = is_q ? p : p - q_pairs;
+        const int head = pp / half;
+        const int i = pp - head * half;
+        const ge_bf16* h = src + (is_q ? 0 : a.q_width) + head * a.head_dim;
+        ge_bf16* d = (is_q ? q : kp) + head * a.head_dim;
+        const float lo = ge_bf16_to_f32(h[i]);
+        const float hi = ge_bf16_to_f32(h[i + half]);
+        const float c = table[i];
+        const float s = table[half + i];
+        d[i] = ge_f32_to_bf16(lo * c - hi * s);
+        d[i + half] = ge_f32_to_bf16(hi * c + lo * s);
+    }
+    const ge_bf16* v = src + a.q_width + a.kv_width;
+    for (int j = threadIdx.x; j < a.kv_width; j += blockDim.x) vp[j] = v[j];
+}
+

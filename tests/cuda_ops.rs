@@ -672,3 +672,98 @@ fn nvrtc_kernels_load_run_and_are_cached() {
         );
     }
 }
+
+/// The fused ops give the same bits as the ops they replace (on the GPU), and match the CPU.
+#[test]
+#[cfg_attr(
+    not(genius_gpu_tests),
+    ignore = "needs a CUDA GPU: built by tools/gpu-prepare.sh (GENIUS_GPU_TESTS=1), run by tools/gpu-check.sh"
+)]
+fn fused_ops_match_their_composition_and_the_cpu() {
+    use genius_engine::backend::{add_rms_norm_composed, qkv_rope_write_kv_composed};
+    let Some(be) = gpu() else { return };
+    let cpu = CpuBackend::new();
+    let mut rng = Rng::new(31);
+    for (rows, dim) in [(1, 1), (3, 7), (17, 33), (64, 896), (5, 4097)] {
+        let x = rand_bf16(&mut rng, &[rows, dim], 2.0);
+        let y = rand_bf16(&mut rng, &[rows, dim], 2.0);
+        let w = round_to_bf16(&HostTensor::new(
+            vec![dim],
+            (0..dim).map(|_| 1.0 + 0.5 * rng.uniform()).collect(),
+        ));
+        let (yd, wd) = (be.upload(&y).unwrap(), be.upload(&w).unwrap());
+        let mut x1 = be.upload(&x).unwrap();
+        let out1 = be.add_rms_norm(&mut x1, &yd, &wd, 1e-6).unwrap();
+        let mut x2 = be.upload(&x).unwrap();
+        let out2 = add_rms_norm_composed(be, &mut x2, &yd, &wd, 1e-6).unwrap();
+        let what = format!("add_rms_norm [{rows}, {dim}]");
+        assert_exact(
+            &what,
+            &be.download(&out1).unwrap(),
+            &be.download(&out2).unwrap(),
+        );
+        assert_exact(
+            &what,
+            &be.download(&x1).unwrap(),
+            &be.download(&x2).unwrap(),
+        );
+        let mut xc = x.clone();
+        let want = cpu.add_rms_norm(&mut xc, &y, &w, 1e-6).unwrap();
+        assert_close(
+            &what,
+            &be.download(&out1).unwrap(),
+            &want,
+            OUTPUT_ROUNDING_TOL,
+        );
+        assert_close(&what, &be.download(&x1).unwrap(), &xc, OUTPUT_ROUNDING_TOL);
+    }
+    for (rows, heads, kv_heads, head_dim) in [
+        (5, 4, 2, 64),
+        (1, 14, 2, 64),
+        (9, 2, 2, 128),
+        (33, 7, 1, 64),
+    ] {
+        let (qw, kvw) = (heads * head_dim, kv_heads * head_dim);
+        let qkv = rand_bf16(&mut rng, &[rows, qw + 2 * kvw], 1.5);
+        let positions: Vec<u32> = (0..rows).map(|_| rng.below(5000) as u32).collect();
+        let pool_rows = 4 * rows + 3;
+        let mut free: Vec<u32> = (0..pool_rows as u32).collect();
+        let slots: Vec<u32> = (0..rows)
+            .map(|_| free.swap_remove(rng.below(free.len())))
+            .collect();
+        let inv_freq: Vec<f32> = (0..head_dim / 2)
+            .map(|i| 10000f32.powf(-2.0 * i as f32 / head_dim as f32))
+            .collect();
+        let dq = be.upload(&qkv).unwrap();
+        let run = |fused: bool| {
+            let mut kp = be.kv_pool(pool_rows, 1, kvw).unwrap();
+            let mut vp = be.kv_pool(pool_rows, 1, kvw).unwrap();
+            let q = if fused {
+                be.qkv_rope_write_kv(
+                    &dq, qw, kvw, &positions, head_dim, &inv_freq, &mut kp, &mut vp, &slots,
+                )
+            } else {
+                qkv_rope_write_kv_composed(
+                    be, &dq, qw, kvw, &positions, head_dim, &inv_freq, &mut kp, &mut vp, &slots,
+                )
+            }
+            .unwrap();
+            [q, kp, vp].map(|t| be.download(&t).unwrap())
+        };
+        let what = format!("qkv_rope_write_kv rows {rows} heads {heads}/{kv_heads} d {head_dim}");
+        let fused = run(true);
+        for (f, c) in fused.iter().zip(&run(false)) {
+            assert_exact(&what, f, c);
+        }
+        let mut kc = cpu.kv_pool(pool_rows, 1, kvw).unwrap();
+        let mut vc = cpu.kv_pool(pool_rows, 1, kvw).unwrap();
+        let qc = cpu
+            .qkv_rope_write_kv(
+                &qkv, qw, kvw, &positions, head_dim, &inv_freq, &mut kc, &mut vc, &slots,
+            )
+            .unwrap();
+        for (f, c) in fused.iter().zip([&qc, &kc, &vc]) {
+            assert_close(&what, f, c, OUTPUT_ROUNDING_TOL);
+        }
+    }
+}

@@ -127,6 +127,28 @@ pub trait Backend: Send + Sync {
         block_size: usize,
     ) -> Result<()>;
 
+    /// The paged layer prologue: splits `qkv` (`[n, q_width + 2 kv_width]`, q then k then v)
+    /// into q, k and v, applies RoPE to q and k at `positions`, writes k and v into the pools
+    /// at `slots`, and returns the rotated q (`[n, q_width]`). The default is exactly that
+    /// sequence of ops ([`qkv_rope_write_kv_composed`]); a backend may fuse it.
+    #[allow(clippy::too_many_arguments)]
+    fn qkv_rope_write_kv(
+        &self,
+        qkv: &Self::Tensor,
+        q_width: usize,
+        kv_width: usize,
+        positions: &[u32],
+        head_dim: usize,
+        inv_freq: &[f32],
+        k_pool: &mut Self::Tensor,
+        v_pool: &mut Self::Tensor,
+        slots: &[u32],
+    ) -> Result<Self::Tensor> {
+        qkv_rope_write_kv_composed(
+            self, qkv, q_width, kv_width, positions, head_dim, inv_freq, k_pool, v_pool, slots,
+        )
+    }
+
     /// Causal attention of each sequence's new queries over its cached K/V (GQA, scaled by
     /// `1/sqrt(head_dim)`): query `i` of a sequence sits at position
     /// `context_len - q_len + i` and sees positions up to its own. Returns
@@ -150,6 +172,18 @@ pub trait Backend: Send + Sync {
 
     /// `x += y`, elementwise.
     fn add_assign(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<()>;
+
+    /// The residual add fused with the next norm: `x += y`, then `rms_norm(x, weight, eps)`.
+    /// The default is exactly those two ops ([`add_rms_norm_composed`]).
+    fn add_rms_norm(
+        &self,
+        x: &mut Self::Tensor,
+        y: &Self::Tensor,
+        weight: &Self::Tensor,
+        eps: f32,
+    ) -> Result<Self::Tensor> {
+        add_rms_norm_composed(self, x, y, weight, eps)
+    }
 
     /// Selected rows of a `[n, d]` tensor.
     fn gather_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Result<Self::Tensor>;
@@ -292,4 +326,40 @@ pub trait Backend: Send + Sync {
         d_logprob: &[f32],
         lm_head_grad: &mut Self::Tensor,
     ) -> Result<Self::Tensor>;
+}
+
+/// [`Backend::add_rms_norm`] as its two ops: `add_assign`, then `rms_norm`.
+pub fn add_rms_norm_composed<B: Backend + ?Sized>(
+    be: &B,
+    x: &mut B::Tensor,
+    y: &B::Tensor,
+    weight: &B::Tensor,
+    eps: f32,
+) -> Result<B::Tensor> {
+    be.add_assign(x, y)?;
+    be.rms_norm(x, weight, eps)
+}
+
+/// [`Backend::qkv_rope_write_kv`] as its ops: `split_columns`, `rope` on q and k, `write_kv`.
+#[allow(clippy::too_many_arguments)]
+pub fn qkv_rope_write_kv_composed<B: Backend + ?Sized>(
+    be: &B,
+    qkv: &B::Tensor,
+    q_width: usize,
+    kv_width: usize,
+    positions: &[u32],
+    head_dim: usize,
+    inv_freq: &[f32],
+    k_pool: &mut B::Tensor,
+    v_pool: &mut B::Tensor,
+    slots: &[u32],
+) -> Result<B::Tensor> {
+    let [mut q, mut k, v]: [B::Tensor; 3] = be
+        .split_columns(qkv, &[q_width, kv_width, kv_width])?
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("split_columns returned the wrong count"))?;
+    be.rope(&mut q, positions, head_dim, inv_freq)?;
+    be.rope(&mut k, positions, head_dim, inv_freq)?;
+    be.write_kv(k_pool, v_pool, &k, &v, slots)?;
+    Ok(q)
 }

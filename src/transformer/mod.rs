@@ -98,6 +98,22 @@ pub struct PagedBatch {
     pub seqs: Vec<PagedSeqBatch>,
 }
 
+/// How the layers of [`Transformer::forward_layers`] attend.
+pub(crate) enum AttentionMode<'a, 's, T> {
+    /// Whole sequences of a packed batch, causal within each.
+    Causal(&'a [SeqSpan], AttentionShape),
+    /// New tokens of sequences over a paged KV cache (per-layer pools `k`, `v`): their K/V go
+    /// to `slots`, then attention reads the cache through the block tables.
+    Paged {
+        k: &'a mut [T],
+        v: &'a mut [T],
+        slots: &'a [u32],
+        seqs: &'a [PagedSeq<'s>],
+        shape: AttentionShape,
+        block_size: usize,
+    },
+}
+
 /// The model on a backend.
 pub struct Transformer<B: Backend> {
     pub config: ModelConfig,
@@ -231,7 +247,7 @@ impl<B: Backend> Transformer<B> {
         self.forward_layers(
             &batch.tokens,
             &batch.positions,
-            |_, q, k, v| self.backend.causal_attention(q, k, v, &batch.seqs, shape),
+            AttentionMode::Causal(&batch.seqs, shape),
             None,
         )
     }
@@ -266,15 +282,16 @@ impl<B: Backend> Transformer<B> {
             })
             .collect();
         let block_size = cache.block_size;
-        let (ks, vs) = (&mut cache.k, &mut cache.v);
         self.forward_layers(
             &batch.tokens,
             &batch.positions,
-            |layer, q, k, v| {
-                self.backend
-                    .write_kv(&mut ks[layer], &mut vs[layer], k, v, &batch.slots)?;
-                self.backend
-                    .paged_attention(q, &ks[layer], &vs[layer], &seqs, shape, block_size)
+            AttentionMode::Paged {
+                k: &mut cache.k,
+                v: &mut cache.v,
+                slots: &batch.slots,
+                seqs: &seqs,
+                shape,
+                block_size,
             },
             None,
         )
@@ -325,11 +342,11 @@ impl<B: Backend> Transformer<B> {
     /// maths is written; the contiguous and the paged paths differ only in `attend`, and the
     /// training forward only in passing `save`, which receives what the backward pass reads
     /// (see [`train::Saved`]).
-    fn forward_layers(
+    pub(crate) fn forward_layers(
         &self,
         tokens: &[u32],
         positions: &[u32],
-        mut attend: impl FnMut(usize, &B::Tensor, &B::Tensor, &B::Tensor) -> Result<B::Tensor>,
+        mut mode: AttentionMode<'_, '_, B::Tensor>,
         mut save: Option<&mut train::Saved<B::Tensor>>,
     ) -> Result<B::Tensor> {
         let be = &self.backend;
@@ -340,32 +357,63 @@ impl<B: Backend> Transformer<B> {
                 c.vocab_size
             );
         }
-        let qkv_widths = [
-            c.num_heads * c.head_dim,
-            c.num_kv_heads * c.head_dim,
-            c.num_kv_heads * c.head_dim,
-        ];
+        let (q_width, kv_width) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        let eps = c.rms_norm_eps;
         let mut x = be.embedding(&self.weights.embed_tokens, tokens)?;
+        // The previous layer's MLP output, added to the residual stream together with the next
+        // norm (one fused op where the backend has it).
+        let mut pending: Option<B::Tensor> = None;
         for (i, layer) in self.weights.layers.iter().enumerate() {
+            let xn = match pending.take() {
+                Some(down) => be.add_rms_norm(&mut x, &down, &layer.input_norm, eps)?,
+                None => be.rms_norm(&x, &layer.input_norm, eps)?,
+            };
             let x_in = save.is_some().then(|| be.copy(&x)).transpose()?;
-            let xn = be.rms_norm(&x, &layer.input_norm, c.rms_norm_eps)?;
             let qkv = be.linear(&xn, &layer.qkv_proj, layer.qkv_bias.as_ref())?;
-            let [mut q, mut k, v]: [B::Tensor; 3] = be
-                .split_columns(&qkv, &qkv_widths)?
-                .try_into()
-                .map_err(|_| anyhow::anyhow!("split_columns returned the wrong count"))?;
-            be.rope(&mut q, positions, c.head_dim, &self.inv_freq)?;
-            be.rope(&mut k, positions, c.head_dim, &self.inv_freq)?;
-            let attn = attend(i, &q, &k, &v)?;
+            let (attn, qkv_rotated) = match &mut mode {
+                AttentionMode::Causal(seqs, shape) => {
+                    let [mut q, mut k, v]: [B::Tensor; 3] = be
+                        .split_columns(&qkv, &[q_width, kv_width, kv_width])?
+                        .try_into()
+                        .map_err(|_| anyhow::anyhow!("split_columns returned the wrong count"))?;
+                    be.rope(&mut q, positions, c.head_dim, &self.inv_freq)?;
+                    be.rope(&mut k, positions, c.head_dim, &self.inv_freq)?;
+                    let attn = be.causal_attention(&q, &k, &v, seqs, *shape)?;
+                    (attn, Some((q, k, v)))
+                }
+                AttentionMode::Paged {
+                    k,
+                    v,
+                    slots,
+                    seqs,
+                    shape,
+                    block_size,
+                } => {
+                    let q = be.qkv_rope_write_kv(
+                        &qkv,
+                        q_width,
+                        kv_width,
+                        positions,
+                        c.head_dim,
+                        &self.inv_freq,
+                        &mut k[i],
+                        &mut v[i],
+                        slots,
+                    )?;
+                    let attn = be.paged_attention(&q, &k[i], &v[i], seqs, *shape, *block_size)?;
+                    (attn, None)
+                }
+            };
             let o = be.linear(&attn, &layer.o_proj, None)?;
-            be.add_assign(&mut x, &o)?;
+            let xn = be.add_rms_norm(&mut x, &o, &layer.post_attention_norm, eps)?;
             let x_mid = save.is_some().then(|| be.copy(&x)).transpose()?;
-            let xn = be.rms_norm(&x, &layer.post_attention_norm, c.rms_norm_eps)?;
             let gate_up = be.linear(&xn, &layer.gate_up_proj, None)?;
             let act = be.swiglu(&gate_up)?;
-            let down = be.linear(&act, &layer.down_proj, None)?;
-            be.add_assign(&mut x, &down)?;
-            if let (Some(saved), Some(x_in), Some(x_mid)) = (save.as_deref_mut(), x_in, x_mid) {
+            pending = Some(be.linear(&act, &layer.down_proj, None)?);
+            if let Some(saved) = save.as_deref_mut() {
+                let (Some(x_in), Some(x_mid), Some((q, k, v))) = (x_in, x_mid, qkv_rotated) else {
+                    bail!("internal: the training forward needs whole-sequence attention");
+                };
                 saved.layers.push(train::LayerActivations {
                     x_in,
                     q,
@@ -377,7 +425,10 @@ impl<B: Backend> Transformer<B> {
                 });
             }
         }
-        let hidden = be.rms_norm(&x, &self.weights.final_norm, c.rms_norm_eps)?;
+        let hidden = match pending {
+            Some(down) => be.add_rms_norm(&mut x, &down, &self.weights.final_norm, eps)?,
+            None => be.rms_norm(&x, &self.weights.final_norm, eps)?,
+        };
         if let Some(saved) = save {
             saved.x_final = Some(x);
         }

@@ -256,7 +256,7 @@ impl<B: Backend> Transformer<B> {
         let hidden = self.forward_layers(
             &b.tokens,
             &b.positions,
-            |_, q, k, v| be.causal_attention(q, k, v, &b.seqs, shape),
+            super::AttentionMode::Causal(&b.seqs, shape),
             Some(&mut saved),
         )?;
         let hidden_scored = be.gather_rows(&hidden, &batch.rows)?;

@@ -456,3 +456,77 @@ const _: () = {
     ["Offset of field: TargetLogprobArgs::vocab"]
         [::std::mem::offset_of!(TargetLogprobArgs, vocab) - 36usize];
 };
+#[doc = " The residual add fused with the next norm, for every row `r`: `x[r] += y[r]` (rounded to\n bf16, as the plain add), then `out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * weight`."]
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct AddRmsNormArgs {
+    #[doc = " bf16 `[rows, dim]`, read and written."]
+    pub x: ::std::os::raw::c_ulonglong,
+    #[doc = " bf16 `[rows, dim]`, read."]
+    pub y: ::std::os::raw::c_ulonglong,
+    #[doc = " bf16 `[dim]`, read."]
+    pub weight: ::std::os::raw::c_ulonglong,
+    #[doc = " bf16 `[rows, dim]`, written."]
+    pub out: ::std::os::raw::c_ulonglong,
+    pub rows: ::std::os::raw::c_int,
+    pub dim: ::std::os::raw::c_int,
+    pub eps: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of AddRmsNormArgs"][::std::mem::size_of::<AddRmsNormArgs>() - 48usize];
+    ["Alignment of AddRmsNormArgs"][::std::mem::align_of::<AddRmsNormArgs>() - 8usize];
+    ["Offset of field: AddRmsNormArgs::x"][::std::mem::offset_of!(AddRmsNormArgs, x) - 0usize];
+    ["Offset of field: AddRmsNormArgs::y"][::std::mem::offset_of!(AddRmsNormArgs, y) - 8usize];
+    ["Offset of field: AddRmsNormArgs::weight"]
+        [::std::mem::offset_of!(AddRmsNormArgs, weight) - 16usize];
+    ["Offset of field: AddRmsNormArgs::out"][::std::mem::offset_of!(AddRmsNormArgs, out) - 24usize];
+    ["Offset of field: AddRmsNormArgs::rows"]
+        [::std::mem::offset_of!(AddRmsNormArgs, rows) - 32usize];
+    ["Offset of field: AddRmsNormArgs::dim"][::std::mem::offset_of!(AddRmsNormArgs, dim) - 36usize];
+    ["Offset of field: AddRmsNormArgs::eps"][::std::mem::offset_of!(AddRmsNormArgs, eps) - 40usize];
+};
+#[doc = " The paged layer prologue, for every row `r`: q, k and v are the column ranges\n `[0, q_width)`, `[q_width, q_width + kv_width)` and the next `kv_width` of `qkv[r]`; q and k\n are rotated (RoPE, rotate-half, at `positions[r]`), q goes to `q_out[r]`, k and v to row\n `slots[r]` of the pools."]
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct QkvRopeArgs {
+    #[doc = " bf16 `[rows, q_width + 2 * kv_width]`, read."]
+    pub qkv: ::std::os::raw::c_ulonglong,
+    #[doc = " bf16 `[rows, q_width]`, written."]
+    pub q_out: ::std::os::raw::c_ulonglong,
+    #[doc = " bf16 `[pool rows, kv_width]`, rows `slots` written."]
+    pub k_pool: ::std::os::raw::c_ulonglong,
+    #[doc = " bf16 `[pool rows, kv_width]`, rows `slots` written."]
+    pub v_pool: ::std::os::raw::c_ulonglong,
+    #[doc = " u32 `[rows]`, read."]
+    pub positions: ::std::os::raw::c_ulonglong,
+    #[doc = " u32 `[rows]`, read."]
+    pub slots: ::std::os::raw::c_ulonglong,
+    #[doc = " f32 `[head_dim / 2]`, read."]
+    pub inv_freq: ::std::os::raw::c_ulonglong,
+    pub rows: ::std::os::raw::c_int,
+    pub q_width: ::std::os::raw::c_int,
+    pub kv_width: ::std::os::raw::c_int,
+    pub head_dim: ::std::os::raw::c_int,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of QkvRopeArgs"][::std::mem::size_of::<QkvRopeArgs>() - 72usize];
+    ["Alignment of QkvRopeArgs"][::std::mem::align_of::<QkvRopeArgs>() - 8usize];
+    ["Offset of field: QkvRopeArgs::qkv"][::std::mem::offset_of!(QkvRopeArgs, qkv) - 0usize];
+    ["Offset of field: QkvRopeArgs::q_out"][::std::mem::offset_of!(QkvRopeArgs, q_out) - 8usize];
+    ["Offset of field: QkvRopeArgs::k_pool"][::std::mem::offset_of!(QkvRopeArgs, k_pool) - 16usize];
+    ["Offset of field: QkvRopeArgs::v_pool"][::std::mem::offset_of!(QkvRopeArgs, v_pool) - 24usize];
+    ["Offset of field: QkvRopeArgs::positions"]
+        [::std::mem::offset_of!(QkvRopeArgs, positions) - 32usize];
+    ["Offset of field: QkvRopeArgs::slots"][::std::mem::offset_of!(QkvRopeArgs, slots) - 40usize];
+    ["Offset of field: QkvRopeArgs::inv_freq"]
+        [::std::mem::offset_of!(QkvRopeArgs, inv_freq) - 48usize];
+    ["Offset of field: QkvRopeArgs::rows"][::std::mem::offset_of!(QkvRopeArgs, rows) - 56usize];
+    ["Offset of field: QkvRopeArgs::q_width"]
+        [::std::mem::offset_of!(QkvRopeArgs, q_width) - 60usize];
+    ["Offset of field: QkvRopeArgs::kv_width"]
+        [::std::mem::offset_of!(QkvRopeArgs, kv_width) - 64usize];
+    ["Offset of field: QkvRopeArgs::head_dim"]
+        [::std::mem::offset_of!(QkvRopeArgs, head_dim) - 68usize];
+};

@@ -12,7 +12,9 @@ use super::args;
 use super::context::{CudaOptions, GpuContext, LoadedUnit, grid_stride_config, row_block_threads};
 use super::gemm::{Gemm, GemmShape};
 use super::tensor::{CudaLinear, CudaTensor, DType, DeviceData, from_bf16, numel, to_bf16};
-use crate::backend::{AttentionShape, Backend, PagedSeq, SeqSpan};
+use crate::backend::{
+    AttentionShape, Backend, PagedSeq, SeqSpan, add_rms_norm_composed, qkv_rope_write_kv_composed,
+};
 use crate::engine::sampler::{RowSampling, SampledToken, sample_host_rows};
 use crate::model::HostTensor;
 use anyhow::{Context, Result, anyhow, bail, ensure};
@@ -46,6 +48,8 @@ pub const ON_CUDA: &[&str] = &[
     "paged_attention",
     "target_logprobs",
     "sample_rows",
+    "add_rms_norm",
+    "qkv_rope_write_kv",
     "element_bytes",
     "memory_info",
 ];
@@ -112,6 +116,9 @@ pub struct CudaBackend {
     /// cuBLASLt handle (and its workspace), used by one thread at a time.
     gemm: Mutex<Gemm>,
     poison: bool,
+    /// Whether the fused ops (`add_rms_norm`, `qkv_rope_write_kv`) run as one kernel each;
+    /// `$GENIUS_CUDA_FUSED=0` runs them as their separate ops, for comparison.
+    fused: bool,
     /// The last RoPE `inv_freq` table uploaded (as f32 bits) and its device copy.
     rope_table: Mutex<Option<(Vec<u32>, CudaSlice<f32>)>>,
 }
@@ -131,6 +138,7 @@ impl CudaBackend {
             gpu,
             gemm: Mutex::new(gemm),
             poison: options.poison_outputs,
+            fused: std::env::var("GENIUS_CUDA_FUSED").map_or(true, |v| v != "0"),
             rope_table: Mutex::new(None),
         })
     }
@@ -412,6 +420,140 @@ impl Backend for CudaBackend {
         // block size a multiple of 32 as ge_block_sum needs.
         unsafe { self.gpu.launch("ge_rms_norm", cfg, &a) }?;
         Ok(out)
+    }
+
+    fn add_rms_norm(
+        &self,
+        x: &mut CudaTensor,
+        y: &CudaTensor,
+        weight: &CudaTensor,
+        eps: f32,
+    ) -> Result<CudaTensor> {
+        if !self.fused {
+            return add_rms_norm_composed(self, x, y, weight, eps);
+        }
+        let (rows, dim) = x.matrix();
+        ensure!(
+            y.shape == x.shape,
+            "add_rms_norm: x is {:?} but y is {:?}",
+            x.shape,
+            y.shape
+        );
+        ensure!(
+            weight.numel() == dim,
+            "add_rms_norm: weight has {} entries, x rows {dim}",
+            weight.numel()
+        );
+        let ys = self.gpu.ptr(y.bf16("add_rms_norm (y)")?);
+        let ws = self.gpu.ptr(weight.bf16("add_rms_norm (weight)")?);
+        let mut out = self.output(DType::Bf16, x.shape.clone())?;
+        if rows == 0 || dim == 0 {
+            return Ok(out);
+        }
+        let a = args::AddRmsNormArgs {
+            x: self.gpu.ptr_mut(x.bf16_mut("add_rms_norm (x)")?),
+            y: ys,
+            weight: ws,
+            out: self.addr_mut(&mut out),
+            rows: int(rows, "add_rms_norm", "rows")?,
+            dim: int(dim, "add_rms_norm", "dim")?,
+            eps,
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (row_block_threads(dim), 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: x, y and out are [rows, dim] bf16 (x written in place, out separate),
+        // weight is [dim] bf16; one block per row, block size a multiple of 32 as
+        // ge_block_sum needs (the same as ge_rms_norm's, so the sums match).
+        unsafe { self.gpu.launch("ge_add_rms_norm", cfg, &a) }?;
+        Ok(out)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn qkv_rope_write_kv(
+        &self,
+        qkv: &CudaTensor,
+        q_width: usize,
+        kv_width: usize,
+        positions: &[u32],
+        head_dim: usize,
+        inv_freq: &[f32],
+        k_pool: &mut CudaTensor,
+        v_pool: &mut CudaTensor,
+        slots: &[u32],
+    ) -> Result<CudaTensor> {
+        if !self.fused {
+            return qkv_rope_write_kv_composed(
+                self, qkv, q_width, kv_width, positions, head_dim, inv_freq, k_pool, v_pool, slots,
+            );
+        }
+        let op = "qkv_rope_write_kv";
+        let (n, w) = qkv.matrix();
+        ensure!(
+            w == q_width + 2 * kv_width,
+            "{op}: qkv has {w} columns, want {q_width} + 2 x {kv_width}"
+        );
+        ensure!(
+            n == positions.len() && n == slots.len(),
+            "{op}: {n} rows, {} positions, {} slots",
+            positions.len(),
+            slots.len()
+        );
+        ensure!(
+            head_dim > 0
+                && q_width % head_dim == 0
+                && kv_width % head_dim == 0
+                && inv_freq.len() * 2 == head_dim,
+            "{op}: bad head_dim {head_dim} for widths {q_width} / {kv_width} and {} frequencies",
+            inv_freq.len()
+        );
+        let (pool_rows, pool_w) = k_pool.matrix();
+        ensure!(
+            pool_w == kv_width && v_pool.shape == k_pool.shape,
+            "{op}: pools {:?} / {:?} for kv width {kv_width}",
+            k_pool.shape,
+            v_pool.shape
+        );
+        if let Some(&s) = slots.iter().find(|&&s| s as usize >= pool_rows) {
+            bail!("{op}: slot {s} outside the pool ({pool_rows} rows)");
+        }
+        let mut q = self.output(DType::Bf16, vec![n, q_width])?;
+        if n == 0 {
+            return Ok(q);
+        }
+        let src = self.gpu.ptr(qkv.bf16(op)?);
+        let pos = self.gpu.upload_memo("rope positions", positions)?;
+        let slot_addr = self.gpu.upload_memo("write_kv slots", slots)?;
+        let kp = self.gpu.ptr_mut(k_pool.bf16_mut(op)?);
+        let vp = self.gpu.ptr_mut(v_pool.bf16_mut(op)?);
+        let qp = self.addr_mut(&mut q);
+        self.with_inv_freq(inv_freq, |table| {
+            let a = args::QkvRopeArgs {
+                qkv: src,
+                q_out: qp,
+                k_pool: kp,
+                v_pool: vp,
+                positions: pos,
+                slots: slot_addr,
+                inv_freq: self.gpu.ptr(table),
+                rows: int(n, op, "rows")?,
+                q_width: int(q_width, op, "q width")?,
+                kv_width: int(kv_width, op, "kv width")?,
+                head_dim: int(head_dim, op, "head_dim")?,
+            };
+            let cfg = LaunchConfig {
+                grid_dim: (n as u32, 1, 1),
+                block_dim: (row_block_threads((q_width + kv_width) / 2), 1, 1),
+                shared_mem_bytes: (head_dim * std::mem::size_of::<f32>()) as u32,
+            };
+            // SAFETY: qkv is [n, q_width + 2 kv_width] bf16, q [n, q_width] bf16, the pools
+            // [pool_rows, kv_width] bf16 with every slot below pool_rows; positions and slots
+            // hold n u32s, the table head_dim / 2 f32s; the shared table is head_dim floats.
+            unsafe { self.gpu.launch("ge_qkv_rope_write_kv", cfg, &a) }
+        })?;
+        Ok(q)
     }
 
     fn linear(

@@ -33,6 +33,8 @@ unsafe impl DeviceRepr for args::CopyBlocksArgs {}
 unsafe impl DeviceRepr for args::PagedAttentionArgs {}
 unsafe impl DeviceRepr for args::PagedCombineArgs {}
 unsafe impl DeviceRepr for args::TargetLogprobArgs {}
+unsafe impl DeviceRepr for args::AddRmsNormArgs {}
+unsafe impl DeviceRepr for args::QkvRopeArgs {}
 
 /// Environment variable: the CUDA device ordinal to use (default 0).
 pub const DEVICE_ENV: &str = "GENIUS_CUDA_DEVICE";
@@ -595,6 +597,8 @@ mod tests {
             SampleRowArgs,
             SampleArgs,
             TargetLogprobArgs,
+            AddRmsNormArgs,
+            QkvRopeArgs,
         );
         let mut header = header_layouts();
         rust.sort();

@@ -33,7 +33,9 @@ pub const KERNEL_UNITS: &[(&str, &[&str])] = &[
         "elementwise.cu",
         &[
             "ge_rms_norm",
+            "ge_add_rms_norm",
             "ge_rope",
+            "ge_qkv_rope_write_kv",
             "ge_swiglu",
             "ge_add_assign_bf16",
             "ge_add_assign_f32",
