@@ -64,7 +64,7 @@ extern "C" __global__ void ge_copy_blocks_bf16(CopyBlocksArgs a) {
 // 4. values: thread (column d, key half) accumulates p * v[d] for every head in registers.
 #define GE_PA_THREADS 128
 #define GE_PA_WARPS (GE_PA_THREADS / GE_WARP_SIZE)
-#define GE_PA_TILE 64
+#define GE_PA_TILE 128
 #define GE_PA_MAX_HEADS 8
 
 template <int HD>

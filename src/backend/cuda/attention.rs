@@ -23,7 +23,7 @@ use half::bf16;
 /// Threads per attention block (`GE_PA_THREADS`).
 pub const THREADS: u32 = 128;
 /// Positions per shared-memory tile of the attention kernel (`GE_PA_TILE`).
-pub const TILE: usize = 64;
+pub const TILE: usize = 128;
 /// Query heads one attention block handles at most (`GE_PA_MAX_HEADS`).
 pub const MAX_HEADS_PER_BLOCK: usize = 8;
 /// Head dimensions the kernel is compiled for.
@@ -621,7 +621,7 @@ mod tests {
         assert_eq!((p.num_partitions, p.partition_size), (1, 256));
         assert_eq!(p.heads_per_block, 3);
         let p = plan_attention(1, 9, 3, 0, 132).unwrap();
-        assert_eq!((p.num_partitions, p.partition_size), (1, 64));
+        assert_eq!((p.num_partitions, p.partition_size), (1, TILE));
     }
 
     #[test]

@@ -503,8 +503,8 @@ impl Backend for CudaBackend {
         );
         ensure!(
             head_dim > 0
-                && q_width % head_dim == 0
-                && kv_width % head_dim == 0
+                && q_width.is_multiple_of(head_dim)
+                && kv_width.is_multiple_of(head_dim)
                 && inv_freq.len() * 2 == head_dim,
             "{op}: bad head_dim {head_dim} for widths {q_width} / {kv_width} and {} frequencies",
             inv_freq.len()
