@@ -7,6 +7,7 @@
 //! - [`transformer`]: the LLaMA/Qwen2 transformer written once against `Backend`.
 //! - [`engine`]: the rollout engine (paged KV block manager, scheduler, sampler, stops).
 //! - [`genius`]: foresight re-sampling, pair construction, losses, trainer, the round loop.
+//! - [`report`]: charts and a text summary of a run folder.
 //! - [`cli`]: the `genius-engine` commands.
 
 pub mod backend;
@@ -14,4 +15,5 @@ pub mod cli;
 pub mod engine;
 pub mod genius;
 pub mod model;
+pub mod report;
 pub mod transformer;

@@ -5,6 +5,7 @@ pub mod generate;
 pub mod info;
 pub mod pairs;
 pub mod prompts;
+pub mod report;
 pub mod run;
 pub mod sample;
 pub mod score;
@@ -109,6 +110,8 @@ pub enum Command {
     Run(run::RunArgs),
     /// Throughput benchmarks.
     Bench(bench::BenchArgs),
+    /// Charts (SVG) and a text summary of a `run` folder: training curves, accuracy, f, tokens/s.
+    Report(report::ReportArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -126,6 +129,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Train(args) => train::run(&args),
         Command::Run(args) => run::run(&args),
         Command::Bench(args) => bench::run(&args),
+        Command::Report(args) => report::run(&args),
     }
 }
 
