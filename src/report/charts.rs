@@ -140,7 +140,8 @@ pub fn accuracy(data: &RunData, path: &Path) -> Result<Option<String>> {
         rows.iter()
             .flat_map(|r| [r.ci_low * scale, r.ci_high * scale, r.accuracy * scale]),
     );
-    let (lo, hi) = (lo.max(0.0), hi.min(100.0f64.max(lo + 1.0)));
+    let lo = lo.max(0.0);
+    let hi = hi.min(100.0f64.max(lo + 1.0)).max(lo + 1.0);
     let root = SVGBackend::new(path, (900, 600)).into_drawing_area();
     root.fill(&WHITE)?;
     let mut chart = ChartBuilder::on(&root)
