@@ -571,3 +571,80 @@ fn benchmarks() {
         assert_eq!(b.to_possible_value().unwrap().get_name(), b.name());
     }
 }
+
+/// Random strings built from LaTeX and answer fragments (and multi-byte characters) never make
+/// extraction or comparison panic.
+#[test]
+fn no_panics_on_random_text() {
+    const PIECES: &[&str] = &[
+        "\\boxed",
+        "\\fbox",
+        "{",
+        "}",
+        "\\frac",
+        "\\dfrac",
+        "\\sqrt",
+        "\\text",
+        "\\left",
+        "\\right",
+        "\\",
+        "^",
+        "_",
+        "$",
+        "#",
+        "####",
+        "answer is",
+        "Answer:",
+        "The answer is: ",
+        " ",
+        "\n",
+        ".",
+        ",",
+        "-",
+        "\u{2212}",
+        "/",
+        "(",
+        ")",
+        "1",
+        "23",
+        "4,567",
+        "0.5",
+        "x",
+        "B",
+        "c",
+        "yes",
+        "No",
+        "true",
+        "é",
+        "\u{1F600}",
+        "%",
+        "\\%",
+        "dollars",
+        " cm",
+        "=",
+        "**",
+        "\\,",
+        "\\!",
+        "^\\circ",
+        "{,}",
+    ];
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for _ in 0..3000 {
+        let len = (next() % 14) as usize;
+        let s: String = (0..len)
+            .map(|_| PIECES[(next() % PIECES.len() as u64) as usize])
+            .collect();
+        for kind in [Math, Choice, YesNo] {
+            let e = extract_answer(kind, &s);
+            let _ = answers_match(kind, &s, "1/2");
+            let _ = answers_match(kind, e.as_deref().unwrap_or(""), &s);
+            let _ = score_output(kind, &s, &s);
+        }
+    }
+}

@@ -431,10 +431,16 @@ fn frac_arg(s: &str) -> Option<(String, usize)> {
         return None;
     }
     if c == '\\' {
-        let end = t[1..]
-            .find(|c: char| !c.is_ascii_alphabetic())
-            .map_or(t.len(), |e| e + 1)
-            .max(2.min(t.len()));
+        // A command name, or a backslash and one (non-letter) character.
+        let letters = t[1..].len()
+            - t[1..]
+                .trim_start_matches(|c: char| c.is_ascii_alphabetic())
+                .len();
+        let end = if letters > 0 {
+            1 + letters
+        } else {
+            1 + t[1..].chars().next().map_or(0, char::len_utf8)
+        };
         return Some((t[..end].to_string(), skipped + end));
     }
     Some((c.to_string(), skipped + c.len_utf8()))
