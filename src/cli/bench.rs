@@ -21,6 +21,9 @@ pub enum BenchKind {
     Rollout,
     /// ACO optimizer steps on synthetic pairs: forward + explicit backward + AdamW, tokens/s.
     Train,
+    /// `eval` on the bundled grade-school questions: questions/s and tokens/s (`--new-tokens`
+    /// per answer, `--batches` questions, greedy).
+    Eval,
 }
 
 /// `bench`'s flags.
@@ -101,6 +104,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         BenchKind::Forward => forward(&args.model, args.tokens.unwrap_or(512), args.iters),
         BenchKind::Rollout => rollout(args),
         BenchKind::Train => train(args),
+        BenchKind::Eval => eval(args),
     }
 }
 
@@ -425,6 +429,49 @@ fn train(args: &BenchArgs) -> Result<()> {
             "tokens_per_sequence": len, "pairs_per_step": pairs_per_step, "steps": steps,
             "median_tokens_per_s": med, "seconds": total,
         })
+    );
+    Ok(())
+}
+
+/// `bench eval`: the bundled questions (the first `--batches` entry of them, at most 20),
+/// greedy, `--new-tokens` per answer, through the same code as `eval`.
+fn eval(args: &BenchArgs) -> Result<()> {
+    use super::eval::{BUNDLED_GSM8K_MINI, EvalGenFlags, evaluate};
+    let questions = args.batches.first().copied().unwrap_or(20);
+    let data = std::env::temp_dir().join(format!("genius-bench-eval-{}.jsonl", std::process::id()));
+    std::fs::write(&data, BUNDLED_GSM8K_MINI)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", data.display()))?;
+    let output = data.with_extension("out.jsonl");
+    let (model, any) = super::load_transformer(&args.model)?;
+    let flags = EvalGenFlags {
+        temperature: 0.0,
+        samples: 1,
+        max_new_tokens: args.new_tokens,
+        seed: 0,
+        shots: None,
+        limit: Some(questions),
+        kv_budget: "auto".into(),
+    };
+    let result = crate::with_transformer!(any, t => {
+        let device = t.backend_name();
+        let kv = super::generate::resolve_kv_budget("auto", &t, EngineConfig::default().max_batch_tokens, args.model.gpu_memory_fraction)?;
+        let mut engine = Engine::new(t, &model.tokenizer, EngineConfig { kv_budget_tokens: kv, ..EngineConfig::default() })?;
+        evaluate(&mut engine, &model, crate::eval::data::Benchmark::Gsm8k, &data, &flags, &output)
+            .map(|s| (device, s))
+    });
+    let _ = std::fs::remove_file(&data);
+    let _ = std::fs::remove_file(&output);
+    let (device, s) = result?;
+    println!("device        {device}");
+    println!("model         {}", model.name);
+    println!("eval          {}", s.line());
+    println!(
+        "{}",
+        serde_json::json!({"bench": "eval", "device": device, "model": model.name,
+            "questions": s.questions, "new_tokens": args.new_tokens, "seconds": s.seconds,
+            "questions_per_s": s.questions as f64 / s.seconds.max(1e-9),
+            "tokens": s.tokens, "tokens_per_s": s.tokens as f64 / s.seconds.max(1e-9),
+            "accuracy": s.accuracy.accuracy})
     );
     Ok(())
 }

@@ -1,6 +1,8 @@
 //! The `genius-engine` commands: argument parsing (clap) and one module per command.
 
 pub mod bench;
+pub mod diagnose;
+pub mod eval;
 pub mod generate;
 pub mod info;
 pub mod pairs;
@@ -108,6 +110,10 @@ pub enum Command {
     Train(train::TrainArgs),
     /// The whole Genius loop: sample -> pairs -> reference log-probs -> train -> checkpoint.
     Run(run::RunArgs),
+    /// Reasoning accuracy on a benchmark file (or scoring of outputs made elsewhere).
+    Eval(eval::EvalArgs),
+    /// Does the foresight score predict correct answers? And drift across a run's rounds.
+    Diagnose(diagnose::DiagnoseArgs),
     /// Throughput benchmarks.
     Bench(bench::BenchArgs),
     /// Charts (SVG) and a text summary of a `run` folder: training curves, accuracy, f, tokens/s.
@@ -128,6 +134,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Pairs(args) => pairs::run(&args),
         Command::Train(args) => train::run(&args),
         Command::Run(args) => run::run(&args),
+        Command::Eval(args) => eval::run(&args),
+        Command::Diagnose(args) => diagnose::run(&args),
         Command::Bench(args) => bench::run(&args),
         Command::Report(args) => report::run(&args),
     }

@@ -9,6 +9,7 @@
 //! [`quick_sampling`] and [`quick_training`]).
 
 use super::ModelArgs;
+use super::eval::{EvalGenFlags, EvalSpec, evaluate_round};
 use super::pairs::{RejectFlag, pairs_phase};
 use super::sample::{QueryArgs, SampleSummary, SamplingFlags, sample_phase, sampling_engine};
 use super::train::{TrainFlags, TrainSettings, TrainSummary, train_phase};
@@ -56,6 +57,37 @@ pub struct RunArgs {
     pub sampling: SamplingFlags,
     #[command(flatten)]
     pub training: TrainFlags,
+    /// Evaluate before the first round and after each: BENCHMARK:FILE (repeatable), e.g.
+    /// `gsm8k:test.jsonl`; results in OUT/eval.jsonl and OUT/eval/.
+    #[arg(long = "eval")]
+    pub eval: Vec<EvalSpec>,
+    /// Evaluation: samples per question.
+    #[arg(long, default_value_t = 1)]
+    pub eval_samples: usize,
+    /// Evaluation: new tokens per answer.
+    #[arg(long, default_value_t = 512)]
+    pub eval_max_new_tokens: usize,
+    /// Evaluation: sampling temperature (the paper: 1.0).
+    #[arg(long, default_value_t = 1.0)]
+    pub eval_temperature: f32,
+    /// Evaluation: only the first N questions of each file.
+    #[arg(long)]
+    pub eval_limit: Option<usize>,
+}
+
+impl RunArgs {
+    /// The evaluation settings of `--eval-*` (seed and KV budget shared with sampling).
+    pub fn eval_flags(&self) -> EvalGenFlags {
+        EvalGenFlags {
+            temperature: self.eval_temperature,
+            samples: self.eval_samples,
+            max_new_tokens: self.eval_max_new_tokens,
+            seed: self.seed,
+            shots: None,
+            limit: self.eval_limit,
+            kv_budget: self.sampling.kv_budget().to_string(),
+        }
+    }
 }
 
 /// The quick profile's sampling: M = 2, N = 2, K = 2, steps of at most 40 tokens, rollouts of
@@ -152,15 +184,27 @@ pub fn run(args: &RunArgs) -> Result<()> {
     };
     let mut rounds = Vec::new();
     let started = Instant::now();
+    let eval_flags = args.eval_flags();
+    let fraction = args.model.gpu_memory_fraction;
+    model = evaluate_round(model, &loaded, &args.eval, &eval_flags, &out, 0, fraction)?;
     for round in 1..=args.rounds {
         let dir = out.join(format!("round-{round}"));
         create_dir(&dir)?;
         let checkpoint = dir.join("checkpoint");
         if checkpoint.join("config.json").exists() {
             eprintln!("round {round}: already complete ({})", checkpoint.display());
-            if round < args.rounds {
+            if round < args.rounds || !args.eval.is_empty() {
                 load_weights_into(&mut model, &checkpoint)?;
             }
+            model = evaluate_round(
+                model,
+                &loaded,
+                &args.eval,
+                &eval_flags,
+                &out,
+                round,
+                fraction,
+            )?;
             continue;
         }
         let mut summary = RoundSummary {
@@ -193,6 +237,15 @@ pub fn run(args: &RunArgs) -> Result<()> {
         summary.pairs = t.pairs;
         summary.train = Some(t);
         rounds.push(summary);
+        model = evaluate_round(
+            model,
+            &loaded,
+            &args.eval,
+            &eval_flags,
+            &out,
+            round,
+            fraction,
+        )?;
     }
     let total = started.elapsed().as_secs_f64();
     print_summary(&rounds, total);

@@ -63,7 +63,8 @@ pub fn accuracy(correct: usize, n: usize) -> Accuracy {
         n,
         correct,
         accuracy: p,
-        ci_low: (centre - half).clamp(0.0, 1.0),
-        ci_high: (centre + half).clamp(0.0, 1.0),
+        // Rounding can put a bound a hair past the estimate at 0 / n and n / n.
+        ci_low: (centre - half).clamp(0.0, 1.0).min(p),
+        ci_high: (centre + half).clamp(0.0, 1.0).max(p),
     }
 }
