@@ -179,11 +179,14 @@ pub fn auroc(items: &[(f64, bool)]) -> Option<f64> {
     Some(u / (pos * neg) as f64)
 }
 
+/// `(round, mean f, last margin)`.
+type RoundNumbers = (u64, Option<f64>, Option<f64>);
+
 /// Per-round numbers of a run folder, read from the round folders themselves (a resumed run's
 /// `summary.json` lists only the rounds its last invocation ran): the mean foresight score of
 /// all candidates (`round-N/trajectories.jsonl`) and the last optimizer step's pair margin
 /// (`round-N/metrics.jsonl`).
-fn round_numbers(dir: &Path) -> Result<Vec<(u64, Option<f64>, Option<f64>)>> {
+fn round_numbers(dir: &Path) -> Result<Vec<RoundNumbers>> {
     let mut rounds: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)
         .with_context(|| format!("{}: cannot read the run folder", dir.display()))?
         .filter_map(|e| e.ok())

@@ -109,7 +109,7 @@ pub enum Command {
     /// Preference training (ACO and baselines) on pairs; writes metrics and a checkpoint.
     Train(train::TrainArgs),
     /// The whole Genius loop: sample -> pairs -> reference log-probs -> train -> checkpoint.
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
     /// Reasoning accuracy on a benchmark file (or scoring of outputs made elsewhere).
     Eval(eval::EvalArgs),
     /// Does the foresight score predict correct answers? And drift across a run's rounds.
