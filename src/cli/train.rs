@@ -374,6 +374,20 @@ pub fn train_phase<B: Backend>(
     if pairs.is_empty() {
         bail!("{}: no pairs to train on", pairs_path.display());
     }
+    // What training will hold at its peak, against what the host has free (the CPU backend;
+    // a pass packs at least one pair, so a pair longer than the micro-batch sets its size).
+    if model.backend.memory_info().is_none()
+        && let Some(available) = crate::transformer::memory::host_memory_available()
+    {
+        let plan = crate::transformer::memory::cpu_training_plan(
+            &model.config,
+            crate::transformer::memory::TrainShape {
+                tokens: cfg.micro_batch_tokens.max(2 * settings.max_len),
+                logit_rows: crate::backend::cpu::LOGPROB_BACKWARD_CHUNK_ROWS,
+            },
+        );
+        plan.check(available, "the host memory available")?;
+    }
     let state_dir = out.join("train_state");
     let ref_path = out.join("pairs.ref.jsonl");
     let mut summary = TrainSummary {

@@ -2,8 +2,10 @@
 //! config as they are uploaded) and the forward pass over a packed batch of whole sequences
 //! (prefill). The rollout engine's paged-KV path plugs in at the attention call: everything
 //! around it (projections, RoPE, MLP, norms) is shared. [`params`] names the weights (export,
-//! import, one at a time); [`train`] is the training forward and its explicit backward.
+//! import, one at a time); [`train`] is the training forward and its explicit backward;
+//! [`memory`] plans what training holds before it starts.
 
+pub mod memory;
 pub mod params;
 pub mod train;
 
