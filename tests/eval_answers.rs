@@ -509,7 +509,37 @@ fn question(q: &str, options: &[&str], gold: &str) -> Question {
         question: q.into(),
         options: options.iter().map(|s| s.to_string()).collect(),
         gold: gold.into(),
+        solution: None,
     }
+}
+
+#[test]
+fn few_shot_maths_examples_show_their_worked_solutions() {
+    let dir = tempfile::tempdir().unwrap();
+    let shots = dir.path().join("shots.jsonl");
+    std::fs::write(
+        &shots,
+        concat!(
+            "{\"question\": \"2 + 3?\", \"answer\": \"2 + 3 = <<2+3=5>>5 apples\\n#### 5\"}\n",
+            "{\"problem\": \"Half of 8?\", \"solution\": \"8 / 2 = \\\\boxed{4}.\"}\n",
+        ),
+    )
+    .unwrap();
+    let (gsm, bad) = load_questions(&shots, Benchmark::Gsm8k).unwrap();
+    assert!(bad.is_empty(), "{bad:?}");
+    assert_eq!(gsm[0].solution.as_deref(), Some("2 + 3 = 5 apples"));
+    assert_eq!(gsm[1].solution.as_deref(), Some("8 / 2 = \\boxed{4}."));
+    let q = question("1 + 1?", &[], "2");
+    let msgs = prompt_messages(Benchmark::Gsm8k, &q, &gsm);
+    let system = msgs[0]["content"].as_str().unwrap();
+    assert!(
+        system.contains("The question: 2 + 3?\nThe answer: 2 + 3 = 5 apples\nThe answer is \\boxed{5} <end_of_reasoning>"),
+        "{system}"
+    );
+    assert!(
+        system.contains("The answer: 8 / 2 = \\boxed{4}. <end_of_reasoning>"),
+        "{system}"
+    );
 }
 
 #[test]

@@ -73,6 +73,9 @@ pub struct Question {
     pub options: Vec<String>,
     /// The gold answer: a math answer, an option letter `A`.., or `yes`/`no`.
     pub gold: String,
+    /// A worked solution, where the line has one (GSM8K's text before `####` without its
+    /// `<<...>>` calculator notes, MATH's `solution`): few-shot examples show it.
+    pub solution: Option<String>,
 }
 
 /// The malformed lines of a file: (1-based line, message naming the field).
@@ -165,9 +168,11 @@ fn parse_question(
         Some(_) => return Err("'id' must be a non-empty string or a number".to_string()),
     };
     let mut options = Vec::new();
+    let mut solution = None;
     let (question, gold) = match bench {
         Benchmark::Gsm8k | Benchmark::Math => {
             let question = text_field(obj, &["question", "problem"])?;
+            solution = math_solution(obj);
             (question, math_gold(obj)?)
         }
         Benchmark::Choice => {
@@ -201,7 +206,37 @@ fn parse_question(
         question,
         options,
         gold,
+        solution,
     })
+}
+
+/// The worked solution of a maths line: MATH's `solution`, else the part of GSM8K's `answer`
+/// before `####` with its `<<...>>` calculator notes removed.
+fn math_solution(obj: &Map<String, Value>) -> Option<String> {
+    if let Some(Value::String(s)) = obj.get("solution")
+        && !s.trim().is_empty()
+    {
+        return Some(s.trim().to_string());
+    }
+    let Some(Value::String(a)) = obj.get("answer") else {
+        return None;
+    };
+    let work = &a[..a.rfind("####")?];
+    let mut out = String::new();
+    let mut rest = work;
+    while let Some(start) = rest.find("<<") {
+        out.push_str(&rest[..start]);
+        match rest[start..].find(">>") {
+            Some(end) => rest = &rest[start + end + 2..],
+            None => {
+                rest = &rest[start..];
+                break;
+            }
+        }
+    }
+    out.push_str(rest);
+    let out = out.trim().to_string();
+    (!out.is_empty()).then_some(out)
 }
 
 /// The gold of a maths line: `answer` (after `####` when it has one; a number is fine), else
@@ -348,9 +383,15 @@ fn question_text(q: &Question) -> String {
 
 /// How a shot's answer is written: `\boxed{gold} <end_of_reasoning>` for maths (the question
 /// files carry no worked solutions), `The answer is: X` / `The answer is: Yes` otherwise.
-fn shot_answer(bench: Benchmark, gold: &str) -> String {
+fn shot_answer(bench: Benchmark, shot: &Question) -> String {
+    let gold = &shot.gold;
     match bench.kind() {
-        AnswerKind::Math => format!("\\boxed{{{gold}}} <end_of_reasoning>"),
+        AnswerKind::Math => match &shot.solution {
+            // A worked solution that boxes its answer already: as it is.
+            Some(sol) if sol.contains("\\boxed") => format!("{sol} <end_of_reasoning>"),
+            Some(sol) => format!("{sol}\nThe answer is \\boxed{{{gold}}} <end_of_reasoning>"),
+            None => format!("\\boxed{{{gold}}} <end_of_reasoning>"),
+        },
         AnswerKind::Choice => format!("The answer is: {gold}"),
         AnswerKind::YesNo => {
             let word = if gold == "yes" { "Yes" } else { "No" };
@@ -364,8 +405,10 @@ fn shot_answer(bench: Benchmark, gold: &str) -> String {
 /// The system message is the benchmark's instruction ([`MATH_SYSTEM`], [`CHOICE_SYSTEM`],
 /// [`YESNO_SYSTEM`]); with shots it continues with `"\n" + SHOTS_INTRO + "\n"` and the shots,
 /// each rendered `"The question: {question}\nThe answer: {answer}"` (options included for
-/// multiple choice; the answer as in `shot_answer`: `\boxed{gold} <end_of_reasoning>` for
-/// maths, `The answer is: X` otherwise) and separated by blank lines. The user message is
+/// multiple choice; the answer as in `shot_answer`: for maths the worked solution when the
+/// shot has one, then `The answer is \boxed{gold} <end_of_reasoning>` (a solution that boxes
+/// its answer itself is shown as it is), or `\boxed{gold} <end_of_reasoning>` alone;
+/// `The answer is: X` otherwise) and separated by blank lines. The user message is
 /// `"The question: {question}\nPlease directly output the reasoning steps.\n"`, the question
 /// followed by its options `A. ...` one a line for multiple choice.
 pub fn prompt_messages(bench: Benchmark, q: &Question, shots: &[Question]) -> Value {
@@ -382,7 +425,7 @@ pub fn prompt_messages(bench: Benchmark, q: &Question, shots: &[Question]) -> Va
                 format!(
                     "The question: {}\nThe answer: {}",
                     question_text(s),
-                    shot_answer(bench, &s.gold)
+                    shot_answer(bench, s)
                 )
             })
             .collect();
