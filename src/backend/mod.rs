@@ -241,6 +241,45 @@ pub trait Backend: Send + Sync {
         src: &Self::Tensor,
     ) -> Result<()>;
 
+    // ---- Training: f32 state (gradients, master weights, AdamW moments) and the update. ----
+
+    /// A zero-filled **f32** tensor of `shape`, whatever the backend's working precision:
+    /// gradients, master weights and AdamW moments (the CPU's tensors are f32 anyway).
+    fn zeros_f32(&self, shape: &[usize]) -> Result<Self::Tensor> {
+        self.zeros(shape)
+    }
+
+    /// Uploads host values as an **f32** tensor (master weights, moments on resume).
+    fn upload_f32(&self, t: &HostTensor) -> Result<Self::Tensor> {
+        self.upload(t)
+    }
+
+    /// One AdamW update of one parameter, in place on its f32 `master` copy and moments `m`,
+    /// `v`, from its f32 gradient `grad` (all the same length), as [`adamw_update_host`]
+    /// defines it element by element.
+    fn adamw_update(
+        &self,
+        master: &mut Self::Tensor,
+        m: &mut Self::Tensor,
+        v: &mut Self::Tensor,
+        grad: &Self::Tensor,
+        step: &AdamWStep,
+    ) -> Result<()>;
+
+    /// Sets a tensor parameter (a norm weight, a bias, the embedding) from its f32 master copy
+    /// of the same shape, rounded to the backend's precision.
+    fn assign_tensor(&self, dst: &mut Self::Tensor, master: &Self::Tensor) -> Result<()> {
+        *dst = self.upload(&self.download(master)?)?;
+        Ok(())
+    }
+
+    /// Sets a linear weight from its f32 master copy (`[out, in]`, HF layout), rounded to the
+    /// backend's precision and stored in its layout.
+    fn assign_linear(&self, dst: &mut Self::Linear, master: &Self::Tensor) -> Result<()> {
+        *dst = self.upload_linear(&self.download(master)?)?;
+        Ok(())
+    }
+
     // ---- Training: backward of each forward op. Every parameter gradient is *accumulated*
     // into a caller-owned tensor (`grad += ...`), so micro-batches add up; input gradients
     // are returned. ----
@@ -362,4 +401,73 @@ pub fn qkv_rope_write_kv_composed<B: Backend + ?Sized>(
     be.rope(&mut k, positions, head_dim, inv_freq)?;
     be.write_kv(k_pool, v_pool, &k, &v, slots)?;
     Ok(q)
+}
+
+/// The scalars of one AdamW update, derived once per optimizer step on the host
+/// ([`AdamWStep::new`]) so that every backend applies the same f32 arithmetic. Element by
+/// element ([`adamw_update_host`]):
+///
+/// ```text
+/// g = grad * grad_scale
+/// m = beta1 * m + one_minus_beta1 * g
+/// v = beta2 * v + one_minus_beta2 * g * g
+/// p = p * decay - step_size * m / (sqrt(v) * inv_sqrt_bias2 + eps)
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWStep {
+    pub beta1: f32,
+    pub beta2: f32,
+    /// `1 - beta1`, computed in f64 then rounded (as torch does: `1 - 0.999f32` is off by 1e-5).
+    pub one_minus_beta1: f32,
+    pub one_minus_beta2: f32,
+    pub eps: f32,
+    /// `lr / (1 - beta1^t)`.
+    pub step_size: f32,
+    /// `1 / sqrt(1 - beta2^t)`.
+    pub inv_sqrt_bias2: f32,
+    /// `1 - lr * weight_decay` (decoupled weight decay).
+    pub decay: f32,
+    /// Multiplies the gradient first: the global-norm clipping factor (1 when not clipping).
+    pub grad_scale: f32,
+}
+
+impl AdamWStep {
+    /// The scalars of update number `t` (1-based) with learning rate `lr`, from f64
+    /// hyper-parameters (torch's AdamW semantics).
+    pub fn new(
+        beta1: f64,
+        beta2: f64,
+        eps: f64,
+        weight_decay: f64,
+        t: u64,
+        lr: f64,
+        grad_scale: f32,
+    ) -> Self {
+        let t = t as f64;
+        let bias1 = 1.0 - beta1.powf(t);
+        let bias2 = 1.0 - beta2.powf(t);
+        AdamWStep {
+            beta1: beta1 as f32,
+            beta2: beta2 as f32,
+            one_minus_beta1: (1.0 - beta1) as f32,
+            one_minus_beta2: (1.0 - beta2) as f32,
+            eps: eps as f32,
+            step_size: (lr / bias1) as f32,
+            inv_sqrt_bias2: (1.0 / bias2.sqrt()) as f32,
+            decay: (1.0 - lr * weight_decay) as f32,
+            grad_scale,
+        }
+    }
+}
+
+/// The reference AdamW update ([`AdamWStep`]'s formula) over slices of equal length.
+pub fn adamw_update_host(p: &mut [f32], m: &mut [f32], v: &mut [f32], grad: &[f32], s: &AdamWStep) {
+    debug_assert!(p.len() == m.len() && p.len() == v.len() && p.len() == grad.len());
+    for j in 0..p.len() {
+        let g = grad[j] * s.grad_scale;
+        m[j] = s.beta1 * m[j] + s.one_minus_beta1 * g;
+        v[j] = s.beta2 * v[j] + s.one_minus_beta2 * g * g;
+        let denom = v[j].sqrt() * s.inv_sqrt_bias2 + s.eps;
+        p[j] = p[j] * s.decay - s.step_size * m[j] / denom;
+    }
 }

@@ -237,24 +237,17 @@ impl AdamW {
         }
         self.step += 1;
         let c = &self.config;
-        let t = self.step as f64;
-        let bias1 = 1.0 - c.beta1.powf(t);
-        let bias2 = 1.0 - c.beta2.powf(t);
-        let step_size = (lr / bias1) as f32;
-        let inv_sqrt_bias2 = (1.0 / bias2.sqrt()) as f32;
-        let decay = (1.0 - lr * c.weight_decay) as f32;
-        // `1 - beta` in f64 then rounded, as torch does (1 - 0.999f32 is off by 1e-5).
-        let (b1, b2, eps) = (c.beta1 as f32, c.beta2 as f32, c.eps as f32);
-        let (a1, a2) = ((1.0 - c.beta1) as f32, (1.0 - c.beta2) as f32);
+        let s = crate::backend::AdamWStep::new(
+            c.beta1,
+            c.beta2,
+            c.eps,
+            c.weight_decay,
+            self.step,
+            lr,
+            1.0,
+        );
         for (i, (p, g)) in params.iter_mut().zip(grads).enumerate() {
-            let (m, v) = (&mut self.m[i], &mut self.v[i]);
-            for j in 0..p.len() {
-                let gj = g[j];
-                m[j] = b1 * m[j] + a1 * gj;
-                v[j] = b2 * v[j] + a2 * gj * gj;
-                let denom = v[j].sqrt() * inv_sqrt_bias2 + eps;
-                p[j] = p[j] * decay - step_size * m[j] / denom;
-            }
+            crate::backend::adamw_update_host(p, &mut self.m[i], &mut self.v[i], g, &s);
         }
         Ok(())
     }

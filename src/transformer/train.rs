@@ -118,7 +118,7 @@ impl<B: Backend> Activations<B> {
     }
 }
 
-/// Parameter gradients, in the same struct as the weights: linear weights' gradients are plain
+/// Parameter gradients (f32 on every backend), in the same struct as the weights: linear weights' gradients are plain
 /// `[out, in]` tensors in HF layout, fused like the weights (`qkv_proj` is q, k, v rows;
 /// `gate_up_proj` is gate then up rows; `qkv_bias` present when the model has biases).
 ///
@@ -137,8 +137,9 @@ impl<B: Backend> Gradients<B> {
         let be = &model.backend;
         let w = &model.weights;
         let tied = model.config.tie_word_embeddings;
-        let t = |x: &B::Tensor| be.zeros(be.shape(x));
-        let l = |x: &B::Linear| be.zeros(&be.linear_shape(x));
+        // f32 whatever the backend's working precision: micro-batches accumulate into them.
+        let t = |x: &B::Tensor| be.zeros_f32(be.shape(x));
+        let l = |x: &B::Linear| be.zeros_f32(&be.linear_shape(x));
         let layers = w
             .layers
             .iter()
@@ -155,7 +156,7 @@ impl<B: Backend> Gradients<B> {
             })
             .collect::<Result<Vec<_>>>()?;
         let lm_head = if tied {
-            be.zeros(&[0, model.config.hidden_size])?
+            be.zeros_f32(&[0, model.config.hidden_size])?
         } else {
             l(&w.lm_head)?
         };

@@ -414,6 +414,33 @@ impl Backend for CpuBackend {
             .sum())
     }
 
+    fn adamw_update(
+        &self,
+        master: &mut HostTensor,
+        m: &mut HostTensor,
+        v: &mut HostTensor,
+        grad: &HostTensor,
+        step: &crate::backend::AdamWStep,
+    ) -> Result<()> {
+        let n = master.data.len();
+        ensure!(
+            m.data.len() == n && v.data.len() == n && grad.data.len() == n,
+            "adamw_update: parameter of {n} elements, moments of {} and {}, gradient of {}",
+            m.data.len(),
+            v.data.len(),
+            grad.data.len()
+        );
+        const CHUNK: usize = 1 << 16;
+        master
+            .data
+            .par_chunks_mut(CHUNK)
+            .zip(m.data.par_chunks_mut(CHUNK))
+            .zip(v.data.par_chunks_mut(CHUNK))
+            .zip(grad.data.par_chunks(CHUNK))
+            .for_each(|(((p, m), v), g)| crate::backend::adamw_update_host(p, m, v, g, step));
+        Ok(())
+    }
+
     fn concat_columns(&self, parts: &[&HostTensor]) -> Result<HostTensor> {
         ensure!(!parts.is_empty(), "concat_columns: no tensors");
         let n = as_matrix(parts[0]).0;

@@ -52,10 +52,15 @@ pub const ON_CUDA: &[&str] = &[
     "qkv_rope_write_kv",
     "element_bytes",
     "memory_info",
+    "zeros_f32",
+    "upload_f32",
+    "assign_tensor",
+    "assign_linear",
 ];
 
 /// The [`Backend`] ops that are not on the CUDA backend yet: each returns an error naming it.
 pub const NOT_YET_ON_CUDA: &[&str] = &[
+    "adamw_update",
     "sum_squares",
     "scatter_add_rows",
     "linear_backward_input",
@@ -927,6 +932,27 @@ impl Backend for CudaBackend {
     fn sum_squares(&self, _x: &CudaTensor) -> Result<f64> {
         Err(not_yet("sum_squares"))
     }
+
+    fn zeros_f32(&self, shape: &[usize]) -> Result<CudaTensor> {
+        CudaBackend::zeros_f32(self, shape)
+    }
+
+    fn upload_f32(&self, t: &HostTensor) -> Result<CudaTensor> {
+        CudaBackend::upload_f32(self, t)
+    }
+
+    fn adamw_update(
+        &self,
+        _master: &mut CudaTensor,
+        _m: &mut CudaTensor,
+        _v: &mut CudaTensor,
+        _grad: &CudaTensor,
+        _step: &crate::backend::AdamWStep,
+    ) -> Result<()> {
+        Err(not_yet("adamw_update"))
+    }
+
+    // assign_tensor / assign_linear: the trait's defaults (through the host) for now.
 
     fn concat_columns(&self, parts: &[&CudaTensor]) -> Result<CudaTensor> {
         ensure!(!parts.is_empty(), "concat_columns: no tensors");
