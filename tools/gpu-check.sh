@@ -19,9 +19,16 @@
 # also measures the device copy ceiling; their logs go beside the tests' and a throughput
 # table (tokens/s, ratio to the peer, achieved GB/s against the ceiling) is printed last.
 #
+# Training (GPU_TRAIN=0 skips it): `bench train --device cuda` (8 sequences x 1024 tokens of
+# the same model: tokens/s, model FLOP utilisation against a GEMM ceiling measured in the same
+# process, device memory) and right after it the PyTorch peer (tools/peer_torch_train.py);
+# then a 2-round `genius-engine run --device cuda` on the same random model (4 queries, the
+# quick profile), whose summary goes in the table.
+#
 # Environment: GPU_CHECK_TIMEOUT (seconds per executable, default 300), GPU_CHECK_THREADS
 # (libtest threads, default 1: readable logs), GPU_BENCH=0 (tests only), GPU_BENCH_BATCHES
-# (default 64,256,512), GPU_BENCH_MODEL (default random:qwen2.5-0.5b), GPU_PEER=0 (no peer).
+# (default 64,256,512), GPU_BENCH_MODEL (default random:qwen2.5-0.5b), GPU_PEER=0 (no peer),
+# GPU_ROLLOUT=0 (no rollout benchmarks), GPU_TRAIN=0 (no training benchmarks and run).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -67,7 +74,7 @@ engine=$dir/bin/genius-engine
 bench_table=""
 if [[ -x $engine && ${GPU_BENCH:-1} != 0 ]]; then
   model=${GPU_BENCH_MODEL:-random:qwen2.5-0.5b}
-  {
+  [[ ${GPU_ROLLOUT:-1} != 0 ]] && {
     echo "== bench rollout"
     timeout "${GPU_BENCH_TIMEOUT:-180}" "$engine" bench rollout --device cuda --model "$model" --tokens 128 \
       --new-tokens 256 --batches "${GPU_BENCH_BATCHES:-64,256,512}" --forks 8
@@ -85,12 +92,31 @@ if [[ -x $engine && ${GPU_BENCH:-1} != 0 ]]; then
       done
     fi
   } >"$logs/bench.log" 2>&1
-  grep -q '^rc 0' "$logs/bench.log" || bad=1
-  if [[ ${GPU_PEER:-1} != 0 ]]; then
+  [[ ${GPU_ROLLOUT:-1} == 0 ]] || grep -q '^rc 0' "$logs/bench.log" || bad=1
+  if [[ ${GPU_TRAIN:-1} != 0 ]]; then
+    {
+      echo "== bench train"
+      timeout "${GPU_TRAIN_TIMEOUT:-180}" "$engine" bench train --device cuda --model "$model" \
+        --tokens 1024 --batches 4 --iters 5
+      echo "rc $?"
+      echo "== run"
+      rm -rf "$GENIUS_HOME/run"
+      timeout "${GPU_TRAIN_TIMEOUT:-180}" "$engine" run --device cuda --model "$model" --rounds 2 \
+        --limit 4 --out "$GENIUS_HOME/run"
+      echo "rc $?"
+      [[ -f $GENIUS_HOME/run/summary.json ]] && { printf 'run summary '; tr -d '\n' <"$GENIUS_HOME/run/summary.json"; echo; }
+    } >"$logs/train.log" 2>&1
+    [[ $(grep -c '^rc 0' "$logs/train.log") -eq 2 ]] || bad=1
+    if [[ ${GPU_PEER:-1} != 0 ]]; then
+      PYTHONUNBUFFERED=1 timeout 180 python3 tools/peer_torch_train.py --pairs 4 --tokens 1024 \
+        >"$logs/peer-train.log" 2>&1 || echo "peer failed: $?" >>"$logs/peer-train.log"
+    fi
+  fi
+  if [[ ${GPU_PEER:-1} != 0 && ${GPU_ROLLOUT:-1} != 0 ]]; then
     PYTHONUNBUFFERED=1 timeout 180 python3 tools/peer_hf_generate.py --batches 64,256 \
       --prompt 128 --new-tokens 256 >"$logs/peer.log" 2>&1 || echo "peer failed: $?" >>"$logs/peer.log"
   fi
-  bench_table=$(python3 - "$logs/bench.log" "$logs/peer.log" <<'PY'
+  bench_table=$(python3 - "$logs/bench.log" "$logs/peer.log" "$logs/train.log" "$logs/peer-train.log" <<'PY'
 import json, sys
 def sections(path):
     """(header, [parsed JSON lines]) per '== ' section of a log."""
@@ -156,8 +182,39 @@ for h, v in variants:
         out.append(f"{h[8:]}: no result")
 if ceiling:
     out.append(f"device copy ceiling (torch, read + write): {ceiling:.0f} GB/s")
-elif peer is None:
+elif peer is None and bench is not None:
     out.append("peer: no result (see peer.log)")
+# Training: the engine's step, the torch peer's, the 2-round run.
+tsecs = sections(sys.argv[3])
+train = next((o for h, objs in tsecs if h == "bench train" for o in objs if o.get("bench") == "train"), None)
+tpeer = None
+try:
+    for line in open(sys.argv[4]):
+        if line.startswith("{") and '"torch-train"' in line:
+            tpeer = json.loads(line)
+except OSError:
+    pass
+if train:
+    mfu = f", MFU {100 * train['mfu']:.1f}% of {train['gemm_ceiling_tflops']:.0f} TFLOP/s" if train.get("mfu") else ""
+    mem = f", {train['device_memory_used_bytes'] / 2**30:.1f} GiB in use" if train.get("device_memory_used_bytes") else ""
+    out.append(f"train step {2 * train['pairs_per_step']} x {train['tokens_per_sequence']} tokens: {train['median_tokens_per_s']:.0f} tokens/s{mfu}{mem}")
+elif any(h == "bench train" for h, _ in tsecs):
+    out.append("bench train: no result (see train.log)")
+if tpeer:
+    ratio = f" -> engine {train['median_tokens_per_s'] / tpeer['tokens_per_s']:.2f}x torch" if train else ""
+    out.append(f"torch peer train step: {tpeer['tokens_per_s']:.0f} tokens/s, peak {tpeer['peak_gib']:.1f} GiB{ratio}")
+try:
+    for line in open(sys.argv[3]):
+        if line.startswith("run summary "):
+            r = json.loads(line[len("run summary "):])
+            parts = []
+            for rd in r.get("rounds", []):
+                lf, ll = rd.get("loss_first"), rd.get("loss_last")
+                loss = f"loss {lf:.4f} -> {ll:.4f}" if lf is not None and ll is not None else "no loss"
+                parts.append(f"round {rd.get('round')}: {rd.get('pairs')} pairs, {rd.get('sample_tokens_per_s') or 0:.0f} sample tok/s, {loss}")
+            out.append(f"run --device cuda, {len(r.get('rounds', []))} rounds in {r.get('seconds', 0):.1f}s: " + "; ".join(parts))
+except (OSError, ValueError):
+    pass
 print("\n".join(out))
 PY
 )

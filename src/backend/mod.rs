@@ -60,6 +60,13 @@ pub trait Backend: Send + Sync {
         None
     }
 
+    /// Returns memory the backend's allocator keeps cached for reuse to the device, so that
+    /// [`Backend::memory_info`] counts it free (before training after sampling). A no-op
+    /// where there is no such cache.
+    fn release_cached_memory(&self) -> Result<()> {
+        Ok(())
+    }
+
     fn upload(&self, t: &HostTensor) -> Result<Self::Tensor>;
     fn download(&self, t: &Self::Tensor) -> Result<HostTensor>;
     fn shape<'a>(&self, t: &'a Self::Tensor) -> &'a [usize];

@@ -13,6 +13,7 @@ pub mod sample;
 pub mod score;
 pub mod train;
 
+use crate::backend::Backend;
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::{CudaBackend, probe_devices};
 use crate::model::{LoadedModel, load_model};
@@ -147,6 +148,23 @@ pub enum AnyTransformer {
     Cuda(Box<Transformer<CudaBackend>>),
 }
 
+impl AnyTransformer {
+    /// The transformer as `Transformer<B>`, the backend type of `_like` (a reference model
+    /// next to the policy); an error when it was loaded on another device.
+    pub fn into_backend_of<B: Backend + 'static>(
+        self,
+        _like: &Transformer<B>,
+    ) -> Result<Transformer<B>> {
+        let any: Box<dyn std::any::Any> = match self {
+            AnyTransformer::Cpu(t) => t,
+            AnyTransformer::Cuda(t) => t,
+        };
+        any.downcast::<Transformer<B>>()
+            .map(|t| *t)
+            .map_err(|_| anyhow::anyhow!("loaded on another device than the policy model"))
+    }
+}
+
 /// Runs `$body` with `$t` bound to the transformer of an [`AnyTransformer`], whatever its
 /// backend (the body is compiled once per backend, so it can call generic code).
 #[macro_export]
@@ -227,34 +245,4 @@ pub fn load_transformer(args: &ModelArgs) -> Result<(LoadedModel, AnyTransformer
         started.elapsed().as_secs_f64()
     );
     Ok((model, any))
-}
-
-/// Loads the model for a command that trains (backward, optimizer): those run on the CPU
-/// backend only, because the backward ops are not on the CUDA backend yet, so `--device cuda`
-/// says so instead of pretending (and `auto` means the CPU).
-pub fn load_cpu_transformer(args: &ModelArgs) -> Result<(LoadedModel, Transformer<CpuBackend>)> {
-    args.check()?;
-    if args.device == Device::Cuda {
-        bail!(
-            "--device cuda: training (backward and the optimizer) is not on the CUDA backend \
-             yet, so this command runs on the CPU only; use --device cpu (score, generate, \
-             sample and bench forward/rollout run on the GPU)"
-        );
-    }
-    let model = load_model(args.model.as_deref())?;
-    let started = std::time::Instant::now();
-    let transformer = Transformer::load(
-        CpuBackend::new(),
-        model.config.clone(),
-        model.weights.as_ref(),
-    )
-    .map_err(|e| anyhow::anyhow!("{}: {e:#}", model.path.display()))?;
-    eprintln!(
-        "loaded {} ({} parameters) on {} in {:.1}s",
-        model.name,
-        info::human_count(model.config.num_parameters()),
-        transformer.backend_name(),
-        started.elapsed().as_secs_f64()
-    );
-    Ok((model, transformer))
 }

@@ -175,7 +175,45 @@ pub fn run(args: &RunArgs) -> Result<()> {
         train_settings.config.lr,
         out.display()
     );
-    let (loaded, mut model) = super::load_cpu_transformer(&args.model)?;
+    let (loaded, any) = super::load_transformer(&args.model)?;
+    crate::with_transformer!(any, model => run_rounds(
+        model,
+        &loaded,
+        args,
+        &RoundsPlan {
+            queries: &queries,
+            sample_cfg: &sample_cfg,
+            train_settings: &train_settings,
+            out: &out,
+            profile,
+        },
+    ))
+}
+
+/// What every round of a `run` uses.
+struct RoundsPlan<'a> {
+    queries: &'a [crate::genius::queries::Query],
+    sample_cfg: &'a SampleConfig,
+    train_settings: &'a TrainSettings,
+    out: &'a Path,
+    profile: Profile,
+}
+
+/// The rounds of a `run` on whichever backend the model was loaded on: sample, pairs,
+/// train, evaluate; the model stays in memory (and on the device) from round to round.
+fn run_rounds<B: crate::backend::Backend>(
+    mut model: crate::transformer::Transformer<B>,
+    loaded: &crate::model::LoadedModel,
+    args: &RunArgs,
+    plan: &RoundsPlan<'_>,
+) -> Result<()> {
+    let RoundsPlan {
+        queries,
+        sample_cfg,
+        train_settings,
+        out,
+        profile,
+    } = *plan;
     let tok = &loaded.tokenizer;
     let pair_opts = PairOptions {
         strategy: args.rejected.into(),
@@ -186,7 +224,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let started = Instant::now();
     let eval_flags = args.eval_flags();
     let fraction = args.model.gpu_memory_fraction;
-    model = evaluate_round(model, &loaded, &args.eval, &eval_flags, &out, 0, fraction)?;
+    model = evaluate_round(model, loaded, &args.eval, &eval_flags, out, 0, fraction)?;
     for round in 1..=args.rounds {
         let dir = out.join(format!("round-{round}"));
         create_dir(&dir)?;
@@ -196,15 +234,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
             if round < args.rounds || !args.eval.is_empty() {
                 load_weights_into(&mut model, &checkpoint)?;
             }
-            model = evaluate_round(
-                model,
-                &loaded,
-                &args.eval,
-                &eval_flags,
-                &out,
-                round,
-                fraction,
-            )?;
+            model = evaluate_round(model, loaded, &args.eval, &eval_flags, out, round, fraction)?;
             continue;
         }
         let mut summary = RoundSummary {
@@ -220,7 +250,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         if !dir.join("train_state").exists() {
             let mut engine =
                 sampling_engine(model, tok, &args.sampling, args.model.gpu_memory_fraction)?;
-            let s = sample_phase(&mut engine, tok, &queries, &sample_cfg, &trajectories);
+            let s = sample_phase(&mut engine, tok, queries, sample_cfg, &trajectories);
             model = engine.into_model();
             let s = s?;
             eprintln!("round {round}: {}", s.line());
@@ -232,20 +262,12 @@ pub fn run(args: &RunArgs) -> Result<()> {
             summary.pairs_seconds = t.elapsed().as_secs_f64();
             eprintln!("round {round}: {n} pairs -> {}", pairs_path.display());
         }
-        let t = train_phase(&mut model, tok, &pairs_path, &dir, &train_settings, None)?;
+        let t = train_phase(&mut model, tok, &pairs_path, &dir, train_settings, None)?;
         eprintln!("round {round}: {}", t.line());
         summary.pairs = t.pairs;
         summary.train = Some(t);
         rounds.push(summary);
-        model = evaluate_round(
-            model,
-            &loaded,
-            &args.eval,
-            &eval_flags,
-            &out,
-            round,
-            fraction,
-        )?;
+        model = evaluate_round(model, loaded, &args.eval, &eval_flags, out, round, fraction)?;
     }
     let total = started.elapsed().as_secs_f64();
     print_summary(&rounds, total);

@@ -247,23 +247,31 @@ pub fn run(args: &TrainArgs) -> Result<()> {
             "training": format!("{settings:?}"),
         }),
     )?;
-    let (loaded, mut model) = super::load_cpu_transformer(&args.model)?;
-    let reference = match &args.ref_model {
-        Some(name) => Some(super::load_cpu_transformer(&ModelArgs {
-            model: Some(name.clone()),
-            device: args.model.device,
-            gpu_memory_fraction: args.model.gpu_memory_fraction,
-        })?),
-        None => None,
-    };
-    let summary = train_phase(
-        &mut model,
-        &loaded.tokenizer,
-        &args.pairs,
-        &args.out,
-        &settings,
-        reference.as_ref().map(|(_, t)| t),
-    )?;
+    let (loaded, any) = super::load_transformer(&args.model)?;
+    let summary = crate::with_transformer!(any, model => {
+        let mut model = model;
+        let reference = match &args.ref_model {
+            Some(name) => Some(
+                super::load_transformer(&ModelArgs {
+                    model: Some(name.clone()),
+                    device: args.model.device,
+                    gpu_memory_fraction: args.model.gpu_memory_fraction,
+                })?
+                .1
+                .into_backend_of(&model)
+                .with_context(|| format!("--ref-model {name}"))?,
+            ),
+            None => None,
+        };
+        train_phase(
+            &mut model,
+            &loaded.tokenizer,
+            &args.pairs,
+            &args.out,
+            &settings,
+            reference.as_ref(),
+        )?
+    });
     eprintln!("{}", summary.line());
     Ok(())
 }
@@ -369,7 +377,7 @@ pub fn train_phase<B: Backend>(
     settings: &TrainSettings,
     reference: Option<&Transformer<B>>,
 ) -> Result<TrainSummary> {
-    let cfg = &settings.config;
+    let mut cfg = settings.config.clone();
     let mut pairs = read_pairs(pairs_path)?;
     if pairs.is_empty() {
         bail!("{}: no pairs to train on", pairs_path.display());
@@ -388,6 +396,40 @@ pub fn train_phase<B: Backend>(
         );
         plan.check(available, "the host memory available")?;
     }
+    // On a GPU: the device plan against free device memory (the loaded weights are already
+    // counted as used), saving every layer's activations when that fits, else recomputing
+    // each layer in backward; refused with the numbers when neither fits.
+    model.backend.release_cached_memory()?;
+    if let Some((free, _)) = model.backend.memory_info() {
+        use crate::transformer::memory::{MemoryPlan, TrainShape, gpu_training_plan};
+        let shape = TrainShape {
+            tokens: cfg.micro_batch_tokens.max(2 * settings.max_len),
+            logit_rows: crate::backend::cuda::TARGET_LOGPROB_CHUNK_BYTES
+                / (2 * model.config.vocab_size).max(1),
+        };
+        let weights = |p: &MemoryPlan| {
+            p.items
+                .iter()
+                .filter(|i| i.name == "working weights")
+                .map(|i| i.bytes)
+                .sum::<u64>()
+        };
+        let saving = gpu_training_plan(&model.config, shape, 0, false);
+        let available = free as u64 + weights(&saving);
+        if saving.check(available, "the device memory").is_ok() {
+            cfg.recompute = false;
+        } else {
+            let recomputing = gpu_training_plan(&model.config, shape, 0, true);
+            recomputing.check(available, "free device memory plus the loaded weights")?;
+            eprintln!(
+                "train: saving every layer's activations needs {:.2} GiB; recomputing each layer in backward instead ({:.2} GiB)",
+                saving.total() as f64 / (1u64 << 30) as f64,
+                recomputing.total() as f64 / (1u64 << 30) as f64
+            );
+            cfg.recompute = true;
+        }
+    }
+    let cfg = &cfg;
     let state_dir = out.join("train_state");
     let ref_path = out.join("pairs.ref.jsonl");
     let mut summary = TrainSummary {
@@ -401,7 +443,7 @@ pub fn train_phase<B: Backend>(
     let have_refs = pairs
         .iter()
         .all(|p| p.ref_chosen_logp.is_some() && p.ref_rejected_logp.is_some());
-    let resumed_state = TrainState::load(&state_dir)?;
+    let resumed_state = TrainState::load(&model.backend, &state_dir)?;
     if cfg.loss.kind.needs_reference() && !have_refs {
         if ref_path.exists() {
             let saved = read_pairs(&ref_path)?;
@@ -486,7 +528,7 @@ pub fn train_phase<B: Backend>(
         &train_pairs,
         cfg,
         &mut state,
-        |m, stats, _, state| {
+        |m, stats, model_ref, state| {
             metrics_log.append(m)?;
             if let Some(log) = &mut pair_log {
                 for s in stats {
@@ -498,7 +540,7 @@ pub fn train_phase<B: Backend>(
                 || state.step == m.total_steps
                 || last_save.elapsed() >= SAVE_INTERVAL
             {
-                state.save(&state_dir)?;
+                state.save(&model_ref.backend, &state_dir)?;
                 last_save = Instant::now();
             }
             tokens += m.tokens;

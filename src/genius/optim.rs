@@ -191,6 +191,26 @@ impl AdamW {
         })
     }
 
+    /// A state from its parts (moments of every slice, `step` updates done).
+    pub fn from_parts(
+        config: AdamWConfig,
+        step: u64,
+        m: Vec<Vec<f32>>,
+        v: Vec<Vec<f32>>,
+    ) -> Result<Self> {
+        config.validate()?;
+        ensure!(
+            m.len() == v.len() && m.iter().zip(&v).all(|(a, b)| a.len() == b.len()),
+            "AdamW: first and second moments differ in shape"
+        );
+        Ok(AdamW { config, step, m, v })
+    }
+
+    /// `(config, step, m, v)`: the inverse of [`Self::from_parts`].
+    pub fn into_parts(self) -> (AdamWConfig, u64, Vec<Vec<f32>>, Vec<Vec<f32>>) {
+        (self.config, self.step, self.m, self.v)
+    }
+
     /// The hyper-parameters.
     pub fn config(&self) -> &AdamWConfig {
         &self.config

@@ -5,14 +5,14 @@
 //! master weights with the linear warm-up/decay schedule, and the updated weights re-uploaded
 //! to the backend (the rollout engine samples with them next).
 //!
-//! The master weights and AdamW moments live on the host in the gradients' (fused) layout;
-//! [`TrainState`] saves them (with the step count) so an interrupted run resumes at its last
+//! The master weights and AdamW moments live on the backend's device (f32, in the gradients'
+//! fused layout); clipping and the update run there too. [`TrainState`] saves them (with the step count) so an interrupted run resumes at its last
 //! saved step and produces the same numbers as an uninterrupted one.
 
 use super::loss::{LossConfig, PairLogps, batch_loss};
-use super::optim::{AdamW, AdamWConfig, LrSchedule, clip_grad_norm};
+use super::optim::{AdamW, AdamWConfig, LrSchedule};
 use super::sequences::TrainSequence;
-use crate::backend::Backend;
+use crate::backend::{AdamWStep, Backend};
 use crate::engine::sampler::uniform;
 use crate::model::HostTensor;
 use crate::model::safetensors::{Dtype, SafetensorsFile, write_safetensors};
@@ -39,6 +39,9 @@ pub struct TrainConfig {
     pub adamw: AdamWConfig,
     /// Seed of the pair order.
     pub seed: u64,
+    /// Per-layer activation recompute: keep only each layer's input in the forward and run
+    /// the layer again in backward (same gradients, less memory, an extra forward).
+    pub recompute: bool,
 }
 
 impl Default for TrainConfig {
@@ -53,6 +56,7 @@ impl Default for TrainConfig {
             max_grad_norm: 1.0,
             adamw: AdamWConfig::default(),
             seed: 0,
+            recompute: false,
         }
     }
 }
@@ -133,30 +137,44 @@ pub struct PairStat {
     pub loss: f64,
 }
 
-/// Master weights and optimizer state.
-pub struct TrainState {
+/// Master weights and optimizer state, on the backend's device: f32 master copies of the
+/// parameters and AdamW's two f32 moments, in the gradients' (fused) layout and order. On the
+/// CPU these are host tensors; on the GPU they never leave the device during training
+/// ([`Self::save`] downloads them).
+pub struct TrainState<B: Backend> {
     /// Parameter names in the gradients' order.
     pub names: Vec<String>,
     /// f32 master copies of the parameters (fused layout, as the gradients).
-    pub master: Vec<HostTensor>,
-    pub optimizer: AdamW,
-    /// Optimizer steps done.
+    pub master: Vec<B::Tensor>,
+    /// AdamW's first and second moments, one f32 tensor per parameter.
+    pub m: Vec<B::Tensor>,
+    pub v: Vec<B::Tensor>,
+    pub adamw: AdamWConfig,
+    /// Optimizer steps done (AdamW's update count).
     pub step: u64,
 }
 
-impl TrainState {
+impl<B: Backend> TrainState<B> {
     /// Fresh state from the model's current weights.
-    pub fn new<B: Backend>(model: &Transformer<B>, adamw: AdamWConfig) -> Result<Self> {
+    pub fn new(model: &Transformer<B>, adamw: AdamWConfig) -> Result<Self> {
+        adamw.validate()?;
+        let be = &model.backend;
         let names = model.parameter_names();
-        let master: Vec<HostTensor> = names
-            .iter()
-            .map(|n| model.weight(n))
-            .collect::<Result<_>>()?;
-        let lengths: Vec<usize> = master.iter().map(|t| t.data.len()).collect();
+        let mut master = Vec::with_capacity(names.len());
+        let (mut m, mut v) = (Vec::new(), Vec::new());
+        for n in &names {
+            let t = be.upload_f32(&model.weight(n)?)?;
+            let shape = be.shape(&t).to_vec();
+            m.push(be.zeros_f32(&shape)?);
+            v.push(be.zeros_f32(&shape)?);
+            master.push(t);
+        }
         Ok(Self {
             names,
             master,
-            optimizer: AdamW::new(adamw, &lengths)?,
+            m,
+            v,
+            adamw,
             step: 0,
         })
     }
@@ -164,20 +182,26 @@ impl TrainState {
     /// Writes the state into `dir` (created): `weights.safetensors` (fused master weights),
     /// the optimizer files and `state.json` (written last: its presence marks a whole state).
     /// The previous state in `dir` is replaced only once the new one is complete.
-    pub fn save(&self, dir: &Path) -> Result<()> {
+    pub fn save(&self, backend: &B, dir: &Path) -> Result<()> {
         let tmp = dir.with_extension(format!("tmp-{}", std::process::id()));
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp)?;
         }
         super::artifacts::create_dir(&tmp)?;
-        let refs: Vec<(&str, &HostTensor)> = self
-            .names
+        let master: Vec<HostTensor> = self
+            .master
             .iter()
-            .map(String::as_str)
-            .zip(&self.master)
-            .collect();
+            .map(|t| backend.download(t))
+            .collect::<Result<_>>()?;
+        let refs: Vec<(&str, &HostTensor)> =
+            self.names.iter().map(String::as_str).zip(&master).collect();
         write_safetensors(&tmp.join("weights.safetensors"), &refs, Dtype::F32)?;
-        self.optimizer.save(&tmp)?;
+        drop(master);
+        let moments = |ts: &[B::Tensor]| -> Result<Vec<Vec<f32>>> {
+            ts.iter().map(|t| Ok(backend.download(t)?.data)).collect()
+        };
+        AdamW::from_parts(self.adamw, self.step, moments(&self.m)?, moments(&self.v)?)?
+            .save(&tmp)?;
         super::artifacts::write_json_atomic(
             &tmp.join("state.json"),
             &serde_json::json!({"step": self.step, "names": self.names}),
@@ -195,8 +219,9 @@ impl TrainState {
         Ok(())
     }
 
-    /// Reads a state saved by [`Self::save`]; `None` when `dir` holds no complete state.
-    pub fn load(dir: &Path) -> Result<Option<Self>> {
+    /// Reads a state saved by [`Self::save`] onto `backend`; `None` when `dir` holds no
+    /// complete state.
+    pub fn load(backend: &B, dir: &Path) -> Result<Option<Self>> {
         let state_path = dir.join("state.json");
         if !state_path.exists() {
             return Ok(None);
@@ -212,34 +237,48 @@ impl TrainState {
         let names: Vec<String> = serde_json::from_value(state["names"].clone())
             .with_context(|| format!("{}: no 'names'", state_path.display()))?;
         let weights = SafetensorsFile::open(&dir.join("weights.safetensors"))?;
-        let master = names
-            .iter()
-            .map(|n| weights.load(n))
-            .collect::<Result<Vec<_>>>()?;
         let optimizer = AdamW::load(dir)?;
         ensure!(
-            optimizer.lengths() == master.iter().map(|t| t.data.len()).collect::<Vec<_>>(),
-            "{}: optimizer state does not match the saved weights",
-            dir.display()
+            optimizer.step_count() == step,
+            "{}: the optimizer state is at step {} but state.json says {step}",
+            dir.display(),
+            optimizer.step_count()
         );
+        let adamw = *optimizer.config();
+        let (_, _, m_host, v_host) = optimizer.into_parts();
+        ensure!(
+            m_host.len() == names.len(),
+            "{}: optimizer state for {} tensors, {} names",
+            dir.display(),
+            m_host.len(),
+            names.len()
+        );
+        let (mut master, mut m, mut v) = (Vec::new(), Vec::new(), Vec::new());
+        for ((n, mh), vh) in names.iter().zip(m_host).zip(v_host) {
+            let w = weights.load(n)?;
+            ensure!(
+                w.data.len() == mh.len() && w.data.len() == vh.len(),
+                "{}: optimizer state does not match the saved weights ('{n}')",
+                dir.display()
+            );
+            let shape = w.shape.clone();
+            master.push(backend.upload_f32(&w)?);
+            m.push(backend.upload_f32(&HostTensor::new(shape.clone(), mh))?);
+            v.push(backend.upload_f32(&HostTensor::new(shape, vh))?);
+        }
         Ok(Some(Self {
             names,
             master,
-            optimizer,
+            m,
+            v,
+            adamw,
             step,
         }))
     }
 
-    /// Uploads the master weights into the model.
-    pub fn apply_to<B: Backend>(&self, model: &mut Transformer<B>) -> Result<()> {
-        ensure!(
-            model.parameter_names() == self.names,
-            "the saved training state's parameters do not match the model"
-        );
-        for (n, t) in self.names.iter().zip(&self.master) {
-            model.set_weight(n, t)?;
-        }
-        Ok(())
+    /// Sets the model's weights from the master copies (rounded to the backend's precision).
+    pub fn apply_to(&self, model: &mut Transformer<B>) -> Result<()> {
+        model.assign_weights(&self.names, &self.master)
     }
 }
 
@@ -269,8 +308,8 @@ pub fn train<B: Backend>(
     model: &mut Transformer<B>,
     pairs: &[TrainPair],
     cfg: &TrainConfig,
-    state: &mut TrainState,
-    mut on_step: impl FnMut(&StepMetrics, &[PairStat], &Transformer<B>, &TrainState) -> Result<()>,
+    state: &mut TrainState<B>,
+    mut on_step: impl FnMut(&StepMetrics, &[PairStat], &Transformer<B>, &TrainState<B>) -> Result<()>,
 ) -> Result<()> {
     cfg.validate()?;
     if pairs.is_empty() {
@@ -323,34 +362,43 @@ pub fn train<B: Backend>(
             tokens += n_tok;
             at = end;
         }
-        // Global-norm clipping and the AdamW update on the host master weights.
-        let mut host_grads: Vec<HostTensor> = grads
-            .iter()
-            .into_iter()
-            .map(|(_, g)| model.backend.download(g))
-            .collect::<Result<_>>()?;
-        let grad_norm = {
-            let mut slices: Vec<&mut [f32]> = host_grads
-                .iter_mut()
-                .map(|g| g.data.as_mut_slice())
-                .collect();
-            clip_grad_norm(&mut slices, cfg.max_grad_norm)
-        };
+        // Global-norm clipping and the AdamW update, on the backend (the master weights,
+        // moments and gradients never leave the device).
+        let grad_norm = grads.sum_squares(&model.backend)?.sqrt();
         if !grad_norm.is_finite() {
             bail!(
                 "optimizer step {}: the gradient norm is {grad_norm}; stopping before the weights are damaged",
                 state.step + 1
             );
         }
+        let grad_scale = if grad_norm > cfg.max_grad_norm {
+            (cfg.max_grad_norm / grad_norm) as f32
+        } else {
+            1.0
+        };
         let lr = schedule.lr(state.step);
+        let a = &state.adamw;
+        let update = AdamWStep::new(
+            a.beta1,
+            a.beta2,
+            a.eps,
+            a.weight_decay,
+            state.step + 1,
+            lr,
+            grad_scale,
+        );
         {
-            let mut params: Vec<&mut [f32]> = state
-                .master
-                .iter_mut()
-                .map(|t| t.data.as_mut_slice())
-                .collect();
-            let g: Vec<&[f32]> = host_grads.iter().map(|g| g.data.as_slice()).collect();
-            state.optimizer.step(&mut params, &g, lr)?;
+            let be = &model.backend;
+            let grad_list = grads.iter();
+            for (i, (_, g)) in grad_list.into_iter().enumerate() {
+                be.adamw_update(
+                    &mut state.master[i],
+                    &mut state.m[i],
+                    &mut state.v[i],
+                    g,
+                    &update,
+                )?;
+            }
         }
         state.apply_to(model)?;
         state.step += 1;
@@ -414,7 +462,7 @@ fn micro_step<B: Backend>(
         }
     }
     let batch = TrainBatch::next_token(&seqs, &masks)?;
-    let (lp, acts) = model.forward_train(&batch)?;
+    let (lp, acts) = model.forward_train_with(&batch, cfg.recompute)?;
     let sum = |r: &std::ops::Range<usize>| lp[r.clone()].iter().map(|&x| f64::from(x)).sum::<f64>();
     let inputs: Vec<PairLogps> = micro
         .iter()

@@ -150,10 +150,15 @@ pub fn cpu_training_plan(c: &ModelConfig, s: TrainShape) -> MemoryPlan {
 }
 
 /// The GPU trainer's peak: bf16 working weights (the rollout engine samples with them), f32
-/// master weights, moments and gradients, bf16 activations of one micro-batch with per-layer
-/// recompute (the layer inputs kept, one layer's activations live), a logits chunk, the KV
-/// pool of `kv_tokens`, and the cuBLASLt workspace.
-pub fn gpu_training_plan(c: &ModelConfig, s: TrainShape, kv_tokens: usize) -> MemoryPlan {
+/// master weights, moments and gradients, bf16 activations of one micro-batch (every layer's
+/// saved, or with per-layer `recompute` the layer inputs kept and one layer's activations
+/// live), a logits chunk, the KV pool of `kv_tokens`, and the cuBLASLt workspace.
+pub fn gpu_training_plan(
+    c: &ModelConfig,
+    s: TrainShape,
+    kv_tokens: usize,
+    recompute: bool,
+) -> MemoryPlan {
     let (p, tied) = params(c);
     let tokens = s.tokens as u64;
     let kv_per_token = 2 * c.num_layers * c.num_kv_heads * c.head_dim * 2;
@@ -183,12 +188,23 @@ pub fn gpu_training_plan(c: &ModelConfig, s: TrainShape, kv_tokens: usize) -> Me
                 bytes: p * 4,
                 note: "f32 accumulation".into(),
             },
-            MemoryItem {
-                name: "activations",
-                bytes: (tokens * c.num_layers as u64 * c.hidden_size as u64
-                    + tokens * saved_per_token_layer(c))
-                    * 2,
-                note: "bf16: every layer's input, one layer recomputed at a time".into(),
+            if recompute {
+                MemoryItem {
+                    name: "activations",
+                    bytes: (tokens * c.num_layers as u64 * c.hidden_size as u64
+                        + tokens * saved_per_token_layer(c))
+                        * 2,
+                    note: "bf16: every layer's input, one layer recomputed at a time".into(),
+                }
+            } else {
+                MemoryItem {
+                    name: "activations",
+                    bytes: tokens * c.num_layers as u64 * saved_per_token_layer(c) * 2,
+                    note: format!(
+                        "bf16: {} values per token and layer, every layer saved",
+                        saved_per_token_layer(c)
+                    ),
+                }
             },
             MemoryItem {
                 name: "logits chunk",
@@ -249,7 +265,7 @@ mod tests {
         };
         // Qwen2.5-3B: hidden 2048, FFN 11008, 36 layers, 16 heads / 2 KV heads of 128.
         let b3 = qwen(2048, 11008, 36, 16, 2);
-        let plan = gpu_training_plan(&b3, shape, 1 << 16);
+        let plan = gpu_training_plan(&b3, shape, 1 << 16, true);
         let h100 = 80 * (1u64 << 30);
         assert!(plan.total() > 3_000_000_000 * 16, "{}", plan.table());
         plan.check(h100, "the H100's memory").unwrap();
@@ -258,12 +274,16 @@ mod tests {
             tie_word_embeddings: false,
             ..qwen(3584, 18944, 28, 28, 4)
         };
-        let e = gpu_training_plan(&b7, shape, 1 << 16)
+        let e = gpu_training_plan(&b7, shape, 1 << 16, true)
             .check(h100, "the H100's memory")
             .unwrap_err()
             .to_string();
         assert!(e.contains("needs") && e.contains("master weights"), "{e}");
         assert!(e.contains("80.00 GiB"), "{e}");
+        // Without recompute the 3B's saved activations alone are ~16 GiB more.
+        let saving = gpu_training_plan(&b3, shape, 0, false);
+        let recomputing = gpu_training_plan(&b3, shape, 0, true);
+        assert!(saving.total() > recomputing.total() + (10u64 << 30));
     }
 
     #[test]

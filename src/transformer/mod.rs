@@ -416,6 +416,11 @@ impl<B: Backend> Transformer<B> {
                 let (Some(x_in), Some(x_mid), Some((q, k, v))) = (x_in, x_mid, qkv_rotated) else {
                     bail!("internal: the training forward needs whole-sequence attention");
                 };
+                if saved.recompute {
+                    // Only the layer's input is kept; backward recomputes the rest.
+                    saved.inputs.push(x_in);
+                    continue;
+                }
                 saved.layers.push(train::LayerActivations {
                     x_in,
                     q,

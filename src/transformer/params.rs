@@ -235,6 +235,61 @@ impl<B: Backend> Transformer<B> {
         Ok(())
     }
 
+    /// Sets the parameters `names` (fused names, in [`Self::parameter_names`] order; a subset
+    /// is fine as long as the order holds) from f32 backend tensors of the same shapes,
+    /// without a host round trip where the backend can help it. On a tied model the
+    /// embedding's value sets the LM head too.
+    pub fn assign_weights(&mut self, names: &[String], masters: &[B::Tensor]) -> Result<()> {
+        ensure!(
+            names.len() == masters.len(),
+            "assign_weights: {} names, {} tensors",
+            names.len(),
+            masters.len()
+        );
+        let tied = self.config.tie_word_embeddings;
+        let be = &self.backend;
+        let mut given = names.iter().zip(masters).peekable();
+        let mut embed_master = None;
+        for (name, param) in self.weights.params_mut() {
+            let Some((n, master)) = given.peek() else {
+                break;
+            };
+            if **n != name {
+                continue;
+            }
+            let shape = be.shape(master);
+            match param {
+                Param::Tensor(t) => {
+                    ensure!(
+                        shape == be.shape(t),
+                        "assign_weights '{name}': shape {shape:?}, the parameter is {:?}",
+                        be.shape(t)
+                    );
+                    be.assign_tensor(t, master)?;
+                }
+                Param::Linear(l) => {
+                    ensure!(
+                        shape == be.linear_shape(l),
+                        "assign_weights '{name}': shape {shape:?}, the parameter is {:?}",
+                        be.linear_shape(l)
+                    );
+                    be.assign_linear(l, master)?;
+                }
+            }
+            if tied && name == EMBED_TOKENS {
+                embed_master = Some(*master);
+            }
+            given.next();
+        }
+        if let Some((n, _)) = given.next() {
+            bail!("assign_weights: no parameter '{n}' (or the names are out of order)");
+        }
+        if let Some(m) = embed_master {
+            be.assign_linear(&mut self.weights.lm_head, m)?;
+        }
+        Ok(())
+    }
+
     /// Every weight downloaded in HF tensor names and layout ([`hf_tensor_names`] order):
     /// q/k/v projections and biases and gate/up projections unfused, `lm_head.weight` only
     /// when untied. What a checkpoint writer saves.

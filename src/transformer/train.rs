@@ -93,7 +93,11 @@ pub(crate) struct LayerActivations<T> {
 
 /// Filled by [`Transformer::forward_layers`] when training.
 pub(crate) struct Saved<T> {
+    /// Per-layer recompute: keep only each layer's input (`inputs`), not `layers`.
+    pub(crate) recompute: bool,
     pub(crate) layers: Vec<LayerActivations<T>>,
+    /// Each layer's input when recomputing.
+    pub(crate) inputs: Vec<T>,
     /// The residual stream after the last layer (the final norm's input).
     pub(crate) x_final: Option<T>,
 }
@@ -105,7 +109,10 @@ pub struct Activations<B: Backend> {
     seqs: Vec<SeqSpan>,
     rows: Vec<usize>,
     targets: Vec<u32>,
+    /// Every layer's activations, or (per-layer recompute) none ...
     layers: Vec<LayerActivations<B::Tensor>>,
+    /// ... and every layer's input instead, from which backward recomputes them.
+    inputs: Vec<B::Tensor>,
     x_final: B::Tensor,
     /// Final-normed hidden states of the scored rows, `[rows, hidden]` (the LM head's input).
     hidden_scored: B::Tensor,
@@ -226,6 +233,18 @@ impl<B: Backend> Transformer<B> {
     /// row (identical to [`Self::target_logprobs`] on [`Self::forward_hidden`]) and the saved
     /// activations.
     pub fn forward_train(&self, batch: &TrainBatch) -> Result<(Vec<f32>, Activations<B>)> {
+        self.forward_train_with(batch, false)
+    }
+
+    /// [`Self::forward_train`], with per-layer activation recompute when `recompute`: only
+    /// each layer's input is kept (one `[tokens, hidden]` tensor per layer) and backward runs
+    /// each layer's forward again before its backward. Same gradients, an extra forward's
+    /// compute, a fraction of the memory (see `memory::gpu_training_plan`).
+    pub fn forward_train_with(
+        &self,
+        batch: &TrainBatch,
+        recompute: bool,
+    ) -> Result<(Vec<f32>, Activations<B>)> {
         let be = &self.backend;
         let b = &batch.batch;
         let n = b.tokens.len();
@@ -251,7 +270,9 @@ impl<B: Backend> Transformer<B> {
         }
         let shape = self.attention_shape();
         let mut saved = Saved {
-            layers: Vec::with_capacity(self.config.num_layers),
+            recompute,
+            layers: Vec::new(),
+            inputs: Vec::new(),
             x_final: None,
         };
         let hidden = self.forward_layers(
@@ -274,6 +295,7 @@ impl<B: Backend> Transformer<B> {
                 rows: batch.rows.clone(),
                 targets: batch.targets.clone(),
                 layers: saved.layers,
+                inputs: saved.inputs,
                 x_final,
                 hidden_scored,
             },
@@ -298,7 +320,7 @@ impl<B: Backend> Transformer<B> {
             acts.rows.len()
         );
         ensure!(
-            acts.layers.len() == self.weights.layers.len()
+            acts.layers.len() + acts.inputs.len() == self.weights.layers.len()
                 && self.backend.shape(&acts.x_final)
                     == [acts.tokens.len(), self.config.hidden_size],
             "backward: the activations come from a model of another shape"
@@ -336,7 +358,15 @@ impl<B: Backend> Transformer<B> {
             &mut g.final_norm,
         )?;
 
-        for ((layer, saved), lg) in w.layers.iter().zip(&acts.layers).zip(&mut g.layers).rev() {
+        for (i, (layer, lg)) in w.layers.iter().zip(&mut g.layers).enumerate().rev() {
+            let recomputed;
+            let saved = if acts.inputs.is_empty() {
+                &acts.layers[i]
+            } else {
+                recomputed =
+                    self.recompute_layer(i, &acts.inputs[i], &acts.positions, &acts.seqs)?;
+                &recomputed
+            };
             // MLP block: x_out = x_mid + down(swiglu(gate_up(rms_norm(x_mid)))).
             let xn = be.rms_norm(&saved.x_mid, &layer.post_attention_norm, eps)?;
             let act = be.swiglu(&saved.gate_up)?;
@@ -380,6 +410,46 @@ impl<B: Backend> Transformer<B> {
             be.add_assign(&mut dx, &d_res)?;
         }
         be.embedding_backward(&mut g.embed_tokens, &acts.tokens, &dx)
+    }
+
+    /// Layer `i`'s training activations from its input `x_in`, by the same ops as
+    /// [`Self::forward_layers`] (so the same values): per-layer recompute.
+    fn recompute_layer(
+        &self,
+        i: usize,
+        x_in: &B::Tensor,
+        positions: &[u32],
+        seqs: &[SeqSpan],
+    ) -> Result<LayerActivations<B::Tensor>> {
+        let be = &self.backend;
+        let c = &self.config;
+        let layer = &self.weights.layers[i];
+        let eps = c.rms_norm_eps;
+        let (q_width, kv_width) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        let xn = be.rms_norm(x_in, &layer.input_norm, eps)?;
+        let qkv = be.linear(&xn, &layer.qkv_proj, layer.qkv_bias.as_ref())?;
+        drop(xn);
+        let [mut q, mut k, v]: [B::Tensor; 3] = be
+            .split_columns(&qkv, &[q_width, kv_width, kv_width])?
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("split_columns returned the wrong count"))?;
+        drop(qkv);
+        be.rope(&mut q, positions, c.head_dim, &self.inv_freq)?;
+        be.rope(&mut k, positions, c.head_dim, &self.inv_freq)?;
+        let attn = be.causal_attention(&q, &k, &v, seqs, self.attention_shape())?;
+        let o = be.linear(&attn, &layer.o_proj, None)?;
+        let mut x_mid = be.copy(x_in)?;
+        let xn = be.add_rms_norm(&mut x_mid, &o, &layer.post_attention_norm, eps)?;
+        let gate_up = be.linear(&xn, &layer.gate_up_proj, None)?;
+        Ok(LayerActivations {
+            x_in: be.copy(x_in)?,
+            q,
+            k,
+            v,
+            attn,
+            x_mid,
+            gate_up,
+        })
     }
 
     /// `grads` has this model's parameters (names, shapes, tying).

@@ -408,10 +408,30 @@ impl Backend for CpuBackend {
     }
 
     fn sum_squares(&self, x: &HostTensor) -> Result<f64> {
-        Ok(x.data
+        // Chunk sums in parallel, added in chunk order: the same bits on every run (the
+        // gradient norm decides clipping, and resumed runs must repeat exactly).
+        let partial: Vec<f64> = x
+            .data
             .par_chunks(1 << 16)
             .map(|c| c.iter().map(|&v| v as f64 * v as f64).sum::<f64>())
-            .sum())
+            .collect();
+        Ok(partial.iter().sum())
+    }
+
+    fn assign_tensor(&self, dst: &mut HostTensor, master: &HostTensor) -> Result<()> {
+        ensure!(
+            dst.shape == master.shape,
+            "assign_tensor: shape {:?} from a master of {:?}",
+            dst.shape,
+            master.shape
+        );
+        dst.data.copy_from_slice(&master.data);
+        Ok(())
+    }
+
+    fn assign_linear(&self, dst: &mut PackedMatrix, master: &HostTensor) -> Result<()> {
+        *dst = self.upload_linear(master)?;
+        Ok(())
     }
 
     fn adamw_update(

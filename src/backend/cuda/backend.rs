@@ -54,6 +54,7 @@ pub const ON_CUDA: &[&str] = &[
     "memory_info",
     "zeros_f32",
     "upload_f32",
+    "release_cached_memory",
     "assign_tensor",
     "assign_linear",
 ];
@@ -75,7 +76,7 @@ pub const NOT_YET_ON_CUDA: &[&str] = &[
 ];
 
 /// Most bytes of bf16 logits [`Backend::target_logprobs`] holds at once.
-const TARGET_LOGPROB_CHUNK_BYTES: usize = 256 << 20;
+pub const TARGET_LOGPROB_CHUNK_BYTES: usize = 256 << 20;
 
 /// bf16 quiet NaN, the poison of bf16 outputs.
 const BF16_NAN_BITS: u16 = 0x7FC0;
@@ -935,6 +936,11 @@ impl Backend for CudaBackend {
 
     fn zeros_f32(&self, shape: &[usize]) -> Result<CudaTensor> {
         CudaBackend::zeros_f32(self, shape)
+    }
+
+    fn release_cached_memory(&self) -> Result<()> {
+        self.synchronize()?;
+        super::context::trim_pool_memory(&self.gpu.ctx)
     }
 
     fn upload_f32(&self, t: &HostTensor) -> Result<CudaTensor> {

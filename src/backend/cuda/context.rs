@@ -199,6 +199,26 @@ fn keep_pool_memory(ctx: &CudaContext) -> Result<()> {
     Ok(())
 }
 
+/// Gives the memory the device's default pool keeps (see [`keep_pool_memory`]) back to the
+/// driver, once the stream is idle: before a phase that needs the memory for other shapes
+/// (training after sampling), and so that `cuMemGetInfo` reports it free again.
+pub(crate) fn trim_pool_memory(ctx: &CudaContext) -> Result<()> {
+    use cudarc::driver::sys;
+    ctx.bind_to_thread()?;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    // SAFETY: a valid device handle and an out-pointer to a pool handle; trimming only
+    // releases memory no allocation holds.
+    unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
+            .result()
+            .context("reading the device's default memory pool")?;
+        sys::cuMemPoolTrimTo(pool, 0)
+            .result()
+            .context("trimming the memory pool")?;
+    }
+    Ok(())
+}
+
 /// Environment variable: `1` times every kernel launch and GEMM with CUDA events and prints
 /// a table of GPU time per kernel when the backend is dropped (slow; for finding where a
 /// step's time goes).

@@ -27,7 +27,7 @@ pub mod kernels;
 pub mod sampling;
 pub mod tensor;
 
-pub use backend::{CudaBackend, NOT_YET_ON_CUDA, ON_CUDA};
+pub use backend::{CudaBackend, NOT_YET_ON_CUDA, ON_CUDA, TARGET_LOGPROB_CHUNK_BYTES};
 pub use context::CudaOptions;
 pub use kernels::KernelSourcePolicy;
 pub use sampling::RowSampling;
