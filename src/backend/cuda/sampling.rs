@@ -15,7 +15,7 @@ use super::backend::CudaBackend;
 use super::tensor::{CudaTensor, DeviceData};
 pub use crate::engine::sampler::RowSampling;
 use crate::engine::sampler::{SampledToken, SamplingParams, scan_logits, uniform};
-use anyhow::{Result, anyhow, bail, ensure};
+use anyhow::{Result, anyhow, ensure};
 use cudarc::driver::LaunchConfig;
 
 /// Threads per block of `ge_sample_rows` (`GE_SAMPLE_THREADS`); the walk's chunking depends
