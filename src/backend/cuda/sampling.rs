@@ -66,7 +66,7 @@ fn status_error(row: usize, status: i32, vocab: usize) -> anyhow::Error {
 /// non-zero status is an error naming it.
 pub fn unpack_outputs(words: &[u32], vocab: usize) -> Result<Vec<SampledToken>> {
     ensure!(
-        words.len() % OUT_WORDS == 0,
+        words.len().is_multiple_of(OUT_WORDS),
         "sample_rows: {} output words are not whole rows of {OUT_WORDS}",
         words.len()
     );
