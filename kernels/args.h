@@ -224,35 +224,30 @@ typedef struct SampleRowArgs {
     unsigned long long seq_id;
     /** 0 = greedy; otherwise finite and > 0 (checked on the host). */
     float temperature;
-    /** Must be 1 on the GPU for now (top-p is not implemented there). */
+    /** Nucleus mass in (0, 1]; 1 disables top-p. */
     float top_p;
-    /** Must be 0 on the GPU for now (top-k is not implemented there). */
+    /** Keep the top_k most likely tokens; 0 disables top-k (values above INT_MAX are clamped). */
     int top_k;
     /** Philox counter word 0. */
     unsigned int position;
 } SampleRowArgs;
 GE_LAYOUT(SampleRowArgs, 32, 8);
 
-/** One token per logits row, greedy or unfiltered sampling (the definition of
- * `src/engine/sampler.rs`). Each row writes `status`: 0 done, 1 a NaN or `+inf` logit,
- * 2 every logit `-inf`, 3 top-k / top-p requested (not on the GPU). */
+/** One token per logits row, greedy, unfiltered or top-k / top-p sampling (the definition of
+ * `src/engine/sampler.rs`). Each row `r` writes 4 words at `out[4 r]`: the token, the untempered
+ * log-softmax at it (f32 bits), its log-probability under the sampled distribution (f32 bits),
+ * and a status: 0 done, 1 a NaN or `+inf` logit, 2 every logit `-inf`. */
 typedef struct SampleArgs {
-    /** f32 `[rows, vocab]`, read. */
+    /** f32 or bf16 `[rows, vocab]`, read. */
     unsigned long long logits;
     /** SampleRowArgs `[rows]`, read. */
     unsigned long long params;
-    /** u32 `[rows]`, written. */
-    unsigned long long tokens;
-    /** f32 `[rows]`: untempered log-softmax at the token, written. */
-    unsigned long long logprobs;
-    /** f32 `[rows]`: log-probability under the sampled distribution, written. */
-    unsigned long long sampling_logprobs;
-    /** i32 `[rows]`, written. */
-    unsigned long long status;
+    /** u32 `[rows, 4]`, written. */
+    unsigned long long out;
     int rows;
     int vocab;
 } SampleArgs;
-GE_LAYOUT(SampleArgs, 56, 8);
+GE_LAYOUT(SampleArgs, 32, 8);
 
 /** `out[r] = log_softmax(logits[r])[targets[r]]` for every row `r` (f32 max, f64 sum of
  * exponentials). `status[r]`: 0 done, 1 a NaN or `+inf` logit, 2 every logit `-inf`, 4 the

@@ -367,9 +367,9 @@ pub struct SampleRowArgs {
     pub seq_id: ::std::os::raw::c_ulonglong,
     #[doc = " 0 = greedy; otherwise finite and > 0 (checked on the host)."]
     pub temperature: f32,
-    #[doc = " Must be 1 on the GPU for now (top-p is not implemented there)."]
+    #[doc = " Nucleus mass in (0, 1]; 1 disables top-p."]
     pub top_p: f32,
-    #[doc = " Must be 0 on the GPU for now (top-k is not implemented there)."]
+    #[doc = " Keep the top_k most likely tokens; 0 disables top-k (values above INT_MAX are clamped)."]
     pub top_k: ::std::os::raw::c_int,
     #[doc = " Philox counter word 0."]
     pub position: ::std::os::raw::c_uint,
@@ -390,39 +390,28 @@ const _: () = {
     ["Offset of field: SampleRowArgs::position"]
         [::std::mem::offset_of!(SampleRowArgs, position) - 28usize];
 };
-#[doc = " One token per logits row, greedy or unfiltered sampling (the definition of\n `src/engine/sampler.rs`). Each row writes `status`: 0 done, 1 a NaN or `+inf` logit,\n 2 every logit `-inf`, 3 top-k / top-p requested (not on the GPU)."]
+#[doc = " One token per logits row, greedy, unfiltered or top-k / top-p sampling (the definition of\n `src/engine/sampler.rs`). Each row `r` writes 4 words at `out[4 r]`: the token, the untempered\n log-softmax at it (f32 bits), its log-probability under the sampled distribution (f32 bits),\n and a status: 0 done, 1 a NaN or `+inf` logit, 2 every logit `-inf`."]
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct SampleArgs {
-    #[doc = " f32 `[rows, vocab]`, read."]
+    #[doc = " f32 or bf16 `[rows, vocab]`, read."]
     pub logits: ::std::os::raw::c_ulonglong,
     #[doc = " SampleRowArgs `[rows]`, read."]
     pub params: ::std::os::raw::c_ulonglong,
-    #[doc = " u32 `[rows]`, written."]
-    pub tokens: ::std::os::raw::c_ulonglong,
-    #[doc = " f32 `[rows]`: untempered log-softmax at the token, written."]
-    pub logprobs: ::std::os::raw::c_ulonglong,
-    #[doc = " f32 `[rows]`: log-probability under the sampled distribution, written."]
-    pub sampling_logprobs: ::std::os::raw::c_ulonglong,
-    #[doc = " i32 `[rows]`, written."]
-    pub status: ::std::os::raw::c_ulonglong,
+    #[doc = " u32 `[rows, 4]`, written."]
+    pub out: ::std::os::raw::c_ulonglong,
     pub rows: ::std::os::raw::c_int,
     pub vocab: ::std::os::raw::c_int,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of SampleArgs"][::std::mem::size_of::<SampleArgs>() - 56usize];
+    ["Size of SampleArgs"][::std::mem::size_of::<SampleArgs>() - 32usize];
     ["Alignment of SampleArgs"][::std::mem::align_of::<SampleArgs>() - 8usize];
     ["Offset of field: SampleArgs::logits"][::std::mem::offset_of!(SampleArgs, logits) - 0usize];
     ["Offset of field: SampleArgs::params"][::std::mem::offset_of!(SampleArgs, params) - 8usize];
-    ["Offset of field: SampleArgs::tokens"][::std::mem::offset_of!(SampleArgs, tokens) - 16usize];
-    ["Offset of field: SampleArgs::logprobs"]
-        [::std::mem::offset_of!(SampleArgs, logprobs) - 24usize];
-    ["Offset of field: SampleArgs::sampling_logprobs"]
-        [::std::mem::offset_of!(SampleArgs, sampling_logprobs) - 32usize];
-    ["Offset of field: SampleArgs::status"][::std::mem::offset_of!(SampleArgs, status) - 40usize];
-    ["Offset of field: SampleArgs::rows"][::std::mem::offset_of!(SampleArgs, rows) - 48usize];
-    ["Offset of field: SampleArgs::vocab"][::std::mem::offset_of!(SampleArgs, vocab) - 52usize];
+    ["Offset of field: SampleArgs::out"][::std::mem::offset_of!(SampleArgs, out) - 16usize];
+    ["Offset of field: SampleArgs::rows"][::std::mem::offset_of!(SampleArgs, rows) - 24usize];
+    ["Offset of field: SampleArgs::vocab"][::std::mem::offset_of!(SampleArgs, vocab) - 28usize];
 };
 #[doc = " `out[r] = log_softmax(logits[r])[targets[r]]` for every row `r` (f32 max, f64 sum of\n exponentials). `status[r]`: 0 done, 1 a NaN or `+inf` logit, 2 every logit `-inf`, 4 the\n target is not a token of the vocabulary."]
 #[repr(C)]

@@ -15,7 +15,7 @@ use super::tensor::{CudaLinear, CudaTensor, DType, DeviceData, from_bf16, numel,
 use crate::backend::{
     AttentionShape, Backend, PagedSeq, SeqSpan, add_rms_norm_composed, qkv_rope_write_kv_composed,
 };
-use crate::engine::sampler::{RowSampling, SampledToken, sample_host_rows};
+use crate::engine::sampler::{RowSampling, SampledToken};
 use crate::model::HostTensor;
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use cudarc::driver::{CudaSlice, LaunchConfig};
@@ -856,38 +856,9 @@ impl Backend for CudaBackend {
     }
 
     fn sample_rows(&self, logits: &CudaTensor, rows: &[RowSampling]) -> Result<Vec<SampledToken>> {
-        // Greedy and plain sampling run in the kernel; rows with top-k / top-p (not in the
-        // kernel yet) are gathered, downloaded and sampled on the host, same definition.
-        let filtered: Vec<usize> = (0..rows.len())
-            .filter(|&r| super::sampling::is_filtered(&rows[r].params))
-            .collect();
-        if filtered.is_empty() {
-            return self.sample_rows_kernel(logits, rows);
-        }
-        let (n, vocab) = logits.matrix();
-        ensure!(
-            rows.len() == n,
-            "sample_rows: {n} logits rows but {} sampling parameter rows",
-            rows.len()
-        );
-        let mut out: Vec<Option<SampledToken>> = vec![None; n];
-        let plain: Vec<usize> = (0..n).filter(|r| !filtered.contains(r)).collect();
-        if !plain.is_empty() {
-            let l = self.gather_rows(logits, &plain)?;
-            let p: Vec<RowSampling> = plain.iter().map(|&r| rows[r]).collect();
-            for (&r, t) in plain.iter().zip(self.sample_rows_kernel(&l, &p)?) {
-                out[r] = Some(t);
-            }
-        }
-        let l = self.download(&self.gather_rows(logits, &filtered)?)?;
-        let f: Vec<RowSampling> = filtered.iter().map(|&r| rows[r]).collect();
-        for (&r, t) in filtered.iter().zip(sample_host_rows(&l.data, vocab, &f)?) {
-            out[r] = Some(t);
-        }
-        Ok(out
-            .into_iter()
-            .map(|t| t.expect("every row sampled"))
-            .collect())
+        // Greedy, plain and top-k / top-p sampling all run in the kernel: one launch, one
+        // download.
+        self.sample_rows_kernel(logits, rows)
     }
 
     fn zeros(&self, shape: &[usize]) -> Result<CudaTensor> {

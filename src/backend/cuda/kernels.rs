@@ -205,8 +205,13 @@ pub fn kernel_names_in(source: &str) -> Vec<String> {
     source
         .match_indices(MARK)
         .map(|(at, _)| {
-            source[at + MARK.len()..]
-                .chars()
+            let rest = &source[at + MARK.len()..];
+            // An optional `__launch_bounds__(...)` before the name.
+            let rest = match rest.strip_prefix("__launch_bounds__(") {
+                Some(r) => r.split_once(')').map_or(r, |(_, after)| after).trim_start(),
+                None => rest,
+            };
+            rest.chars()
                 .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
                 .collect()
         })
@@ -522,8 +527,9 @@ mod tests {
     fn kernel_names_are_parsed() {
         let src = "extern \"C\" __global__ void ge_a(X a) {}\n\
                    __device__ void helper() {}\n\
-                   extern \"C\" __global__ void ge_b_f32(Y b) { }";
-        assert_eq!(kernel_names_in(src), ["ge_a", "ge_b_f32"]);
+                   extern \"C\" __global__ void ge_b_f32(Y b) { }\n\
+                   extern \"C\" __global__ void __launch_bounds__(1024) ge_c(Z c) { }";
+        assert_eq!(kernel_names_in(src), ["ge_a", "ge_b_f32", "ge_c"]);
     }
 
     #[test]

@@ -8,9 +8,8 @@
 //! - [`args`]: the kernels' argument structs, generated from `kernels/args.h` by bindgen.
 //! - [`gemm`]: bf16 GEMMs through cuBLASLt with plans cached per shape.
 //! - [`context`]: device selection, the backend's one stream, the kernel registry, launches.
-//! - [`sampling`]: greedy and unfiltered token sampling on the GPU
-//!   ([`CudaBackend::sample_rows_kernel`]); the backend's `sample_rows` routes top-k / top-p
-//!   rows to the host sampler.
+//! - [`sampling`]: greedy, unfiltered and top-k / top-p token sampling on the GPU
+//!   ([`CudaBackend::sample_rows_kernel`], what the backend's `sample_rows` runs).
 //! - [`tensor`]: [`CudaTensor`] (bf16 or f32 device buffers) and [`CudaLinear`] (bf16 weights).
 //! - [`backend`]: [`CudaBackend`], the [`crate::backend::Backend`] implementation. Part of the
 //!   trait runs on the GPU ([`ON_CUDA`]: the forward pass, paged attention, log-probs and
@@ -45,7 +44,7 @@ pub struct CudaDeviceInfo {
 pub fn readiness() -> String {
     format!(
         "CUDA backend: {} of {} backend ops on the GPU (the whole forward pass, paged KV, \
-         log-probs and sampling; top-k/top-p rows are sampled on the host); score, generate, \
+         log-probs and sampling with top-k/top-p); score, generate, \
          sample and bench run with --device cuda, training (backward) is not on the GPU yet",
         ON_CUDA.len(),
         ON_CUDA.len() + NOT_YET_ON_CUDA.len()

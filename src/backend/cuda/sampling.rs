@@ -1,45 +1,38 @@
 //! Token sampling on the CUDA backend (`kernels/sampling.cu`): [`CudaBackend::sample_rows_kernel`]
-//! draws one token per row of an f32 logits matrix, greedy or unfiltered (temperature > 0,
-//! no top-k, no top-p), with the definition and the Philox stream of
-//! [`crate::engine::sampler`], so that the GPU and the CPU draw the same tokens.
+//! draws one token per row of an f32 or bf16 logits matrix, greedy, unfiltered, or with top-k
+//! and / or top-p, with the definition and the Philox stream of [`crate::engine::sampler`], so
+//! that the GPU and the CPU draw the same tokens.
 //!
-//! Rows asking for top-k or top-p are refused with an error naming the row: those filters are
-//! not on the GPU yet, and the caller uses the CPU sampler for them.
-//!
-//! [`blocked_sample`] is the kernel's algorithm on the host (same chunking, same summation
-//! order of the walk); the CPU tests compare it with [`crate::engine::sampler::sample`].
+//! [`blocked_sample`] is the kernel's unfiltered algorithm on the host (same chunking, same
+//! summation order of the walk), [`filtered_sample`] its top-k / top-p algorithm (histogram
+//! bound and compaction, bit-at-a-time threshold searches, tie cuts by id; its sums are
+//! sequential where the kernel's are a fixed tree); the CPU tests compare both with
+//! [`crate::engine::sampler::sample`]. The kernel writes [`OUT_WORDS`] words per row into one
+//! buffer, unpacked by [`unpack_outputs`]: one download per launch.
 
 use super::args;
 use super::backend::CudaBackend;
 use super::tensor::{CudaTensor, DeviceData};
 pub use crate::engine::sampler::RowSampling;
 use crate::engine::sampler::{SampledToken, SamplingParams, scan_logits, uniform};
-use anyhow::{Result, anyhow, bail, ensure};
+use anyhow::{Result, anyhow, ensure};
 use cudarc::driver::LaunchConfig;
 
 /// Threads per block of `ge_sample_rows` (`GE_SAMPLE_THREADS`); the walk's chunking depends
 /// on it.
 pub const THREADS: usize = 1024;
 
-/// Whether `p` asks for top-k or top-p (not on the GPU yet). Greedy ignores both.
+/// Whether `p` asks for top-k or top-p (the kernel's filtered path). Greedy ignores both.
 pub fn is_filtered(p: &SamplingParams) -> bool {
     !p.is_greedy() && (p.top_k > 0 || p.top_p < 1.0)
 }
 
-/// Checks every row's parameters: valid, and not filtered (the GPU has no top-k / top-p yet).
+/// Checks every row's parameters, naming the first bad row.
 pub fn check_rows(rows: &[RowSampling]) -> Result<()> {
     for (r, row) in rows.iter().enumerate() {
         row.params
             .validate()
             .map_err(|e| anyhow!("sample_rows: row {r}: {e}"))?;
-        if is_filtered(&row.params) {
-            bail!(
-                "sample_rows: row {r} asks for top_k = {} / top_p = {}: top-k and top-p are not \
-                 on the GPU yet (use the CPU sampler for such rows)",
-                row.params.top_k,
-                row.params.top_p
-            );
-        }
     }
     Ok(())
 }
@@ -56,18 +49,46 @@ fn row_args(r: &RowSampling) -> args::SampleRowArgs {
     }
 }
 
+/// Words per row of the kernel's packed output: token, logprob (f32 bits), sampling logprob
+/// (f32 bits), status.
+pub const OUT_WORDS: usize = 4;
+
 /// The error for a row's kernel status (0 is success).
 fn status_error(row: usize, status: i32, vocab: usize) -> anyhow::Error {
     match status {
         1 => anyhow!("sample_rows: row {row} holds a NaN or +inf logit"),
         2 => anyhow!("sample_rows: row {row}: all {vocab} logits are -inf"),
-        3 => anyhow!("sample_rows: row {row}: top-k / top-p are not on the GPU yet"),
         s => anyhow!("sample_rows: row {row}: unknown kernel status {s}"),
     }
 }
 
+/// The kernel's packed output (`[rows, OUT_WORDS]` u32) as tokens; the first row with a
+/// non-zero status is an error naming it.
+pub fn unpack_outputs(words: &[u32], vocab: usize) -> Result<Vec<SampledToken>> {
+    ensure!(
+        words.len().is_multiple_of(OUT_WORDS),
+        "sample_rows: {} output words are not whole rows of {OUT_WORDS}",
+        words.len()
+    );
+    words
+        .chunks_exact(OUT_WORDS)
+        .enumerate()
+        .map(|(r, w)| {
+            let status = w[3] as i32;
+            if status != 0 {
+                return Err(status_error(r, status, vocab));
+            }
+            Ok(SampledToken {
+                token: w[0],
+                logprob: f32::from_bits(w[1]),
+                sampling_logprob: f32::from_bits(w[2]),
+            })
+        })
+        .collect()
+}
+
 /// `ge_sample_rows` on the host, the same steps in the same order: for unfiltered sampling
-/// (or greedy) of one row. Sums whose order the kernel leaves to the hardware (the
+/// (or greedy) of one row; [`filtered_sample`] for top-k / top-p rows. Sums whose order the kernel leaves to the hardware (the
 /// normalisers) are sequential here; the walk (chunk sums, their sequential exclusive
 /// prefix, per-chunk walks, lowest crossing) is the kernel's exactly.
 pub fn blocked_sample(
@@ -148,12 +169,247 @@ pub fn blocked_sample(
     })
 }
 
+/// Histogram bins of the kernel's filtered path (`GE_SAMPLE_BINS`): a key's bin is
+/// `key >> BIN_SHIFT` (its exponent and 3 mantissa bits).
+pub const BINS: usize = 1024;
+/// `GE_SAMPLE_BIN_SHIFT`.
+pub const BIN_SHIFT: u32 = 20;
+/// Tokens the kernel's compacted candidate list holds in shared memory (`GE_SAMPLE_CAP`).
+pub const CAP: usize = 4096;
+/// Scale of the histogram's fixed-point masses (`GE_SAMPLE_FIXED`, 2^62).
+const FIXED: f64 = 4_611_686_018_427_387_904.0;
+
+/// A rank-order floor `(key, id)`: the prefix `{key > F, or key == F and id <= f}`.
+type Floor = (u32, usize);
+
+fn in_floor(key: u32, id: usize, floor: Floor) -> bool {
+    key > floor.0 || (key == floor.0 && id <= floor.1)
+}
+
+/// Count or mass of the listed tokens with key >= k inside the floor.
+fn list_sum(list: &[(u32, usize)], k: u32, floor: Floor, mass: bool) -> f64 {
+    list.iter()
+        .filter(|&&(key, id)| key >= k && in_floor(key, id, floor))
+        .map(|&(key, _)| {
+            if mass {
+                f64::from(f32::from_bits(key))
+            } else {
+                1.0
+            }
+        })
+        .sum()
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Pred {
+    CountGe,
+    MassGe,
+    MassGt,
+}
+
+/// `ge_list_search`: the largest key `K >= 1` with `pred(K)`, 0 if none; keys `<= lo` count as
+/// true without looking.
+fn list_search(list: &[(u32, usize)], pred: Pred, goal: f64, lo: u32, floor: Floor) -> u32 {
+    let mut res = 0u32;
+    for bit in (0..31).rev() {
+        let cand = res | (1 << bit);
+        let ok = cand <= lo || {
+            let v = list_sum(list, cand, floor, pred != Pred::CountGe);
+            if pred == Pred::MassGt {
+                v > goal
+            } else {
+                v >= goal
+            }
+        };
+        if ok {
+            res = cand;
+        }
+    }
+    res
+}
+
+/// The ids of the ties at key `k` inside the floor, in token order.
+fn list_ties(list: &[(u32, usize)], k: u32, floor: Floor) -> Vec<usize> {
+    list.iter()
+        .filter(|&&(key, id)| key == k && in_floor(key, id, floor))
+        .map(|&(_, id)| id)
+        .collect()
+}
+
+/// `ge_tie_steps`: adds `p` to `base` up to `nt` times; the number of adds after which the
+/// sum first reaches `goal` (`>`, when strict), `nt` if never, and the sum then.
+pub fn tie_steps(base: f64, p: f64, nt: usize, goal: f64, strict: bool) -> (usize, f64) {
+    let mut c = base;
+    for q in 1..=nt {
+        c += p;
+        if if strict { c > goal } else { c >= goal } {
+            return (q, c);
+        }
+    }
+    (nt, c)
+}
+
+/// The kernel's lower bound on the keys a filtered row needs, from the candidates' histogram
+/// (counts and rounded-down fixed-point masses per bin): `Some(lo)` when at most [`CAP`]
+/// tokens have key >= lo (the kernel then compacts them), `None` for the whole-row path.
+/// `k` is the effective top-k (0 = off, else below the candidate count); `s_all` the
+/// candidates' mass.
+pub fn compaction_bound(
+    counts: &[u32],
+    masses: &[u64],
+    k: usize,
+    top_p: f32,
+    s_all: f64,
+) -> Option<u32> {
+    let lo = |b: usize| ((b as u32) << BIN_SHIFT).max(1);
+    if k > 0 {
+        let mut cum = 0usize;
+        for b in (0..counts.len()).rev() {
+            cum += counts[b] as usize;
+            if cum >= k {
+                return (cum <= CAP).then(|| lo(b));
+            }
+        }
+        None
+    } else if top_p < 1.0 {
+        let target = f64::from(top_p) * s_all;
+        let (mut fm, mut cum) = (0u64, 0usize);
+        for b in (0..counts.len()).rev() {
+            fm += masses[b];
+            cum += counts[b] as usize;
+            if cum > CAP {
+                return None;
+            }
+            if fm as f64 * (1.0 / FIXED) * (1.0 - 1e-9) >= target {
+                return Some(lo(b));
+            }
+        }
+        None
+    } else {
+        None
+    }
+}
+
+/// The kernel's top-k / top-p algorithm on the host (see `ge_sample_filtered` in
+/// kernels/sampling.cu): the same histogram bound and compaction, searches, tie cuts and walk;
+/// its sums are sequential where the kernel's are a fixed tree. Returns the token and whether
+/// the row was compacted (the kernel's fast path).
+pub fn filtered_sample(
+    logits: &[f32],
+    params: &SamplingParams,
+    seq_id: u64,
+    position: u32,
+) -> Result<(SampledToken, bool)> {
+    params.validate()?;
+    ensure!(
+        is_filtered(params),
+        "filtered_sample: not a top-k / top-p row"
+    );
+    let (_, max) = scan_logits(logits)?;
+    let m = f64::from(max);
+    let lse = m + logits
+        .iter()
+        .map(|&l| (f64::from(l) - m).exp())
+        .sum::<f64>()
+        .ln();
+    let t = f64::from(params.temperature);
+    let z: f64 = logits.iter().map(|&l| ((f64::from(l) - m) / t).exp()).sum();
+    let keys: Vec<u32> = logits
+        .iter()
+        .map(|&l| ((((f64::from(l) - m) / t).exp() / z) as f32).to_bits())
+        .collect();
+    // a. candidates and histogram.
+    let mut counts = vec![0u32; BINS];
+    let mut masses = vec![0u64; BINS];
+    let mut s_all = 0.0f64;
+    for &key in keys.iter().filter(|&&k| k != 0) {
+        let p = f64::from(f32::from_bits(key));
+        s_all += p;
+        counts[(key >> BIN_SHIFT) as usize] += 1;
+        masses[(key >> BIN_SHIFT) as usize] += (p * FIXED) as u64;
+    }
+    let ncand: usize = counts.iter().map(|&c| c as usize).sum();
+    let k = if params.top_k < ncand {
+        params.top_k
+    } else {
+        0
+    };
+    // b. the bound and the list.
+    let bound = compaction_bound(&counts, &masses, k, params.top_p, s_all);
+    let lo = bound.unwrap_or(0);
+    let list: Vec<(u32, usize)> = keys
+        .iter()
+        .enumerate()
+        .filter(|&(_, &key)| key >= lo)
+        .map(|(i, &key)| (key, i))
+        .collect();
+    // c. top-k.
+    let mut floor: Floor = (1, usize::MAX);
+    let mut floor_is_token = false;
+    let mut s = s_all;
+    if k > 0 {
+        let kk = list_search(&list, Pred::CountGe, k as f64, lo, floor);
+        let above = list_sum(&list, kk + 1, floor, false) as usize;
+        floor = (kk, list_ties(&list, kk, floor)[k - above - 1]);
+        floor_is_token = true;
+        s = list_sum(&list, 1, floor, true);
+    }
+    // d. top-p.
+    let mut total = s;
+    if params.top_p < 1.0 {
+        let target = f64::from(params.top_p) * s;
+        let lo_p = if k > 0 { 0 } else { lo };
+        let kp = list_search(&list, Pred::MassGe, target, lo_p, floor);
+        if kp != 0 {
+            let base = list_sum(&list, kp + 1, floor, true);
+            let ties = list_ties(&list, kp, floor);
+            let p = f64::from(f32::from_bits(kp));
+            let (j, cum) = tie_steps(base, p, ties.len(), target, false);
+            floor = (kp, ties[j - 1]);
+            floor_is_token = true;
+            total = cum;
+        }
+    }
+    // e. the walk.
+    let thr = uniform(params.seed, seq_id, position) * total;
+    let kw = list_search(&list, Pred::MassGt, thr, 0, floor);
+    let (token, key) = if kw != 0 {
+        let base = list_sum(&list, kw + 1, floor, true);
+        let ties = list_ties(&list, kw, floor);
+        let p = f64::from(f32::from_bits(kw));
+        let (j, _) = tie_steps(base, p, ties.len(), thr, true);
+        (ties[j - 1], kw)
+    } else if floor_is_token {
+        (floor.1, floor.0)
+    } else {
+        let least = list
+            .iter()
+            .filter(|&&(key, id)| key >= 1 && in_floor(key, id, floor))
+            .map(|&(key, _)| key)
+            .min()
+            .ok_or_else(|| anyhow!("no token with p > 0"))?;
+        let id = list_ties(&list, least, floor)
+            .last()
+            .copied()
+            .ok_or_else(|| anyhow!("no token with p > 0"))?;
+        (id, least)
+    };
+    let p = f32::from_bits(key);
+    Ok((
+        SampledToken {
+            token: token as u32,
+            logprob: (f64::from(logits[token]) - lse) as f32,
+            sampling_logprob: (f64::from(p) / total).ln() as f32,
+        },
+        bound.is_some(),
+    ))
+}
+
 impl CudaBackend {
-    /// One token per row of `logits` (f32 `[rows, vocab]` on the device), greedy or
-    /// unfiltered sampling as [`crate::engine::sampler::sample`] defines it, row `r` with
-    /// `rows[r]`. Errors on a shape or parameter problem, on a row asking for top-k / top-p
-    /// (not on the GPU yet), and on a row with a NaN / +inf logit or only -inf logits, naming
-    /// the row.
+    /// One token per row of `logits` (f32 or bf16 `[rows, vocab]` on the device), greedy,
+    /// unfiltered or top-k / top-p sampling as [`crate::engine::sampler::sample`] defines it,
+    /// row `r` with `rows[r]`. Errors on a shape or parameter problem and on a row with a
+    /// NaN / +inf logit or only -inf logits, naming the row.
     pub fn sample_rows_kernel(
         &self,
         logits: &CudaTensor,
@@ -187,17 +443,11 @@ impl CudaBackend {
         }
         let host_args: Vec<args::SampleRowArgs> = rows.iter().map(row_args).collect();
         let params = self.gpu.upload_slice(&host_args)?;
-        let mut tokens = self.gpu.alloc::<u32>(n)?;
-        let mut logprobs = self.gpu.alloc::<f32>(n)?;
-        let mut sampling_logprobs = self.gpu.alloc::<f32>(n)?;
-        let mut status = self.gpu.alloc::<i32>(n)?;
+        let mut out = self.gpu.alloc::<u32>(n * OUT_WORDS)?;
         let a = args::SampleArgs {
             logits: data,
             params: self.gpu.ptr(&params),
-            tokens: self.gpu.ptr_mut(&mut tokens),
-            logprobs: self.gpu.ptr_mut(&mut logprobs),
-            sampling_logprobs: self.gpu.ptr_mut(&mut sampling_logprobs),
-            status: self.gpu.ptr_mut(&mut status),
+            out: self.gpu.ptr_mut(&mut out),
             rows: n_i32,
             vocab: vocab_i32,
         };
@@ -206,25 +456,13 @@ impl CudaBackend {
             block_dim: (THREADS as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: logits is [n, vocab] of the kernel's element type, params holds n SampleRowArgs, the four outputs
-        // n elements each; one block per row writes its row of each; frees are stream-ordered.
+        // SAFETY: logits is [n, vocab] of the kernel's element type, params holds n
+        // SampleRowArgs, out n * OUT_WORDS u32; one block per row writes its row's words;
+        // frees are stream-ordered.
         unsafe { self.gpu.launch(kernel, cfg, &a) }?;
-        let tokens = self.gpu.download_slice(&tokens, n)?;
-        let logprobs = self.gpu.download_slice(&logprobs, n)?;
-        let sampling_logprobs = self.gpu.download_slice(&sampling_logprobs, n)?;
-        let status = self.gpu.download_slice(&status, n)?;
-        (0..n)
-            .map(|r| {
-                if status[r] != 0 {
-                    return Err(status_error(r, status[r], vocab));
-                }
-                Ok(SampledToken {
-                    token: tokens[r],
-                    logprob: logprobs[r],
-                    sampling_logprob: sampling_logprobs[r],
-                })
-            })
-            .collect()
+        // One copy (and sync) for the whole launch.
+        let words = self.gpu.download_slice(&out, n * OUT_WORDS)?;
+        unpack_outputs(&words, vocab)
     }
 }
 
@@ -337,37 +575,263 @@ mod tests {
     }
 
     #[test]
-    fn filtered_and_invalid_rows_are_refused_by_name() {
+    fn filter_constants_match_the_kernel() {
+        let src = super::super::kernels::source("sampling.cu").expect("sampling.cu embedded");
+        assert_eq!(define(src, "GE_SAMPLE_BINS"), BINS as u64);
+        assert_eq!(define(src, "GE_SAMPLE_BIN_SHIFT"), u64::from(BIN_SHIFT));
+        assert_eq!(define(src, "GE_SAMPLE_CAP"), CAP as u64);
+        // Keys are f32 bit patterns of p <= 1: their bins fit the histogram.
+        assert!(((1.0f32.to_bits() >> BIN_SHIFT) as usize) < BINS);
+    }
+
+    #[test]
+    fn invalid_rows_are_refused_by_name_and_filtered_rows_accepted() {
         let row = |params| RowSampling {
             params,
             seq_id: 0,
             position: 0,
         };
         let ok = row(SamplingParams::default());
-        assert!(check_rows(&[ok, row(SamplingParams::greedy())]).is_ok());
-        // Greedy ignores the filters, as the CPU sampler does.
-        let greedy_k = row(SamplingParams {
-            top_k: 5,
-            ..SamplingParams::greedy()
-        });
-        assert!(check_rows(&[greedy_k]).is_ok());
         let k = row(SamplingParams {
             top_k: 40,
-            ..SamplingParams::default()
-        });
-        let e = check_rows(&[ok, k]).unwrap_err().to_string();
-        assert!(e.contains("row 1") && e.contains("not on the GPU"), "{e}");
-        let p = row(SamplingParams {
             top_p: 0.9,
             ..SamplingParams::default()
         });
-        let e = check_rows(&[p]).unwrap_err().to_string();
-        assert!(e.contains("row 0") && e.contains("top-p"), "{e}");
+        assert!(check_rows(&[ok, row(SamplingParams::greedy()), k]).is_ok());
         let bad = row(SamplingParams {
             temperature: f32::NAN,
             ..SamplingParams::default()
         });
         let e = check_rows(&[ok, ok, bad]).unwrap_err().to_string();
         assert!(e.contains("row 2") && e.contains("temperature"), "{e}");
+        let bad_p = row(SamplingParams {
+            top_p: 0.0,
+            ..SamplingParams::default()
+        });
+        let e = check_rows(&[bad_p]).unwrap_err().to_string();
+        assert!(e.contains("row 0") && e.contains("top_p"), "{e}");
+    }
+
+    #[test]
+    fn packed_outputs_unpack_by_row() {
+        let words = [
+            7,
+            (-1.5f32).to_bits(),
+            (-0.25f32).to_bits(),
+            0,
+            151_935,
+            (-20.0f32).to_bits(),
+            0f32.to_bits(),
+            0,
+        ];
+        let t = unpack_outputs(&words, 151_936).unwrap();
+        assert_eq!(
+            t,
+            vec![
+                SampledToken {
+                    token: 7,
+                    logprob: -1.5,
+                    sampling_logprob: -0.25
+                },
+                SampledToken {
+                    token: 151_935,
+                    logprob: -20.0,
+                    sampling_logprob: 0.0
+                }
+            ]
+        );
+        let mut bad = words;
+        bad[7] = 1;
+        let e = unpack_outputs(&bad, 10).unwrap_err().to_string();
+        assert!(e.contains("row 1") && e.contains("NaN"), "{e}");
+        bad[3] = 2;
+        let e = unpack_outputs(&bad, 10).unwrap_err().to_string();
+        assert!(e.contains("row 0") && e.contains("-inf"), "{e}");
+        assert!(unpack_outputs(&words[..5], 10).is_err());
+        assert!(unpack_outputs(&[], 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn tie_steps_stop_at_the_first_crossing() {
+        assert_eq!(tie_steps(0.5, 0.125, 4, 0.75, false), (2, 0.75));
+        assert_eq!(tie_steps(0.5, 0.125, 4, 0.75, true), (3, 0.875));
+        // Never reached: all of them.
+        assert_eq!(tie_steps(0.0, 0.25, 2, 0.75, false), (2, 0.5));
+    }
+
+    #[test]
+    fn compaction_bound_covers_the_kept_sets() {
+        let mut counts = vec![0u32; BINS];
+        let mut masses = vec![0u64; BINS];
+        let bin = |p: f32| (p.to_bits() >> BIN_SHIFT) as usize;
+        let fixed = |p: f32| (f64::from(p) * FIXED) as u64;
+        // 1 token of p = 0.5, 3 of 0.1, 1000 of 1e-4.
+        for (p, c) in [(0.5f32, 1u32), (0.1, 3), (1e-4, 1000)] {
+            counts[bin(p)] += c;
+            masses[bin(p)] += u64::from(c) * fixed(p);
+        }
+        let s = 0.5 + 0.3 + 0.1;
+        // Top-k: the bin of the k-th largest.
+        assert_eq!(
+            compaction_bound(&counts, &masses, 1, 1.0, s),
+            Some((bin(0.5) as u32) << BIN_SHIFT)
+        );
+        assert_eq!(
+            compaction_bound(&counts, &masses, 3, 1.0, s),
+            Some((bin(0.1) as u32) << BIN_SHIFT)
+        );
+        assert_eq!(
+            compaction_bound(&counts, &masses, 5, 1.0, s),
+            Some((bin(1e-4) as u32) << BIN_SHIFT)
+        );
+        // Top-p: 0.5 of 0.9 is reached by the first token, 0.6 needs the 0.1s, 0.99 the tail.
+        assert_eq!(
+            compaction_bound(&counts, &masses, 0, 0.5, s),
+            Some((bin(0.5) as u32) << BIN_SHIFT)
+        );
+        assert_eq!(
+            compaction_bound(&counts, &masses, 0, 0.6, s),
+            Some((bin(0.1) as u32) << BIN_SHIFT)
+        );
+        assert_eq!(
+            compaction_bound(&counts, &masses, 0, 0.99, s),
+            Some((bin(1e-4) as u32) << BIN_SHIFT)
+        );
+        // Over capacity: the whole-row path.
+        counts[bin(1e-4)] += CAP as u32;
+        assert_eq!(compaction_bound(&counts, &masses, 5, 1.0, s), None);
+        assert_eq!(compaction_bound(&counts, &masses, 0, 0.99, s), None);
+        assert_eq!(compaction_bound(&counts, &masses, 0, 1.0, s), None);
+    }
+
+    fn filtered_params(t: f32, top_k: usize, top_p: f32, seed: u64) -> SamplingParams {
+        SamplingParams {
+            temperature: t,
+            top_k,
+            top_p,
+            seed,
+        }
+    }
+
+    /// Compares the host model of the kernel's filtered path with the CPU sampler on `l`;
+    /// returns (draws, compacted draws).
+    fn check_filtered(l: &[f32], what: &str, seeds: u64) -> (usize, usize) {
+        let vocab = l.len();
+        let (mut draws, mut compacted) = (0, 0);
+        for t in [0.7f32, 1.3, 0.05] {
+            for top_k in [0usize, 1, 2, 40, vocab, vocab + 5] {
+                for top_p in [1.0f32, 0.05, 0.5, 0.9] {
+                    let p0 = filtered_params(t, top_k, top_p, 0);
+                    if !is_filtered(&p0) {
+                        continue;
+                    }
+                    for seed in 0..seeds {
+                        let p = SamplingParams {
+                            seed: seed * 7919 + 3,
+                            ..p0
+                        };
+                        let seq = seed ^ 0x5151_7777;
+                        let pos = seed as u32 * 3 + 1;
+                        let want = sample(l, &p, seq, pos).unwrap();
+                        let (got, c) = filtered_sample(l, &p, seq, pos).unwrap();
+                        draws += 1;
+                        compacted += usize::from(c);
+                        assert_eq!(
+                            got.token, want.token,
+                            "{what}: T {t} k {top_k} p {top_p} seed {seed}: {got:?} vs {want:?}"
+                        );
+                        assert!(
+                            (got.logprob - want.logprob).abs() <= 1e-5
+                                && (got.sampling_logprob - want.sampling_logprob).abs() <= 1e-5,
+                            "{what}: T {t} k {top_k} p {top_p}: {got:?} vs {want:?}"
+                        );
+                    }
+                }
+            }
+        }
+        (draws, compacted)
+    }
+
+    #[test]
+    fn filtered_model_matches_the_cpu_sampler() {
+        let (mut draws, mut compacted) = (0, 0);
+        for (vi, &(vocab, seeds)) in [
+            (1usize, 3u64),
+            (2, 5),
+            (7, 8),
+            (257, 6),
+            (1000, 6),
+            (6000, 2),
+        ]
+        .iter()
+        .enumerate()
+        {
+            for (si, &scale) in [0.5, 4.0, 20.0].iter().enumerate() {
+                let l = logits(vocab, scale, (vi * 10 + si) as u64 + 101);
+                let (d, c) = check_filtered(&l, &format!("vocab {vocab} scale {scale}"), seeds);
+                draws += d;
+                compacted += c;
+            }
+        }
+        // Both of the kernel's paths are exercised.
+        assert!(compacted > 0 && compacted < draws, "{compacted} of {draws}");
+    }
+
+    #[test]
+    fn filtered_model_cuts_ties_like_the_cpu_sampler() {
+        // Logits from a few values: every cut falls inside a group of equal probabilities.
+        for (vocab, levels) in [(12usize, 3usize), (300, 4), (5000, 5)] {
+            let mut r = rng(vocab as u64);
+            let l: Vec<f32> = (0..vocab)
+                .map(|_| (r() * levels as f64).floor() as f32 * 0.5)
+                .collect();
+            check_filtered(&l, &format!("ties vocab {vocab}"), 4);
+            // Equal maxima only, with masked tokens: top-k / top-p cut by token id.
+            let mut l = vec![f32::NEG_INFINITY; vocab];
+            for i in (1..vocab).step_by(3) {
+                l[i] = 2.0;
+            }
+            check_filtered(&l, &format!("flat vocab {vocab}"), 4);
+        }
+        // Distinct logits whose probabilities round to the same f32 (denormal tail): ties by
+        // p, not by logit.
+        let mut l: Vec<f32> = (0..400).map(|i| -95.0 - i as f32 * 1e-3).collect();
+        l[0] = 0.0;
+        l[1] = -0.5;
+        for (t, k, tp) in [
+            (1.0f32, 100usize, 1.0f32),
+            (1.0, 0, 0.9999999),
+            (1.0, 300, 0.99999994),
+        ] {
+            for seed in 0..20 {
+                let p = filtered_params(t, k, tp, seed);
+                let want = sample(&l, &p, 1, 2).unwrap();
+                let (got, _) = filtered_sample(&l, &p, 1, 2).unwrap();
+                assert_eq!(
+                    got.token, want.token,
+                    "denormal ties k {k} p {tp} seed {seed}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn filtered_model_matches_at_a_production_vocabulary() {
+        for (scale, seed0) in [(8.0, 1u64), (2.0, 2)] {
+            let l = logits(151_936, scale, 900 + seed0);
+            for (t, k, tp) in [
+                (0.7f32, 40usize, 1.0f32),
+                (1.3, 0, 0.9),
+                (0.7, 0, 0.05),
+                (1.3, 2, 0.5),
+                (1.3, 151_936, 1.0),
+            ] {
+                let p = filtered_params(t, k, tp, seed0 * 31);
+                let want = sample(&l, &p, 5, 6).unwrap();
+                let (got, _) = filtered_sample(&l, &p, 5, 6).unwrap();
+                assert_eq!(got.token, want.token, "scale {scale} T {t} k {k} p {tp}");
+                assert!((got.sampling_logprob - want.sampling_logprob).abs() <= 1e-5);
+            }
+        }
     }
 }
