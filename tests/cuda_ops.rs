@@ -557,9 +557,6 @@ fn ops_not_on_cuda_yet_say_so() {
         be.upload(&HostTensor::new(vec![2, 4], vec![0.5; 8]))
             .unwrap()
     };
-    let w = be
-        .upload_linear(&HostTensor::new(vec![4, 4], vec![0.5; 16]))
-        .unwrap();
     let shape = AttentionShape {
         num_heads: 1,
         num_kv_heads: 1,
