@@ -6,7 +6,9 @@
 //! On the GPU so far: upload/download, the tensor utilities (zeros, copy, fill_zero, scale,
 //! add_assign), embedding, rms_norm, rope, swiglu, split/concat columns, gather_rows and
 //! linear; the KV cache (kv_pool, write_kv, copy_blocks) and attention (paged and causal) in
-//! [`super::attention`]. Every other op returns an error naming the op ([`NOT_YET_ON_CUDA`]).
+//! [`super::attention`]; the GEMM-shaped training ops (linear input / weight / bias gradients,
+//! `sum_squares`, the log-prob backward) in [`super::train_gemm`]. Every other op returns an
+//! error naming the op ([`NOT_YET_ON_CUDA`]).
 
 use super::args;
 use super::context::{CudaOptions, GpuContext, LoadedUnit, grid_stride_config, row_block_threads};
