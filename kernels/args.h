@@ -309,4 +309,44 @@ typedef struct QkvRopeArgs {
 } QkvRopeArgs;
 GE_LAYOUT(QkvRopeArgs, 72, 8);
 
+/** Bias gradient: `grad[c] += sum over r of dy[r, c]`, the rows summed in a fixed order (f32). */
+typedef struct BiasGradArgs {
+    /** bf16 `[rows, cols]`, read. */
+    unsigned long long dy;
+    /** f32 `[cols]`, read and written. */
+    unsigned long long grad;
+    int rows;
+    int cols;
+} BiasGradArgs;
+GE_LAYOUT(BiasGradArgs, 24, 8);
+
+/** `partials[b] = sum of x[i]^2` (f64) over the elements grid-stride block `b` visits; the
+ * host adds the partials in order. */
+typedef struct SumSquaresArgs {
+    /** `[n]` of the kernel's type (f32 or bf16), read. */
+    unsigned long long x;
+    /** f64 `[gridDim.x]`, written. */
+    unsigned long long partials;
+    long long n;
+} SumSquaresArgs;
+GE_LAYOUT(SumSquaresArgs, 24, 8);
+
+/** Log-prob backward on a chunk of logits, in place: for every row `r`, with
+ * `p = softmax(logits[r])` and `g = d_logprob[r]`, `logits[r] = g * (onehot(targets[r]) - p)`.
+ * `status[r]`: 0 ok, 1 a NaN or +inf logit, 2 every logit -inf, 4 target outside the
+ * vocabulary (the row is then left as it was). */
+typedef struct LogprobBackwardArgs {
+    /** bf16 `[rows, vocab]`, read and written. */
+    unsigned long long logits;
+    /** u32 `[rows]`, read. */
+    unsigned long long targets;
+    /** f32 `[rows]`, read. */
+    unsigned long long d_logprob;
+    /** i32 `[rows]`, written. */
+    unsigned long long status;
+    int rows;
+    int vocab;
+} LogprobBackwardArgs;
+GE_LAYOUT(LogprobBackwardArgs, 40, 8);
+
 #endif /* GENIUS_ENGINE_KERNEL_ARGS_H */

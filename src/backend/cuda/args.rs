@@ -519,3 +519,74 @@ const _: () = {
     ["Offset of field: QkvRopeArgs::head_dim"]
         [::std::mem::offset_of!(QkvRopeArgs, head_dim) - 68usize];
 };
+#[doc = " Bias gradient: `grad[c] += sum over r of dy[r, c]`, the rows summed in a fixed order (f32)."]
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct BiasGradArgs {
+    #[doc = " bf16 `[rows, cols]`, read."]
+    pub dy: ::std::os::raw::c_ulonglong,
+    #[doc = " f32 `[cols]`, read and written."]
+    pub grad: ::std::os::raw::c_ulonglong,
+    pub rows: ::std::os::raw::c_int,
+    pub cols: ::std::os::raw::c_int,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of BiasGradArgs"][::std::mem::size_of::<BiasGradArgs>() - 24usize];
+    ["Alignment of BiasGradArgs"][::std::mem::align_of::<BiasGradArgs>() - 8usize];
+    ["Offset of field: BiasGradArgs::dy"][::std::mem::offset_of!(BiasGradArgs, dy) - 0usize];
+    ["Offset of field: BiasGradArgs::grad"][::std::mem::offset_of!(BiasGradArgs, grad) - 8usize];
+    ["Offset of field: BiasGradArgs::rows"][::std::mem::offset_of!(BiasGradArgs, rows) - 16usize];
+    ["Offset of field: BiasGradArgs::cols"][::std::mem::offset_of!(BiasGradArgs, cols) - 20usize];
+};
+#[doc = " `partials[b] = sum of x[i]^2` (f64) over the elements grid-stride block `b` visits; the\n host adds the partials in order."]
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct SumSquaresArgs {
+    #[doc = " `[n]` of the kernel's type (f32 or bf16), read."]
+    pub x: ::std::os::raw::c_ulonglong,
+    #[doc = " f64 `[gridDim.x]`, written."]
+    pub partials: ::std::os::raw::c_ulonglong,
+    pub n: ::std::os::raw::c_longlong,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of SumSquaresArgs"][::std::mem::size_of::<SumSquaresArgs>() - 24usize];
+    ["Alignment of SumSquaresArgs"][::std::mem::align_of::<SumSquaresArgs>() - 8usize];
+    ["Offset of field: SumSquaresArgs::x"][::std::mem::offset_of!(SumSquaresArgs, x) - 0usize];
+    ["Offset of field: SumSquaresArgs::partials"]
+        [::std::mem::offset_of!(SumSquaresArgs, partials) - 8usize];
+    ["Offset of field: SumSquaresArgs::n"][::std::mem::offset_of!(SumSquaresArgs, n) - 16usize];
+};
+#[doc = " Log-prob backward on a chunk of logits, in place: for every row `r`, with\n `p = softmax(logits[r])` and `g = d_logprob[r]`, `logits[r] = g * (onehot(targets[r]) - p)`.\n `status[r]`: 0 ok, 1 a NaN or +inf logit, 2 every logit -inf, 4 target outside the\n vocabulary (the row is then left as it was)."]
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct LogprobBackwardArgs {
+    #[doc = " bf16 `[rows, vocab]`, read and written."]
+    pub logits: ::std::os::raw::c_ulonglong,
+    #[doc = " u32 `[rows]`, read."]
+    pub targets: ::std::os::raw::c_ulonglong,
+    #[doc = " f32 `[rows]`, read."]
+    pub d_logprob: ::std::os::raw::c_ulonglong,
+    #[doc = " i32 `[rows]`, written."]
+    pub status: ::std::os::raw::c_ulonglong,
+    pub rows: ::std::os::raw::c_int,
+    pub vocab: ::std::os::raw::c_int,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of LogprobBackwardArgs"][::std::mem::size_of::<LogprobBackwardArgs>() - 40usize];
+    ["Alignment of LogprobBackwardArgs"][::std::mem::align_of::<LogprobBackwardArgs>() - 8usize];
+    ["Offset of field: LogprobBackwardArgs::logits"]
+        [::std::mem::offset_of!(LogprobBackwardArgs, logits) - 0usize];
+    ["Offset of field: LogprobBackwardArgs::targets"]
+        [::std::mem::offset_of!(LogprobBackwardArgs, targets) - 8usize];
+    ["Offset of field: LogprobBackwardArgs::d_logprob"]
+        [::std::mem::offset_of!(LogprobBackwardArgs, d_logprob) - 16usize];
+    ["Offset of field: LogprobBackwardArgs::status"]
+        [::std::mem::offset_of!(LogprobBackwardArgs, status) - 24usize];
+    ["Offset of field: LogprobBackwardArgs::rows"]
+        [::std::mem::offset_of!(LogprobBackwardArgs, rows) - 32usize];
+    ["Offset of field: LogprobBackwardArgs::vocab"]
+        [::std::mem::offset_of!(LogprobBackwardArgs, vocab) - 36usize];
+};

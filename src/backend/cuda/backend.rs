@@ -6,7 +6,9 @@
 //! On the GPU so far: upload/download, the tensor utilities (zeros, copy, fill_zero, scale,
 //! add_assign), embedding, rms_norm, rope, swiglu, split/concat columns, gather_rows and
 //! linear; the KV cache (kv_pool, write_kv, copy_blocks) and attention (paged and causal) in
-//! [`super::attention`]. Every other op returns an error naming the op ([`NOT_YET_ON_CUDA`]).
+//! [`super::attention`]; the GEMM-shaped training ops (linear input / weight / bias gradients,
+//! `sum_squares`, the log-prob backward) in [`super::train_gemm`]. Every other op returns an
+//! error naming the op ([`NOT_YET_ON_CUDA`]).
 
 use super::args;
 use super::context::{CudaOptions, GpuContext, LoadedUnit, grid_stride_config, row_block_threads};
@@ -57,22 +59,22 @@ pub const ON_CUDA: &[&str] = &[
     "release_cached_memory",
     "assign_tensor",
     "assign_linear",
+    "sum_squares",
+    "linear_backward_input",
+    "accumulate_linear_grad",
+    "accumulate_bias_grad",
+    "target_logprobs_backward",
 ];
 
 /// The [`Backend`] ops that are not on the CUDA backend yet: each returns an error naming it.
 pub const NOT_YET_ON_CUDA: &[&str] = &[
     "adamw_update",
-    "sum_squares",
     "scatter_add_rows",
-    "linear_backward_input",
-    "accumulate_linear_grad",
-    "accumulate_bias_grad",
     "rms_norm_backward",
     "rope_backward",
     "swiglu_backward",
     "embedding_backward",
     "causal_attention_backward",
-    "target_logprobs_backward",
 ];
 
 /// Most bytes of bf16 logits [`Backend::target_logprobs`] holds at once.
@@ -112,7 +114,7 @@ fn not_yet(op: &str) -> anyhow::Error {
 }
 
 /// A size as the kernels' `int`, or an error naming `op` and `what`.
-fn int(v: usize, op: &str, what: &str) -> Result<i32> {
+pub(super) fn int(v: usize, op: &str, what: &str) -> Result<i32> {
     i32::try_from(v).map_err(|_| anyhow!("{op}: {what} = {v} is over the kernels' 2^31 - 1 limit"))
 }
 
@@ -120,13 +122,16 @@ fn int(v: usize, op: &str, what: &str) -> Result<i32> {
 pub struct CudaBackend {
     pub(super) gpu: GpuContext,
     /// cuBLASLt handle (and its workspace), used by one thread at a time.
-    gemm: Mutex<Gemm>,
+    pub(super) gemm: Mutex<Gemm>,
     poison: bool,
     /// Whether the fused ops (`add_rms_norm`, `qkv_rope_write_kv`) run as one kernel each;
     /// `$GENIUS_CUDA_FUSED=0` runs them as their separate ops, for comparison.
     fused: bool,
     /// The last RoPE `inv_freq` table uploaded (as f32 bits) and its device copy.
     rope_table: Mutex<Option<(Vec<u32>, CudaSlice<f32>)>>,
+    /// Rows per chunk of the log-prob ops (forward and backward); 0: by
+    /// [`TARGET_LOGPROB_CHUNK_BYTES`]. See [`CudaBackend::set_logprob_chunk_rows`].
+    pub(super) logprob_chunk_rows: std::sync::atomic::AtomicUsize,
 }
 
 impl CudaBackend {
@@ -146,6 +151,9 @@ impl CudaBackend {
             poison: options.poison_outputs,
             fused: std::env::var("GENIUS_CUDA_FUSED").map_or(true, |v| v != "0"),
             rope_table: Mutex::new(None),
+            logprob_chunk_rows: std::sync::atomic::AtomicUsize::new(
+                super::train_gemm::logprob_chunk_rows_from_env()?,
+            ),
         })
     }
 
@@ -214,7 +222,7 @@ impl CudaBackend {
     }
 
     /// Device address of a tensor's buffer, whatever its type.
-    fn addr(&self, t: &CudaTensor) -> u64 {
+    pub(super) fn addr(&self, t: &CudaTensor) -> u64 {
         match &t.data {
             DeviceData::Bf16(s) => self.gpu.ptr(s),
             DeviceData::F32(s) => self.gpu.ptr(s),
@@ -222,7 +230,7 @@ impl CudaBackend {
     }
 
     /// Device address of a tensor's buffer that a kernel writes.
-    fn addr_mut(&self, t: &mut CudaTensor) -> u64 {
+    pub(super) fn addr_mut(&self, t: &mut CudaTensor) -> u64 {
         match &mut t.data {
             DeviceData::Bf16(s) => self.gpu.ptr_mut(s),
             DeviceData::F32(s) => self.gpu.ptr_mut(s),
@@ -805,7 +813,7 @@ impl Backend for CudaBackend {
         ensure!(vocab > 0, "target_logprobs: the LM head has no outputs");
         let vocab_i32 = int(vocab, "target_logprobs", "vocabulary")?;
         // Rows per chunk: at most TARGET_LOGPROB_CHUNK_BYTES of bf16 logits at once.
-        let chunk = (TARGET_LOGPROB_CHUNK_BYTES / (2 * vocab)).max(1);
+        let chunk = self.logprob_chunk_rows(vocab);
         let mut out = Vec::with_capacity(n);
         for start in (0..n).step_by(chunk) {
             let end = (start + chunk).min(n);
@@ -901,8 +909,8 @@ impl Backend for CudaBackend {
         unsafe { self.gpu.launch(kernel, grid_stride_config(n), &a) }
     }
 
-    fn sum_squares(&self, _x: &CudaTensor) -> Result<f64> {
-        Err(not_yet("sum_squares"))
+    fn sum_squares(&self, x: &CudaTensor) -> Result<f64> {
+        self.train_sum_squares(x)
     }
 
     fn zeros_f32(&self, shape: &[usize]) -> Result<CudaTensor> {
@@ -971,21 +979,21 @@ impl Backend for CudaBackend {
         Err(not_yet("scatter_add_rows"))
     }
 
-    fn linear_backward_input(&self, _dy: &CudaTensor, _w: &CudaLinear) -> Result<CudaTensor> {
-        Err(not_yet("linear_backward_input"))
+    fn linear_backward_input(&self, dy: &CudaTensor, w: &CudaLinear) -> Result<CudaTensor> {
+        self.train_linear_backward_input(dy, w)
     }
 
     fn accumulate_linear_grad(
         &self,
-        _grad: &mut CudaTensor,
-        _x: &CudaTensor,
-        _dy: &CudaTensor,
+        grad: &mut CudaTensor,
+        x: &CudaTensor,
+        dy: &CudaTensor,
     ) -> Result<()> {
-        Err(not_yet("accumulate_linear_grad"))
+        self.train_accumulate_linear_grad(grad, x, dy)
     }
 
-    fn accumulate_bias_grad(&self, _grad: &mut CudaTensor, _dy: &CudaTensor) -> Result<()> {
-        Err(not_yet("accumulate_bias_grad"))
+    fn accumulate_bias_grad(&self, grad: &mut CudaTensor, dy: &CudaTensor) -> Result<()> {
+        self.train_accumulate_bias_grad(grad, dy)
     }
 
     fn rms_norm_backward(
@@ -1036,13 +1044,13 @@ impl Backend for CudaBackend {
 
     fn target_logprobs_backward(
         &self,
-        _hidden: &CudaTensor,
-        _lm_head: &CudaLinear,
-        _targets: &[u32],
-        _d_logprob: &[f32],
-        _lm_head_grad: &mut CudaTensor,
+        hidden: &CudaTensor,
+        lm_head: &CudaLinear,
+        targets: &[u32],
+        d_logprob: &[f32],
+        lm_head_grad: &mut CudaTensor,
     ) -> Result<CudaTensor> {
-        Err(not_yet("target_logprobs_backward"))
+        self.train_target_logprobs_backward(hidden, lm_head, targets, d_logprob, lm_head_grad)
     }
 }
 

@@ -35,6 +35,9 @@ unsafe impl DeviceRepr for args::PagedCombineArgs {}
 unsafe impl DeviceRepr for args::TargetLogprobArgs {}
 unsafe impl DeviceRepr for args::AddRmsNormArgs {}
 unsafe impl DeviceRepr for args::QkvRopeArgs {}
+unsafe impl DeviceRepr for args::BiasGradArgs {}
+unsafe impl DeviceRepr for args::SumSquaresArgs {}
+unsafe impl DeviceRepr for args::LogprobBackwardArgs {}
 
 /// Environment variable: the CUDA device ordinal to use (default 0).
 pub const DEVICE_ENV: &str = "GENIUS_CUDA_DEVICE";
@@ -619,6 +622,9 @@ mod tests {
             TargetLogprobArgs,
             AddRmsNormArgs,
             QkvRopeArgs,
+            BiasGradArgs,
+            SumSquaresArgs,
+            LogprobBackwardArgs,
         );
         let mut header = header_layouts();
         rust.sort();

@@ -9,6 +9,11 @@
 //! `y^T[m, n] = w · x^T`: `w` is the column-major `[k, m]` matrix taken transposed and `x^T` the
 //! column-major `[k, n]` one; the bias epilogue adds `bias[m]` to every column of `y^T`, i.e.
 //! to every row of `y`. bf16 operands and output, f32 accumulation and scale.
+//!
+//! The training GEMMs ([`Gemm::run_general`], plans keyed by [`GeneralGemm`]) are plain
+//! column-major `D[m, n] = alpha op(A) op(B) + beta C` with tight leading dimensions, bf16 `A`
+//! and `B`, and `C = D` either bf16 or f32 (f32 gradients accumulate with `beta = 1`); the
+//! row-major products they implement are spelled out in `train_gemm.rs`.
 
 use anyhow::{Result, anyhow};
 use cudarc::cublaslt::result;
@@ -28,6 +33,21 @@ pub struct GemmShape {
     pub out: usize,
     pub inp: usize,
     pub bias: bool,
+}
+
+/// One column-major GEMM `D[m, n] = alpha op(A) op(B) + beta C` (`C` and `D` the same
+/// buffer): `A` is stored `[k, m]` (leading dimension `k`) when `transa`, else `[m, k]`
+/// (leading dimension `m`); `B` is stored `[n, k]` when `transb`, else `[k, n]`; `D` is
+/// `[m, n]` with leading dimension `m`. `A` and `B` are bf16; `D` is f32 when `out_f32`, else
+/// bf16. f32 compute and scale.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct GeneralGemm {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub transa: bool,
+    pub transb: bool,
+    pub out_f32: bool,
 }
 
 /// Everything cuBLASLt needs for one shape, built once.
@@ -59,6 +79,7 @@ pub struct Gemm {
     workspace: CudaSlice<u8>,
     stream: Arc<CudaStream>,
     plans: HashMap<GemmShape, Plan>,
+    general_plans: HashMap<GeneralGemm, Plan>,
 }
 
 // SAFETY: the raw cuBLASLt handles are only used behind the backend's mutex, one thread at a
@@ -68,6 +89,7 @@ unsafe impl Send for Gemm {}
 impl Drop for Gemm {
     fn drop(&mut self) {
         self.plans.clear();
+        self.general_plans.clear();
         // SAFETY: the handle was created in `new` and every plan using it is gone.
         unsafe {
             let _ = result::destroy_handle(self.handle);
@@ -92,12 +114,13 @@ impl Gemm {
             workspace,
             stream,
             plans: HashMap::new(),
+            general_plans: HashMap::new(),
         })
     }
 
     /// Plans built so far (for tests and diagnostics).
     pub fn num_plans(&self) -> usize {
-        self.plans.len()
+        self.plans.len() + self.general_plans.len()
     }
 
     fn plan(&mut self, s: GemmShape) -> Result<&Plan> {
@@ -163,6 +186,12 @@ impl Gemm {
                 .map_err(|e| blas_err("bias type attribute", e))?;
             }
         }
+        plan.algo = self.heuristic(&plan, &format!("{s:?}"))?;
+        Ok(plan)
+    }
+
+    /// cuBLASLt's first choice of algorithm for a plan's descriptor and layouts (`C` = `D`).
+    fn heuristic(&self, plan: &Plan, what: &str) -> Result<sys::cublasLtMatmulAlgo_t> {
         let pref = result::create_matmul_pref().map_err(|e| blas_err("preference", e))?;
         let workspace = WORKSPACE_BYTES;
         // SAFETY: every handle is live; the heuristic only reads them. The preference is
@@ -188,8 +217,63 @@ impl Gemm {
             let _ = result::destroy_matmul_pref(pref);
             r
         }
-        .map_err(|e| blas_err(&format!("algorithm heuristic for {s:?}"), e))?;
-        plan.algo = heuristic.algo;
+        .map_err(|e| blas_err(&format!("algorithm heuristic for {what}"), e))?;
+        Ok(heuristic.algo)
+    }
+
+    fn build_general(&self, s: GeneralGemm) -> Result<Plan> {
+        let bf16 = sys::cudaDataType_t::CUDA_R_16BF;
+        let out_type = if s.out_f32 {
+            sys::cudaDataType_t::CUDA_R_32F
+        } else {
+            bf16
+        };
+        let (m, n, k) = (s.m as u64, s.n as u64, s.k as u64);
+        let layout = |ty, rows: u64, cols: u64| {
+            result::create_matrix_layout(ty, rows, cols, rows as i64)
+                .map_err(|e| blas_err("matrix layout", e))
+        };
+        let desc = result::create_matmul_desc(
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            sys::cudaDataType_t::CUDA_R_32F,
+        )
+        .map_err(|e| blas_err("matmul descriptor", e))?;
+        let mut plan = Plan {
+            desc,
+            w_layout: if s.transa {
+                layout(bf16, k, m)?
+            } else {
+                layout(bf16, m, k)?
+            },
+            x_layout: if s.transb {
+                layout(bf16, n, k)?
+            } else {
+                layout(bf16, k, n)?
+            },
+            y_layout: layout(out_type, m, n)?,
+            // SAFETY: plain data, overwritten by the heuristic below.
+            algo: unsafe { std::mem::zeroed() },
+        };
+        let (transa, transb) = (s.transa as i32, s.transb as i32);
+        // SAFETY: the descriptor is live; each attribute is given a pointer to a value of the
+        // size stated.
+        unsafe {
+            result::set_matmul_desc_attribute(
+                plan.desc,
+                sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
+                (&transa) as *const i32 as *const _,
+                size_of::<i32>(),
+            )
+            .map_err(|e| blas_err("transpose attribute", e))?;
+            result::set_matmul_desc_attribute(
+                plan.desc,
+                sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB,
+                (&transb) as *const i32 as *const _,
+                size_of::<i32>(),
+            )
+            .map_err(|e| blas_err("transpose attribute", e))?;
+        }
+        plan.algo = self.heuristic(&plan, &format!("{s:?}"))?;
         Ok(plan)
     }
 
@@ -237,6 +321,54 @@ impl Gemm {
                 y as *const _,
                 plan.y_layout,
                 y as *mut _,
+                plan.y_layout,
+                &plan.algo,
+                ws as *mut _,
+                WORKSPACE_BYTES,
+                stream as *mut _,
+            )
+            .map_err(|e| blas_err(&format!("GEMM {s:?}"), e))
+        }
+    }
+
+    /// `D = op(A) op(B) + beta D` on the stream ([`GeneralGemm`]), with device addresses `a`,
+    /// `b` and `d`.
+    ///
+    /// # Safety
+    /// The addresses must hold live buffers of the shapes and types `s` states until the
+    /// stream has run the GEMM; `d` must not overlap `a` or `b`.
+    pub unsafe fn run_general(
+        &mut self,
+        s: GeneralGemm,
+        a: u64,
+        b: u64,
+        d: u64,
+        beta: f32,
+    ) -> Result<()> {
+        let handle = self.handle;
+        let stream = self.stream.cu_stream();
+        if !self.general_plans.contains_key(&s) {
+            let plan = self.build_general(s)?;
+            self.general_plans.insert(s, plan);
+        }
+        let plan = &self.general_plans[&s];
+        let (ws, _record) = cudarc::driver::DevicePtr::device_ptr(&self.workspace, &self.stream);
+        let alpha = 1.0f32;
+        // SAFETY: the plan's handles are live; the caller vouches for the buffers (C = D, the
+        // same layout, which cuBLASLt allows in place).
+        unsafe {
+            result::matmul(
+                handle,
+                plan.desc,
+                (&alpha) as *const f32 as *const _,
+                (&beta) as *const f32 as *const _,
+                a as *const _,
+                plan.w_layout,
+                b as *const _,
+                plan.x_layout,
+                d as *const _,
+                plan.y_layout,
+                d as *mut _,
                 plan.y_layout,
                 &plan.algo,
                 ws as *mut _,

@@ -66,6 +66,16 @@ pub const KERNEL_UNITS: &[(&str, &[&str])] = &[
             "ge_target_logprobs_bf16",
         ],
     ),
+    (
+        "train_gemm.cu",
+        &[
+            "ge_bias_grad_bf16",
+            "ge_sum_squares_f32",
+            "ge_sum_squares_bf16",
+            "ge_target_logprobs_backward_bf16",
+            "ge_target_logprobs_backward_bf16_v8",
+        ],
+    ),
 ];
 
 /// Environment variable choosing [`KernelSourcePolicy`]: `auto`, `precompiled` or `nvrtc`.

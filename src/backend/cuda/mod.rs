@@ -11,6 +11,9 @@
 //! - [`sampling`]: greedy, unfiltered and top-k / top-p token sampling on the GPU
 //!   ([`CudaBackend::sample_rows_kernel`], what the backend's `sample_rows` runs).
 //! - [`tensor`]: [`CudaTensor`] (bf16 or f32 device buffers) and [`CudaLinear`] (bf16 weights).
+//! - [`train_gemm`]: the GEMM-shaped training ops (linear input / weight / bias gradients,
+//!   `sum_squares`, the log-prob backward), cuBLASLt GEMMs into f32 gradients plus the
+//!   reductions of `kernels/train_gemm.cu`.
 //! - [`backend`]: [`CudaBackend`], the [`crate::backend::Backend`] implementation. Part of the
 //!   trait runs on the GPU ([`ON_CUDA`]: the forward pass, paged attention, log-probs and
 //!   sampling); the rest (the backward ops) returns an error naming the op
@@ -25,6 +28,7 @@ pub mod gemm;
 pub mod kernels;
 pub mod sampling;
 pub mod tensor;
+pub mod train_gemm;
 
 pub use backend::{CudaBackend, NOT_YET_ON_CUDA, ON_CUDA, TARGET_LOGPROB_CHUNK_BYTES};
 pub use context::CudaOptions;

@@ -1,0 +1,234 @@
+// The reductions around the training GEMMs (src/backend/cuda/train_gemm.rs; the GEMMs
+// themselves are cuBLASLt's):
+// - ge_bias_grad_bf16: bias gradients, column sums of a bf16 [rows, cols] gradient added to an
+//   f32 [cols] accumulator, the rows of each column summed in a fixed order;
+// - ge_sum_squares_{f32,bf16}: per-block f64 partial sums of squares (gradient norms); the host
+//   adds the partials in order, so the result is deterministic;
+// - ge_target_logprobs_backward_bf16: the softmax gradient of the fused LM head + log-softmax +
+//   gather, in place on a chunk of bf16 logits: one online (max, sum) pass over the row, then one
+//   pass that reads the logits again and writes g * (onehot(target) - p).
+#include "common.cuh"
+
+// ---- bias gradient ----
+
+#define GE_BIAS_COLS 32
+#define GE_BIAS_ROW_GROUPS 8
+
+// Block (GE_BIAS_COLS, GE_BIAS_ROW_GROUPS): thread (c, g) sums rows g, g + 8, ... of column
+// blockIdx.x * 32 + c in f32, then thread (c, 0) adds the 8 group sums in order to grad.
+extern "C" __global__ void ge_bias_grad_bf16(BiasGradArgs a) {
+    __shared__ float s_part[GE_BIAS_ROW_GROUPS][GE_BIAS_COLS + 1];
+    const int tx = threadIdx.x;
+    const int ty = threadIdx.y;
+    const int col = blockIdx.x * GE_BIAS_COLS + tx;
+    const ge_bf16* dy = reinterpret_cast<const ge_bf16*>(a.dy);
+    float* grad = reinterpret_cast<float*>(a.grad);
+    float acc = 0.0f;
+    if (col < a.cols) {
+        for (int r = ty; r < a.rows; r += GE_BIAS_ROW_GROUPS) {
+            acc += ge_bf16_to_f32(dy[static_cast<long long>(r) * a.cols + col]);
+        }
+    }
+    s_part[ty][tx] = acc;
+    __syncthreads();
+    if (ty == 0 && col < a.cols) {
+        float total = 0.0f;
+#pragma unroll
+        for (int g = 0; g < GE_BIAS_ROW_GROUPS; ++g) total += s_part[g][tx];
+        grad[col] += total;
+    }
+}
+
+// ---- sum of squares ----
+
+// Sum of an f64 over the block (every thread calls; result to every thread); the block size a
+// multiple of 32; `scratch` is 32 doubles of shared memory.
+__device__ __forceinline__ double ge_train_block_sum_f64(double v, double* scratch) {
+    const int lane = threadIdx.x % GE_WARP_SIZE;
+    const int warp = threadIdx.x / GE_WARP_SIZE;
+    const int warps = blockDim.x / GE_WARP_SIZE;
+#pragma unroll
+    for (int o = GE_WARP_SIZE / 2; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < warps ? scratch[lane] : 0.0;
+#pragma unroll
+    for (int o = GE_WARP_SIZE / 2; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+template <typename T>
+__device__ __forceinline__ void ge_sum_squares_impl(const SumSquaresArgs& a) {
+    __shared__ double s_red[GE_WARP_SIZE];
+    const T* x = reinterpret_cast<const T*>(a.x);
+    double acc = 0.0;
+    for (long long i = ge_global_index(); i < a.n; i += ge_grid_threads()) {
+        const double v = static_cast<double>(ge_to_f32(x[i]));
+        acc += v * v;
+    }
+    acc = ge_train_block_sum_f64(acc, s_red);
+    if (threadIdx.x == 0) reinterpret_cast<double*>(a.partials)[blockIdx.x] = acc;
+}
+
+extern "C" __global__ void ge_sum_squares_f32(SumSquaresArgs a) { ge_sum_squares_impl<float>(a); }
+
+extern "C" __global__ void ge_sum_squares_bf16(SumSquaresArgs a) {
+    ge_sum_squares_impl<ge_bf16>(a);
+}
+
+// ---- log-prob backward ----
+
+#define GE_NEG_INF __int_as_float(0xff800000)
+#define GE_POS_INF __int_as_float(0x7f800000)
+
+// Online softmax statistics: adds logit `x` to the running (max m, sum s of exp(l - m)).
+__device__ __forceinline__ void ge_online_add(float& m, float& s, float x) {
+    if (x > m) {
+        s = s * expf(m - x) + 1.0f;  // m = -inf: s is 0 and expf(-inf) is 0
+        m = x;
+    } else if (x != GE_NEG_INF) {
+        s += expf(x - m);
+    }
+}
+
+// Merges the statistics (om, os) into (m, s).
+__device__ __forceinline__ void ge_online_merge(float& m, float& s, float om, float os) {
+    const float M = fmaxf(m, om);
+    if (M == GE_NEG_INF) return;
+    const float a = m == GE_NEG_INF ? 0.0f : s * expf(m - M);
+    const float b = om == GE_NEG_INF ? 0.0f : os * expf(om - M);
+    s = a + b;
+    m = M;
+}
+
+// Notes a logit that makes the row unusable (NaN or +inf).
+__device__ __forceinline__ bool ge_bad_logit(float x) { return x != x || x == GE_POS_INF; }
+
+// Low and high bf16 of a 32-bit word (element 2i and 2i + 1: little-endian), as f32.
+__device__ __forceinline__ float ge_lo_bf16(unsigned int w) { return __uint_as_float(w << 16); }
+__device__ __forceinline__ float ge_hi_bf16(unsigned int w) {
+    return __uint_as_float(w & 0xffff0000u);
+}
+__device__ __forceinline__ unsigned int ge_pack_bf16(float lo, float hi) {
+    return static_cast<unsigned int>(ge_f32_to_bf16(lo).bits) |
+           (static_cast<unsigned int>(ge_f32_to_bf16(hi).bits) << 16);
+}
+
+// One block per row (block size a multiple of 32, at most 1024). VEC: the row is read and
+// written 8 bf16 (16 bytes) at a time, which needs vocab % 8 == 0 (rows then start 16-byte
+// aligned in a 256-byte aligned buffer).
+template <bool VEC>
+__device__ __forceinline__ void ge_target_logprobs_backward_impl(const LogprobBackwardArgs& a) {
+    __shared__ float s_m[GE_WARP_SIZE];
+    __shared__ float s_s[GE_WARP_SIZE];
+    __shared__ int s_bad;
+    const int row = blockIdx.x;
+    const int tid = threadIdx.x;
+    const int lane = tid % GE_WARP_SIZE;
+    const int warp = tid / GE_WARP_SIZE;
+    const int warps = blockDim.x / GE_WARP_SIZE;
+    const int vocab = a.vocab;
+    ge_bf16* l = reinterpret_cast<ge_bf16*>(a.logits) + static_cast<long long>(row) * vocab;
+    const unsigned int target = reinterpret_cast<const unsigned int*>(a.targets)[row];
+    const float g = reinterpret_cast<const float*>(a.d_logprob)[row];
+    int* status = reinterpret_cast<int*>(a.status);
+    if (tid == 0) s_bad = 0;
+    __syncthreads();
+
+    // 1. online max and sum of exp(l - max), f32, NaN / +inf noted.
+    float m = GE_NEG_INF;
+    float s = 0.0f;
+    bool bad = false;
+    if (VEC) {
+        const uint4* lv = reinterpret_cast<const uint4*>(l);
+        const int n8 = vocab / 8;
+        for (int j = tid; j < n8; j += blockDim.x) {
+            const uint4 u = lv[j];
+            const unsigned int w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                const float x0 = ge_lo_bf16(w[k]);
+                const float x1 = ge_hi_bf16(w[k]);
+                bad |= ge_bad_logit(x0) | ge_bad_logit(x1);
+                ge_online_add(m, s, x0);
+                ge_online_add(m, s, x1);
+            }
+        }
+    } else {
+        for (int i = tid; i < vocab; i += blockDim.x) {
+            const float x = ge_bf16_to_f32(l[i]);
+            bad |= ge_bad_logit(x);
+            ge_online_add(m, s, x);
+        }
+    }
+    if (bad) atomicOr(&s_bad, 1);
+#pragma unroll
+    for (int o = GE_WARP_SIZE / 2; o > 0; o /= 2) {
+        const float om = __shfl_xor_sync(0xffffffffu, m, o);
+        const float os = __shfl_xor_sync(0xffffffffu, s, o);
+        ge_online_merge(m, s, om, os);
+    }
+    if (lane == 0) {
+        s_m[warp] = m;
+        s_s[warp] = s;
+    }
+    __syncthreads();
+    m = lane < warps ? s_m[lane] : GE_NEG_INF;
+    s = lane < warps ? s_s[lane] : 0.0f;
+#pragma unroll
+    for (int o = GE_WARP_SIZE / 2; o > 0; o /= 2) {
+        const float om = __shfl_xor_sync(0xffffffffu, m, o);
+        const float os = __shfl_xor_sync(0xffffffffu, s, o);
+        ge_online_merge(m, s, om, os);
+    }
+    if (s_bad != 0 || m == GE_NEG_INF || target >= static_cast<unsigned int>(vocab)) {
+        if (tid == 0) status[row] = s_bad != 0 ? 1 : (m == GE_NEG_INF ? 2 : 4);
+        return;
+    }
+
+    // 2. dl = g * (onehot(target) - exp(l - max) / sum), rounded to bf16 once.
+    const float coef = -g / s;
+    const int t = static_cast<int>(target);
+    if (VEC) {
+        uint4* lv = reinterpret_cast<uint4*>(l);
+        const int n8 = vocab / 8;
+        for (int j = tid; j < n8; j += blockDim.x) {
+            const uint4 u = lv[j];
+            const unsigned int w[4] = {u.x, u.y, u.z, u.w};
+            unsigned int o[4];
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                const int i0 = j * 8 + 2 * k;
+                float v0 = coef * expf(ge_lo_bf16(w[k]) - m);
+                float v1 = coef * expf(ge_hi_bf16(w[k]) - m);
+                if (i0 == t) v0 += g;
+                if (i0 + 1 == t) v1 += g;
+                o[k] = ge_pack_bf16(v0, v1);
+            }
+            uint4 r;
+            r.x = o[0];
+            r.y = o[1];
+            r.z = o[2];
+            r.w = o[3];
+            lv[j] = r;
+        }
+    } else {
+        for (int i = tid; i < vocab; i += blockDim.x) {
+            float v = coef * expf(ge_bf16_to_f32(l[i]) - m);
+            if (i == t) v += g;
+            l[i] = ge_f32_to_bf16(v);
+        }
+    }
+    if (tid == 0) status[row] = 0;
+}
+
+// bf16 logits [rows, vocab], any vocab.
+extern "C" __global__ void ge_target_logprobs_backward_bf16(LogprobBackwardArgs a) {
+    ge_target_logprobs_backward_impl<false>(a);
+}
+
+// bf16 logits [rows, vocab] with vocab % 8 == 0 (16-byte loads and stores).
+extern "C" __global__ void ge_target_logprobs_backward_bf16_v8(LogprobBackwardArgs a) {
+    ge_target_logprobs_backward_impl<true>(a);
+}

@@ -1,0 +1,457 @@
+//! The GEMM-shaped training ops of the CUDA backend: the input and weight gradients of
+//! [`Backend::linear`], the bias gradient, `sum_squares` (gradient norms) and the backward of
+//! the fused LM head + log-softmax + gather ([`Backend::target_logprobs_backward`]). The
+//! [`Backend`] impl in `backend.rs` delegates here.
+//!
+//! Precision: activations, weights and returned input gradients are bf16; parameter gradients
+//! are f32 tensors (`zeros_f32`) that cuBLASLt accumulates into with `beta = 1` (bf16
+//! operands, f32 compute). The row-major products as column-major cuBLASLt GEMMs
+//! ([`GeneralGemm`]; a row-major `[r, c]` buffer is the column-major `[c, r]` matrix):
+//!
+//! - `dx[n, in] = dy[n, out] @ W[out, in]`: `D[in, n] = A[in, out] B[out, n]` with `A` = W's
+//!   buffer, `B` = dy's, no transposes;
+//! - `grad[out, in] += dy^T @ x`: `D[in, out] = A[in, n] op(B)` with `A` = x's buffer and
+//!   `B` = dy's buffer (column-major `[out, n]`) transposed; `D` f32, `beta = 1`.
+//!
+//! The log-prob backward runs per chunk of rows (as the forward): `logits = h @ W^T`
+//! (bf16, the forward's GEMM), `ge_target_logprobs_backward_bf16[_v8]` turns them in place into
+//! `dlogits = g (onehot - softmax)` (one online max/sum pass and one read-write pass over each
+//! row), then `d_hidden = dlogits @ W` and `lm_head_grad += dlogits^T @ h`. Row offsets into
+//! `hidden` and `d_hidden` are used in place when they are 256-byte aligned (cuBLASLt's
+//! heuristic assumes that alignment), else the chunk is copied.
+//!
+//! [`Backend`]: crate::backend::Backend
+//! [`Backend::linear`]: crate::backend::Backend::linear
+//! [`Backend::target_logprobs_backward`]: crate::backend::Backend::target_logprobs_backward
+
+use super::args;
+use super::backend::{CudaBackend, TARGET_LOGPROB_CHUNK_BYTES, int};
+use super::gemm::GeneralGemm;
+use super::tensor::{CudaLinear, CudaTensor, DType};
+use crate::backend::Backend;
+use anyhow::{Context, Result, anyhow, bail, ensure};
+use cudarc::driver::LaunchConfig;
+use std::sync::atomic::Ordering;
+
+/// Environment variable forcing the rows per chunk of the log-prob ops (tests; unset or 0:
+/// sized by [`TARGET_LOGPROB_CHUNK_BYTES`]).
+pub const LOGPROB_CHUNK_ROWS_ENV: &str = "GENIUS_CUDA_LOGPROB_CHUNK_ROWS";
+
+/// `$GENIUS_CUDA_LOGPROB_CHUNK_ROWS`, read once when the backend is created (0 when unset).
+pub(super) fn logprob_chunk_rows_from_env() -> Result<usize> {
+    match std::env::var(LOGPROB_CHUNK_ROWS_ENV) {
+        Ok(v) if !v.trim().is_empty() => v
+            .trim()
+            .parse()
+            .with_context(|| format!("{LOGPROB_CHUNK_ROWS_ENV}={v:?} is not a row count")),
+        _ => Ok(0),
+    }
+}
+
+/// Rows per log-prob chunk for `vocab` outputs by default: at most
+/// [`TARGET_LOGPROB_CHUNK_BYTES`] of bf16 logits, rounded down to a multiple of 128 rows when
+/// that many fit (so that every chunk's row offset is 256-byte aligned for any width).
+pub fn default_logprob_chunk_rows(vocab: usize) -> usize {
+    let rows = (TARGET_LOGPROB_CHUNK_BYTES / (2 * vocab.max(1))).max(1);
+    if rows >= 128 { rows / 128 * 128 } else { rows }
+}
+
+/// Threads per block of the sum-of-squares kernels, and the most blocks (partials).
+const SUM_SQUARES_THREADS: usize = 256;
+const SUM_SQUARES_MAX_BLOCKS: usize = 1024;
+
+/// Whether a device address suits cuBLASLt's default (256-byte) alignment assumption.
+fn aligned(addr: u64) -> bool {
+    addr.is_multiple_of(256)
+}
+
+impl CudaBackend {
+    /// Forces the rows per chunk of [`Backend::target_logprobs`] and
+    /// [`Backend::target_logprobs_backward`] (0: back to the default, at most 256 MiB of bf16
+    /// logits at once). For tests, so that small inputs run several chunks.
+    pub fn set_logprob_chunk_rows(&self, rows: usize) {
+        self.logprob_chunk_rows.store(rows, Ordering::Relaxed);
+    }
+
+    /// Rows per chunk of the log-prob ops for `vocab` outputs.
+    pub(super) fn logprob_chunk_rows(&self, vocab: usize) -> usize {
+        match self.logprob_chunk_rows.load(Ordering::Relaxed) {
+            0 => default_logprob_chunk_rows(vocab),
+            r => r,
+        }
+    }
+
+    /// One cuBLASLt GEMM ([`GeneralGemm`]) under the handle's lock, profiled as `name`.
+    ///
+    /// # Safety
+    /// As [`super::gemm::Gemm::run_general`]: the addresses hold live buffers of the shapes
+    /// `s` states.
+    unsafe fn general_gemm(
+        &self,
+        op: &str,
+        name: &'static str,
+        s: GeneralGemm,
+        (a, b, d): (u64, u64, u64),
+        beta: f32,
+    ) -> Result<()> {
+        let mut gemm = self
+            .gemm
+            .lock()
+            .map_err(|_| anyhow!("{op}: the cuBLASLt handle's lock is poisoned"))?;
+        self.gpu.ctx.bind_to_thread()?;
+        let timing = self.gpu.profile_start()?;
+        // SAFETY: the caller vouches for the buffers.
+        let done = unsafe { gemm.run_general(s, a, b, d, beta) };
+        self.gpu.profile_end(timing, name)?;
+        done.map_err(|e| anyhow!("{op}: {e:#}"))?;
+        if self.gpu.sync_after_launch {
+            self.gpu.sync(&format!("the cuBLASLt GEMM of {op}"))?;
+        }
+        Ok(())
+    }
+
+    /// `dx[rows, inp] = dy[rows, out] @ W[out, inp]` (bf16, written in full; `out > 0`).
+    ///
+    /// # Safety
+    /// `dy`, `w` and `dx` hold live bf16 buffers of those shapes, `dx` apart from the others.
+    unsafe fn input_grad_gemm(
+        &self,
+        op: &str,
+        (dy, w, dx): (u64, u64, u64),
+        rows: usize,
+        out: usize,
+        inp: usize,
+    ) -> Result<()> {
+        let s = GeneralGemm {
+            m: inp,
+            n: rows,
+            k: out,
+            transa: false,
+            transb: false,
+            out_f32: false,
+        };
+        // SAFETY: A = W's buffer (column-major [inp, out]), B = dy's ([out, rows]), D = dx's
+        // ([inp, rows]): the caller's shapes.
+        unsafe { self.general_gemm(op, "gemm backward input", s, (w, dy, dx), 0.0) }
+    }
+
+    /// `grad[out, inp] += dy[rows, out]^T @ x[rows, inp]` (`grad` f32).
+    ///
+    /// # Safety
+    /// `x` and `dy` hold live bf16 buffers and `grad` a live f32 buffer of those shapes.
+    unsafe fn weight_grad_gemm(
+        &self,
+        op: &str,
+        (x, dy, grad): (u64, u64, u64),
+        rows: usize,
+        out: usize,
+        inp: usize,
+    ) -> Result<()> {
+        let s = GeneralGemm {
+            m: inp,
+            n: out,
+            k: rows,
+            transa: false,
+            transb: true,
+            out_f32: true,
+        };
+        // SAFETY: A = x's buffer (column-major [inp, rows]), B = dy's ([out, rows], taken
+        // transposed), D = grad's ([inp, out], f32): the caller's shapes.
+        unsafe { self.general_gemm(op, "gemm backward weight", s, (x, dy, grad), 1.0) }
+    }
+
+    /// Copies `bytes` bytes between device addresses on the stream.
+    fn copy_bytes(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        self.gpu.ctx.bind_to_thread()?;
+        // SAFETY: callers pass addresses inside live buffers with `bytes` bytes after them,
+        // not overlapping; the copy is ordered on the backend's stream.
+        unsafe {
+            cudarc::driver::result::memcpy_dtod_async(dst, src, bytes, self.gpu.stream.cu_stream())
+        }
+        .context("cuMemcpyDtoDAsync")
+    }
+
+    pub(crate) fn train_linear_backward_input(
+        &self,
+        dy: &CudaTensor,
+        w: &CudaLinear,
+    ) -> Result<CudaTensor> {
+        let op = "linear_backward_input";
+        let (n, m) = dy.matrix();
+        let (out, inp) = (w.out_features, w.in_features);
+        ensure!(m == out, "{op}: dy has {m} columns, weight has {out} rows");
+        let dys = self.gpu.ptr(dy.bf16(op)?);
+        let mut dx = self.output(DType::Bf16, vec![n, inp])?;
+        if n == 0 || inp == 0 {
+            return Ok(dx);
+        }
+        if out == 0 {
+            self.fill_zero(&mut dx)?;
+            return Ok(dx);
+        }
+        let dxp = self.addr_mut(&mut dx);
+        let wp = self.gpu.ptr(&w.weight);
+        // SAFETY: dy is [n, out], w [out, inp], dx [n, inp], all bf16 and live until the
+        // stream has run the GEMM (frees are stream-ordered).
+        unsafe { self.input_grad_gemm(op, (dys, wp, dxp), n, out, inp) }?;
+        Ok(dx)
+    }
+
+    pub(crate) fn train_accumulate_linear_grad(
+        &self,
+        grad: &mut CudaTensor,
+        x: &CudaTensor,
+        dy: &CudaTensor,
+    ) -> Result<()> {
+        let op = "accumulate_linear_grad";
+        let (n, inp) = x.matrix();
+        let (n2, out) = dy.matrix();
+        ensure!(n == n2, "{op}: x has {n} rows, dy has {n2}");
+        ensure!(
+            grad.shape == [out, inp],
+            "{op}: grad is {:?}, want [{out}, {inp}]",
+            grad.shape
+        );
+        ensure!(
+            grad.dtype() == DType::F32,
+            "{op}: gradients are f32 tensors (zeros_f32), got a {} one",
+            grad.dtype().name()
+        );
+        let xs = self.gpu.ptr(x.bf16(op)?);
+        let dys = self.gpu.ptr(dy.bf16(op)?);
+        if n == 0 || out == 0 || inp == 0 {
+            return Ok(());
+        }
+        let gp = self.addr_mut(grad);
+        // SAFETY: x is [n, inp] and dy [n, out] bf16, grad [out, inp] f32, all live until the
+        // stream has run the GEMM.
+        unsafe { self.weight_grad_gemm(op, (xs, dys, gp), n, out, inp) }
+    }
+
+    pub(crate) fn train_accumulate_bias_grad(
+        &self,
+        grad: &mut CudaTensor,
+        dy: &CudaTensor,
+    ) -> Result<()> {
+        let op = "accumulate_bias_grad";
+        let (n, out) = dy.matrix();
+        ensure!(
+            grad.numel() == out,
+            "{op}: grad has {} entries, dy has {out} columns",
+            grad.numel()
+        );
+        ensure!(
+            grad.dtype() == DType::F32,
+            "{op}: gradients are f32 tensors (zeros_f32), got a {} one",
+            grad.dtype().name()
+        );
+        let dys = self.gpu.ptr(dy.bf16(op)?);
+        if n == 0 || out == 0 {
+            return Ok(());
+        }
+        let a = args::BiasGradArgs {
+            dy: dys,
+            grad: self.addr_mut(grad),
+            rows: int(n, op, "rows")?,
+            cols: int(out, op, "columns")?,
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (out.div_ceil(32) as u32, 1, 1),
+            block_dim: (32, 8, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: dy is [n, out] bf16, grad [out] f32; block (32, 8) as the kernel expects.
+        unsafe { self.gpu.launch("ge_bias_grad_bf16", cfg, &a) }
+    }
+
+    pub(crate) fn train_sum_squares(&self, x: &CudaTensor) -> Result<f64> {
+        let n = x.numel();
+        if n == 0 {
+            return Ok(0.0);
+        }
+        // The grid depends on n only, so the partials (and their ordered sum) are the same on
+        // every run and device.
+        let blocks = n
+            .div_ceil(SUM_SQUARES_THREADS * 8)
+            .clamp(1, SUM_SQUARES_MAX_BLOCKS);
+        let mut partials = self.gpu.alloc::<f64>(blocks)?;
+        let a = args::SumSquaresArgs {
+            x: self.addr(x),
+            partials: self.gpu.ptr_mut(&mut partials),
+            n: n as i64,
+        };
+        let kernel = match x.dtype() {
+            DType::Bf16 => "ge_sum_squares_bf16",
+            DType::F32 => "ge_sum_squares_f32",
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (SUM_SQUARES_THREADS as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: x holds n elements of the kernel's type, partials `blocks` f64s, one per
+        // block of the grid.
+        unsafe { self.gpu.launch(kernel, cfg, &a) }?;
+        Ok(self
+            .gpu
+            .download_slice(&partials, blocks)?
+            .iter()
+            .sum::<f64>())
+    }
+
+    pub(crate) fn train_target_logprobs_backward(
+        &self,
+        hidden: &CudaTensor,
+        lm_head: &CudaLinear,
+        targets: &[u32],
+        d_logprob: &[f32],
+        lm_head_grad: &mut CudaTensor,
+    ) -> Result<CudaTensor> {
+        let op = "target_logprobs_backward";
+        let (n, d) = hidden.matrix();
+        let (vocab, d2) = (lm_head.out_features, lm_head.in_features);
+        ensure!(d == d2, "{op}: hidden width {d}, lm_head width {d2}");
+        ensure!(
+            n == targets.len() && n == d_logprob.len(),
+            "{op}: {n} rows, {} targets, {} gradients",
+            targets.len(),
+            d_logprob.len()
+        );
+        ensure!(
+            lm_head_grad.shape == [vocab, d],
+            "{op}: lm_head_grad {:?}, want [{vocab}, {d}]",
+            lm_head_grad.shape
+        );
+        ensure!(
+            lm_head_grad.dtype() == DType::F32,
+            "{op}: gradients are f32 tensors (zeros_f32), got a {} lm_head_grad",
+            lm_head_grad.dtype().name()
+        );
+        if let Some(&t) = targets.iter().find(|&&t| t as usize >= vocab) {
+            bail!("target id {t} is outside the vocabulary ({vocab} entries)");
+        }
+        let hs = self.gpu.ptr(hidden.bf16(op)?);
+        let mut d_hidden = self.output(DType::Bf16, vec![n, d])?;
+        if n == 0 || d == 0 {
+            return Ok(d_hidden);
+        }
+        ensure!(vocab > 0, "{op}: the LM head has no outputs");
+        let vocab_i32 = int(vocab, op, "vocabulary")?;
+        int(n, op, "rows")?;
+        let chunk = self.logprob_chunk_rows(vocab);
+        let t_dev = self.gpu.upload_slice(targets)?;
+        let g_dev = self.gpu.upload_slice(d_logprob)?;
+        let mut status = self.gpu.alloc::<i32>(n)?;
+        let (t_base, g_base) = (self.gpu.ptr(&t_dev), self.gpu.ptr(&g_dev));
+        let status_base = self.gpu.ptr_mut(&mut status);
+        let dh_base = self.addr_mut(&mut d_hidden);
+        let grad_p = self.addr_mut(lm_head_grad);
+        let w_p = self.gpu.ptr(&lm_head.weight);
+        let row_bytes = d * 2;
+        let (threads, kernel) = (
+            if vocab >= 16384 { 1024 } else { 256 },
+            if vocab.is_multiple_of(8) {
+                "ge_target_logprobs_backward_bf16_v8"
+            } else {
+                "ge_target_logprobs_backward_bf16"
+            },
+        );
+        for start in (0..n).step_by(chunk) {
+            let m = chunk.min(n - start);
+            // This chunk's hidden rows: in place when aligned, else a copy.
+            let h_at = hs + (start * row_bytes) as u64;
+            let h_copy = if aligned(h_at) {
+                None
+            } else {
+                let mut c = self.output(DType::Bf16, vec![m, d])?;
+                let cp = self.addr_mut(&mut c);
+                self.copy_bytes(cp, h_at, m * row_bytes)?;
+                Some((c, cp))
+            };
+            let h_p = h_copy.as_ref().map_or(h_at, |(_, p)| *p);
+            // logits = h @ W^T, bf16 [m, vocab], turned into dlogits in place.
+            let mut logits = self.output(DType::Bf16, vec![m, vocab])?;
+            let lp = self.addr_mut(&mut logits);
+            let s = GeneralGemm {
+                m: vocab,
+                n: m,
+                k: d,
+                transa: true,
+                transb: false,
+                out_f32: false,
+            };
+            // SAFETY: A = W's buffer (column-major [d, vocab], transposed), B = h's rows
+            // (column-major [d, m]), D = logits (column-major [vocab, m]); all live.
+            unsafe { self.general_gemm(op, "gemm lm_head backward", s, (w_p, h_p, lp), 0.0) }?;
+            let a = args::LogprobBackwardArgs {
+                logits: lp,
+                targets: t_base + (start * 4) as u64,
+                d_logprob: g_base + (start * 4) as u64,
+                status: status_base + (start * 4) as u64,
+                rows: m as i32,
+                vocab: vocab_i32,
+            };
+            let cfg = LaunchConfig {
+                grid_dim: (m as u32, 1, 1),
+                block_dim: (threads, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: logits is bf16 [m, vocab] (a fresh, 256-byte aligned buffer, so rows are
+            // 16-byte aligned when vocab % 8 == 0, as the _v8 kernel needs); targets,
+            // d_logprob and status hold rows start..start + m of their n entries.
+            unsafe { self.gpu.launch(kernel, cfg, &a) }?;
+            // lm_head_grad += dlogits^T @ h.
+            // SAFETY: h's rows are bf16 [m, d], dlogits bf16 [m, vocab], the grad f32
+            // [vocab, d]; all live.
+            unsafe { self.weight_grad_gemm(op, (h_p, lp, grad_p), m, vocab, d) }?;
+            // d_hidden rows = dlogits @ W: in place when aligned, else through a copy.
+            let dh_at = dh_base + (start * row_bytes) as u64;
+            if aligned(dh_at) {
+                // SAFETY: dlogits is bf16 [m, vocab], W [vocab, d], d_hidden's rows
+                // start..start + m are [m, d]; all live.
+                unsafe { self.input_grad_gemm(op, (lp, w_p, dh_at), m, vocab, d) }?;
+            } else {
+                let mut c = self.output(DType::Bf16, vec![m, d])?;
+                let cp = self.addr_mut(&mut c);
+                // SAFETY: as above, into the [m, d] copy.
+                unsafe { self.input_grad_gemm(op, (lp, w_p, cp), m, vocab, d) }?;
+                self.copy_bytes(dh_at, cp, m * row_bytes)?;
+            }
+        }
+        let status = self.gpu.download_slice(&status, n)?;
+        for (row, &st) in status.iter().enumerate() {
+            match st {
+                0 => {}
+                1 => bail!("{op}: row {row} has a NaN or +inf logit"),
+                2 => bail!("{op}: row {row}: every logit is -inf"),
+                4 => bail!(
+                    "{op}: row {row}: target {} is outside the vocabulary of {vocab}",
+                    targets[row]
+                ),
+                s => bail!("{op}: row {row}: unknown kernel status {s}"),
+            }
+        }
+        Ok(d_hidden)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_chunks_are_bounded_and_row_aligned() {
+        for vocab in [1, 7, 1000, 32000, 49152, 128256, 151936] {
+            let rows = default_logprob_chunk_rows(vocab);
+            assert!(rows >= 1);
+            assert!(rows * vocab * 2 <= TARGET_LOGPROB_CHUNK_BYTES || rows == 1);
+            if rows >= 128 {
+                assert_eq!(rows % 128, 0, "vocab {vocab}: {rows} rows");
+            }
+        }
+        assert_eq!(default_logprob_chunk_rows(151936), 768);
+    }
+}
