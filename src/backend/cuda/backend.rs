@@ -56,20 +56,20 @@ pub const ON_CUDA: &[&str] = &[
     "upload_f32",
     "assign_tensor",
     "assign_linear",
-];
-
-/// The [`Backend`] ops that are not on the CUDA backend yet: each returns an error naming it.
-pub const NOT_YET_ON_CUDA: &[&str] = &[
     "adamw_update",
-    "sum_squares",
     "scatter_add_rows",
-    "linear_backward_input",
-    "accumulate_linear_grad",
-    "accumulate_bias_grad",
     "rms_norm_backward",
     "rope_backward",
     "swiglu_backward",
     "embedding_backward",
+];
+
+/// The [`Backend`] ops that are not on the CUDA backend yet: each returns an error naming it.
+pub const NOT_YET_ON_CUDA: &[&str] = &[
+    "sum_squares",
+    "linear_backward_input",
+    "accumulate_linear_grad",
+    "accumulate_bias_grad",
     "causal_attention_backward",
     "target_logprobs_backward",
 ];
@@ -111,7 +111,7 @@ fn not_yet(op: &str) -> anyhow::Error {
 }
 
 /// A size as the kernels' `int`, or an error naming `op` and `what`.
-fn int(v: usize, op: &str, what: &str) -> Result<i32> {
+pub(super) fn int(v: usize, op: &str, what: &str) -> Result<i32> {
     i32::try_from(v).map_err(|_| anyhow!("{op}: {what} = {v} is over the kernels' 2^31 - 1 limit"))
 }
 
@@ -213,7 +213,7 @@ impl CudaBackend {
     }
 
     /// Device address of a tensor's buffer, whatever its type.
-    fn addr(&self, t: &CudaTensor) -> u64 {
+    pub(super) fn addr(&self, t: &CudaTensor) -> u64 {
         match &t.data {
             DeviceData::Bf16(s) => self.gpu.ptr(s),
             DeviceData::F32(s) => self.gpu.ptr(s),
@@ -221,7 +221,7 @@ impl CudaBackend {
     }
 
     /// Device address of a tensor's buffer that a kernel writes.
-    fn addr_mut(&self, t: &mut CudaTensor) -> u64 {
+    pub(super) fn addr_mut(&self, t: &mut CudaTensor) -> u64 {
         match &mut t.data {
             DeviceData::Bf16(s) => self.gpu.ptr_mut(s),
             DeviceData::F32(s) => self.gpu.ptr_mut(s),
@@ -303,7 +303,7 @@ impl CudaBackend {
     }
 
     /// The device copy of `inv_freq`, uploaded when it differs from the last one.
-    fn with_inv_freq<R>(
+    pub(super) fn with_inv_freq<R>(
         &self,
         inv_freq: &[f32],
         f: impl FnOnce(&CudaSlice<f32>) -> Result<R>,
@@ -943,16 +943,22 @@ impl Backend for CudaBackend {
 
     fn adamw_update(
         &self,
-        _master: &mut CudaTensor,
-        _m: &mut CudaTensor,
-        _v: &mut CudaTensor,
-        _grad: &CudaTensor,
-        _step: &crate::backend::AdamWStep,
+        master: &mut CudaTensor,
+        m: &mut CudaTensor,
+        v: &mut CudaTensor,
+        grad: &CudaTensor,
+        step: &crate::backend::AdamWStep,
     ) -> Result<()> {
-        Err(not_yet("adamw_update"))
+        self.train_adamw_update(master, m, v, grad, step)
     }
 
-    // assign_tensor / assign_linear: the trait's defaults (through the host) for now.
+    fn assign_tensor(&self, dst: &mut CudaTensor, master: &CudaTensor) -> Result<()> {
+        self.train_assign_tensor(dst, master)
+    }
+
+    fn assign_linear(&self, dst: &mut CudaLinear, master: &CudaTensor) -> Result<()> {
+        self.train_assign_linear(dst, master)
+    }
 
     fn concat_columns(&self, parts: &[&CudaTensor]) -> Result<CudaTensor> {
         ensure!(!parts.is_empty(), "concat_columns: no tensors");
@@ -987,11 +993,11 @@ impl Backend for CudaBackend {
 
     fn scatter_add_rows(
         &self,
-        _dst: &mut CudaTensor,
-        _rows: &[usize],
-        _src: &CudaTensor,
+        dst: &mut CudaTensor,
+        rows: &[usize],
+        src: &CudaTensor,
     ) -> Result<()> {
-        Err(not_yet("scatter_add_rows"))
+        self.train_scatter_add_rows(dst, rows, src)
     }
 
     fn linear_backward_input(&self, _dy: &CudaTensor, _w: &CudaLinear) -> Result<CudaTensor> {
@@ -1013,36 +1019,36 @@ impl Backend for CudaBackend {
 
     fn rms_norm_backward(
         &self,
-        _x: &CudaTensor,
-        _weight: &CudaTensor,
-        _eps: f32,
-        _dy: &CudaTensor,
-        _weight_grad: &mut CudaTensor,
+        x: &CudaTensor,
+        weight: &CudaTensor,
+        eps: f32,
+        dy: &CudaTensor,
+        weight_grad: &mut CudaTensor,
     ) -> Result<CudaTensor> {
-        Err(not_yet("rms_norm_backward"))
+        self.train_rms_norm_backward(x, weight, eps, dy, weight_grad)
     }
 
     fn rope_backward(
         &self,
-        _dx: &mut CudaTensor,
-        _positions: &[u32],
-        _head_dim: usize,
-        _inv_freq: &[f32],
+        dx: &mut CudaTensor,
+        positions: &[u32],
+        head_dim: usize,
+        inv_freq: &[f32],
     ) -> Result<()> {
-        Err(not_yet("rope_backward"))
+        self.train_rope_backward(dx, positions, head_dim, inv_freq)
     }
 
-    fn swiglu_backward(&self, _gate_up: &CudaTensor, _dy: &CudaTensor) -> Result<CudaTensor> {
-        Err(not_yet("swiglu_backward"))
+    fn swiglu_backward(&self, gate_up: &CudaTensor, dy: &CudaTensor) -> Result<CudaTensor> {
+        self.train_swiglu_backward(gate_up, dy)
     }
 
     fn embedding_backward(
         &self,
-        _grad: &mut CudaTensor,
-        _ids: &[u32],
-        _dy: &CudaTensor,
+        grad: &mut CudaTensor,
+        ids: &[u32],
+        dy: &CudaTensor,
     ) -> Result<()> {
-        Err(not_yet("embedding_backward"))
+        self.train_embedding_backward(grad, ids, dy)
     }
 
     fn causal_attention_backward(

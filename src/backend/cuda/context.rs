@@ -599,6 +599,11 @@ mod tests {
             TargetLogprobArgs,
             AddRmsNormArgs,
             QkvRopeArgs,
+            ScatterAddRowsArgs,
+            RmsNormBackwardArgs,
+            SwigluBackwardArgs,
+            AdamWArgs,
+            CastArgs,
         );
         let mut header = header_layouts();
         rust.sort();

@@ -12,6 +12,9 @@
 //!   ([`CudaBackend::sample_rows_kernel`]); the backend's `sample_rows` routes top-k / top-p
 //!   rows to the host sampler.
 //! - [`tensor`]: [`CudaTensor`] (bf16 or f32 device buffers) and [`CudaLinear`] (bf16 weights).
+//! - [`train_elementwise`]: the row-wise and elementwise training ops (scatter-adds, the
+//!   RMSNorm / RoPE / SwiGLU / embedding backwards, the fused AdamW update and the on-device
+//!   f32 -> bf16 parameter assignment), kernels in `kernels/backward.cu` and `kernels/optim.cu`.
 //! - [`backend`]: [`CudaBackend`], the [`crate::backend::Backend`] implementation. Part of the
 //!   trait runs on the GPU ([`ON_CUDA`]: the forward pass, paged attention, log-probs and
 //!   sampling); the rest (the backward ops) returns an error naming the op
@@ -26,6 +29,7 @@ pub mod gemm;
 pub mod kernels;
 pub mod sampling;
 pub mod tensor;
+pub mod train_elementwise;
 
 pub use backend::{CudaBackend, NOT_YET_ON_CUDA, ON_CUDA};
 pub use context::CudaOptions;
