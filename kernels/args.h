@@ -348,5 +348,96 @@ typedef struct LogprobBackwardArgs {
     int vocab;
 } LogprobBackwardArgs;
 GE_LAYOUT(LogprobBackwardArgs, 40, 8);
+/** Grouped row scatter-add, the adjoint of a row gather: for every group `g < groups`,
+ * `dst[targets[g]] += src[order[k]]` for `k` in `segments[g] .. segments[g + 1]`, summed in
+ * that order in f32 starting from the destination's value and rounded once to its type. The
+ * host groups the rows (targets are distinct, so no two threads write one element, and the
+ * order of the sum is fixed: deterministic). */
+typedef struct ScatterAddRowsArgs {
+    /** `[dst rows, width]` of the kernel's destination type, rows `targets` read and written. */
+    unsigned long long dst;
+    /** `[src rows, width]` of the kernel's source type, read. */
+    unsigned long long src;
+    /** u32 `[src rows]`: source rows grouped by destination, ascending within a group, read. */
+    unsigned long long order;
+    /** u32 `[groups + 1]`: each group's range of `order`, read. */
+    unsigned long long segments;
+    /** u32 `[groups]`: each group's destination row, distinct, read. */
+    unsigned long long targets;
+    int groups;
+    int width;
+} ScatterAddRowsArgs;
+GE_LAYOUT(ScatterAddRowsArgs, 48, 8);
+
+/** RMSNorm backward. Forward `y = x * r * w` with `r = 1 / sqrt(mean(x^2) + eps)` per row.
+ * The row kernel (one block per row) writes `dx = r * w * dy - x * r^3 / dim * sum(dy * w * x)`
+ * and `rinv[row] = r`; the column kernel then adds `sum over rows of dy * x * r` to
+ * `weight_grad` (fixed per-thread row slices and a fixed-order combine: deterministic). */
+typedef struct RmsNormBackwardArgs {
+    /** bf16 `[rows, dim]`, read. */
+    unsigned long long x;
+    /** bf16 `[dim]`, read. */
+    unsigned long long weight;
+    /** bf16 `[rows, dim]`, read. */
+    unsigned long long dy;
+    /** bf16 `[rows, dim]`, written by the row kernel. */
+    unsigned long long dx;
+    /** f32 `[rows]`, written by the row kernel, read by the column kernel. */
+    unsigned long long rinv;
+    /** f32 `[dim]`, read and written by the column kernel. */
+    unsigned long long weight_grad;
+    int rows;
+    int dim;
+    float eps;
+} RmsNormBackwardArgs;
+GE_LAYOUT(RmsNormBackwardArgs, 64, 8);
+
+/** SwiGLU backward: with `g = gate_up[r, j]`, `u = gate_up[r, inner + j]`, `s = sigmoid(g)`:
+ * `out[r, j] = dy * u * s * (1 + g * (1 - s))` and `out[r, inner + j] = dy * g * s`. */
+typedef struct SwigluBackwardArgs {
+    /** bf16 `[rows, 2 * inner]` (gate columns first), read. */
+    unsigned long long gate_up;
+    /** bf16 `[rows, inner]`, read. */
+    unsigned long long dy;
+    /** bf16 `[rows, 2 * inner]`, written. */
+    unsigned long long out;
+    int rows;
+    int inner;
+} SwigluBackwardArgs;
+GE_LAYOUT(SwigluBackwardArgs, 32, 8);
+
+/** One AdamW update of `n` f32 elements in place: `adamw_update_host`'s arithmetic (the
+ * scalars of `AdamWStep`), every operation rounded separately (no fused multiply-add). */
+typedef struct AdamWArgs {
+    /** f32 `[n]`, read and written. */
+    unsigned long long master;
+    /** f32 `[n]`, read and written. */
+    unsigned long long m;
+    /** f32 `[n]`, read and written. */
+    unsigned long long v;
+    /** f32 `[n]`, read. */
+    unsigned long long grad;
+    long long n;
+    float beta1;
+    float beta2;
+    float one_minus_beta1;
+    float one_minus_beta2;
+    float eps;
+    float step_size;
+    float inv_sqrt_bias2;
+    float decay;
+    float grad_scale;
+} AdamWArgs;
+GE_LAYOUT(AdamWArgs, 80, 8);
+
+/** `dst[i] = src[i]` converted (f32 to bf16: rounded to nearest even) for `i < n`. */
+typedef struct CastArgs {
+    /** `[n]` of the kernel's source type, read. */
+    unsigned long long src;
+    /** `[n]` of the kernel's destination type, written. */
+    unsigned long long dst;
+    long long n;
+} CastArgs;
+GE_LAYOUT(CastArgs, 24, 8);
 
 #endif /* GENIUS_ENGINE_KERNEL_ARGS_H */

@@ -590,3 +590,175 @@ const _: () = {
     ["Offset of field: LogprobBackwardArgs::vocab"]
         [::std::mem::offset_of!(LogprobBackwardArgs, vocab) - 36usize];
 };
+#[doc = " Grouped row scatter-add, the adjoint of a row gather: for every group `g < groups`,\n `dst[targets[g]] += src[order[k]]` for `k` in `segments[g] .. segments[g + 1]`, summed in\n that order in f32 starting from the destination's value and rounded once to its type. The\n host groups the rows (targets are distinct, so no two threads write one element, and the\n order of the sum is fixed: deterministic)."]
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct ScatterAddRowsArgs {
+    #[doc = " `[dst rows, width]` of the kernel's destination type, rows `targets` read and written."]
+    pub dst: ::std::os::raw::c_ulonglong,
+    #[doc = " `[src rows, width]` of the kernel's source type, read."]
+    pub src: ::std::os::raw::c_ulonglong,
+    #[doc = " u32 `[src rows]`: source rows grouped by destination, ascending within a group, read."]
+    pub order: ::std::os::raw::c_ulonglong,
+    #[doc = " u32 `[groups + 1]`: each group's range of `order`, read."]
+    pub segments: ::std::os::raw::c_ulonglong,
+    #[doc = " u32 `[groups]`: each group's destination row, distinct, read."]
+    pub targets: ::std::os::raw::c_ulonglong,
+    pub groups: ::std::os::raw::c_int,
+    pub width: ::std::os::raw::c_int,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of ScatterAddRowsArgs"][::std::mem::size_of::<ScatterAddRowsArgs>() - 48usize];
+    ["Alignment of ScatterAddRowsArgs"][::std::mem::align_of::<ScatterAddRowsArgs>() - 8usize];
+    ["Offset of field: ScatterAddRowsArgs::dst"]
+        [::std::mem::offset_of!(ScatterAddRowsArgs, dst) - 0usize];
+    ["Offset of field: ScatterAddRowsArgs::src"]
+        [::std::mem::offset_of!(ScatterAddRowsArgs, src) - 8usize];
+    ["Offset of field: ScatterAddRowsArgs::order"]
+        [::std::mem::offset_of!(ScatterAddRowsArgs, order) - 16usize];
+    ["Offset of field: ScatterAddRowsArgs::segments"]
+        [::std::mem::offset_of!(ScatterAddRowsArgs, segments) - 24usize];
+    ["Offset of field: ScatterAddRowsArgs::targets"]
+        [::std::mem::offset_of!(ScatterAddRowsArgs, targets) - 32usize];
+    ["Offset of field: ScatterAddRowsArgs::groups"]
+        [::std::mem::offset_of!(ScatterAddRowsArgs, groups) - 40usize];
+    ["Offset of field: ScatterAddRowsArgs::width"]
+        [::std::mem::offset_of!(ScatterAddRowsArgs, width) - 44usize];
+};
+#[doc = " RMSNorm backward. Forward `y = x * r * w` with `r = 1 / sqrt(mean(x^2) + eps)` per row.\n The row kernel (one block per row) writes `dx = r * w * dy - x * r^3 / dim * sum(dy * w * x)`\n and `rinv[row] = r`; the column kernel then adds `sum over rows of dy * x * r` to\n `weight_grad` (fixed per-thread row slices and a fixed-order combine: deterministic)."]
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct RmsNormBackwardArgs {
+    #[doc = " bf16 `[rows, dim]`, read."]
+    pub x: ::std::os::raw::c_ulonglong,
+    #[doc = " bf16 `[dim]`, read."]
+    pub weight: ::std::os::raw::c_ulonglong,
+    #[doc = " bf16 `[rows, dim]`, read."]
+    pub dy: ::std::os::raw::c_ulonglong,
+    #[doc = " bf16 `[rows, dim]`, written by the row kernel."]
+    pub dx: ::std::os::raw::c_ulonglong,
+    #[doc = " f32 `[rows]`, written by the row kernel, read by the column kernel."]
+    pub rinv: ::std::os::raw::c_ulonglong,
+    #[doc = " f32 `[dim]`, read and written by the column kernel."]
+    pub weight_grad: ::std::os::raw::c_ulonglong,
+    pub rows: ::std::os::raw::c_int,
+    pub dim: ::std::os::raw::c_int,
+    pub eps: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of RmsNormBackwardArgs"][::std::mem::size_of::<RmsNormBackwardArgs>() - 64usize];
+    ["Alignment of RmsNormBackwardArgs"][::std::mem::align_of::<RmsNormBackwardArgs>() - 8usize];
+    ["Offset of field: RmsNormBackwardArgs::x"]
+        [::std::mem::offset_of!(RmsNormBackwardArgs, x) - 0usize];
+    ["Offset of field: RmsNormBackwardArgs::weight"]
+        [::std::mem::offset_of!(RmsNormBackwardArgs, weight) - 8usize];
+    ["Offset of field: RmsNormBackwardArgs::dy"]
+        [::std::mem::offset_of!(RmsNormBackwardArgs, dy) - 16usize];
+    ["Offset of field: RmsNormBackwardArgs::dx"]
+        [::std::mem::offset_of!(RmsNormBackwardArgs, dx) - 24usize];
+    ["Offset of field: RmsNormBackwardArgs::rinv"]
+        [::std::mem::offset_of!(RmsNormBackwardArgs, rinv) - 32usize];
+    ["Offset of field: RmsNormBackwardArgs::weight_grad"]
+        [::std::mem::offset_of!(RmsNormBackwardArgs, weight_grad) - 40usize];
+    ["Offset of field: RmsNormBackwardArgs::rows"]
+        [::std::mem::offset_of!(RmsNormBackwardArgs, rows) - 48usize];
+    ["Offset of field: RmsNormBackwardArgs::dim"]
+        [::std::mem::offset_of!(RmsNormBackwardArgs, dim) - 52usize];
+    ["Offset of field: RmsNormBackwardArgs::eps"]
+        [::std::mem::offset_of!(RmsNormBackwardArgs, eps) - 56usize];
+};
+#[doc = " SwiGLU backward: with `g = gate_up[r, j]`, `u = gate_up[r, inner + j]`, `s = sigmoid(g)`:\n `out[r, j] = dy * u * s * (1 + g * (1 - s))` and `out[r, inner + j] = dy * g * s`."]
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct SwigluBackwardArgs {
+    #[doc = " bf16 `[rows, 2 * inner]` (gate columns first), read."]
+    pub gate_up: ::std::os::raw::c_ulonglong,
+    #[doc = " bf16 `[rows, inner]`, read."]
+    pub dy: ::std::os::raw::c_ulonglong,
+    #[doc = " bf16 `[rows, 2 * inner]`, written."]
+    pub out: ::std::os::raw::c_ulonglong,
+    pub rows: ::std::os::raw::c_int,
+    pub inner: ::std::os::raw::c_int,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of SwigluBackwardArgs"][::std::mem::size_of::<SwigluBackwardArgs>() - 32usize];
+    ["Alignment of SwigluBackwardArgs"][::std::mem::align_of::<SwigluBackwardArgs>() - 8usize];
+    ["Offset of field: SwigluBackwardArgs::gate_up"]
+        [::std::mem::offset_of!(SwigluBackwardArgs, gate_up) - 0usize];
+    ["Offset of field: SwigluBackwardArgs::dy"]
+        [::std::mem::offset_of!(SwigluBackwardArgs, dy) - 8usize];
+    ["Offset of field: SwigluBackwardArgs::out"]
+        [::std::mem::offset_of!(SwigluBackwardArgs, out) - 16usize];
+    ["Offset of field: SwigluBackwardArgs::rows"]
+        [::std::mem::offset_of!(SwigluBackwardArgs, rows) - 24usize];
+    ["Offset of field: SwigluBackwardArgs::inner"]
+        [::std::mem::offset_of!(SwigluBackwardArgs, inner) - 28usize];
+};
+#[doc = " One AdamW update of `n` f32 elements in place: `adamw_update_host`'s arithmetic (the\n scalars of `AdamWStep`), every operation rounded separately (no fused multiply-add)."]
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct AdamWArgs {
+    #[doc = " f32 `[n]`, read and written."]
+    pub master: ::std::os::raw::c_ulonglong,
+    #[doc = " f32 `[n]`, read and written."]
+    pub m: ::std::os::raw::c_ulonglong,
+    #[doc = " f32 `[n]`, read and written."]
+    pub v: ::std::os::raw::c_ulonglong,
+    #[doc = " f32 `[n]`, read."]
+    pub grad: ::std::os::raw::c_ulonglong,
+    pub n: ::std::os::raw::c_longlong,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub one_minus_beta1: f32,
+    pub one_minus_beta2: f32,
+    pub eps: f32,
+    pub step_size: f32,
+    pub inv_sqrt_bias2: f32,
+    pub decay: f32,
+    pub grad_scale: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of AdamWArgs"][::std::mem::size_of::<AdamWArgs>() - 80usize];
+    ["Alignment of AdamWArgs"][::std::mem::align_of::<AdamWArgs>() - 8usize];
+    ["Offset of field: AdamWArgs::master"][::std::mem::offset_of!(AdamWArgs, master) - 0usize];
+    ["Offset of field: AdamWArgs::m"][::std::mem::offset_of!(AdamWArgs, m) - 8usize];
+    ["Offset of field: AdamWArgs::v"][::std::mem::offset_of!(AdamWArgs, v) - 16usize];
+    ["Offset of field: AdamWArgs::grad"][::std::mem::offset_of!(AdamWArgs, grad) - 24usize];
+    ["Offset of field: AdamWArgs::n"][::std::mem::offset_of!(AdamWArgs, n) - 32usize];
+    ["Offset of field: AdamWArgs::beta1"][::std::mem::offset_of!(AdamWArgs, beta1) - 40usize];
+    ["Offset of field: AdamWArgs::beta2"][::std::mem::offset_of!(AdamWArgs, beta2) - 44usize];
+    ["Offset of field: AdamWArgs::one_minus_beta1"]
+        [::std::mem::offset_of!(AdamWArgs, one_minus_beta1) - 48usize];
+    ["Offset of field: AdamWArgs::one_minus_beta2"]
+        [::std::mem::offset_of!(AdamWArgs, one_minus_beta2) - 52usize];
+    ["Offset of field: AdamWArgs::eps"][::std::mem::offset_of!(AdamWArgs, eps) - 56usize];
+    ["Offset of field: AdamWArgs::step_size"]
+        [::std::mem::offset_of!(AdamWArgs, step_size) - 60usize];
+    ["Offset of field: AdamWArgs::inv_sqrt_bias2"]
+        [::std::mem::offset_of!(AdamWArgs, inv_sqrt_bias2) - 64usize];
+    ["Offset of field: AdamWArgs::decay"][::std::mem::offset_of!(AdamWArgs, decay) - 68usize];
+    ["Offset of field: AdamWArgs::grad_scale"]
+        [::std::mem::offset_of!(AdamWArgs, grad_scale) - 72usize];
+};
+#[doc = " `dst[i] = src[i]` converted (f32 to bf16: rounded to nearest even) for `i < n`."]
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct CastArgs {
+    #[doc = " `[n]` of the kernel's source type, read."]
+    pub src: ::std::os::raw::c_ulonglong,
+    #[doc = " `[n]` of the kernel's destination type, written."]
+    pub dst: ::std::os::raw::c_ulonglong,
+    pub n: ::std::os::raw::c_longlong,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of CastArgs"][::std::mem::size_of::<CastArgs>() - 24usize];
+    ["Alignment of CastArgs"][::std::mem::align_of::<CastArgs>() - 8usize];
+    ["Offset of field: CastArgs::src"][::std::mem::offset_of!(CastArgs, src) - 0usize];
+    ["Offset of field: CastArgs::dst"][::std::mem::offset_of!(CastArgs, dst) - 8usize];
+    ["Offset of field: CastArgs::n"][::std::mem::offset_of!(CastArgs, n) - 16usize];
+};

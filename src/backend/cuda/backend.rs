@@ -64,18 +64,16 @@ pub const ON_CUDA: &[&str] = &[
     "accumulate_linear_grad",
     "accumulate_bias_grad",
     "target_logprobs_backward",
-];
-
-/// The [`Backend`] ops that are not on the CUDA backend yet: each returns an error naming it.
-pub const NOT_YET_ON_CUDA: &[&str] = &[
     "adamw_update",
     "scatter_add_rows",
     "rms_norm_backward",
     "rope_backward",
     "swiglu_backward",
     "embedding_backward",
-    "causal_attention_backward",
 ];
+
+/// The [`Backend`] ops that are not on the CUDA backend yet: each returns an error naming it.
+pub const NOT_YET_ON_CUDA: &[&str] = &["causal_attention_backward"];
 
 /// Most bytes of bf16 logits [`Backend::target_logprobs`] holds at once.
 pub const TARGET_LOGPROB_CHUNK_BYTES: usize = 256 << 20;
@@ -312,7 +310,7 @@ impl CudaBackend {
     }
 
     /// The device copy of `inv_freq`, uploaded when it differs from the last one.
-    fn with_inv_freq<R>(
+    pub(super) fn with_inv_freq<R>(
         &self,
         inv_freq: &[f32],
         f: impl FnOnce(&CudaSlice<f32>) -> Result<R>,
@@ -928,16 +926,22 @@ impl Backend for CudaBackend {
 
     fn adamw_update(
         &self,
-        _master: &mut CudaTensor,
-        _m: &mut CudaTensor,
-        _v: &mut CudaTensor,
-        _grad: &CudaTensor,
-        _step: &crate::backend::AdamWStep,
+        master: &mut CudaTensor,
+        m: &mut CudaTensor,
+        v: &mut CudaTensor,
+        grad: &CudaTensor,
+        step: &crate::backend::AdamWStep,
     ) -> Result<()> {
-        Err(not_yet("adamw_update"))
+        self.train_adamw_update(master, m, v, grad, step)
     }
 
-    // assign_tensor / assign_linear: the trait's defaults (through the host) for now.
+    fn assign_tensor(&self, dst: &mut CudaTensor, master: &CudaTensor) -> Result<()> {
+        self.train_assign_tensor(dst, master)
+    }
+
+    fn assign_linear(&self, dst: &mut CudaLinear, master: &CudaTensor) -> Result<()> {
+        self.train_assign_linear(dst, master)
+    }
 
     fn concat_columns(&self, parts: &[&CudaTensor]) -> Result<CudaTensor> {
         ensure!(!parts.is_empty(), "concat_columns: no tensors");
@@ -972,11 +976,11 @@ impl Backend for CudaBackend {
 
     fn scatter_add_rows(
         &self,
-        _dst: &mut CudaTensor,
-        _rows: &[usize],
-        _src: &CudaTensor,
+        dst: &mut CudaTensor,
+        rows: &[usize],
+        src: &CudaTensor,
     ) -> Result<()> {
-        Err(not_yet("scatter_add_rows"))
+        self.train_scatter_add_rows(dst, rows, src)
     }
 
     fn linear_backward_input(&self, dy: &CudaTensor, w: &CudaLinear) -> Result<CudaTensor> {
@@ -998,36 +1002,36 @@ impl Backend for CudaBackend {
 
     fn rms_norm_backward(
         &self,
-        _x: &CudaTensor,
-        _weight: &CudaTensor,
-        _eps: f32,
-        _dy: &CudaTensor,
-        _weight_grad: &mut CudaTensor,
+        x: &CudaTensor,
+        weight: &CudaTensor,
+        eps: f32,
+        dy: &CudaTensor,
+        weight_grad: &mut CudaTensor,
     ) -> Result<CudaTensor> {
-        Err(not_yet("rms_norm_backward"))
+        self.train_rms_norm_backward(x, weight, eps, dy, weight_grad)
     }
 
     fn rope_backward(
         &self,
-        _dx: &mut CudaTensor,
-        _positions: &[u32],
-        _head_dim: usize,
-        _inv_freq: &[f32],
+        dx: &mut CudaTensor,
+        positions: &[u32],
+        head_dim: usize,
+        inv_freq: &[f32],
     ) -> Result<()> {
-        Err(not_yet("rope_backward"))
+        self.train_rope_backward(dx, positions, head_dim, inv_freq)
     }
 
-    fn swiglu_backward(&self, _gate_up: &CudaTensor, _dy: &CudaTensor) -> Result<CudaTensor> {
-        Err(not_yet("swiglu_backward"))
+    fn swiglu_backward(&self, gate_up: &CudaTensor, dy: &CudaTensor) -> Result<CudaTensor> {
+        self.train_swiglu_backward(gate_up, dy)
     }
 
     fn embedding_backward(
         &self,
-        _grad: &mut CudaTensor,
-        _ids: &[u32],
-        _dy: &CudaTensor,
+        grad: &mut CudaTensor,
+        ids: &[u32],
+        dy: &CudaTensor,
     ) -> Result<()> {
-        Err(not_yet("embedding_backward"))
+        self.train_embedding_backward(grad, ids, dy)
     }
 
     fn causal_attention_backward(

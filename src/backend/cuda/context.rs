@@ -625,6 +625,11 @@ mod tests {
             BiasGradArgs,
             SumSquaresArgs,
             LogprobBackwardArgs,
+            ScatterAddRowsArgs,
+            RmsNormBackwardArgs,
+            SwigluBackwardArgs,
+            AdamWArgs,
+            CastArgs,
         );
         let mut header = header_layouts();
         rust.sort();

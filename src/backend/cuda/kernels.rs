@@ -59,6 +59,19 @@ pub const KERNEL_UNITS: &[(&str, &[&str])] = &[
         ],
     ),
     (
+        "backward.cu",
+        &[
+            "ge_scatter_add_rows_bf16",
+            "ge_scatter_add_rows_bf16_f32",
+            "ge_scatter_add_rows_f32",
+            "ge_scatter_add_rows_f32_bf16",
+            "ge_rms_norm_backward_rows",
+            "ge_rms_norm_backward_weight",
+            "ge_swiglu_backward",
+        ],
+    ),
+    ("optim.cu", &["ge_adamw_update", "ge_cast_f32_bf16"]),
+    (
         "sampling.cu",
         &[
             "ge_sample_rows",

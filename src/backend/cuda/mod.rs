@@ -14,6 +14,9 @@
 //! - [`train_gemm`]: the GEMM-shaped training ops (linear input / weight / bias gradients,
 //!   `sum_squares`, the log-prob backward), cuBLASLt GEMMs into f32 gradients plus the
 //!   reductions of `kernels/train_gemm.cu`.
+//! - [`train_elementwise`]: the row-wise and elementwise training ops (scatter-adds, the
+//!   RMSNorm / RoPE / SwiGLU / embedding backwards, the fused AdamW update and the on-device
+//!   f32 -> bf16 parameter assignment), kernels in `kernels/backward.cu` and `kernels/optim.cu`.
 //! - [`backend`]: [`CudaBackend`], the [`crate::backend::Backend`] implementation. Part of the
 //!   trait runs on the GPU ([`ON_CUDA`]: the forward pass, paged attention, log-probs and
 //!   sampling); the rest (the backward ops) returns an error naming the op
@@ -29,6 +32,7 @@ pub mod kernels;
 pub mod sampling;
 pub mod tensor;
 pub mod train_gemm;
+pub mod train_elementwise;
 
 pub use backend::{CudaBackend, NOT_YET_ON_CUDA, ON_CUDA, TARGET_LOGPROB_CHUNK_BYTES};
 pub use context::CudaOptions;

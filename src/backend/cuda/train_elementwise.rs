@@ -1,0 +1,465 @@
+//! The training ops of the CUDA backend that are row-wise or elementwise (the kernels of
+//! `kernels/backward.cu` and `kernels/optim.cu`): `scatter_add_rows`, `embedding_backward`,
+//! `rms_norm_backward`, `rope_backward`, `swiglu_backward`, the fused `adamw_update`, and
+//! `assign_tensor` / `assign_linear` (the f32 master rounded to bf16 on the device).
+//!
+//! Precision: activations and weights are bf16, parameter gradients, master weights and
+//! AdamW moments f32 (accumulated in f32); input gradients are returned in bf16. Every
+//! reduction has a fixed order (no float atomics): the scatter-adds are grouped by
+//! destination row on the host ([`group_rows`]), so each destination element has one owner
+//! thread that adds its sources in ascending source order, as the CPU does; the RMSNorm weight
+//! gradient is a column reduction over fixed row slices.
+//!
+//! Tested against the CPU backend in `tests/cuda_train_elementwise.rs` (GPU runs only);
+//! the grouping is tested here, on the CPU.
+
+use super::args;
+use super::backend::{CudaBackend, int};
+use super::context::{grid_stride_config, row_block_threads};
+use super::tensor::{CudaLinear, CudaTensor, DType};
+use crate::backend::AdamWStep;
+use anyhow::{Context, Result, bail, ensure};
+use cudarc::driver::{DeviceRepr, LaunchConfig};
+
+// SAFETY: plain `repr(C)` structs of integers and floats (device addresses as u64), laid out
+// as `kernels/args.h` states (checked by the layout test in context.rs): valid kernel
+// arguments by value, as the other argument structs (context.rs).
+unsafe impl DeviceRepr for args::ScatterAddRowsArgs {}
+unsafe impl DeviceRepr for args::RmsNormBackwardArgs {}
+unsafe impl DeviceRepr for args::SwigluBackwardArgs {}
+unsafe impl DeviceRepr for args::AdamWArgs {}
+unsafe impl DeviceRepr for args::CastArgs {}
+
+/// Row slices of the RMSNorm weight-gradient kernel (`GE_RMS_BWD_SLICES` in backward.cu).
+const RMS_BWD_SLICES: u32 = 16;
+
+/// Source rows grouped by destination row, for a deterministic scatter-add.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowGroups {
+    /// Source rows, grouped by destination (groups in ascending destination order), ascending
+    /// within each group.
+    pub order: Vec<u32>,
+    /// `groups + 1` offsets into `order`.
+    pub segments: Vec<u32>,
+    /// Each group's destination row (distinct, ascending).
+    pub targets: Vec<u32>,
+}
+
+/// Groups source rows `i` by their destination `rows[i]` (a stable sort, so that a group's
+/// sources keep their order and the sum is the CPU's sequential one).
+pub fn group_rows(rows: &[usize]) -> Result<RowGroups> {
+    let n = u32::try_from(rows.len()).context("scatter: more than 2^32 source rows")?;
+    let mut order: Vec<u32> = (0..n).collect();
+    order.sort_by_key(|&i| rows[i as usize]);
+    let mut segments = Vec::new();
+    let mut targets = Vec::new();
+    for (k, &i) in order.iter().enumerate() {
+        let r = rows[i as usize];
+        if targets.last().is_none_or(|&t| t as usize != r) {
+            targets.push(u32::try_from(r).context("scatter: destination row over u32")?);
+            segments.push(k as u32);
+        }
+    }
+    segments.push(n);
+    Ok(RowGroups {
+        order,
+        segments,
+        targets,
+    })
+}
+
+impl CudaBackend {
+    /// `dst[rows[i]] += src[i]` (f32 sums, one rounding to `dst`'s type), deterministic.
+    /// `rows` must all be below `dst`'s row count and `src` must be `[rows.len(), width]`
+    /// (checked by the callers).
+    fn scatter_grouped(
+        &self,
+        op: &str,
+        dst: &mut CudaTensor,
+        rows: &[usize],
+        src: &CudaTensor,
+    ) -> Result<()> {
+        let width = dst.matrix().1;
+        if rows.is_empty() || width == 0 {
+            return Ok(());
+        }
+        let kernel = match (dst.dtype(), src.dtype()) {
+            (DType::Bf16, DType::Bf16) => "ge_scatter_add_rows_bf16",
+            (DType::Bf16, DType::F32) => "ge_scatter_add_rows_bf16_f32",
+            (DType::F32, DType::F32) => "ge_scatter_add_rows_f32",
+            (DType::F32, DType::Bf16) => "ge_scatter_add_rows_f32_bf16",
+        };
+        let g = group_rows(rows)?;
+        let order = self.gpu.upload_slice(&g.order)?;
+        let segments = self.gpu.upload_slice(&g.segments)?;
+        let targets = self.gpu.upload_slice(&g.targets)?;
+        let a = args::ScatterAddRowsArgs {
+            dst: self.addr_mut(dst),
+            src: self.addr(src),
+            order: self.gpu.ptr(&order),
+            segments: self.gpu.ptr(&segments),
+            targets: self.gpu.ptr(&targets),
+            groups: int(g.targets.len(), op, "destination rows")?,
+            width: int(width, op, "width")?,
+        };
+        // SAFETY: dst is [m, width] with every target below m, src [rows.len(), width] with
+        // every order entry below rows.len(); segments has groups + 1 entries bounding order;
+        // the index buffers live until the launch is queued (frees are stream-ordered).
+        unsafe {
+            self.gpu
+                .launch(kernel, grid_stride_config(g.targets.len() * width), &a)
+        }
+    }
+
+    /// [`crate::backend::Backend::scatter_add_rows`] on the GPU.
+    pub(crate) fn train_scatter_add_rows(
+        &self,
+        dst: &mut CudaTensor,
+        rows: &[usize],
+        src: &CudaTensor,
+    ) -> Result<()> {
+        let (m, d) = dst.matrix();
+        ensure!(
+            src.matrix() == (rows.len(), d),
+            "scatter_add_rows: src {:?} for {} rows of width {d}",
+            src.shape,
+            rows.len()
+        );
+        if let Some(&r) = rows.iter().find(|&&r| r >= m) {
+            bail!("scatter_add_rows: row {r} of {m}");
+        }
+        self.scatter_grouped("scatter_add_rows", dst, rows, src)
+    }
+
+    /// [`crate::backend::Backend::embedding_backward`] on the GPU.
+    pub(crate) fn train_embedding_backward(
+        &self,
+        grad: &mut CudaTensor,
+        ids: &[u32],
+        dy: &CudaTensor,
+    ) -> Result<()> {
+        let (vocab, dim) = grad.matrix();
+        ensure!(
+            dy.matrix() == (ids.len(), dim),
+            "embedding_backward: dy {:?} for {} ids of width {dim}",
+            dy.shape,
+            ids.len()
+        );
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab) {
+            bail!("token id {id} is outside the vocabulary ({vocab} entries)");
+        }
+        let rows: Vec<usize> = ids.iter().map(|&i| i as usize).collect();
+        self.scatter_grouped("embedding_backward", grad, &rows, dy)
+    }
+
+    /// [`crate::backend::Backend::rms_norm_backward`] on the GPU: `x`, `weight`, `dy` bf16,
+    /// `weight_grad` f32; returns `dx` in bf16.
+    pub(crate) fn train_rms_norm_backward(
+        &self,
+        x: &CudaTensor,
+        weight: &CudaTensor,
+        eps: f32,
+        dy: &CudaTensor,
+        weight_grad: &mut CudaTensor,
+    ) -> Result<CudaTensor> {
+        let op = "rms_norm_backward";
+        let (rows, d) = x.matrix();
+        ensure!(
+            weight.numel() == d && weight_grad.numel() == d,
+            "{op}: weight {:?} / grad {:?} for rows of {d}",
+            weight.shape,
+            weight_grad.shape
+        );
+        ensure!(
+            dy.shape == x.shape,
+            "{op}: dy {:?} vs x {:?}",
+            dy.shape,
+            x.shape
+        );
+        ensure!(
+            weight_grad.dtype() == DType::F32,
+            "{op}: the weight gradient must be an f32 tensor (zeros_f32), got bf16"
+        );
+        let xs = self.gpu.ptr(x.bf16(op)?);
+        let ws = self.gpu.ptr(weight.bf16(&format!("{op} (weight)"))?);
+        let dys = self.gpu.ptr(dy.bf16(&format!("{op} (dy)"))?);
+        let mut dx = self.output(DType::Bf16, x.shape.clone())?;
+        if rows == 0 || d == 0 {
+            return Ok(dx);
+        }
+        let mut rinv = self.gpu.alloc::<f32>(rows)?;
+        let a = args::RmsNormBackwardArgs {
+            x: xs,
+            weight: ws,
+            dy: dys,
+            dx: self.addr_mut(&mut dx),
+            rinv: self.gpu.ptr_mut(&mut rinv),
+            weight_grad: self.addr_mut(weight_grad),
+            rows: int(rows, op, "rows")?,
+            dim: int(d, op, "dim")?,
+            eps,
+        };
+        let row_cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (row_block_threads(d), 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: x, dy and dx are [rows, d] bf16, weight [d] bf16, rinv [rows] f32; one
+        // block per row, block size a multiple of 32 as ge_block_sum needs.
+        unsafe { self.gpu.launch("ge_rms_norm_backward_rows", row_cfg, &a) }?;
+        let col_cfg = LaunchConfig {
+            grid_dim: (d.div_ceil(32) as u32, 1, 1),
+            block_dim: (32, RMS_BWD_SLICES, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: as above, and weight_grad is [d] f32; the block is (32, GE_RMS_BWD_SLICES)
+        // as the kernel's shared tile assumes; rinv was written by the launch before (same
+        // stream).
+        unsafe { self.gpu.launch("ge_rms_norm_backward_weight", col_cfg, &a) }?;
+        Ok(dx)
+    }
+
+    /// [`crate::backend::Backend::rope_backward`] on the GPU: `ge_rope` with `inverse` set
+    /// (the rotation by minus the forward's angle), in place on bf16 `dx`.
+    pub(crate) fn train_rope_backward(
+        &self,
+        dx: &mut CudaTensor,
+        positions: &[u32],
+        head_dim: usize,
+        inv_freq: &[f32],
+    ) -> Result<()> {
+        let op = "rope_backward";
+        let (n, w) = dx.matrix();
+        ensure!(
+            n == positions.len(),
+            "{op}: {n} rows but {} positions",
+            positions.len()
+        );
+        ensure!(
+            head_dim > 0 && w % head_dim == 0 && inv_freq.len() * 2 == head_dim,
+            "{op}: bad head_dim {head_dim} for width {w} and {} frequencies",
+            inv_freq.len()
+        );
+        if n == 0 || w == 0 {
+            return Ok(());
+        }
+        let pos = self.gpu.upload_memo("rope positions", positions)?;
+        let xp = self.gpu.ptr_mut(dx.bf16_mut(op)?);
+        self.with_inv_freq(inv_freq, |table| {
+            let a = args::RopeArgs {
+                x: xp,
+                positions: pos,
+                inv_freq: self.gpu.ptr(table),
+                rows: int(n, op, "rows")?,
+                width: int(w, op, "width")?,
+                head_dim: int(head_dim, op, "head_dim")?,
+                inverse: 1,
+            };
+            let cfg = LaunchConfig {
+                grid_dim: (n as u32, 1, 1),
+                block_dim: (row_block_threads(w / 2), 1, 1),
+                shared_mem_bytes: (head_dim * std::mem::size_of::<f32>()) as u32,
+            };
+            // SAFETY: dx is [n, w] bf16 with w a multiple of head_dim, positions has n u32s,
+            // the table head_dim / 2 f32s; the shared table is head_dim floats.
+            unsafe { self.gpu.launch("ge_rope", cfg, &a) }
+        })
+    }
+
+    /// [`crate::backend::Backend::swiglu_backward`] on the GPU (bf16 in and out).
+    pub(crate) fn train_swiglu_backward(
+        &self,
+        gate_up: &CudaTensor,
+        dy: &CudaTensor,
+    ) -> Result<CudaTensor> {
+        let op = "swiglu_backward";
+        let (n, w) = gate_up.matrix();
+        ensure!(w.is_multiple_of(2), "{op}: fused width {w} is odd");
+        let inner = w / 2;
+        ensure!(
+            dy.matrix() == (n, inner),
+            "{op}: dy {:?} for gate_up {:?}",
+            dy.shape,
+            gate_up.shape
+        );
+        let gs = self.gpu.ptr(gate_up.bf16(op)?);
+        let dys = self.gpu.ptr(dy.bf16(&format!("{op} (dy)"))?);
+        let mut out = self.output(DType::Bf16, gate_up.shape.clone())?;
+        if n == 0 || inner == 0 {
+            return Ok(out);
+        }
+        let a = args::SwigluBackwardArgs {
+            gate_up: gs,
+            dy: dys,
+            out: self.addr_mut(&mut out),
+            rows: int(n, op, "rows")?,
+            inner: int(inner, op, "width")?,
+        };
+        // SAFETY: gate_up and out are [n, 2 inner] bf16, dy [n, inner] bf16.
+        unsafe {
+            self.gpu
+                .launch("ge_swiglu_backward", grid_stride_config(n * inner), &a)
+        }?;
+        Ok(out)
+    }
+
+    /// [`crate::backend::Backend::adamw_update`] on the GPU: one fused kernel over f32
+    /// `master`, `m`, `v` and `grad`, bit for bit [`crate::backend::adamw_update_host`].
+    pub(crate) fn train_adamw_update(
+        &self,
+        master: &mut CudaTensor,
+        m: &mut CudaTensor,
+        v: &mut CudaTensor,
+        grad: &CudaTensor,
+        step: &AdamWStep,
+    ) -> Result<()> {
+        let op = "adamw_update";
+        let n = master.numel();
+        ensure!(
+            m.numel() == n && v.numel() == n && grad.numel() == n,
+            "{op}: parameter of {n} elements, moments of {} and {}, gradient of {}",
+            m.numel(),
+            v.numel(),
+            grad.numel()
+        );
+        for (what, t) in [("master", &*master), ("m", &*m), ("v", &*v), ("grad", grad)] {
+            ensure!(
+                t.dtype() == DType::F32,
+                "{op}: {what} must be an f32 tensor, got {}",
+                t.dtype().name()
+            );
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let a = args::AdamWArgs {
+            master: self.addr_mut(master),
+            m: self.addr_mut(m),
+            v: self.addr_mut(v),
+            grad: self.addr(grad),
+            n: n as i64,
+            beta1: step.beta1,
+            beta2: step.beta2,
+            one_minus_beta1: step.one_minus_beta1,
+            one_minus_beta2: step.one_minus_beta2,
+            eps: step.eps,
+            step_size: step.step_size,
+            inv_sqrt_bias2: step.inv_sqrt_bias2,
+            decay: step.decay,
+            grad_scale: step.grad_scale,
+        };
+        // SAFETY: the four buffers hold n f32s each (checked above); master, m and v are
+        // distinct tensors (three `&mut`), grad only read.
+        unsafe {
+            self.gpu
+                .launch("ge_adamw_update", grid_stride_config(n), &a)
+        }
+    }
+
+    /// Writes f32 `master` (`n` elements) rounded to bf16 into the bf16 buffer at `dst`.
+    fn cast_into_bf16(&self, op: &str, dst: u64, master: &CudaTensor, n: usize) -> Result<()> {
+        ensure!(
+            master.dtype() == DType::F32,
+            "{op}: the master copy must be an f32 tensor, got bf16"
+        );
+        if n == 0 {
+            return Ok(());
+        }
+        let a = args::CastArgs {
+            src: self.addr(master),
+            dst,
+            n: n as i64,
+        };
+        // SAFETY: master holds n f32s and dst n bf16s (checked by the callers).
+        unsafe {
+            self.gpu
+                .launch("ge_cast_f32_bf16", grid_stride_config(n), &a)
+        }
+    }
+
+    /// [`crate::backend::Backend::assign_tensor`] on the GPU: `dst` (bf16, or f32) set in
+    /// place from the f32 master of as many elements (rounded to nearest even for bf16, as the
+    /// host upload rounds); `dst` takes the master's shape, as the trait's default does.
+    pub(crate) fn train_assign_tensor(
+        &self,
+        dst: &mut CudaTensor,
+        master: &CudaTensor,
+    ) -> Result<()> {
+        let op = "assign_tensor";
+        let n = master.numel();
+        ensure!(
+            dst.numel() == n,
+            "{op}: destination {:?} for a master copy {:?}",
+            dst.shape,
+            master.shape
+        );
+        match dst.dtype() {
+            DType::Bf16 => {
+                let p = self.addr_mut(dst);
+                self.cast_into_bf16(op, p, master, n)?;
+            }
+            DType::F32 => {
+                ensure!(
+                    master.dtype() == DType::F32,
+                    "{op}: the master copy must be an f32 tensor, got bf16"
+                );
+                *dst = self.copy_f32(master)?;
+            }
+        }
+        dst.shape = master.shape.clone();
+        Ok(())
+    }
+
+    /// A device copy of an f32 tensor.
+    fn copy_f32(&self, t: &CudaTensor) -> Result<CudaTensor> {
+        use super::tensor::DeviceData;
+        match &t.data {
+            DeviceData::F32(s) => CudaTensor::new(
+                DeviceData::F32(self.gpu.stream.clone_dtod(s)?),
+                t.shape.clone(),
+            ),
+            DeviceData::Bf16(_) => bail!("copy_f32: a bf16 tensor"),
+        }
+    }
+
+    /// [`crate::backend::Backend::assign_linear`] on the GPU: the bf16 `[out, in]` weight set
+    /// in place from its f32 master `[out, in]`.
+    pub(crate) fn train_assign_linear(
+        &self,
+        dst: &mut CudaLinear,
+        master: &CudaTensor,
+    ) -> Result<()> {
+        let op = "assign_linear";
+        let (out, inp) = (dst.out_features, dst.in_features);
+        ensure!(
+            master.shape == [out, inp],
+            "{op}: weight [{out}, {inp}] for a master copy {:?}",
+            master.shape
+        );
+        let p = self.gpu.ptr_mut(&mut dst.weight);
+        self.cast_into_bf16(op, p, master, out * inp)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_are_grouped_by_destination_in_source_order() {
+        let g = group_rows(&[5, 2, 5, 0, 2, 5]).unwrap();
+        assert_eq!(g.targets, vec![0, 2, 5]);
+        assert_eq!(g.segments, vec![0, 1, 3, 6]);
+        assert_eq!(g.order, vec![3, 1, 4, 0, 2, 5]);
+        let e = group_rows(&[]).unwrap();
+        assert_eq!(
+            (e.order.len(), e.segments, e.targets.len()),
+            (0, vec![0], 0)
+        );
+        let one = group_rows(&[7]).unwrap();
+        assert_eq!(
+            (one.order, one.segments, one.targets),
+            (vec![0], vec![0, 1], vec![7])
+        );
+    }
+}
