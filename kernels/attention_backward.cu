@@ -392,15 +392,15 @@ __device__ __forceinline__ void ge_attention_backward_dkv(const AttentionBackwar
 // Tile sizes (the host's attention_backward.rs mirrors them): head_dim 64 with 32-row query
 // tiles and 64-row key tiles, head_dim 128 with 32 and 32, each under 48 KiB of static shared
 // memory.
-extern "C" __global__ void __launch_bounds__(GE_AB_THREADS) ge_attention_backward_dq_d64(AttentionBackwardArgs a) {
+extern "C" __global__ void ge_attention_backward_dq_d64(AttentionBackwardArgs a) {
     ge_attention_backward_dq<64, 32, 64>(a);
 }
-extern "C" __global__ void __launch_bounds__(GE_AB_THREADS) ge_attention_backward_dq_d128(AttentionBackwardArgs a) {
+extern "C" __global__ void ge_attention_backward_dq_d128(AttentionBackwardArgs a) {
     ge_attention_backward_dq<128, 32, 32>(a);
 }
-extern "C" __global__ void __launch_bounds__(GE_AB_THREADS) ge_attention_backward_dkv_d64(AttentionBackwardArgs a) {
+extern "C" __global__ void ge_attention_backward_dkv_d64(AttentionBackwardArgs a) {
     ge_attention_backward_dkv<64, 32, 64>(a);
 }
-extern "C" __global__ void __launch_bounds__(GE_AB_THREADS) ge_attention_backward_dkv_d128(AttentionBackwardArgs a) {
+extern "C" __global__ void ge_attention_backward_dkv_d128(AttentionBackwardArgs a) {
     ge_attention_backward_dkv<128, 32, 32>(a);
 }

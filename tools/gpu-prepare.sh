@@ -2,7 +2,8 @@
 # Builds the test executables that tools/gpu-check.sh runs on a GPU machine (which has no Rust
 # toolchain) and copies them into .gpu-bin/ (ignored by git; a device run carries it).
 #
-#   tools/gpu-prepare.sh                 the CUDA tests: cuda_ops, cuda_attention, cuda_sampling,
+#   tools/gpu-prepare.sh                 the CUDA tests: cuda_ops, cuda_attention,
+#                                        cuda_train_attention, cuda_sampling,
 #                                        cuda_model, cuda_kernels; and the genius-engine
 #                                        binary (.gpu-bin/bin/) for the benchmarks
 #   tools/gpu-prepare.sh NAME...         these integration test targets instead
@@ -30,7 +31,7 @@ else
 fi
 
 tests=("$@")
-[[ ${#tests[@]} -gt 0 ]] || tests=(cuda_ops cuda_attention cuda_sampling cuda_model cuda_kernels)
+[[ ${#tests[@]} -gt 0 ]] || tests=(cuda_ops cuda_attention cuda_train_attention cuda_sampling cuda_model cuda_kernels)
 args=()
 for t in "${tests[@]}"; do args+=(--test "$t"); done
 

@@ -6,7 +6,8 @@
 //! On the GPU so far: upload/download, the tensor utilities (zeros, copy, fill_zero, scale,
 //! add_assign), embedding, rms_norm, rope, swiglu, split/concat columns, gather_rows and
 //! linear; the KV cache (kv_pool, write_kv, copy_blocks) and attention (paged and causal) in
-//! [`super::attention`]. Every other op returns an error naming the op ([`NOT_YET_ON_CUDA`]).
+//! [`super::attention`]; the attention backward in [`super::attention_backward`]. Every other
+//! op returns an error naming the op ([`NOT_YET_ON_CUDA`]).
 
 use super::args;
 use super::context::{CudaOptions, GpuContext, LoadedUnit, grid_stride_config, row_block_threads};
@@ -42,6 +43,7 @@ pub const ON_CUDA: &[&str] = &[
     "fill_zero",
     "scale",
     "causal_attention",
+    "causal_attention_backward",
     "kv_pool",
     "write_kv",
     "copy_blocks",
@@ -70,7 +72,6 @@ pub const NOT_YET_ON_CUDA: &[&str] = &[
     "rope_backward",
     "swiglu_backward",
     "embedding_backward",
-    "causal_attention_backward",
     "target_logprobs_backward",
 ];
 
@@ -1047,14 +1048,14 @@ impl Backend for CudaBackend {
 
     fn causal_attention_backward(
         &self,
-        _q: &CudaTensor,
-        _k: &CudaTensor,
-        _v: &CudaTensor,
-        _dout: &CudaTensor,
-        _seqs: &[SeqSpan],
-        _shape: AttentionShape,
+        q: &CudaTensor,
+        k: &CudaTensor,
+        v: &CudaTensor,
+        dout: &CudaTensor,
+        seqs: &[SeqSpan],
+        shape: AttentionShape,
     ) -> Result<(CudaTensor, CudaTensor, CudaTensor)> {
-        Err(not_yet("causal_attention_backward"))
+        self.attn_causal_backward(q, k, v, dout, seqs, shape)
     }
 
     fn target_logprobs_backward(

@@ -12,14 +12,18 @@
 //!   ([`CudaBackend::sample_rows_kernel`]); the backend's `sample_rows` routes top-k / top-p
 //!   rows to the host sampler.
 //! - [`tensor`]: [`CudaTensor`] (bf16 or f32 device buffers) and [`CudaLinear`] (bf16 weights).
+//! - [`attention_backward`]: the backward of causal attention (FlashAttention-2 style,
+//!   deterministic: a dq kernel that also recomputes the softmax statistics, then a dk/dv
+//!   kernel per key tile and kv head).
 //! - [`backend`]: [`CudaBackend`], the [`crate::backend::Backend`] implementation. Part of the
 //!   trait runs on the GPU ([`ON_CUDA`]: the forward pass, paged attention, log-probs and
-//!   sampling); the rest (the backward ops) returns an error naming the op
-//!   ([`NOT_YET_ON_CUDA`]), so the training commands stay on the CPU.
+//!   sampling, and the attention backward); the rest (the other backward ops) returns an error
+//!   naming the op ([`NOT_YET_ON_CUDA`]), so the training commands stay on the CPU.
 
 #[allow(non_camel_case_types, non_snake_case, non_upper_case_globals)]
 pub mod args;
 pub mod attention;
+pub mod attention_backward;
 pub mod backend;
 pub mod context;
 pub mod gemm;
