@@ -439,5 +439,43 @@ typedef struct CastArgs {
     long long n;
 } CastArgs;
 GE_LAYOUT(CastArgs, 24, 8);
+/** Backward of causal attention over packed sequences (kernels/attention_backward.cu). Tile
+ * `t` (`t < num_tiles`) is three u32s of `tiles`: the sequence's first row, its length and
+ * the tile's first position in it; a tile covers `tile_rows` positions (query rows for the dq
+ * kernel, key rows for the dk/dv kernel; the kernel checks it was built for that size).
+ * Position `i` of a sequence sees positions `0..=i`; query head `h` reads kv head
+ * `h / (num_heads / num_kv_heads)`. The dq kernel also writes the softmax statistics (`lse`
+ * and `delta`) of its rows, which the dk/dv kernel, launched after it, reads. */
+typedef struct AttentionBackwardArgs {
+    /** bf16 `[rows, num_heads * head_dim]`, read. */
+    unsigned long long q;
+    /** bf16 `[rows, num_kv_heads * head_dim]`, read. */
+    unsigned long long k;
+    /** bf16 `[rows, num_kv_heads * head_dim]`, read. */
+    unsigned long long v;
+    /** bf16 `[rows, num_heads * head_dim]`, read. */
+    unsigned long long dout;
+    /** bf16 `[rows, num_heads * head_dim]`, written at the sequences' rows (dq kernel). */
+    unsigned long long dq;
+    /** bf16 `[rows, num_kv_heads * head_dim]`, written at the sequences' rows (dk/dv kernel). */
+    unsigned long long dk;
+    /** bf16 `[rows, num_kv_heads * head_dim]`, written at the sequences' rows (dk/dv kernel). */
+    unsigned long long dv;
+    /** f32 `[rows, num_heads]`: log-sum-exp of the scaled scores, written by the dq kernel
+     * at the sequences' rows, read by the dk/dv kernel. */
+    unsigned long long lse;
+    /** f32 `[rows, num_heads]`: `sum_j P_ij (dout_i . v_j)` (= `dout_i . out_i`), as `lse`. */
+    unsigned long long delta;
+    /** u32 `[num_tiles, 3]`: (sequence start row, sequence length, tile start position). */
+    unsigned long long tiles;
+    int num_tiles;
+    int num_heads;
+    int num_kv_heads;
+    int head_dim;
+    /** Positions per tile the host used; must equal the kernel's compiled tile size. */
+    int tile_rows;
+    float scale;
+} AttentionBackwardArgs;
+GE_LAYOUT(AttentionBackwardArgs, 104, 8);
 
 #endif /* GENIUS_ENGINE_KERNEL_ARGS_H */

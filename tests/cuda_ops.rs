@@ -20,9 +20,8 @@ use genius_engine::backend::cpu::CpuBackend;
 use genius_engine::backend::cuda::kernels::ImageChoice;
 use genius_engine::backend::cuda::tensor::round_to_bf16;
 use genius_engine::backend::cuda::{
-    CudaBackend, CudaOptions, DType, KernelSourcePolicy, NOT_YET_ON_CUDA, probe_devices,
+    CudaBackend, CudaOptions, DType, KernelSourcePolicy, probe_devices,
 };
-use genius_engine::backend::{AttentionShape, SeqSpan};
 use genius_engine::model::HostTensor;
 use std::io::Write as _;
 use std::sync::OnceLock;
@@ -541,48 +540,6 @@ fn zeros_copy_and_fill_zero() {
             "fill_zero",
             &be.download(&c).unwrap(),
             &HostTensor::new(vec![17, 33], vec![0.0; 17 * 33]),
-        );
-    }
-}
-
-/// The ops not on the GPU yet fail with an error naming the op instead of doing anything.
-#[test]
-#[cfg_attr(
-    not(genius_gpu_tests),
-    ignore = "needs a CUDA GPU: built by tools/gpu-prepare.sh (GENIUS_GPU_TESTS=1), run by tools/gpu-check.sh"
-)]
-fn ops_not_on_cuda_yet_say_so() {
-    let Some(be) = gpu() else { return };
-    let t = || {
-        be.upload(&HostTensor::new(vec![2, 4], vec![0.5; 8]))
-            .unwrap()
-    };
-    let shape = AttentionShape {
-        num_heads: 1,
-        num_kv_heads: 1,
-        head_dim: 4,
-    };
-    let seqs = [SeqSpan { start: 0, len: 2 }];
-    let errors: Vec<(&str, anyhow::Error)> = vec![
-        (
-            "causal_attention_backward",
-            be.causal_attention_backward(&t(), &t(), &t(), &t(), &seqs, shape)
-                .expect_err("an error"),
-        ),
-    ];
-    let mut named: Vec<&str> = errors.iter().map(|(op, _)| *op).collect();
-    named.sort();
-    let mut listed = NOT_YET_ON_CUDA.to_vec();
-    listed.sort();
-    assert_eq!(
-        named, listed,
-        "every op listed as not on CUDA is checked here"
-    );
-    for (op, e) in errors {
-        let msg = e.to_string();
-        assert!(
-            msg.starts_with(&format!("{op} is not on the CUDA backend yet")),
-            "{op}: {msg}"
         );
     }
 }

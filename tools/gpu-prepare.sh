@@ -2,9 +2,10 @@
 # Builds the test executables that tools/gpu-check.sh runs on a GPU machine (which has no Rust
 # toolchain) and copies them into .gpu-bin/ (ignored by git; a device run carries it).
 #
-#   tools/gpu-prepare.sh                 the CUDA tests: cuda_ops, cuda_attention, cuda_sampling,
-#                                        cuda_model, cuda_kernels, cuda_train_gemm,
-#                                        cuda_train_elementwise; and the genius-engine
+#   tools/gpu-prepare.sh                 the CUDA tests: cuda_ops, cuda_attention,
+#                                        cuda_train_attention, cuda_sampling, cuda_model,
+#                                        cuda_kernels, cuda_train_gemm, cuda_train_elementwise,
+#                                        cuda_train; and the genius-engine
 #                                        binary (.gpu-bin/bin/) for the benchmarks
 #   tools/gpu-prepare.sh NAME...         these integration test targets instead
 #
@@ -31,7 +32,7 @@ else
 fi
 
 tests=("$@")
-[[ ${#tests[@]} -gt 0 ]] || tests=(cuda_ops cuda_attention cuda_sampling cuda_model cuda_kernels cuda_train_gemm cuda_train_elementwise)
+[[ ${#tests[@]} -gt 0 ]] || tests=(cuda_ops cuda_attention cuda_train_attention cuda_sampling cuda_model cuda_kernels cuda_train_gemm cuda_train_elementwise cuda_train)
 args=()
 for t in "${tests[@]}"; do args+=(--test "$t"); done
 

@@ -762,3 +762,73 @@ const _: () = {
     ["Offset of field: CastArgs::dst"][::std::mem::offset_of!(CastArgs, dst) - 8usize];
     ["Offset of field: CastArgs::n"][::std::mem::offset_of!(CastArgs, n) - 16usize];
 };
+#[doc = " Backward of causal attention over packed sequences (kernels/attention_backward.cu). Tile\n `t` (`t < num_tiles`) is three u32s of `tiles`: the sequence's first row, its length and\n the tile's first position in it; a tile covers `tile_rows` positions (query rows for the dq\n kernel, key rows for the dk/dv kernel; the kernel checks it was built for that size).\n Position `i` of a sequence sees positions `0..=i`; query head `h` reads kv head\n `h / (num_heads / num_kv_heads)`. The dq kernel also writes the softmax statistics (`lse`\n and `delta`) of its rows, which the dk/dv kernel, launched after it, reads."]
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct AttentionBackwardArgs {
+    #[doc = " bf16 `[rows, num_heads * head_dim]`, read."]
+    pub q: ::std::os::raw::c_ulonglong,
+    #[doc = " bf16 `[rows, num_kv_heads * head_dim]`, read."]
+    pub k: ::std::os::raw::c_ulonglong,
+    #[doc = " bf16 `[rows, num_kv_heads * head_dim]`, read."]
+    pub v: ::std::os::raw::c_ulonglong,
+    #[doc = " bf16 `[rows, num_heads * head_dim]`, read."]
+    pub dout: ::std::os::raw::c_ulonglong,
+    #[doc = " bf16 `[rows, num_heads * head_dim]`, written at the sequences' rows (dq kernel)."]
+    pub dq: ::std::os::raw::c_ulonglong,
+    #[doc = " bf16 `[rows, num_kv_heads * head_dim]`, written at the sequences' rows (dk/dv kernel)."]
+    pub dk: ::std::os::raw::c_ulonglong,
+    #[doc = " bf16 `[rows, num_kv_heads * head_dim]`, written at the sequences' rows (dk/dv kernel)."]
+    pub dv: ::std::os::raw::c_ulonglong,
+    #[doc = " f32 `[rows, num_heads]`: log-sum-exp of the scaled scores, written by the dq kernel\n at the sequences' rows, read by the dk/dv kernel."]
+    pub lse: ::std::os::raw::c_ulonglong,
+    #[doc = " f32 `[rows, num_heads]`: `sum_j P_ij (dout_i . v_j)` (= `dout_i . out_i`), as `lse`."]
+    pub delta: ::std::os::raw::c_ulonglong,
+    #[doc = " u32 `[num_tiles, 3]`: (sequence start row, sequence length, tile start position)."]
+    pub tiles: ::std::os::raw::c_ulonglong,
+    pub num_tiles: ::std::os::raw::c_int,
+    pub num_heads: ::std::os::raw::c_int,
+    pub num_kv_heads: ::std::os::raw::c_int,
+    pub head_dim: ::std::os::raw::c_int,
+    #[doc = " Positions per tile the host used; must equal the kernel's compiled tile size."]
+    pub tile_rows: ::std::os::raw::c_int,
+    pub scale: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of AttentionBackwardArgs"][::std::mem::size_of::<AttentionBackwardArgs>() - 104usize];
+    ["Alignment of AttentionBackwardArgs"]
+        [::std::mem::align_of::<AttentionBackwardArgs>() - 8usize];
+    ["Offset of field: AttentionBackwardArgs::q"]
+        [::std::mem::offset_of!(AttentionBackwardArgs, q) - 0usize];
+    ["Offset of field: AttentionBackwardArgs::k"]
+        [::std::mem::offset_of!(AttentionBackwardArgs, k) - 8usize];
+    ["Offset of field: AttentionBackwardArgs::v"]
+        [::std::mem::offset_of!(AttentionBackwardArgs, v) - 16usize];
+    ["Offset of field: AttentionBackwardArgs::dout"]
+        [::std::mem::offset_of!(AttentionBackwardArgs, dout) - 24usize];
+    ["Offset of field: AttentionBackwardArgs::dq"]
+        [::std::mem::offset_of!(AttentionBackwardArgs, dq) - 32usize];
+    ["Offset of field: AttentionBackwardArgs::dk"]
+        [::std::mem::offset_of!(AttentionBackwardArgs, dk) - 40usize];
+    ["Offset of field: AttentionBackwardArgs::dv"]
+        [::std::mem::offset_of!(AttentionBackwardArgs, dv) - 48usize];
+    ["Offset of field: AttentionBackwardArgs::lse"]
+        [::std::mem::offset_of!(AttentionBackwardArgs, lse) - 56usize];
+    ["Offset of field: AttentionBackwardArgs::delta"]
+        [::std::mem::offset_of!(AttentionBackwardArgs, delta) - 64usize];
+    ["Offset of field: AttentionBackwardArgs::tiles"]
+        [::std::mem::offset_of!(AttentionBackwardArgs, tiles) - 72usize];
+    ["Offset of field: AttentionBackwardArgs::num_tiles"]
+        [::std::mem::offset_of!(AttentionBackwardArgs, num_tiles) - 80usize];
+    ["Offset of field: AttentionBackwardArgs::num_heads"]
+        [::std::mem::offset_of!(AttentionBackwardArgs, num_heads) - 84usize];
+    ["Offset of field: AttentionBackwardArgs::num_kv_heads"]
+        [::std::mem::offset_of!(AttentionBackwardArgs, num_kv_heads) - 88usize];
+    ["Offset of field: AttentionBackwardArgs::head_dim"]
+        [::std::mem::offset_of!(AttentionBackwardArgs, head_dim) - 92usize];
+    ["Offset of field: AttentionBackwardArgs::tile_rows"]
+        [::std::mem::offset_of!(AttentionBackwardArgs, tile_rows) - 96usize];
+    ["Offset of field: AttentionBackwardArgs::scale"]
+        [::std::mem::offset_of!(AttentionBackwardArgs, scale) - 100usize];
+};

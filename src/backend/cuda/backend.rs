@@ -6,9 +6,10 @@
 //! On the GPU so far: upload/download, the tensor utilities (zeros, copy, fill_zero, scale,
 //! add_assign), embedding, rms_norm, rope, swiglu, split/concat columns, gather_rows and
 //! linear; the KV cache (kv_pool, write_kv, copy_blocks) and attention (paged and causal) in
-//! [`super::attention`]; the GEMM-shaped training ops (linear input / weight / bias gradients,
-//! `sum_squares`, the log-prob backward) in [`super::train_gemm`]. Every other op returns an
-//! error naming the op ([`NOT_YET_ON_CUDA`]).
+//! [`super::attention`]; the attention backward in [`super::attention_backward`]; the
+//! GEMM-shaped training ops (linear input / weight / bias gradients, `sum_squares`, the log-prob
+//! backward) in [`super::train_gemm`]; the elementwise training ops and AdamW in
+//! [`super::train_elementwise`]. Every trait op runs on the GPU ([`NOT_YET_ON_CUDA`] is empty).
 
 use super::args;
 use super::context::{CudaOptions, GpuContext, LoadedUnit, grid_stride_config, row_block_threads};
@@ -44,6 +45,7 @@ pub const ON_CUDA: &[&str] = &[
     "fill_zero",
     "scale",
     "causal_attention",
+    "causal_attention_backward",
     "kv_pool",
     "write_kv",
     "copy_blocks",
@@ -73,7 +75,7 @@ pub const ON_CUDA: &[&str] = &[
 ];
 
 /// The [`Backend`] ops that are not on the CUDA backend yet: each returns an error naming it.
-pub const NOT_YET_ON_CUDA: &[&str] = &["causal_attention_backward"];
+pub const NOT_YET_ON_CUDA: &[&str] = &[];
 
 /// Most bytes of bf16 logits [`Backend::target_logprobs`] holds at once.
 pub const TARGET_LOGPROB_CHUNK_BYTES: usize = 256 << 20;
@@ -102,13 +104,6 @@ impl Drop for CudaBackend {
             }
         }
     }
-}
-
-fn not_yet(op: &str) -> anyhow::Error {
-    anyhow!(
-        "{op} is not on the CUDA backend yet (it has: {}); run on the CPU backend",
-        ON_CUDA.join(", ")
-    )
 }
 
 /// A size as the kernels' `int`, or an error naming `op` and `what`.
@@ -1036,14 +1031,14 @@ impl Backend for CudaBackend {
 
     fn causal_attention_backward(
         &self,
-        _q: &CudaTensor,
-        _k: &CudaTensor,
-        _v: &CudaTensor,
-        _dout: &CudaTensor,
-        _seqs: &[SeqSpan],
-        _shape: AttentionShape,
+        q: &CudaTensor,
+        k: &CudaTensor,
+        v: &CudaTensor,
+        dout: &CudaTensor,
+        seqs: &[SeqSpan],
+        shape: AttentionShape,
     ) -> Result<(CudaTensor, CudaTensor, CudaTensor)> {
-        Err(not_yet("causal_attention_backward"))
+        self.attn_causal_backward(q, k, v, dout, seqs, shape)
     }
 
     fn target_logprobs_backward(
@@ -1082,14 +1077,5 @@ mod tests {
             .collect();
         methods.sort();
         assert_eq!(methods, all);
-    }
-
-    #[test]
-    fn not_yet_errors_name_the_op() {
-        let e = not_yet("paged_attention").to_string();
-        assert!(
-            e.starts_with("paged_attention is not on the CUDA backend yet"),
-            "{e}"
-        );
     }
 }

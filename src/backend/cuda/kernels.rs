@@ -30,6 +30,15 @@ pub mod images {
 /// misspelt kernel is an error when the backend is created, naming the kernel and unit.
 pub const KERNEL_UNITS: &[(&str, &[&str])] = &[
     (
+        "attention_backward.cu",
+        &[
+            "ge_attention_backward_dq_d64",
+            "ge_attention_backward_dq_d128",
+            "ge_attention_backward_dkv_d64",
+            "ge_attention_backward_dkv_d128",
+        ],
+    ),
+    (
         "elementwise.cu",
         &[
             "ge_rms_norm",

@@ -17,14 +17,17 @@
 //! - [`train_elementwise`]: the row-wise and elementwise training ops (scatter-adds, the
 //!   RMSNorm / RoPE / SwiGLU / embedding backwards, the fused AdamW update and the on-device
 //!   f32 -> bf16 parameter assignment), kernels in `kernels/backward.cu` and `kernels/optim.cu`.
-//! - [`backend`]: [`CudaBackend`], the [`crate::backend::Backend`] implementation. Part of the
-//!   trait runs on the GPU ([`ON_CUDA`]: the forward pass, paged attention, log-probs and
-//!   sampling); the rest (the backward ops) returns an error naming the op
-//!   ([`NOT_YET_ON_CUDA`]), so the training commands stay on the CPU.
+//! - [`attention_backward`]: the backward of causal attention (FlashAttention-2 style,
+//!   deterministic: a dq kernel that also recomputes the softmax statistics, then a dk/dv
+//!   kernel per key tile and kv head).
+//! - [`backend`]: [`CudaBackend`], the [`crate::backend::Backend`] implementation. The whole
+//!   trait runs on the GPU ([`ON_CUDA`]: the forward pass, paged attention, log-probs,
+//!   sampling, every backward op and AdamW); [`NOT_YET_ON_CUDA`] lists what does not (empty).
 
 #[allow(non_camel_case_types, non_snake_case, non_upper_case_globals)]
 pub mod args;
 pub mod attention;
+pub mod attention_backward;
 pub mod backend;
 pub mod context;
 pub mod gemm;
@@ -51,9 +54,9 @@ pub struct CudaDeviceInfo {
 /// One line on what the CUDA backend can do in this build (for `genius-engine info`).
 pub fn readiness() -> String {
     format!(
-        "CUDA backend: {} of {} backend ops on the GPU (the whole forward pass, paged KV, \
-         log-probs and sampling with top-k/top-p); score, generate, \
-         sample and bench run with --device cuda, training (backward) is not on the GPU yet",
+        "CUDA backend: {} of {} backend ops on the GPU (the forward pass, paged KV, log-probs, \
+         sampling with top-k/top-p, every backward op and AdamW); every command runs with \
+         --device cuda",
         ON_CUDA.len(),
         ON_CUDA.len() + NOT_YET_ON_CUDA.len()
     )

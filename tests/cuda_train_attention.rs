@@ -1,0 +1,295 @@
+//! The CUDA attention backward (kernels/attention_backward.cu) against the CPU backend's
+//! `causal_attention_backward`, on fresh random inputs rounded to bf16 (so both backends
+//! compute the same function), with poisoned outputs and a synchronize after every launch.
+//! Covers GQA ratios 1, 2, 4, 7 and 8, head_dim 64 and 128, packed sequences of odd lengths,
+//! spans with gaps (rows of no sequence must be exactly zero) and a 1024-token sequence.
+//!
+//! Tolerance: ‖gpu − cpu‖ / ‖cpu‖ at most 2e-2 for each of dq, dk, dv. Both backends see the
+//! same bf16 inputs and accumulate in f32; the GPU's outputs are rounded to bf16 (at most 2^-9
+//! relative per element, about 2e-3 in L2) and its sums run in another order, with another
+//! `exp`; dS = P (dP − D) cancels where dP ≈ D, which magnifies f32 rounding in a few elements,
+//! and dk/dv add up to 8 heads x 1024 rows of such terms. Expected errors are a few 1e-3; 2e-2
+//! leaves room without letting a wrong mask, a missing head or a wrong scale through (each
+//! of those is an O(1) relative error). NaN (an unwritten element) never passes.
+//!
+//! Ignored unless built for a GPU run (`GENIUS_GPU_TESTS=1`, as tools/gpu-prepare.sh does); so
+//! built, a missing device fails them.
+
+mod common;
+
+use common::Rng;
+use genius_engine::backend::cpu::CpuBackend;
+use genius_engine::backend::cuda::tensor::round_to_bf16;
+use genius_engine::backend::cuda::{CudaBackend, CudaOptions, probe_devices};
+use genius_engine::backend::{AttentionShape, Backend, SeqSpan};
+use genius_engine::model::HostTensor;
+use std::io::Write as _;
+use std::sync::OnceLock;
+
+/// Relative L2 error bound of each gradient (see the module comment).
+const TOL: f64 = 2e-2;
+
+fn gpu() -> Option<&'static CudaBackend> {
+    let why = match probe_devices() {
+        Ok(d) if !d.is_empty() => None,
+        Ok(_) => Some("the driver reports no devices".to_string()),
+        Err(e) => Some(e),
+    };
+    if let Some(why) = why {
+        // Built for a GPU run: a missing device is a failure there, not a skip.
+        if cfg!(genius_gpu_tests) {
+            panic!("built for a GPU run (GENIUS_GPU_TESTS) but no usable CUDA device: {why}");
+        }
+        let _ = writeln!(std::io::stderr(), "SKIPPED: no CUDA device ({why})");
+        return None;
+    }
+    static GPU: OnceLock<CudaBackend> = OnceLock::new();
+    Some(GPU.get_or_init(|| {
+        let mut o = CudaOptions::from_env().expect("CUDA options from the environment");
+        o.poison_outputs = true;
+        o.sync_after_launch = true;
+        CudaBackend::new(&o).unwrap_or_else(|e| panic!("{e:#}"))
+    }))
+}
+
+fn seed() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(7)
+}
+
+/// ‖got − want‖ / ‖want‖ (the error itself when `want` is zero); infinite on any NaN/inf.
+fn rel_err(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    if got.iter().any(|v| !v.is_finite()) {
+        return f64::INFINITY;
+    }
+    let (mut num, mut den) = (0f64, 0f64);
+    for (&g, &w) in got.iter().zip(want) {
+        num += (g as f64 - w as f64).powi(2);
+        den += (w as f64).powi(2);
+    }
+    if den == 0.0 {
+        num.sqrt()
+    } else {
+        (num / den).sqrt()
+    }
+}
+
+/// Spans packed back to back from row `first`, with `gap` empty rows after each.
+fn packed(first: usize, lens: &[usize], gap: usize) -> (Vec<SeqSpan>, usize) {
+    let mut start = first;
+    let mut spans = Vec::new();
+    for &len in lens {
+        spans.push(SeqSpan { start, len });
+        start += len + gap;
+    }
+    (spans, start)
+}
+
+/// One comparison: q/k/v/dout random (bf16-rounded), `rows` rows, the given spans.
+fn check(what: &str, shape: AttentionShape, seqs: &[SeqSpan], rows: usize, q_scale: f32) {
+    let Some(be) = gpu() else { return };
+    let cpu = CpuBackend::new();
+    let seed = seed();
+    let mut rng = Rng::new(seed);
+    let qw = shape.num_heads * shape.head_dim;
+    let kw = shape.num_kv_heads * shape.head_dim;
+    let q = round_to_bf16(&rng.tensor(&[rows, qw], q_scale));
+    let k = round_to_bf16(&rng.tensor(&[rows, kw], 1.0));
+    let v = round_to_bf16(&rng.tensor(&[rows, kw], 1.0));
+    let dout = round_to_bf16(&rng.tensor(&[rows, qw], 1.0));
+    let (wq, wk, wv) = cpu
+        .causal_attention_backward(&q, &k, &v, &dout, seqs, shape)
+        .unwrap();
+    let up = |t: &HostTensor| be.upload(t).unwrap();
+    let (gq, gk, gv, gd) = (up(&q), up(&k), up(&v), up(&dout));
+    let (dq, dk, dv) = be
+        .causal_attention_backward(&gq, &gk, &gv, &gd, seqs, shape)
+        .unwrap_or_else(|e| panic!("{what}: {e:#}"));
+    let got = [
+        be.download(&dq).unwrap(),
+        be.download(&dk).unwrap(),
+        be.download(&dv).unwrap(),
+    ];
+    let mut in_seq = vec![false; rows];
+    for s in seqs {
+        in_seq[s.start..s.start + s.len].fill(true);
+    }
+    for (name, g, w) in [
+        ("dq", &got[0], &wq),
+        ("dk", &got[1], &wk),
+        ("dv", &got[2], &wv),
+    ] {
+        assert_eq!(g.shape, w.shape, "{what} {name}: shape");
+        let nan = g.data.iter().filter(|x| x.is_nan()).count();
+        assert_eq!(
+            nan, 0,
+            "{what} {name} (seed {seed}): {nan} NaN elements (unwritten?)"
+        );
+        let width = g.shape[1];
+        for (r, _) in in_seq.iter().enumerate().filter(|(_, s)| !**s) {
+            let row = &g.data[r * width..(r + 1) * width];
+            assert!(
+                row.iter().all(|&x| x == 0.0),
+                "{what} {name}: row {r} belongs to no sequence but is not zero"
+            );
+        }
+        let e = rel_err(&g.data, &w.data);
+        let _ = writeln!(
+            std::io::stderr(),
+            "{what} {name}: relative error {e:.2e} (seed {seed})"
+        );
+        assert!(
+            e <= TOL,
+            "{what} {name} (seed {seed}): relative error {e:.3e} over {TOL:.0e}"
+        );
+    }
+    // Deterministic: a second run gives the same bits.
+    let (dq2, dk2, dv2) = be
+        .causal_attention_backward(&gq, &gk, &gv, &gd, seqs, shape)
+        .unwrap();
+    for (name, a, b) in [
+        ("dq", &got[0], &dq2),
+        ("dk", &got[1], &dk2),
+        ("dv", &got[2], &dv2),
+    ] {
+        let b = be.download(b).unwrap();
+        assert!(
+            a.data
+                .iter()
+                .zip(&b.data)
+                .all(|(x, y)| x.to_bits() == y.to_bits()),
+            "{what} {name}: a second run differs (not deterministic)"
+        );
+    }
+}
+
+fn shape(num_heads: usize, num_kv_heads: usize, head_dim: usize) -> AttentionShape {
+    AttentionShape {
+        num_heads,
+        num_kv_heads,
+        head_dim,
+    }
+}
+
+const ODD_LENS: &[usize] = &[1, 17, 64, 130, 301];
+
+#[test]
+#[cfg_attr(
+    not(genius_gpu_tests),
+    ignore = "needs a CUDA GPU: built by tools/gpu-prepare.sh (GENIUS_GPU_TESTS=1), run by tools/gpu-check.sh"
+)]
+fn packed_odd_lengths_match_the_cpu() {
+    for (h, kvh) in [(4, 4), (4, 2), (14, 2)] {
+        for hd in [64, 128] {
+            let (seqs, rows) = packed(0, ODD_LENS, 0);
+            check(
+                &format!("packed H={h} KVH={kvh} hd={hd}"),
+                shape(h, kvh, hd),
+                &seqs,
+                rows,
+                2.0,
+            );
+        }
+    }
+}
+
+#[test]
+#[cfg_attr(
+    not(genius_gpu_tests),
+    ignore = "needs a CUDA GPU: built by tools/gpu-prepare.sh (GENIUS_GPU_TESTS=1), run by tools/gpu-check.sh"
+)]
+fn spans_with_gaps_leave_zero_rows() {
+    // Gaps before, between and after the sequences, and an empty span.
+    for (h, kvh, hd) in [(14, 2, 64), (16, 2, 128), (32, 8, 64), (6, 3, 128)] {
+        let (mut seqs, end) = packed(3, &[17, 130, 1, 64, 33, 300], 5);
+        seqs.push(SeqSpan { start: 2, len: 0 });
+        check(
+            &format!("gaps H={h} KVH={kvh} hd={hd}"),
+            shape(h, kvh, hd),
+            &seqs,
+            end + 7,
+            2.0,
+        );
+    }
+}
+
+#[test]
+#[cfg_attr(
+    not(genius_gpu_tests),
+    ignore = "needs a CUDA GPU: built by tools/gpu-prepare.sh (GENIUS_GPU_TESTS=1), run by tools/gpu-check.sh"
+)]
+fn one_long_sequence_matches_the_cpu() {
+    // The real models' shapes: Qwen2.5-0.5B (14/2 x 64), Qwen2.5-3B (16/2 x 128), with a
+    // peakier softmax for the first.
+    check(
+        "1024 tokens H=14 KVH=2 hd=64",
+        shape(14, 2, 64),
+        &[SeqSpan {
+            start: 0,
+            len: 1024,
+        }],
+        1024,
+        4.0,
+    );
+    check(
+        "1024 tokens H=16 KVH=2 hd=128",
+        shape(16, 2, 128),
+        &[SeqSpan {
+            start: 0,
+            len: 1024,
+        }],
+        1024,
+        2.0,
+    );
+    // Two sequences of a training batch back to back, the second one not tile-aligned.
+    let (seqs, rows) = packed(0, &[1024, 999], 0);
+    check(
+        "1024 + 999 tokens H=32 KVH=8 hd=64",
+        shape(32, 8, 64),
+        &seqs,
+        rows,
+        2.0,
+    );
+}
+
+#[test]
+#[cfg_attr(
+    not(genius_gpu_tests),
+    ignore = "needs a CUDA GPU: built by tools/gpu-prepare.sh (GENIUS_GPU_TESTS=1), run by tools/gpu-check.sh"
+)]
+fn unsupported_shapes_fail_clearly() {
+    let Some(be) = gpu() else { return };
+    let t = |w: usize| {
+        be.upload(&HostTensor::new(vec![4, w], vec![0.5; 4 * w]))
+            .unwrap()
+    };
+    let seqs = [SeqSpan { start: 0, len: 4 }];
+    let e = be
+        .causal_attention_backward(&t(96), &t(96), &t(96), &t(96), &seqs, shape(1, 1, 96))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("head_dim 96 is not supported on CUDA"), "{e}");
+    let overlapping = [SeqSpan { start: 0, len: 3 }, SeqSpan { start: 2, len: 2 }];
+    let e = be
+        .causal_attention_backward(
+            &t(64),
+            &t(64),
+            &t(64),
+            &t(64),
+            &overlapping,
+            shape(1, 1, 64),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("overlap"), "{e}");
+    // No sequences at all: zero gradients.
+    let (dq, dk, dv) = be
+        .causal_attention_backward(&t(64), &t(64), &t(64), &t(64), &[], shape(1, 1, 64))
+        .unwrap();
+    for g in [dq, dk, dv] {
+        assert!(be.download(&g).unwrap().data.iter().all(|&x| x == 0.0));
+    }
+}
