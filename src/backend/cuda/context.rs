@@ -630,6 +630,7 @@ mod tests {
             SwigluBackwardArgs,
             AdamWArgs,
             CastArgs,
+            AttentionBackwardArgs,
         );
         let mut header = header_layouts();
         rust.sort();
