@@ -28,7 +28,8 @@
 # Environment: GPU_CHECK_TIMEOUT (seconds per executable, default 300), GPU_CHECK_THREADS
 # (libtest threads, default 1: readable logs), GPU_BENCH=0 (tests only), GPU_BENCH_BATCHES
 # (default 64,256,512), GPU_BENCH_MODEL (default random:qwen2.5-0.5b), GPU_PEER=0 (no peer),
-# GPU_ROLLOUT=0 (no rollout benchmarks), GPU_TRAIN=0 (no training benchmarks and run).
+# GPU_ROLLOUT=0 (no rollout benchmarks), GPU_TRAIN=0 (no training benchmarks and run),
+# GPU_TRAIN_PROFILE=1 (also a `bench train` with GENIUS_CUDA_PROFILE=1: GPU time per kernel).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -99,6 +100,12 @@ if [[ -x $engine && ${GPU_BENCH:-1} != 0 ]]; then
       timeout "${GPU_TRAIN_TIMEOUT:-180}" "$engine" bench train --device cuda --model "$model" \
         --tokens 1024 --batches 4 --iters 5
       echo "rc $?"
+      if [[ ${GPU_TRAIN_PROFILE:-0} != 0 ]]; then
+        echo "== bench train, profiled"
+        GENIUS_CUDA_PROFILE=1 timeout 120 "$engine" bench train --device cuda --model "$model" \
+          --tokens 1024 --batches 4 --iters 2
+        echo "rc-profile $?"
+      fi
       echo "== run"
       rm -rf "$GENIUS_HOME/run"
       timeout "${GPU_TRAIN_TIMEOUT:-180}" "$engine" run --device cuda --model "$model" --rounds 2 \

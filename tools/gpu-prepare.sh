@@ -12,7 +12,8 @@
 # nvcc is used when found ($NVCC, nvcc on PATH, or the toolkit tools/compile-kernels.sh
 # installs), so that the executables carry precompiled PTX and sm_90a cubins; cuda_ops still
 # exercises the NVRTC path on the device. Debug info is stripped to keep the folder small.
-# Then, on the GPU machine: bash tools/gpu-check.sh .gpu-bin
+# Then, on the GPU machine (carrying .gpu-pack): tar xzf .gpu-pack/gpu-bin.tgz &&
+# bash tools/gpu-check.sh .gpu-bin
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -73,3 +74,9 @@ strip --strip-debug .gpu-bin/bin/genius-engine
   echo "nvcc ${NVCC:-none}"
 } >.gpu-bin/BUILD-INFO
 du -sh .gpu-bin
+# The device tool carries at most 64 MiB: the folder also goes packed (about a third of its
+# size) into .gpu-pack/ (ignored by git); on the device: tar xzf .gpu-pack/gpu-bin.tgz first.
+rm -rf .gpu-pack
+mkdir -p .gpu-pack
+tar czf .gpu-pack/gpu-bin.tgz .gpu-bin
+du -sh .gpu-pack/gpu-bin.tgz

@@ -34,8 +34,8 @@ pub mod gemm;
 pub mod kernels;
 pub mod sampling;
 pub mod tensor;
-pub mod train_gemm;
 pub mod train_elementwise;
+pub mod train_gemm;
 
 pub use backend::{CudaBackend, NOT_YET_ON_CUDA, ON_CUDA, TARGET_LOGPROB_CHUNK_BYTES};
 pub use context::CudaOptions;
