@@ -38,3 +38,12 @@ extern "C" __global__ void ge_cast_f32_bf16(CastArgs a) {
         dst[i] = ge_f32_to_bf16(src[i]);
     }
 }
+
+// ---- bf16 -> f32 (exact): the master copy of a bf16 parameter; grid-stride. ----
+extern "C" __global__ void ge_cast_bf16_f32(CastArgs a) {
+    const ge_bf16* src = reinterpret_cast<const ge_bf16*>(a.src);
+    float* dst = reinterpret_cast<float*>(a.dst);
+    for (long long i = ge_global_index(); i < a.n; i += ge_grid_threads()) {
+        dst[i] = ge_bf16_to_f32(src[i]);
+    }
+}

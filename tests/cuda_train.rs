@@ -260,9 +260,11 @@ fn one_optimizer_step_matches_the_cpu() {
         let cfg = aco_config(4, 1e-1, adamw);
         let mut norms = Vec::new();
         let mut deltas = Vec::new();
+        let mut starts = Vec::new();
         {
             let mut state = TrainState::new(&cpu, cfg.adamw).unwrap();
             let before = masters(&cpu.backend, &state);
+            starts.push(before.clone());
             train(&mut cpu, &ps, &cfg, &mut state, |m, _, _, _| {
                 norms.push(m.grad_norm);
                 Ok(())
@@ -274,6 +276,10 @@ fn one_optimizer_step_matches_the_cpu() {
         {
             let mut state = TrainState::new(&cuda, cfg.adamw).unwrap();
             let before = masters(&cuda.backend, &state);
+            // The master copies start as the (bf16-exact) weights, widened on the device.
+            for (a, b) in before.iter().zip(&starts[0]) {
+                assert_eq!(a.data, b.data, "{name}: GPU master weights start elsewhere");
+            }
             train(&mut cuda, &ps, &cfg, &mut state, |m, _, _, _| {
                 norms.push(m.grad_norm);
                 Ok(())

@@ -60,6 +60,10 @@ pub trait Backend: Send + Sync {
         None
     }
 
+    /// Discards the timing statistics collected so far, where the backend keeps any
+    /// (`GENIUS_CUDA_PROFILE`): benchmarks call it after their warm-up.
+    fn reset_profile(&self) {}
+
     /// Returns memory the backend's allocator keeps cached for reuse to the device, so that
     /// [`Backend::memory_info`] counts it free (before training after sampling). A no-op
     /// where there is no such cache.
@@ -272,6 +276,16 @@ pub trait Backend: Send + Sync {
         grad: &Self::Tensor,
         step: &AdamWStep,
     ) -> Result<()>;
+
+    /// An f32 copy of a tensor parameter (the optimizer's master weights start from it).
+    fn tensor_to_f32(&self, t: &Self::Tensor) -> Result<Self::Tensor> {
+        self.upload_f32(&self.download(t)?)
+    }
+
+    /// An f32 copy of a linear weight, `[out, in]` in HF layout (a master weight).
+    fn linear_to_f32(&self, w: &Self::Linear) -> Result<Self::Tensor> {
+        self.upload_f32(&self.download_linear(w)?)
+    }
 
     /// Sets a tensor parameter (a norm weight, a bias, the embedding) from its f32 master copy
     /// of the same shape, rounded to the backend's precision.

@@ -87,6 +87,9 @@ pub fn resolve_kv_budget<B: Backend>(
     if text.trim() != "auto" {
         return parse_kv_budget(text, per_token);
     }
+    // Memory the allocator keeps from earlier phases (training) counts as used until given
+    // back.
+    transformer.backend.release_cached_memory()?;
     let Some((free, total)) = transformer.backend.memory_info() else {
         return parse_kv_budget(&format!("{HOST_AUTO_KV_BYTES}B"), per_token);
     };

@@ -163,7 +163,7 @@ impl<B: Backend> TrainState<B> {
         let mut master = Vec::with_capacity(names.len());
         let (mut m, mut v) = (Vec::new(), Vec::new());
         for n in &names {
-            let t = be.upload_f32(&model.weight(n)?)?;
+            let t = model.weight_f32(n)?;
             let shape = be.shape(&t).to_vec();
             m.push(be.zeros_f32(&shape)?);
             v.push(be.zeros_f32(&shape)?);

@@ -195,6 +195,20 @@ impl<B: Backend> Transformer<B> {
         }
     }
 
+    /// One parameter (fused name) as an f32 tensor on the backend, without a host round trip
+    /// where the backend can help it (the optimizer's master copy).
+    pub fn weight_f32(&self, name: &str) -> Result<B::Tensor> {
+        let tied = self.config.tie_word_embeddings;
+        if tied && name == LM_HEAD {
+            bail!("'{LM_HEAD}' is tied to '{EMBED_TOKENS}': read the embedding");
+        }
+        match self.weights.params().into_iter().find(|(n, _)| n == name) {
+            Some((_, Param::Tensor(t))) => self.backend.tensor_to_f32(t),
+            Some((_, Param::Linear(l))) => self.backend.linear_to_f32(l),
+            None => bail!("no parameter named '{name}' in this model"),
+        }
+    }
+
     /// Replaces one parameter (fused name, see [`Weights::params`]) with host values of the
     /// same shape, re-uploading it in the backend's layout. On a tied model, setting
     /// `model.embed_tokens.weight` updates the LM head too (and `lm_head.weight` is refused).

@@ -59,6 +59,9 @@ pub const ON_CUDA: &[&str] = &[
     "zeros_f32",
     "upload_f32",
     "release_cached_memory",
+    "reset_profile",
+    "tensor_to_f32",
+    "linear_to_f32",
     "assign_tensor",
     "assign_linear",
     "sum_squares",
@@ -908,6 +911,23 @@ impl Backend for CudaBackend {
 
     fn zeros_f32(&self, shape: &[usize]) -> Result<CudaTensor> {
         CudaBackend::zeros_f32(self, shape)
+    }
+
+    fn reset_profile(&self) {
+        if let Some(p) = &self.gpu.profile {
+            let _ = self.gpu.sync("the profiled work");
+            if let Ok(mut p) = p.lock() {
+                p.reset();
+            }
+        }
+    }
+
+    fn tensor_to_f32(&self, t: &CudaTensor) -> Result<CudaTensor> {
+        self.train_to_f32(t)
+    }
+
+    fn linear_to_f32(&self, w: &CudaLinear) -> Result<CudaTensor> {
+        self.train_linear_to_f32(w)
     }
 
     fn release_cached_memory(&self) -> Result<()> {

@@ -237,6 +237,14 @@ pub(crate) struct Profile {
 }
 
 impl Profile {
+    /// Forgets everything timed so far (after a benchmark's warm-up, whose plan building and
+    /// first launches would otherwise be counted).
+    pub(crate) fn reset(&mut self) {
+        self.fold();
+        self.totals.clear();
+        self.started = None;
+    }
+
     fn fold(&mut self) {
         for (name, a, b) in self.pending.drain(..) {
             let ms = a.elapsed_ms(&b).map(f64::from).unwrap_or(0.0);

@@ -79,7 +79,10 @@ pub const KERNEL_UNITS: &[(&str, &[&str])] = &[
             "ge_swiglu_backward",
         ],
     ),
-    ("optim.cu", &["ge_adamw_update", "ge_cast_f32_bf16"]),
+    (
+        "optim.cu",
+        &["ge_adamw_update", "ge_cast_f32_bf16", "ge_cast_bf16_f32"],
+    ),
     (
         "sampling.cu",
         &[

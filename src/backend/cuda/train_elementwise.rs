@@ -410,6 +410,41 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// `n` bf16 values at `src` widened into a new f32 tensor of `shape` (exact).
+    fn widen_to_f32(&self, src: u64, n: usize, shape: Vec<usize>) -> Result<CudaTensor> {
+        let mut out = self.zeros_f32(&shape)?;
+        if n > 0 {
+            let a = args::CastArgs {
+                src,
+                dst: self.addr_mut(&mut out),
+                n: n as i64,
+            };
+            // SAFETY: src holds n bf16s and out n f32s.
+            unsafe {
+                self.gpu
+                    .launch("ge_cast_bf16_f32", grid_stride_config(n), &a)?
+            }
+        }
+        Ok(out)
+    }
+
+    /// [`crate::backend::Backend::tensor_to_f32`] on the GPU: a bf16 tensor widened on the
+    /// device (an f32 one copied).
+    pub(crate) fn train_to_f32(&self, t: &CudaTensor) -> Result<CudaTensor> {
+        match t.dtype() {
+            DType::F32 => self.copy_f32(t),
+            DType::Bf16 => self.widen_to_f32(self.addr(t), t.numel(), t.shape.clone()),
+        }
+    }
+
+    /// [`crate::backend::Backend::linear_to_f32`] on the GPU: the bf16 `[out, in]` weight
+    /// widened on the device.
+    pub(crate) fn train_linear_to_f32(&self, w: &CudaLinear) -> Result<CudaTensor> {
+        let (out, inp) = (w.out_features, w.in_features);
+        let p = self.gpu.ptr(&w.weight);
+        self.widen_to_f32(p, out * inp, vec![out, inp])
+    }
+
     /// A device copy of an f32 tensor.
     fn copy_f32(&self, t: &CudaTensor) -> Result<CudaTensor> {
         use super::tensor::DeviceData;
