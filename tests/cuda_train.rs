@@ -9,7 +9,7 @@
 //! optimizer step compares the f32 master weights' change, with AdamW's `eps` set large so the
 //! update is linear in the gradient (with the default `eps` the first update is
 //! `lr * sign(g)`, and the sign of a near-zero gradient is noise); the loss curves agree within
-//! 5% of the first loss (bf16 working weights on the GPU, f32 on the CPU).
+//! 0.05 + 30% of the CPU's (bf16 working weights on the GPU, f32 on the CPU; see the test).
 //!
 //! These tests are ignored unless built for a GPU run (`GENIUS_GPU_TESTS=1`, as
 //! tools/gpu-prepare.sh does); so built, a missing device fails them.
@@ -22,7 +22,7 @@ use genius_engine::backend::cpu::CpuBackend;
 use genius_engine::backend::cuda::{CudaBackend, CudaOptions, probe_devices};
 use genius_engine::genius::loss::{AcoClip, LossConfig, LossKind};
 use genius_engine::genius::optim::AdamWConfig;
-use genius_engine::genius::sequences::TrainSequence;
+use genius_engine::genius::sequences::{TrainSequence, response_logprob_sums};
 use genius_engine::genius::trainer::{TrainConfig, TrainPair, TrainState, train};
 use genius_engine::model::{HostTensor, MemoryTensors, ModelConfig};
 use genius_engine::transformer::{Gradients, TrainBatch, Transformer};
@@ -330,9 +330,23 @@ fn loss_curve_over_20_steps_matches_the_cpu() {
     let (name, config) = configs().remove(0);
     let Some(be) = gpu() else { return };
     let (mut cpu, mut cuda) = both(&config, 13, be);
-    // The same 4 pairs every step (20 epochs of one step), learning fast.
-    let ps = pairs(&config, 4, 17);
-    let mut cfg = aco_config(4, 2e-3, AdamWConfig::default());
+    // The same 4 pairs every step (20 epochs of one step), the reference being the starting
+    // model (as in training: the first loss is ln 2), at a learning rate where the CPU's loss
+    // falls smoothly (0.69 -> ~0.005 in 20 steps; 1e-4 collapses it in two steps). Its
+    // updates are below the resolution of most bf16 weights, so the GPU's working weights
+    // move only as the f32 masters cross rounding boundaries (as with torch's bf16 autocast
+    // over f32 parameters): the GPU's curve may lag the CPU's.
+    let mut ps = pairs(&config, 4, 17);
+    let seqs: Vec<TrainSequence> = ps
+        .iter()
+        .flat_map(|p| [p.chosen.clone(), p.rejected.clone()])
+        .collect();
+    let refs = response_logprob_sums(&cpu, &seqs, 512, |_| {}).unwrap();
+    for (p, r) in ps.iter_mut().zip(refs.chunks_exact(2)) {
+        p.ref_chosen = r[0];
+        p.ref_rejected = r[1];
+    }
+    let mut cfg = aco_config(4, 2e-5, AdamWConfig::default());
     cfg.epochs = 20;
     let mut curves = [Vec::new(), Vec::new()];
     let mut state = TrainState::new(&cpu, cfg.adamw).unwrap();
@@ -351,17 +365,21 @@ fn loss_curve_over_20_steps_matches_the_cpu() {
     println!("{name}: loss gpu {:?}", curves[1]);
     assert_eq!(curves[0].len(), 20);
     assert_eq!(curves[1].len(), 20);
-    let scale = curves[0][0].abs().max(1e-3);
+    assert!(
+        (curves[0][0] - std::f64::consts::LN_2).abs() < 1e-3,
+        "the first loss is not ln 2: {}",
+        curves[0][0]
+    );
+    // bf16 noise: the GPU's logits differ by ~2e-3 relative and its working weights are the
+    // f32 masters rounded to bf16 after every step.
     for (s, (a, b)) in curves[0].iter().zip(&curves[1]).enumerate() {
         assert!(
-            (a - b).abs() <= 0.05 * scale,
+            (a - b).abs() <= 0.05 + 0.3 * a.abs(),
             "step {}: loss cpu {a} gpu {b}",
             s + 1
         );
     }
-    assert!(
-        curves[1][19] < 0.8 * curves[1][0],
-        "the GPU run did not learn: {:?}",
-        curves[1]
-    );
+    for c in &curves {
+        assert!(c[19] < 0.5 * c[0], "no learning: {c:?}");
+    }
 }
