@@ -238,34 +238,25 @@ fn drift(dir: &Path) -> Result<()> {
         );
     }
     let eval_path = dir.join("eval.jsonl");
-    let mut evals: Vec<Value> = Vec::new();
-    if let Ok(text) = std::fs::read_to_string(&eval_path) {
-        for (i, l) in text
-            .lines()
-            .enumerate()
-            .filter(|(_, l)| !l.trim().is_empty())
-        {
-            evals.push(
-                serde_json::from_str(l)
-                    .with_context(|| format!("{}:{}: not JSON", eval_path.display(), i + 1))?,
-            );
+    let mut evals = Vec::new();
+    if eval_path.is_file() {
+        let mut warnings = Vec::new();
+        evals = crate::report::read_eval_log(&eval_path, &mut warnings)?;
+        for w in warnings {
+            eprintln!("diagnose: {w}");
         }
     }
-    let label = |e: &Value| {
-        format!(
-            "{} ({})",
-            e["benchmark"].as_str().unwrap_or("?"),
-            e["file"].as_str().unwrap_or("?")
-        )
+    let label = |e: &crate::report::EvalRow| {
+        format!("{} ({})", e.benchmark, e.file.as_deref().unwrap_or("?"))
     };
     let mut benches: Vec<String> = evals.iter().map(label).collect();
     benches.sort();
     benches.dedup();
-    let acc = |round: u64, bench: &str| -> Option<f64> {
+    let acc = |round: usize, bench: &str| -> Option<f64> {
         evals
             .iter()
-            .find(|e| e["round"].as_u64() == Some(round) && label(e) == bench)
-            .and_then(|e| e["accuracy"].as_f64())
+            .find(|e| e.round == round && label(e) == bench)
+            .map(|e| e.accuracy)
     };
     let fmt =
         |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |x| format!("{x:.digits$}"));
@@ -291,7 +282,7 @@ fn drift(dir: &Path) -> Result<()> {
     let first_m = rounds.first().and_then(|r| r.2);
     let mut table = Vec::new();
     for &(n, f, m) in &rounds {
-        let accs: Vec<Option<f64>> = benches.iter().map(|b| acc(n, b)).collect();
+        let accs: Vec<Option<f64>> = benches.iter().map(|b| acc(n as usize, b)).collect();
         println!(
             "{n:>5}   {:>7}   {:>11}   {}",
             fmt(f, 4),

@@ -17,6 +17,7 @@ use crate::eval::data::{Benchmark, Question, load_predictions, load_questions, p
 use crate::eval::score::{Accuracy, accuracy, score_output};
 use crate::genius::artifacts::write_json_atomic;
 use crate::model::{LoadedModel, TextTokenizer};
+use crate::report::EvalRow;
 use crate::transformer::Transformer;
 use anyhow::{Context, Result, bail};
 use serde_json::json;
@@ -392,26 +393,17 @@ pub fn evaluate_round<B: Backend>(
     if specs.is_empty() {
         return Ok(transformer);
     }
-    let log_path = run_dir.join("eval.jsonl");
-    let done: Vec<serde_json::Value> = match std::fs::read_to_string(&log_path) {
-        Ok(text) => text
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .enumerate()
-            .map(|(i, l)| {
-                serde_json::from_str(l)
-                    .with_context(|| format!("{}:{}: not JSON", log_path.display(), i + 1))
-            })
-            .collect::<Result<_>>()?,
-        Err(_) => Vec::new(),
-    };
+    // One shared record type with `report` and `diagnose`; appended durably, a torn last
+    // line from an interrupted run cut off.
+    let (mut log, done) =
+        crate::genius::artifacts::JsonlLog::open::<EvalRow>(&run_dir.join("eval.jsonl"))?;
     let todo: Vec<&EvalSpec> = specs
         .iter()
         .filter(|s| {
             !done.iter().any(|d| {
-                d["round"] == json!(round)
-                    && d["benchmark"] == json!(s.benchmark.name())
-                    && d["file"] == json!(s.file.display().to_string())
+                d.round == round
+                    && d.benchmark == s.benchmark.name()
+                    && d.file.as_deref() == Some(s.file.display().to_string().as_str())
             })
         })
         .collect();
@@ -454,14 +446,7 @@ pub fn evaluate_round<B: Backend>(
                 eprintln!("eval {when}: {}", summary.line());
                 let mut line = summary.to_json(&spec.file);
                 line["round"] = json!(round);
-                let mut f = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&log_path)
-                    .with_context(|| format!("{}: cannot open", log_path.display()))?;
-                writeln!(f, "{line}")
-                    .and_then(|_| f.sync_data())
-                    .with_context(|| format!("{}: write failed", log_path.display()))?;
+                log.append(&line)?;
             }
             Err(e) => {
                 result = Err(e.context(format!("evaluating {}", spec.file.display())));

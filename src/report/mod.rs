@@ -288,6 +288,12 @@ pub fn load_run(dir: &Path) -> Result<RunData> {
     Ok(data)
 }
 
+/// Reads a run's `eval.jsonl` (see [`read_jsonl`] for what is tolerated; warnings are added
+/// to `warnings`).
+pub fn read_eval_log(path: &Path, warnings: &mut Vec<String>) -> Result<Vec<EvalRow>> {
+    read_jsonl(path, warnings)
+}
+
 /// Reads a JSONL file: blank lines skipped; a malformed line is an error naming the file and
 /// the 1-based line, except an incomplete last line (no newline), skipped with a warning.
 fn read_jsonl<T: DeserializeOwned>(path: &Path, warnings: &mut Vec<String>) -> Result<Vec<T>> {
