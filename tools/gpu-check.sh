@@ -23,7 +23,8 @@
 # the same model: tokens/s, model FLOP utilisation against a GEMM ceiling measured in the same
 # process, device memory) and right after it the PyTorch peer (tools/peer_torch_train.py);
 # then a 2-round `genius-engine run --device cuda` on the same random model (4 queries, the
-# quick profile), whose summary goes in the table.
+# quick profile), whose summary goes in the table; and `bench logprobs` (the fused log-prob
+# gathering, forward and backward, at 1k / 4k / 16k rows: GB/s and device memory).
 #
 # Environment: GPU_CHECK_TIMEOUT (seconds per executable, default 300), GPU_CHECK_THREADS
 # (libtest threads, default 1: readable logs), GPU_BENCH=0 (tests only), GPU_BENCH_BATCHES
@@ -106,6 +107,9 @@ if [[ -x $engine && ${GPU_BENCH:-1} != 0 ]]; then
           --tokens 1024 --batches 4 --iters 2
         echo "rc-profile $?"
       fi
+      echo "== bench logprobs"
+      timeout 120 "$engine" bench logprobs --device cuda --model "$model" --batches 1024,4096,16384 --iters 5
+      echo "rc-logprobs $?"
       echo "== run"
       rm -rf "$GENIUS_HOME/run"
       timeout "${GPU_TRAIN_TIMEOUT:-180}" "$engine" run --device cuda --model "$model" --rounds 2 \
@@ -207,6 +211,12 @@ if train:
     out.append(f"train step {2 * train['pairs_per_step']} x {train['tokens_per_sequence']} tokens: {train['median_tokens_per_s']:.0f} tokens/s{mfu}{mem}")
 elif any(h == "bench train" for h, _ in tsecs):
     out.append("bench train: no result (see train.log)")
+lp = next((o for h, objs in tsecs if h == "bench logprobs" for o in objs if o.get("bench") == "logprobs"), None)
+if lp:
+    for r in lp["results"]:
+        pct = f" ({100 * r['forward_gb_s'] / ceiling:.0f}% / {100 * r['backward_gb_s'] / ceiling:.0f}% of copy)" if ceiling else ""
+        mem = f", {r['device_memory_used_bytes'] / 2**30:.2f} GiB in use" if r.get("device_memory_used_bytes") else ""
+        out.append(f"log-probs {r['rows']} rows x {lp['vocab']}: fwd {r['forward_ms']:.2f} ms {r['forward_gb_s']:.0f} GB/s, bwd {r['backward_ms']:.2f} ms {r['backward_gb_s']:.0f} GB/s{pct}{mem}")
 if tpeer:
     ratio = f" -> engine {train['median_tokens_per_s'] / tpeer['tokens_per_s']:.2f}x torch" if train else ""
     out.append(f"torch peer train step: {tpeer['tokens_per_s']:.0f} tokens/s, peak {tpeer['peak_gib']:.1f} GiB{ratio}")

@@ -24,6 +24,10 @@ pub enum BenchKind {
     /// `eval` on the bundled grade-school questions: questions/s and tokens/s (`--new-tokens`
     /// per answer, `--batches` questions, greedy).
     Eval,
+    /// The fused log-prob gathering on the model's LM head (the reference pass and training):
+    /// forward and backward over `--batches` row counts, achieved bandwidth on the logits it
+    /// writes and reads, and device memory held.
+    Logprobs,
 }
 
 /// `bench`'s flags.
@@ -109,6 +113,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         BenchKind::Rollout => rollout(args),
         BenchKind::Train => train(args),
         BenchKind::Eval => eval(args),
+        BenchKind::Logprobs => logprobs(args),
     }
 }
 
@@ -565,6 +570,119 @@ fn eval(args: &BenchArgs) -> Result<()> {
             "questions_per_s": s.questions as f64 / s.seconds.max(1e-9),
             "tokens": s.tokens, "tokens_per_s": s.tokens as f64 / s.seconds.max(1e-9),
             "accuracy": s.accuracy.accuracy})
+    );
+    Ok(())
+}
+
+/// `bench logprobs`: [`Backend::target_logprobs`] and its backward on random final hidden
+/// states through the model's LM head, for each `--batches` entry as a row count (default
+/// 1024, 4096, 16384), median of `--iters` after a warm-up. Bytes counted per pass: the LM
+/// head read once per chunk, the hidden rows read, and the bf16 logits written by the GEMM and
+/// read back by the softmax kernel (the backward also writes them back and reads them again
+/// for the two gradient GEMMs); GB/s = bytes / time. The device memory in use after each row
+/// count (the allocator's cache released before it) is that count's peak: it should not grow
+/// with rows x vocab (fixed-size chunks).
+fn logprobs(args: &BenchArgs) -> Result<()> {
+    let (model, any) = super::load_transformer(&args.model)?;
+    let rows: Vec<usize> = if args.batches == [1, 8, 32, 64] {
+        vec![1024, 4096, 16384]
+    } else {
+        args.batches.clone()
+    };
+    crate::with_transformer!(any, t => logprobs_on(&model, t, &rows, args.iters.max(1)))
+}
+
+fn logprobs_on<B: Backend>(
+    model: &crate::model::LoadedModel,
+    t: Transformer<B>,
+    rows: &[usize],
+    iters: usize,
+) -> Result<()> {
+    let be = &t.backend;
+    let c = &model.config;
+    let (vocab, d) = (c.vocab_size, c.hidden_size);
+    let eb = be.element_bytes() as f64;
+    println!("device        {}", t.backend_name());
+    println!("model         {} (vocab {vocab}, hidden {d})", model.name);
+    println!("     rows   forward ms    GB/s   backward ms    GB/s   memory in use");
+    let mut results = Vec::new();
+    let mut grad = be.zeros_f32(&[vocab, d])?;
+    for &n in rows {
+        // The allocator keeps its high-water mark: give it back first, so the memory in use
+        // after this row count is this row count's peak.
+        be.release_cached_memory()?;
+        let hidden = be.upload(&crate::model::HostTensor::new(
+            vec![n, d],
+            (0..n * d)
+                .map(|i| ((i * 2654435761usize % 1000) as f32 / 1000.0 - 0.5) * 0.5)
+                .collect(),
+        ))?;
+        let targets: Vec<u32> = (0..n).map(|i| ((i * 7919) % vocab) as u32).collect();
+        let d_lp = vec![1.0f32; n];
+        // Warm-up (plans, kernel loads), then timed passes; the log-probs and the returned
+        // gradient come back to the host or are synchronised, so each pass is complete.
+        be.target_logprobs(&hidden, t.lm_head(), &targets)?;
+        let mut fwd = Vec::new();
+        for _ in 0..iters {
+            let started = Instant::now();
+            be.target_logprobs(&hidden, t.lm_head(), &targets)?;
+            fwd.push(started.elapsed().as_secs_f64());
+        }
+        let sync = |x: &B::Tensor| -> Result<()> {
+            be.download(&be.gather_rows(x, &[0])?)?;
+            Ok(())
+        };
+        sync(&be.target_logprobs_backward(&hidden, t.lm_head(), &targets, &d_lp, &mut grad)?)?;
+        let mut bwd = Vec::new();
+        for _ in 0..iters {
+            let started = Instant::now();
+            let dh =
+                be.target_logprobs_backward(&hidden, t.lm_head(), &targets, &d_lp, &mut grad)?;
+            sync(&dh)?;
+            bwd.push(started.elapsed().as_secs_f64());
+        }
+        let (f, b) = (median(&mut fwd), median(&mut bwd));
+        let logits = (n * vocab) as f64 * eb;
+        let head = (vocab * d) as f64 * eb;
+        let hid = (n * d) as f64 * eb;
+        // Chunks: the CUDA backend's chunk of at most 256 MiB of logits (the CPU's is smaller;
+        // the head re-reads are then undercounted there).
+        let chunks = (logits / (256u64 << 20) as f64).ceil().max(1.0);
+        let fwd_bytes = head * chunks + hid + 2.0 * logits;
+        // Backward: logits written and read (as forward), the gradient written back and read
+        // by the two gradient GEMMs, the head read twice more per chunk, the f32 head gradient
+        // read and written once per chunk, the hidden rows read again and written (d_hidden).
+        let bwd_bytes = fwd_bytes
+            + 3.0 * logits
+            + 2.0 * head * chunks
+            + 2.0 * 4.0 * (vocab * d) as f64 * chunks
+            + 2.0 * hid;
+        let used = be
+            .memory_info()
+            .map(|(free, total)| total.saturating_sub(free));
+        println!(
+            "{n:>9}   {:>10.2}   {:>5.0}   {:>11.2}   {:>5.0}   {}",
+            f * 1e3,
+            fwd_bytes / f / 1e9,
+            b * 1e3,
+            bwd_bytes / b / 1e9,
+            used.map_or("-".to_string(), |u| format!(
+                "{:.2} GiB",
+                u as f64 / (1u64 << 30) as f64
+            ))
+        );
+        results.push(serde_json::json!({
+            "rows": n, "forward_ms": f * 1e3, "forward_gb_s": fwd_bytes / f / 1e9,
+            "backward_ms": b * 1e3, "backward_gb_s": bwd_bytes / b / 1e9,
+            "device_memory_used_bytes": used,
+        }));
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "logprobs", "device": t.backend_name(), "model": model.name,
+            "vocab": vocab, "hidden": d, "results": results,
+        })
     );
     Ok(())
 }
