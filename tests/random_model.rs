@@ -103,6 +103,22 @@ fn presets_have_the_real_shapes() {
     assert_eq!((gqa7.vocab_size, gqa7.num_layers), (256, 2));
     // Published parameter counts.
     assert_eq!(qwen05.num_parameters(), 494_032_768);
+    // Qwen2.5-3B: hidden 2048, FFN 11008, 36 layers, 16 heads / 2 KV heads of 128 (3.09B).
+    assert_eq!(
+        preset_config("qwen2.5-3b").unwrap(),
+        ModelConfig {
+            hidden_size: 2048,
+            intermediate_size: 11008,
+            num_layers: 36,
+            num_heads: 16,
+            head_dim: 128,
+            ..qwen05.clone()
+        }
+    );
+    assert_eq!(
+        preset_config("qwen2.5-3b").unwrap().num_parameters(),
+        3_085_938_688
+    );
     assert_eq!(
         preset_config("llama3.2-1b").unwrap().num_parameters(),
         1_235_814_400

@@ -24,7 +24,8 @@
 # process, device memory) and right after it the PyTorch peer (tools/peer_torch_train.py);
 # then a 2-round `genius-engine run --device cuda` on the same random model (4 queries, the
 # quick profile), whose summary goes in the table; and `bench logprobs` (the fused log-prob
-# gathering, forward and backward, at 1k / 4k / 16k rows: GB/s and device memory).
+# gathering, forward and backward, at 1k / 4k / 16k rows: GB/s and device memory), and a
+# `bench train` of Qwen2.5-3B's shape (GPU_TRAIN_3B=0 skips it): does a full step fit 80 GB.
 #
 # Environment: GPU_CHECK_TIMEOUT (seconds per executable, default 300), GPU_CHECK_THREADS
 # (libtest threads, default 1: readable logs), GPU_BENCH=0 (tests only), GPU_BENCH_BATCHES
@@ -106,6 +107,12 @@ if [[ -x $engine && ${GPU_BENCH:-1} != 0 ]]; then
         GENIUS_CUDA_PROFILE=1 timeout 120 "$engine" bench train --device cuda --model "$model" \
           --tokens 1024 --batches 4 --iters 2
         echo "rc-profile $?"
+      fi
+      if [[ ${GPU_TRAIN_3B:-1} != 0 ]]; then
+        echo "== bench train 3b"
+        timeout 240 "$engine" bench train --device cuda --model random:qwen2.5-3b \
+          --tokens 1024 --batches 4 --iters 2
+        echo "rc-3b $?"
       fi
       echo "== bench logprobs"
       timeout 120 "$engine" bench logprobs --device cuda --model "$model" --batches 1024,4096,16384 --iters 5
@@ -211,6 +218,12 @@ if train:
     out.append(f"train step {2 * train['pairs_per_step']} x {train['tokens_per_sequence']} tokens: {train['median_tokens_per_s']:.0f} tokens/s{mfu}{mem}")
 elif any(h == "bench train" for h, _ in tsecs):
     out.append("bench train: no result (see train.log)")
+t3 = next((o for h, objs in tsecs if h == "bench train 3b" for o in objs if o.get("bench") == "train"), None)
+if t3:
+    mem = f"{t3['device_memory_used_bytes'] / 2**30:.1f} GiB in use" if t3.get("device_memory_used_bytes") else "memory unknown"
+    out.append(f"Qwen2.5-3B shape, full ACO step of {2 * t3['pairs_per_step']} x {t3['tokens_per_sequence']} tokens: fits, {mem}, recompute {'on' if t3.get('recompute') else 'off'}, {t3['median_tokens_per_s']:.0f} tokens/s")
+elif any(h == "bench train 3b" for h, _ in tsecs):
+    out.append("Qwen2.5-3B shape: no result (see train.log: did not fit or failed)")
 lp = next((o for h, objs in tsecs if h == "bench logprobs" for o in objs if o.get("bench") == "logprobs"), None)
 if lp:
     for r in lp["results"]:

@@ -454,13 +454,20 @@ fn train_on<B: Backend>(
         }),
         ..defaults
     };
+    let mut cfg = cfg;
+    cfg.recompute = super::train::choose_recompute(&transformer, cfg.micro_batch_tokens)?;
     let mut state = TrainState::new(&transformer, cfg.adamw)?;
     println!("device        {}", transformer.backend_name());
     println!("model         {}", model.name);
     println!(
-        "train: {steps} optimizer steps of {pairs_per_step} pairs, sequences of {len} tokens ({} scored), micro-batches of {} tokens",
+        "train: {steps} optimizer steps of {pairs_per_step} pairs, sequences of {len} tokens ({} scored), micro-batches of {} tokens{}",
         len - len / 4,
-        cfg.micro_batch_tokens
+        cfg.micro_batch_tokens,
+        if cfg.recompute {
+            ", per-layer recompute"
+        } else {
+            ""
+        }
     );
     println!("  step   seconds   tokens   fwd+bwd+update tokens/s");
     let mut rates = Vec::new();
@@ -520,7 +527,7 @@ fn train_on<B: Backend>(
         serde_json::json!({
             "bench": "train", "device": transformer.backend_name(), "model": model.name,
             "tokens_per_sequence": len, "pairs_per_step": pairs_per_step, "steps": steps,
-            "micro_batch_tokens": cfg.micro_batch_tokens,
+            "micro_batch_tokens": cfg.micro_batch_tokens, "recompute": cfg.recompute,
             "median_tokens_per_s": med, "seconds": total,
             "model_tflops": achieved / 1e12,
             "gemm_ceiling_tflops": ceiling.map(|c| c / 1e12),

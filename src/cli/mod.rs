@@ -46,7 +46,7 @@ pub enum Device {
 pub struct ModelArgs {
     /// A HF checkpoint directory, a .gguf file, a known model name (default:
     /// smollm2-135m-instruct, fetched on first use into $GENIUS_HOME), or random:PRESET[@SEED]
-    /// (a preset's shape with random weights: qwen2.5-0.5b, qwen2.5-1.5b, llama3.2-1b,
+    /// (a preset's shape with random weights: qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-3b, llama3.2-1b,
     /// llama-tiny, qwen2-tiny, qwen2-tiny-gqa7).
     #[arg(long)]
     pub model: Option<String>,

@@ -396,39 +396,7 @@ pub fn train_phase<B: Backend>(
         );
         plan.check(available, "the host memory available")?;
     }
-    // On a GPU: the device plan against free device memory (the loaded weights are already
-    // counted as used), saving every layer's activations when that fits, else recomputing
-    // each layer in backward; refused with the numbers when neither fits.
-    model.backend.release_cached_memory()?;
-    if let Some((free, _)) = model.backend.memory_info() {
-        use crate::transformer::memory::{MemoryPlan, TrainShape, gpu_training_plan};
-        let shape = TrainShape {
-            tokens: cfg.micro_batch_tokens.max(2 * settings.max_len),
-            logit_rows: crate::backend::cuda::TARGET_LOGPROB_CHUNK_BYTES
-                / (2 * model.config.vocab_size).max(1),
-        };
-        let weights = |p: &MemoryPlan| {
-            p.items
-                .iter()
-                .filter(|i| i.name == "working weights")
-                .map(|i| i.bytes)
-                .sum::<u64>()
-        };
-        let saving = gpu_training_plan(&model.config, shape, 0, false);
-        let available = free as u64 + weights(&saving);
-        if saving.check(available, "the device memory").is_ok() {
-            cfg.recompute = false;
-        } else {
-            let recomputing = gpu_training_plan(&model.config, shape, 0, true);
-            recomputing.check(available, "free device memory plus the loaded weights")?;
-            eprintln!(
-                "train: saving every layer's activations needs {:.2} GiB; recomputing each layer in backward instead ({:.2} GiB)",
-                saving.total() as f64 / (1u64 << 30) as f64,
-                recomputing.total() as f64 / (1u64 << 30) as f64
-            );
-            cfg.recompute = true;
-        }
-    }
+    cfg.recompute = choose_recompute(model, cfg.micro_batch_tokens.max(2 * settings.max_len))?;
     let cfg = &cfg;
     let state_dir = out.join("train_state");
     let ref_path = out.join("pairs.ref.jsonl");
@@ -572,6 +540,43 @@ pub fn train_phase<B: Backend>(
     save_checkpoint(&summary.checkpoint, &model.config, tok, &weights, dtype)?;
     summary.checkpoint_seconds = started.elapsed().as_secs_f64();
     Ok(summary)
+}
+
+/// Whether training passes of `tokens` tokens must recompute each layer in backward: on a
+/// GPU, the device plan against free device memory (the loaded weights already counted as
+/// used): saving every layer's activations when that fits, else recomputing; refused with the
+/// itemised numbers when neither fits. On the CPU: no (its plan is checked separately).
+pub fn choose_recompute<B: Backend>(model: &Transformer<B>, tokens: usize) -> Result<bool> {
+    use crate::transformer::memory::{MemoryPlan, TrainShape, gpu_training_plan};
+    model.backend.release_cached_memory()?;
+    let Some((free, _)) = model.backend.memory_info() else {
+        return Ok(false);
+    };
+    let shape = TrainShape {
+        tokens,
+        logit_rows: crate::backend::cuda::TARGET_LOGPROB_CHUNK_BYTES
+            / (2 * model.config.vocab_size).max(1),
+    };
+    let weights = |p: &MemoryPlan| {
+        p.items
+            .iter()
+            .filter(|i| i.name == "working weights")
+            .map(|i| i.bytes)
+            .sum::<u64>()
+    };
+    let saving = gpu_training_plan(&model.config, shape, 0, false);
+    let available = free as u64 + weights(&saving);
+    if saving.check(available, "the device memory").is_ok() {
+        return Ok(false);
+    }
+    let recomputing = gpu_training_plan(&model.config, shape, 0, true);
+    recomputing.check(available, "free device memory plus the loaded weights")?;
+    eprintln!(
+        "train: saving every layer's activations needs {:.2} GiB; recomputing each layer in backward instead ({:.2} GiB)",
+        saving.total() as f64 / (1u64 << 30) as f64,
+        recomputing.total() as f64 / (1u64 << 30) as f64
+    );
+    Ok(true)
 }
 
 /// Opens a per-step log for resuming at `step`: records of later steps (written after the

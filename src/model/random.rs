@@ -21,9 +21,10 @@ use std::path::PathBuf;
 pub const PREFIX: &str = "random:";
 
 /// Preset names with what they copy.
-pub const PRESETS: [(&str, &str); 6] = [
+pub const PRESETS: [(&str, &str); 7] = [
     ("qwen2.5-0.5b", "Qwen2.5-0.5B's shape"),
     ("qwen2.5-1.5b", "Qwen2.5-1.5B's shape"),
+    ("qwen2.5-3b", "Qwen2.5-3B's shape"),
     ("llama3.2-1b", "Llama-3.2-1B's shape"),
     ("llama-tiny", "the tiny LLaMA of the tests, vocabulary 256"),
     ("qwen2-tiny", "the tiny Qwen2 of the tests, vocabulary 256"),
@@ -61,6 +62,7 @@ pub fn preset_config(name: &str) -> Option<ModelConfig> {
     Some(match name {
         "qwen2.5-0.5b" => qwen2(151936, 896, 4864, 24, 14, 2, 64),
         "qwen2.5-1.5b" => qwen2(151936, 1536, 8960, 28, 12, 2, 128),
+        "qwen2.5-3b" => qwen2(151936, 2048, 11008, 36, 16, 2, 128),
         "llama3.2-1b" => ModelConfig {
             arch: Architecture::Llama,
             vocab_size: 128256,
