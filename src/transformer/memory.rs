@@ -212,6 +212,11 @@ pub fn gpu_training_plan(
                 note: format!("{} rows x vocab, f32, forward and backward", s.logit_rows),
             },
             MemoryItem {
+                name: "backward working set",
+                bytes: tokens * (4 * c.intermediate_size + 6 * c.hidden_size) as u64 * 2,
+                note: "bf16: one layer's short-lived gradients (the MLP's the largest)".into(),
+            },
+            MemoryItem {
                 name: "KV pool",
                 bytes: (kv_tokens * kv_per_token) as u64,
                 note: format!("{kv_per_token} bytes per token, bf16"),
