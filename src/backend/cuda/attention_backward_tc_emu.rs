@@ -5,6 +5,9 @@
 //! kernels' code), so a wrong index in a load, a pack or a store shows up as a wrong gradient
 //! against the CPU backend. Warp shuffles are emulated over the 32 lanes' values.
 
+// Loops over lanes and registers index several arrays at once, as the kernels do.
+#![allow(clippy::needless_range_loop)]
+
 use super::{tc_inner_tiles, tile_list, tiles_for};
 use crate::backend::{AttentionShape, SeqSpan};
 use half::bf16;
@@ -51,7 +54,16 @@ impl Smem {
     /// `ge_abt_load`: rows `row0 ..` of `src` (columns `col .. col + hd`, `ld` per row);
     /// rows at or past `nvalid` zero.
     #[allow(clippy::too_many_arguments)]
-    fn load(&mut self, rows: usize, hd: usize, src: &[f32], ld: usize, col: usize, row0: usize, nvalid: usize) {
+    fn load(
+        &mut self,
+        rows: usize,
+        hd: usize,
+        src: &[f32],
+        ld: usize,
+        col: usize,
+        row0: usize,
+        nvalid: usize,
+    ) {
         for r in 0..rows {
             for c in 0..hd {
                 self.h[r * 2 * self.w + c] = if r < nvalid {
@@ -77,7 +89,12 @@ fn frag_a(m: &Smem, r0: usize, kk: usize) -> AFrag {
     std::array::from_fn(|lane| {
         let w = m.w;
         let p = (r0 + gid(lane)) * w + kk / 2 + tig(lane);
-        [m.word(p), m.word(p + 8 * w), m.word(p + 4), m.word(p + 8 * w + 4)]
+        [
+            m.word(p),
+            m.word(p + 8 * w),
+            m.word(p + 4),
+            m.word(p + 8 * w + 4),
+        ]
     })
 }
 
@@ -256,7 +273,11 @@ pub(super) fn emulate_tc(
                                 for e in 0..2 {
                                     let c = 8 * j + 2 * tig(lane) + e;
                                     let ok = r < nq && c < nk && k0 + c <= q0 + r;
-                                    let x = if ok { sj[lane][2 * hr + e] * scale } else { ninf };
+                                    let x = if ok {
+                                        sj[lane][2 * hr + e] * scale
+                                    } else {
+                                        ninf
+                                    };
                                     sj[lane][2 * hr + e] = x;
                                     mx[lane] = mx[lane].max(x);
                                 }
@@ -495,10 +516,22 @@ mod tests {
                 2,
                 1,
                 64,
-                vec![span(1, 1), span(3, 17), span(20, 70), span(95, 150), span(250, 0)],
+                vec![
+                    span(1, 1),
+                    span(3, 17),
+                    span(20, 70),
+                    span(95, 150),
+                    span(250, 0),
+                ],
                 250,
             ),
-            (3, 3, 128, vec![span(2, 40), span(45, 100), span(150, 0)], 150),
+            (
+                3,
+                3,
+                128,
+                vec![span(2, 40), span(45, 100), span(150, 0)],
+                150,
+            ),
             (7, 1, 64, vec![span(0, 129)], 129),
             (4, 2, 128, vec![span(0, 1), span(1, 66)], 70),
         ] {
@@ -543,7 +576,11 @@ mod tests {
                 let (mut num, mut den) = (0f64, 0f64);
                 for (i, (&a, &b)) in g.iter().zip(&w.data).enumerate() {
                     if !in_seq[i / width] {
-                        assert!(a.is_nan(), "{name}: row {} of no sequence written", i / width);
+                        assert!(
+                            a.is_nan(),
+                            "{name}: row {} of no sequence written",
+                            i / width
+                        );
                         assert_eq!(b, 0.0);
                         continue;
                     }
