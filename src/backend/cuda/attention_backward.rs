@@ -6,8 +6,12 @@
 //! and `D = sum_j P_ij (dO_i . v_j)`), keeps them in f32 scratch for the second kernel and
 //! accumulates dQ; a dk/dv kernel, one block per (key tile, kv head), walks every query head
 //! of the GQA group and every query tile at or after the key tile and accumulates dK and dV in
-//! registers. Both are deterministic (no atomics). Products are f32 FMAs on CUDA cores over
-//! bf16 tiles in shared memory; head_dim 64 and 128 only ([`tiles_for`]).
+//! registers. Both are deterministic (no atomics). Two kernel sets, head_dim 64 and 128 only
+//! ([`tiles_for`]): the tensor-core ones of `kernels/attention_backward_tc.cu` (bf16
+//! `mma.sync.m16n8k16`, f32 accumulation, 128-thread blocks owning 64-row tiles; the default)
+//! and the scalar ones of `kernels/attention_backward.cu` (f32 FMAs on CUDA cores), chosen by
+//! [`super::CudaOptions::attention_tensor_cores`] (`$GENIUS_CUDA_ATTN_TC=0`: scalar).
+//! `attention_backward_tc_emu.rs` emulates the tensor-core kernels lane by lane on the host.
 //!
 //! The host side (shape checks, the tile lists) is tested on the CPU; the kernels against the
 //! CPU backend in `tests/cuda_train_attention.rs` (skipped without a GPU).
