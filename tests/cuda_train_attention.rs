@@ -1,6 +1,8 @@
-//! The CUDA attention backward (kernels/attention_backward.cu) against the CPU backend's
-//! `causal_attention_backward`, on fresh random inputs rounded to bf16 (so both backends
-//! compute the same function), with poisoned outputs and a synchronize after every launch.
+//! The CUDA attention backward against the CPU backend's `causal_attention_backward`, on
+//! fresh random inputs rounded to bf16 (so both backends compute the same function), with
+//! poisoned outputs and a synchronize after every launch. Every check runs both kernel sets:
+//! the tensor-core kernels (kernels/attention_backward_tc.cu, `attention_tensor_cores` on, the
+//! default) and the scalar ones (kernels/attention_backward.cu), and also compares the two.
 //! Covers GQA ratios 1, 2, 4, 7 and 8, head_dim 64 and 128, packed sequences of odd lengths,
 //! spans with gaps (rows of no sequence must be exactly zero) and a 1024-token sequence.
 //!
@@ -29,7 +31,8 @@ use std::sync::OnceLock;
 /// Relative L2 error bound of each gradient (see the module comment).
 const TOL: f64 = 2e-2;
 
-fn gpu() -> Option<&'static CudaBackend> {
+/// The backends of both kernel sets: (name, backend), tensor cores first.
+fn gpus() -> Option<[(&'static str, &'static CudaBackend); 2]> {
     let why = match probe_devices() {
         Ok(d) if !d.is_empty() => None,
         Ok(_) => Some("the driver reports no devices".to_string()),
@@ -43,13 +46,17 @@ fn gpu() -> Option<&'static CudaBackend> {
         let _ = writeln!(std::io::stderr(), "SKIPPED: no CUDA device ({why})");
         return None;
     }
-    static GPU: OnceLock<CudaBackend> = OnceLock::new();
-    Some(GPU.get_or_init(|| {
-        let mut o = CudaOptions::from_env().expect("CUDA options from the environment");
-        o.poison_outputs = true;
-        o.sync_after_launch = true;
-        CudaBackend::new(&o).unwrap_or_else(|e| panic!("{e:#}"))
-    }))
+    static GPU: OnceLock<[CudaBackend; 2]> = OnceLock::new();
+    let [tc, scalar] = GPU.get_or_init(|| {
+        [true, false].map(|tensor_cores| {
+            let mut o = CudaOptions::from_env().expect("CUDA options from the environment");
+            o.poison_outputs = true;
+            o.sync_after_launch = true;
+            o.attention_tensor_cores = tensor_cores;
+            CudaBackend::new(&o).unwrap_or_else(|e| panic!("{e:#}"))
+        })
+    });
+    Some([("tensor cores", tc), ("scalar", scalar)])
 }
 
 fn seed() -> u64 {
@@ -90,7 +97,7 @@ fn packed(first: usize, lens: &[usize], gap: usize) -> (Vec<SeqSpan>, usize) {
 
 /// One comparison: q/k/v/dout random (bf16-rounded), `rows` rows, the given spans.
 fn check(what: &str, shape: AttentionShape, seqs: &[SeqSpan], rows: usize, q_scale: f32) {
-    let Some(be) = gpu() else { return };
+    let Some(backends) = gpus() else { return };
     let cpu = CpuBackend::new();
     let seed = seed();
     let mut rng = Rng::new(seed);
@@ -103,65 +110,82 @@ fn check(what: &str, shape: AttentionShape, seqs: &[SeqSpan], rows: usize, q_sca
     let (wq, wk, wv) = cpu
         .causal_attention_backward(&q, &k, &v, &dout, seqs, shape)
         .unwrap();
-    let up = |t: &HostTensor| be.upload(t).unwrap();
-    let (gq, gk, gv, gd) = (up(&q), up(&k), up(&v), up(&dout));
-    let (dq, dk, dv) = be
-        .causal_attention_backward(&gq, &gk, &gv, &gd, seqs, shape)
-        .unwrap_or_else(|e| panic!("{what}: {e:#}"));
-    let got = [
-        be.download(&dq).unwrap(),
-        be.download(&dk).unwrap(),
-        be.download(&dv).unwrap(),
-    ];
     let mut in_seq = vec![false; rows];
     for s in seqs {
         in_seq[s.start..s.start + s.len].fill(true);
     }
-    for (name, g, w) in [
-        ("dq", &got[0], &wq),
-        ("dk", &got[1], &wk),
-        ("dv", &got[2], &wv),
-    ] {
-        assert_eq!(g.shape, w.shape, "{what} {name}: shape");
-        let nan = g.data.iter().filter(|x| x.is_nan()).count();
-        assert_eq!(
-            nan, 0,
-            "{what} {name} (seed {seed}): {nan} NaN elements (unwritten?)"
-        );
-        let width = g.shape[1];
-        for (r, _) in in_seq.iter().enumerate().filter(|(_, s)| !**s) {
-            let row = &g.data[r * width..(r + 1) * width];
+    let mut results = Vec::new();
+    for (kind, be) in backends {
+        let what = format!("{what} [{kind}]");
+        let up = |t: &HostTensor| be.upload(t).unwrap();
+        let (gq, gk, gv, gd) = (up(&q), up(&k), up(&v), up(&dout));
+        let (dq, dk, dv) = be
+            .causal_attention_backward(&gq, &gk, &gv, &gd, seqs, shape)
+            .unwrap_or_else(|e| panic!("{what}: {e:#}"));
+        let got = [
+            be.download(&dq).unwrap(),
+            be.download(&dk).unwrap(),
+            be.download(&dv).unwrap(),
+        ];
+        for (name, g, w) in [
+            ("dq", &got[0], &wq),
+            ("dk", &got[1], &wk),
+            ("dv", &got[2], &wv),
+        ] {
+            assert_eq!(g.shape, w.shape, "{what} {name}: shape");
+            let nan = g.data.iter().filter(|x| x.is_nan()).count();
+            assert_eq!(
+                nan, 0,
+                "{what} {name} (seed {seed}): {nan} NaN elements (unwritten?)"
+            );
+            let width = g.shape[1];
+            for (r, _) in in_seq.iter().enumerate().filter(|(_, s)| !**s) {
+                let row = &g.data[r * width..(r + 1) * width];
+                assert!(
+                    row.iter().all(|&x| x == 0.0),
+                    "{what} {name}: row {r} belongs to no sequence but is not zero"
+                );
+            }
+            let e = rel_err(&g.data, &w.data);
+            let _ = writeln!(
+                std::io::stderr(),
+                "{what} {name}: relative error {e:.2e} (seed {seed})"
+            );
             assert!(
-                row.iter().all(|&x| x == 0.0),
-                "{what} {name}: row {r} belongs to no sequence but is not zero"
+                e <= TOL,
+                "{what} {name} (seed {seed}): relative error {e:.3e} over {TOL:.0e}"
             );
         }
-        let e = rel_err(&g.data, &w.data);
+        // Deterministic: a second run gives the same bits.
+        let (dq2, dk2, dv2) = be
+            .causal_attention_backward(&gq, &gk, &gv, &gd, seqs, shape)
+            .unwrap();
+        for (name, a, b) in [
+            ("dq", &got[0], &dq2),
+            ("dk", &got[1], &dk2),
+            ("dv", &got[2], &dv2),
+        ] {
+            let b = be.download(b).unwrap();
+            assert!(
+                a.data
+                    .iter()
+                    .zip(&b.data)
+                    .all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{what} {name}: a second run differs (not deterministic)"
+            );
+        }
+        results.push(got);
+    }
+    // The two kernel sets agree with each other (as closely as each with the CPU).
+    for (i, name) in ["dq", "dk", "dv"].into_iter().enumerate() {
+        let e = rel_err(&results[0][i].data, &results[1][i].data);
         let _ = writeln!(
             std::io::stderr(),
-            "{what} {name}: relative error {e:.2e} (seed {seed})"
+            "{what} {name}: tensor cores vs scalar {e:.2e} (seed {seed})"
         );
         assert!(
             e <= TOL,
-            "{what} {name} (seed {seed}): relative error {e:.3e} over {TOL:.0e}"
-        );
-    }
-    // Deterministic: a second run gives the same bits.
-    let (dq2, dk2, dv2) = be
-        .causal_attention_backward(&gq, &gk, &gv, &gd, seqs, shape)
-        .unwrap();
-    for (name, a, b) in [
-        ("dq", &got[0], &dq2),
-        ("dk", &got[1], &dk2),
-        ("dv", &got[2], &dv2),
-    ] {
-        let b = be.download(b).unwrap();
-        assert!(
-            a.data
-                .iter()
-                .zip(&b.data)
-                .all(|(x, y)| x.to_bits() == y.to_bits()),
-            "{what} {name}: a second run differs (not deterministic)"
+            "{what} {name} (seed {seed}): tensor cores vs scalar {e:.3e} over {TOL:.0e}"
         );
     }
 }
@@ -261,7 +285,13 @@ fn one_long_sequence_matches_the_cpu() {
     ignore = "needs a CUDA GPU: built by tools/gpu-prepare.sh (GENIUS_GPU_TESTS=1), run by tools/gpu-check.sh"
 )]
 fn unsupported_shapes_fail_clearly() {
-    let Some(be) = gpu() else { return };
+    let Some(backends) = gpus() else { return };
+    for (_, be) in backends {
+        unsupported_shapes_fail_clearly_on(be);
+    }
+}
+
+fn unsupported_shapes_fail_clearly_on(be: &CudaBackend) {
     let t = |w: usize| {
         be.upload(&HostTensor::new(vec![4, w], vec![0.5; 4 * w]))
             .unwrap()

@@ -6,8 +6,12 @@
 //! and `D = sum_j P_ij (dO_i . v_j)`), keeps them in f32 scratch for the second kernel and
 //! accumulates dQ; a dk/dv kernel, one block per (key tile, kv head), walks every query head
 //! of the GQA group and every query tile at or after the key tile and accumulates dK and dV in
-//! registers. Both are deterministic (no atomics). Products are f32 FMAs on CUDA cores over
-//! bf16 tiles in shared memory; head_dim 64 and 128 only ([`tiles_for`]).
+//! registers. Both are deterministic (no atomics). Two kernel sets, head_dim 64 and 128 only
+//! ([`tiles_for`]): the tensor-core ones of `kernels/attention_backward_tc.cu` (bf16
+//! `mma.sync.m16n8k16`, f32 accumulation, 128-thread blocks owning 64-row tiles; the default)
+//! and the scalar ones of `kernels/attention_backward.cu` (f32 FMAs on CUDA cores), chosen by
+//! [`super::CudaOptions::attention_tensor_cores`] (`$GENIUS_CUDA_ATTN_TC=0`: scalar).
+//! `attention_backward_tc_emu.rs` emulates the tensor-core kernels lane by lane on the host.
 //!
 //! The host side (shape checks, the tile lists) is tested on the CPU; the kernels against the
 //! CPU backend in `tests/cuda_train_attention.rs` (skipped without a GPU).
@@ -26,8 +30,10 @@ use half::bf16;
 // context.rs, next to its only user.)
 unsafe impl cudarc::driver::DeviceRepr for args::AttentionBackwardArgs {}
 
-/// Threads per block of both kernels (`GE_AB_THREADS`).
+/// Threads per block of both scalar kernels (`GE_AB_THREADS`).
 pub const THREADS: u32 = 256;
+/// Threads per block of both tensor-core kernels (`GE_ABT_THREADS`): 4 warps of 16 rows.
+pub const TC_THREADS: u32 = 128;
 
 /// The compiled kernels and tile sizes for one head dimension.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,30 +42,55 @@ pub struct BackwardTiles {
     pub query_rows: usize,
     /// Key rows per tile of the dk/dv kernel (its compiled `BK`).
     pub key_rows: usize,
+    /// Threads per block of both kernels.
+    pub threads: u32,
     pub dq_kernel: &'static str,
     pub dkv_kernel: &'static str,
 }
 
-/// The kernels for `head_dim`, or an error naming the supported ones.
-pub fn tiles_for(head_dim: usize) -> Result<BackwardTiles> {
-    match head_dim {
-        64 => Ok(BackwardTiles {
+/// The kernels for `head_dim`, or an error naming the supported ones: the tensor-core ones
+/// (`kernels/attention_backward_tc.cu`) or the scalar ones (`kernels/attention_backward.cu`).
+pub fn tiles_for(head_dim: usize, tensor_cores: bool) -> Result<BackwardTiles> {
+    match (head_dim, tensor_cores) {
+        (64, false) => Ok(BackwardTiles {
             query_rows: 32,
             key_rows: 64,
+            threads: THREADS,
             dq_kernel: "ge_attention_backward_dq_d64",
             dkv_kernel: "ge_attention_backward_dkv_d64",
         }),
-        128 => Ok(BackwardTiles {
+        (128, false) => Ok(BackwardTiles {
             query_rows: 32,
             key_rows: 32,
+            threads: THREADS,
             dq_kernel: "ge_attention_backward_dq_d128",
             dkv_kernel: "ge_attention_backward_dkv_d128",
         }),
-        d => bail!(
+        (64, true) => Ok(BackwardTiles {
+            query_rows: 64,
+            key_rows: 64,
+            threads: TC_THREADS,
+            dq_kernel: "ge_attention_backward_tc_dq_d64",
+            dkv_kernel: "ge_attention_backward_tc_dkv_d64",
+        }),
+        (128, true) => Ok(BackwardTiles {
+            query_rows: 64,
+            key_rows: 64,
+            threads: TC_THREADS,
+            dq_kernel: "ge_attention_backward_tc_dq_d128",
+            dkv_kernel: "ge_attention_backward_tc_dkv_d128",
+        }),
+        (d, _) => bail!(
             "causal_attention_backward: head_dim {d} is not supported on CUDA (have 64 and 128); \
              run it on the CPU backend"
         ),
     }
+}
+
+/// The inner tile sizes of the tensor-core kernels (kernels/attention_backward_tc.cu's
+/// instantiations): keys per step of the dq kernel and queries per step of the dk/dv kernel.
+pub fn tc_inner_tiles(head_dim: usize) -> (usize, usize) {
+    if head_dim == 64 { (64, 64) } else { (16, 16) }
 }
 
 /// The tiles of `tile_rows` positions of every non-empty sequence, three u32s each
@@ -131,7 +162,7 @@ impl CudaBackend {
             num_kv_heads,
             head_dim,
         } = shape;
-        let tiles = tiles_for(head_dim)?;
+        let tiles = tiles_for(head_dim, self.attention_tensor_cores)?;
         ensure!(
             num_kv_heads > 0 && num_heads.is_multiple_of(num_kv_heads),
             "{OP}: {num_heads} heads are not a multiple of {num_kv_heads} kv heads"
@@ -208,7 +239,7 @@ impl CudaBackend {
         };
         let cfg = LaunchConfig {
             grid_dim: (nq as u32, num_heads as u32, 1),
-            block_dim: (THREADS, 1, 1),
+            block_dim: (tiles.threads, 1, 1),
             shared_mem_bytes: 0,
         };
         // SAFETY: q/dout are [n, num_heads * head_dim] and k/v [n, num_kv_heads * head_dim]
@@ -221,7 +252,7 @@ impl CudaBackend {
         a.tile_rows = tiles.key_rows as i32;
         let cfg = LaunchConfig {
             grid_dim: (nk as u32, num_kv_heads as u32, 1),
-            block_dim: (THREADS, 1, 1),
+            block_dim: (tiles.threads, 1, 1),
             shared_mem_bytes: 0,
         };
         // SAFETY: as above, for the key tiles and dk/dv ([n, num_kv_heads * head_dim]); the
@@ -236,6 +267,10 @@ impl CudaBackend {
 const MAX_GRID_Y: usize = 65535;
 
 #[cfg(test)]
+#[path = "attention_backward_tc_emu.rs"]
+mod tc_emulation;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -245,10 +280,14 @@ mod tests {
 
     #[test]
     fn only_head_dims_64_and_128_have_kernels() {
-        assert_eq!(tiles_for(64).unwrap().key_rows, 64);
-        assert_eq!(tiles_for(128).unwrap().query_rows, 32);
-        let e = tiles_for(96).unwrap_err().to_string();
-        assert!(e.contains("head_dim 96 is not supported on CUDA"), "{e}");
+        assert_eq!(tiles_for(64, false).unwrap().key_rows, 64);
+        assert_eq!(tiles_for(128, false).unwrap().query_rows, 32);
+        assert_eq!(tiles_for(128, true).unwrap().query_rows, 64);
+        assert_eq!(tiles_for(64, true).unwrap().threads, 128);
+        for tc in [false, true] {
+            let e = tiles_for(96, tc).unwrap_err().to_string();
+            assert!(e.contains("head_dim 96 is not supported on CUDA"), "{e}");
+        }
     }
 
     #[test]
@@ -313,7 +352,7 @@ mod tests {
             num_kv_heads: nkv,
             head_dim: hd,
         } = shape;
-        let t = tiles_for(hd).unwrap();
+        let t = tiles_for(hd, false).unwrap();
         let (bq, bk) = (t.query_rows, t.key_rows);
         let (qw, kw, group) = (nh * hd, nkv * hd, nh / nkv);
         let scale = 1.0 / (hd as f32).sqrt();

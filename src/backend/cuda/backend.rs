@@ -123,6 +123,9 @@ pub struct CudaBackend {
     /// Whether the fused ops (`add_rms_norm`, `qkv_rope_write_kv`) run as one kernel each;
     /// `$GENIUS_CUDA_FUSED=0` runs them as their separate ops, for comparison.
     fused: bool,
+    /// Whether the attention backward runs on the tensor-core kernels
+    /// ([`CudaOptions::attention_tensor_cores`]).
+    pub(super) attention_tensor_cores: bool,
     /// The last RoPE `inv_freq` table uploaded (as f32 bits) and its device copy.
     rope_table: Mutex<Option<(Vec<u32>, CudaSlice<f32>)>>,
     /// Rows per chunk of the log-prob ops (forward and backward); 0: by
@@ -146,6 +149,7 @@ impl CudaBackend {
             gemm: Mutex::new(gemm),
             poison: options.poison_outputs,
             fused: std::env::var("GENIUS_CUDA_FUSED").map_or(true, |v| v != "0"),
+            attention_tensor_cores: options.attention_tensor_cores,
             rope_table: Mutex::new(None),
             logprob_chunk_rows: std::sync::atomic::AtomicUsize::new(
                 super::train_gemm::logprob_chunk_rows_from_env()?,

@@ -44,8 +44,12 @@ pub const DEVICE_ENV: &str = "GENIUS_CUDA_DEVICE";
 /// Environment variable: `1` synchronizes after every launch (see [`CudaOptions::sync_after_launch`]).
 pub const SYNC_ENV: &str = "GENIUS_CUDA_SYNC";
 
+/// Environment variable: `0` runs the attention backward on the scalar (CUDA-core) kernels
+/// instead of the tensor-core ones (see [`CudaOptions::attention_tensor_cores`]).
+pub const ATTN_TC_ENV: &str = "GENIUS_CUDA_ATTN_TC";
+
 /// How the CUDA backend is set up.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct CudaOptions {
     /// Device ordinal.
     pub ordinal: usize,
@@ -59,11 +63,28 @@ pub struct CudaOptions {
     /// Synchronize after every launch, so that a fault is reported by the kernel that caused
     /// it rather than by a later call (for tests and debugging; slow).
     pub sync_after_launch: bool,
+    /// Run the causal attention backward on the tensor-core kernels
+    /// (`kernels/attention_backward_tc.cu`, the default) rather than the scalar ones of
+    /// `kernels/attention_backward.cu` (the fallback; `$GENIUS_CUDA_ATTN_TC=0`).
+    pub attention_tensor_cores: bool,
+}
+
+impl Default for CudaOptions {
+    fn default() -> Self {
+        Self {
+            ordinal: 0,
+            kernels: KernelSourcePolicy::default(),
+            cache_dir: None,
+            poison_outputs: false,
+            sync_after_launch: false,
+            attention_tensor_cores: true,
+        }
+    }
 }
 
 impl CudaOptions {
     /// Options from the environment: `$GENIUS_CUDA_DEVICE`, `$GENIUS_CUDA_KERNELS`,
-    /// `$GENIUS_CUDA_SYNC`, and the kernel cache under `$GENIUS_HOME`.
+    /// `$GENIUS_CUDA_SYNC`, `$GENIUS_CUDA_ATTN_TC`, and the kernel cache under `$GENIUS_HOME`.
     pub fn from_env() -> Result<Self> {
         let ordinal = match std::env::var(DEVICE_ENV) {
             Ok(v) => v
@@ -78,6 +99,7 @@ impl CudaOptions {
             cache_dir: kernels::default_cache_dir(),
             poison_outputs: false,
             sync_after_launch: std::env::var(SYNC_ENV).is_ok_and(|v| v == "1"),
+            attention_tensor_cores: std::env::var(ATTN_TC_ENV).map_or(true, |v| v.trim() != "0"),
         })
     }
 }

@@ -39,6 +39,15 @@ pub const KERNEL_UNITS: &[(&str, &[&str])] = &[
         ],
     ),
     (
+        "attention_backward_tc.cu",
+        &[
+            "ge_attention_backward_tc_dq_d64",
+            "ge_attention_backward_tc_dq_d128",
+            "ge_attention_backward_tc_dkv_d64",
+            "ge_attention_backward_tc_dkv_d128",
+        ],
+    ),
+    (
         "elementwise.cu",
         &[
             "ge_rms_norm",
