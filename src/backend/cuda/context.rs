@@ -45,7 +45,7 @@ pub const DEVICE_ENV: &str = "GENIUS_CUDA_DEVICE";
 pub const SYNC_ENV: &str = "GENIUS_CUDA_SYNC";
 
 /// How the CUDA backend is set up.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct CudaOptions {
     /// Device ordinal.
     pub ordinal: usize,
@@ -59,11 +59,28 @@ pub struct CudaOptions {
     /// Synchronize after every launch, so that a fault is reported by the kernel that caused
     /// it rather than by a later call (for tests and debugging; slow).
     pub sync_after_launch: bool,
+    /// Run `causal_attention` on the tensor-core kernel (`kernels/attention_tc.cu`) where it
+    /// applies (head_dim 64 or 128, disjoint sequences), else on the paged-attention kernel;
+    /// default on, `$GENIUS_CUDA_ATTN_FWD_TC=0` turns it off.
+    pub attention_forward_tensor_cores: bool,
+}
+
+impl Default for CudaOptions {
+    fn default() -> Self {
+        Self {
+            ordinal: 0,
+            kernels: KernelSourcePolicy::default(),
+            cache_dir: None,
+            poison_outputs: false,
+            sync_after_launch: false,
+            attention_forward_tensor_cores: true,
+        }
+    }
 }
 
 impl CudaOptions {
     /// Options from the environment: `$GENIUS_CUDA_DEVICE`, `$GENIUS_CUDA_KERNELS`,
-    /// `$GENIUS_CUDA_SYNC`, and the kernel cache under `$GENIUS_HOME`.
+    /// `$GENIUS_CUDA_SYNC`, `$GENIUS_CUDA_ATTN_FWD_TC`, and the kernel cache under `$GENIUS_HOME`.
     pub fn from_env() -> Result<Self> {
         let ordinal = match std::env::var(DEVICE_ENV) {
             Ok(v) => v
@@ -78,6 +95,8 @@ impl CudaOptions {
             cache_dir: kernels::default_cache_dir(),
             poison_outputs: false,
             sync_after_launch: std::env::var(SYNC_ENV).is_ok_and(|v| v == "1"),
+            attention_forward_tensor_cores: std::env::var(super::attention_tc::ATTN_FWD_TC_ENV)
+                .map_or(true, |v| v.trim() != "0"),
         })
     }
 }
