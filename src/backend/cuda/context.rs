@@ -650,6 +650,7 @@ mod tests {
             AdamWArgs,
             CastArgs,
             AttentionBackwardArgs,
+            AttentionTcArgs,
         );
         let mut header = header_layouts();
         rust.sort();
