@@ -143,11 +143,17 @@ fn run_case(
         "tc attention {what}: rel L2 vs cpu {e_cpu:.2e}, vs paged kernel {e_old:.2e}"
     );
     assert!(e_cpu <= TOL, "{what}: relative L2 vs cpu {e_cpu:.3e}");
-    assert!(e_old <= TOL, "{what}: relative L2 vs the paged kernel {e_old:.3e}");
+    assert!(
+        e_old <= TOL,
+        "{what}: relative L2 vs the paged kernel {e_old:.3e}"
+    );
     // Rows of no sequence are zero.
     let w = heads * head_dim;
     for r in 0..n {
-        if !spans.iter().any(|s| (s.start..s.start + s.len).contains(&r)) {
+        if !spans
+            .iter()
+            .any(|s| (s.start..s.start + s.len).contains(&r))
+        {
             assert!(
                 got.data[r * w..(r + 1) * w].iter().all(|&x| x == 0.0),
                 "{what}: row {r} of no sequence is not zero"
@@ -192,8 +198,15 @@ fn run_case(
             }
         }
         for r in 0..n {
-            if !spans.iter().any(|s| (s.start..s.start + s.len).contains(&r)) {
-                assert!(lse.data[r * heads..(r + 1) * heads].iter().all(|&x| x == 0.0));
+            if !spans
+                .iter()
+                .any(|s| (s.start..s.start + s.len).contains(&r))
+            {
+                assert!(
+                    lse.data[r * heads..(r + 1) * heads]
+                        .iter()
+                        .all(|&x| x == 0.0)
+                );
             }
         }
     }
@@ -215,8 +228,30 @@ fn tensor_core_attention_matches_cpu_and_paged_kernel_on_packed_odd_lengths() {
         for head_dim in [64, 128] {
             // Gaps between spans (rows of no sequence: zero), then packed back to back (every
             // row written: the poisoned output must be overwritten everywhere).
-            run_case(&be, &cpu, &mut rng, heads, kv_heads, head_dim, &[1, 17, 64, 130, 301], 2, 3, true);
-            run_case(&be, &cpu, &mut rng, heads, kv_heads, head_dim, &[301, 1, 130, 17, 64], 0, 0, false);
+            run_case(
+                &be,
+                &cpu,
+                &mut rng,
+                heads,
+                kv_heads,
+                head_dim,
+                &[1, 17, 64, 130, 301],
+                2,
+                3,
+                true,
+            );
+            run_case(
+                &be,
+                &cpu,
+                &mut rng,
+                heads,
+                kv_heads,
+                head_dim,
+                &[301, 1, 130, 17, 64],
+                0,
+                0,
+                false,
+            );
         }
     }
 }

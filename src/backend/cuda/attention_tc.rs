@@ -251,6 +251,7 @@ mod tests {
         (lane / 4, lane % 4)
     }
 
+    #[allow(clippy::needless_range_loop)]
     /// `D = A B + C` for one warp: `a[lane]` four .b32 registers (bf16x2), `b[lane]` two,
     /// `c[lane]` four f32.
     fn mma_m16n8k16(c: &mut [[f32; 4]; 32], a: &[[u32; 4]; 32], b: &[[u32; 2]; 32]) {
