@@ -278,8 +278,8 @@ fn tensor_core_attention_matches_on_long_sequences() {
     not(genius_gpu_tests),
     ignore = "needs a CUDA GPU: built by tools/gpu-prepare.sh (GENIUS_GPU_TESTS=1), run by tools/gpu-check.sh"
 )]
-fn other_head_dims_and_overlapping_spans_fall_back() {
-    let Some(be) = gpu("other_head_dims_and_overlapping_spans_fall_back") else {
+fn other_head_dims_are_errors_on_both_paths() {
+    let Some(be) = gpu("other_head_dims_are_errors_on_both_paths") else {
         return;
     };
     let mut rng = Rng(seed());
