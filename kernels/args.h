@@ -478,4 +478,33 @@ typedef struct AttentionBackwardArgs {
 } AttentionBackwardArgs;
 GE_LAYOUT(AttentionBackwardArgs, 104, 8);
 
+/** Forward causal attention over packed sequences on tensor cores (kernels/attention_tc.cu).
+ * Tile `t` (`t < num_tiles`, grid x; grid y is the query head) is three u32s of `tiles`: the
+ * sequence's first row, its length and the tile's first position in it (a multiple of
+ * `tile_rows`, which must be the kernel's 64). Position `i` of a sequence sees positions
+ * `0..=i`; query head `h` reads kv head `h / (num_heads / num_kv_heads)`. */
+typedef struct AttentionTcArgs {
+    /** bf16 `[rows, num_heads * head_dim]`, read. */
+    unsigned long long q;
+    /** bf16 `[rows, num_kv_heads * head_dim]`, read. */
+    unsigned long long k;
+    /** bf16 `[rows, num_kv_heads * head_dim]`, read. */
+    unsigned long long v;
+    /** bf16 `[rows, num_heads * head_dim]`, written at the sequences' rows. */
+    unsigned long long out;
+    /** f32 `[rows, num_heads]`: natural log-sum-exp of the scaled scores, written at the
+     * sequences' rows; 0 for none. */
+    unsigned long long lse;
+    /** u32 `[num_tiles, 3]`: (sequence start row, sequence length, tile start position). */
+    unsigned long long tiles;
+    int num_tiles;
+    int num_heads;
+    int num_kv_heads;
+    int head_dim;
+    /** Positions per query tile the host used (64). */
+    int tile_rows;
+    float scale;
+} AttentionTcArgs;
+GE_LAYOUT(AttentionTcArgs, 72, 8);
+
 #endif /* GENIUS_ENGINE_KERNEL_ARGS_H */

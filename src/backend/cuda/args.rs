@@ -832,3 +832,53 @@ const _: () = {
     ["Offset of field: AttentionBackwardArgs::scale"]
         [::std::mem::offset_of!(AttentionBackwardArgs, scale) - 100usize];
 };
+#[doc = " Forward causal attention over packed sequences on tensor cores (kernels/attention_tc.cu).\n Tile `t` (`t < num_tiles`, grid x; grid y is the query head) is three u32s of `tiles`: the\n sequence's first row, its length and the tile's first position in it (a multiple of\n `tile_rows`, which must be the kernel's 64). Position `i` of a sequence sees positions\n `0..=i`; query head `h` reads kv head `h / (num_heads / num_kv_heads)`."]
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct AttentionTcArgs {
+    #[doc = " bf16 `[rows, num_heads * head_dim]`, read."]
+    pub q: ::std::os::raw::c_ulonglong,
+    #[doc = " bf16 `[rows, num_kv_heads * head_dim]`, read."]
+    pub k: ::std::os::raw::c_ulonglong,
+    #[doc = " bf16 `[rows, num_kv_heads * head_dim]`, read."]
+    pub v: ::std::os::raw::c_ulonglong,
+    #[doc = " bf16 `[rows, num_heads * head_dim]`, written at the sequences' rows."]
+    pub out: ::std::os::raw::c_ulonglong,
+    #[doc = " f32 `[rows, num_heads]`: natural log-sum-exp of the scaled scores, written at the\n sequences' rows; 0 for none."]
+    pub lse: ::std::os::raw::c_ulonglong,
+    #[doc = " u32 `[num_tiles, 3]`: (sequence start row, sequence length, tile start position)."]
+    pub tiles: ::std::os::raw::c_ulonglong,
+    pub num_tiles: ::std::os::raw::c_int,
+    pub num_heads: ::std::os::raw::c_int,
+    pub num_kv_heads: ::std::os::raw::c_int,
+    pub head_dim: ::std::os::raw::c_int,
+    #[doc = " Positions per query tile the host used (64)."]
+    pub tile_rows: ::std::os::raw::c_int,
+    pub scale: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of AttentionTcArgs"][::std::mem::size_of::<AttentionTcArgs>() - 72usize];
+    ["Alignment of AttentionTcArgs"][::std::mem::align_of::<AttentionTcArgs>() - 8usize];
+    ["Offset of field: AttentionTcArgs::q"][::std::mem::offset_of!(AttentionTcArgs, q) - 0usize];
+    ["Offset of field: AttentionTcArgs::k"][::std::mem::offset_of!(AttentionTcArgs, k) - 8usize];
+    ["Offset of field: AttentionTcArgs::v"][::std::mem::offset_of!(AttentionTcArgs, v) - 16usize];
+    ["Offset of field: AttentionTcArgs::out"]
+        [::std::mem::offset_of!(AttentionTcArgs, out) - 24usize];
+    ["Offset of field: AttentionTcArgs::lse"]
+        [::std::mem::offset_of!(AttentionTcArgs, lse) - 32usize];
+    ["Offset of field: AttentionTcArgs::tiles"]
+        [::std::mem::offset_of!(AttentionTcArgs, tiles) - 40usize];
+    ["Offset of field: AttentionTcArgs::num_tiles"]
+        [::std::mem::offset_of!(AttentionTcArgs, num_tiles) - 48usize];
+    ["Offset of field: AttentionTcArgs::num_heads"]
+        [::std::mem::offset_of!(AttentionTcArgs, num_heads) - 52usize];
+    ["Offset of field: AttentionTcArgs::num_kv_heads"]
+        [::std::mem::offset_of!(AttentionTcArgs, num_kv_heads) - 56usize];
+    ["Offset of field: AttentionTcArgs::head_dim"]
+        [::std::mem::offset_of!(AttentionTcArgs, head_dim) - 60usize];
+    ["Offset of field: AttentionTcArgs::tile_rows"]
+        [::std::mem::offset_of!(AttentionTcArgs, tile_rows) - 64usize];
+    ["Offset of field: AttentionTcArgs::scale"]
+        [::std::mem::offset_of!(AttentionTcArgs, scale) - 68usize];
+};

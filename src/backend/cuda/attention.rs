@@ -7,7 +7,8 @@
 //! sequences would leave most SMs idle, so the context is split into partitions
 //! ([`plan_attention`]) whose partial results a second kernel merges (log-sum-exp,
 //! [`combine_partitions`] is the same maths on the host). Whole-sequence causal attention is the
-//! same kernel reading contiguous K/V rows instead of a block table.
+//! same kernel reading contiguous K/V rows instead of a block table, unless the tensor-core
+//! kernel of [`super::attention_tc`] applies (the default for head_dim 64 and 128).
 //!
 //! The host-side parts (planning, copy batching, the combine's maths) are tested on the CPU;
 //! the kernels against the CPU backend in `tests/cuda_attention.rs` (skipped without a GPU).
@@ -564,6 +565,9 @@ impl CudaBackend {
             v.shape
         );
         Self::check_heads(OP, shape)?;
+        if self.attn_fwd_tc_applies(seqs, n, shape) {
+            return Ok(self.attn_causal_tc(q, k, v, seqs, shape, false)?.0);
+        }
         let mut descs = Vec::with_capacity(seqs.len());
         for s in seqs {
             ensure!(

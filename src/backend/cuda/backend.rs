@@ -131,6 +131,10 @@ pub struct CudaBackend {
     /// Rows per chunk of the log-prob ops (forward and backward); 0: by
     /// [`TARGET_LOGPROB_CHUNK_BYTES`]. See [`CudaBackend::set_logprob_chunk_rows`].
     pub(super) logprob_chunk_rows: std::sync::atomic::AtomicUsize,
+    /// Whether `causal_attention` runs on the tensor-core kernel where it applies
+    /// ([`CudaOptions::attention_forward_tensor_cores`]; see
+    /// [`CudaBackend::set_attention_forward_tensor_cores`]).
+    attn_fwd_tc: std::sync::atomic::AtomicBool,
 }
 
 impl CudaBackend {
@@ -154,7 +158,20 @@ impl CudaBackend {
             logprob_chunk_rows: std::sync::atomic::AtomicUsize::new(
                 super::train_gemm::logprob_chunk_rows_from_env()?,
             ),
+            attn_fwd_tc: std::sync::atomic::AtomicBool::new(options.attention_forward_tensor_cores),
         })
+    }
+
+    /// Whether `causal_attention` runs on the tensor-core kernel where it applies.
+    pub fn attention_forward_tensor_cores(&self) -> bool {
+        self.attn_fwd_tc.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Switches `causal_attention` between the tensor-core kernel (where it applies) and the
+    /// paged-attention kernel (for comparisons).
+    pub fn set_attention_forward_tensor_cores(&self, on: bool) {
+        self.attn_fwd_tc
+            .store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// [`CudaBackend::new`] with [`CudaOptions::from_env`].

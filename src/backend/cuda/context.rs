@@ -67,6 +67,10 @@ pub struct CudaOptions {
     /// (`kernels/attention_backward_tc.cu`, the default) rather than the scalar ones of
     /// `kernels/attention_backward.cu` (the fallback; `$GENIUS_CUDA_ATTN_TC=0`).
     pub attention_tensor_cores: bool,
+    /// Run `causal_attention` on the tensor-core kernel (`kernels/attention_tc.cu`) where it
+    /// applies (head_dim 64 or 128, disjoint sequences), else on the paged-attention kernel;
+    /// default on, `$GENIUS_CUDA_ATTN_FWD_TC=0` turns it off.
+    pub attention_forward_tensor_cores: bool,
 }
 
 impl Default for CudaOptions {
@@ -78,13 +82,14 @@ impl Default for CudaOptions {
             poison_outputs: false,
             sync_after_launch: false,
             attention_tensor_cores: true,
+            attention_forward_tensor_cores: true,
         }
     }
 }
 
 impl CudaOptions {
     /// Options from the environment: `$GENIUS_CUDA_DEVICE`, `$GENIUS_CUDA_KERNELS`,
-    /// `$GENIUS_CUDA_SYNC`, `$GENIUS_CUDA_ATTN_TC`, and the kernel cache under `$GENIUS_HOME`.
+    /// `$GENIUS_CUDA_SYNC`, `$GENIUS_CUDA_ATTN_TC`, `$GENIUS_CUDA_ATTN_FWD_TC`, and the kernel cache under `$GENIUS_HOME`.
     pub fn from_env() -> Result<Self> {
         let ordinal = match std::env::var(DEVICE_ENV) {
             Ok(v) => v
@@ -100,6 +105,8 @@ impl CudaOptions {
             poison_outputs: false,
             sync_after_launch: std::env::var(SYNC_ENV).is_ok_and(|v| v == "1"),
             attention_tensor_cores: std::env::var(ATTN_TC_ENV).map_or(true, |v| v.trim() != "0"),
+            attention_forward_tensor_cores: std::env::var(super::attention_tc::ATTN_FWD_TC_ENV)
+                .map_or(true, |v| v.trim() != "0"),
         })
     }
 }
@@ -661,6 +668,7 @@ mod tests {
             AdamWArgs,
             CastArgs,
             AttentionBackwardArgs,
+            AttentionTcArgs,
         );
         let mut header = header_layouts();
         rust.sort();

@@ -48,6 +48,10 @@ pub const KERNEL_UNITS: &[(&str, &[&str])] = &[
         ],
     ),
     (
+        "attention_tc.cu",
+        &["ge_attention_tc_fwd_d64", "ge_attention_tc_fwd_d128"],
+    ),
+    (
         "elementwise.cu",
         &[
             "ge_rms_norm",

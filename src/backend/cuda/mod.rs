@@ -20,6 +20,9 @@
 //! - [`attention_backward`]: the backward of causal attention (FlashAttention-2 style,
 //!   deterministic: a dq kernel that also recomputes the softmax statistics, then a dk/dv
 //!   kernel per key tile and kv head).
+//! - [`attention_tc`]: the forward of causal attention on tensor cores (FlashAttention-2 style,
+//!   `mma.sync` m16n8k16 bf16), what `causal_attention` runs for head_dim 64 / 128 unless
+//!   [`CudaOptions::attention_forward_tensor_cores`] is off; also the log-sum-exp per row.
 //! - [`backend`]: [`CudaBackend`], the [`crate::backend::Backend`] implementation. The whole
 //!   trait runs on the GPU ([`ON_CUDA`]: the forward pass, paged attention, log-probs,
 //!   sampling, every backward op and AdamW); [`NOT_YET_ON_CUDA`] lists what does not (empty).
@@ -28,6 +31,7 @@
 pub mod args;
 pub mod attention;
 pub mod attention_backward;
+pub mod attention_tc;
 pub mod backend;
 pub mod context;
 pub mod gemm;
