@@ -9,7 +9,7 @@
 //! optimizer step compares the f32 master weights' change, with AdamW's `eps` set large so the
 //! update is linear in the gradient (with the default `eps` the first update is
 //! `lr * sign(g)`, and the sign of a near-zero gradient is noise); the loss curves agree within
-//! 0.05 + 30% of the CPU's (bf16 working weights on the GPU, f32 on the CPU; see the test).
+//! 0.02 + 10% of the CPU's (bf16 working weights on the GPU, f32 on the CPU; see the test).
 //!
 //! These tests are ignored unless built for a GPU run (`GENIUS_GPU_TESTS=1`, as
 //! tools/gpu-prepare.sh does); so built, a missing device fails them.
@@ -331,11 +331,11 @@ fn loss_curve_over_20_steps_matches_the_cpu() {
     let Some(be) = gpu() else { return };
     let (mut cpu, mut cuda) = both(&config, 13, be);
     // The same 4 pairs every step (20 epochs of one step), the reference being the starting
-    // model (as in training: the first loss is ln 2), at a learning rate where the CPU's loss
-    // falls smoothly (0.69 -> ~0.005 in 20 steps; 1e-4 collapses it in two steps). Its
-    // updates are below the resolution of most bf16 weights, so the GPU's working weights
-    // move only as the f32 masters cross rounding boundaries (as with torch's bf16 autocast
-    // over f32 parameters): the GPU's curve may lag the CPU's.
+    // model (as in training: the first loss is ln 2). Learning rate 1e-3 so that every update
+    // is well above the resolution of the bf16 working weights (with 2e-5 the GPU's weights
+    // move only when a master crosses a rounding boundary and its curve lags in steps: seen on
+    // an H200), and beta 0.003 so that the loss falls smoothly (0.69 -> ~0.19 in 20 steps on
+    // the CPU) instead of collapsing in one or two steps.
     let mut ps = pairs(&config, 4, 17);
     let seqs: Vec<TrainSequence> = ps
         .iter()
@@ -346,7 +346,8 @@ fn loss_curve_over_20_steps_matches_the_cpu() {
         p.ref_chosen = r[0];
         p.ref_rejected = r[1];
     }
-    let mut cfg = aco_config(4, 2e-5, AdamWConfig::default());
+    let mut cfg = aco_config(4, 1e-3, AdamWConfig::default());
+    cfg.loss.beta = 0.003;
     cfg.epochs = 20;
     let mut curves = [Vec::new(), Vec::new()];
     let mut state = TrainState::new(&cpu, cfg.adamw).unwrap();
@@ -374,7 +375,7 @@ fn loss_curve_over_20_steps_matches_the_cpu() {
     // f32 masters rounded to bf16 after every step.
     for (s, (a, b)) in curves[0].iter().zip(&curves[1]).enumerate() {
         assert!(
-            (a - b).abs() <= 0.05 + 0.3 * a.abs(),
+            (a - b).abs() <= 0.02 + 0.1 * a.abs(),
             "step {}: loss cpu {a} gpu {b}",
             s + 1
         );
