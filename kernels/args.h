@@ -439,6 +439,45 @@ typedef struct CastArgs {
     long long n;
 } CastArgs;
 GE_LAYOUT(CastArgs, 24, 8);
+/** Loss kinds of `PairLossArgs::kind`. */
+#define GE_LOSS_ACO 0
+#define GE_LOSS_DPO 1
+#define GE_LOSS_SIMPO 2
+#define GE_LOSS_IPO 3
+#define GE_LOSS_SFT 4
+/** f64 outputs per pair: policy chosen and rejected sums, loss, the two gradients, chosen and
+ * rejected rewards, ACO weight, margin. */
+#define GE_PAIR_LOSS_OUTPUTS 9
+
+/** Preference losses (kernels/loss.cu), one block per pair: pair `p`'s policy sums are rows
+ * `segments[4p] .. segments[4p+1]` (chosen) and `segments[4p+2] .. segments[4p+3]` (rejected)
+ * of `row_logprobs`; `inputs[6p ..]` are the reference sums, the token counts and the
+ * advantages (chosen then rejected each); `outputs[9p ..]` as `GE_PAIR_LOSS_OUTPUTS` says. */
+typedef struct PairLossArgs {
+    /** f32 `[rows]`, read. */
+    unsigned long long row_logprobs;
+    /** u32 `[4 * pairs]`, read. */
+    unsigned long long segments;
+    /** f64 `[6 * pairs]`, read. */
+    unsigned long long inputs;
+    /** f64 `[9 * pairs]`, written. */
+    unsigned long long outputs;
+    int pairs;
+    /** `GE_LOSS_*`. */
+    int kind;
+    /** ACO: 1 for `max(1, e)`, 0 for `min(1, e)`. */
+    int clip_max;
+    int unused;
+    double beta;
+    /** ACO's alpha (may be +inf). */
+    double alpha;
+    /** SimPO's gamma. */
+    double gamma;
+    /** IPO's tau. */
+    double tau;
+} PairLossArgs;
+GE_LAYOUT(PairLossArgs, 80, 8);
+
 /** Backward of causal attention over packed sequences (kernels/attention_backward.cu). Tile
  * `t` (`t < num_tiles`) is three u32s of `tiles`: the sequence's first row, its length and
  * the tile's first position in it; a tile covers `tile_rows` positions (query rows for the dq

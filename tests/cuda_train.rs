@@ -384,3 +384,93 @@ fn loss_curve_over_20_steps_matches_the_cpu() {
         assert!(c[19] < 0.5 * c[0], "no learning: {c:?}");
     }
 }
+
+/// The loss kernel against the host definition: random per-row log-probs and pair segments
+/// (empty ones included), every loss kind (ACO with both clips, finite and infinite alpha),
+/// the policy sums, losses, gradients and monitoring values within f64 rounding.
+#[test]
+#[cfg_attr(
+    not(genius_gpu_tests),
+    ignore = "needs a CUDA GPU: built by tools/gpu-prepare.sh (GENIUS_GPU_TESTS=1), run by tools/gpu-check.sh"
+)]
+fn pair_losses_match_the_host() {
+    use genius_engine::genius::loss::{PairLogps, pair_losses_host};
+    let Some(be) = gpu() else { return };
+    let mut rng = Rng::new(77);
+    let n = 5000;
+    let lp: Vec<f32> = (0..n).map(|_| -5.0 * rng.uniform() - 0.01).collect();
+    let mut rows = Vec::new();
+    let mut pairs = Vec::new();
+    let mut at = 0;
+    for i in 0..37 {
+        let lc = [1, 3, 77, 300, 0][i % 5].max(if i % 7 == 4 { 0 } else { 1 });
+        let lr = [2, 250, 1, 64][i % 4];
+        let c = at..at + lc;
+        let r = at + lc..at + lc + lr;
+        at += lc + lr;
+        rows.push((c, r));
+        pairs.push(PairLogps {
+            ref_chosen: -3.0 * lc as f64 + rng.uniform() as f64,
+            ref_rejected: -3.0 * lr as f64 - rng.uniform() as f64,
+            chosen_tokens: lc.max(1),
+            rejected_tokens: lr.max(1),
+            adv_chosen: rng.uniform() as f64 - 0.5,
+            adv_rejected: rng.uniform() as f64 - 0.5,
+            ..PairLogps::default()
+        });
+    }
+    assert!(at <= n);
+    let kinds = [
+        LossKind::Aco {
+            clip: AcoClip::Min,
+            alpha: 1.0,
+        },
+        LossKind::Aco {
+            clip: AcoClip::Max,
+            alpha: 0.3,
+        },
+        LossKind::Aco {
+            clip: AcoClip::Min,
+            alpha: f64::INFINITY,
+        },
+        LossKind::Dpo,
+        LossKind::Simpo { gamma: 0.5 },
+        LossKind::Ipo { tau: 0.1 },
+        LossKind::Sft,
+    ];
+    for kind in kinds {
+        let cfg = LossConfig::new(kind);
+        let want = pair_losses_host(&lp, &rows, &pairs, &cfg).unwrap();
+        let got = be.pair_losses(&lp, &rows, &pairs, &cfg).unwrap();
+        assert_eq!(want.len(), got.len());
+        let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * (1.0 + b.abs());
+        for (i, ((wx, wl), (gx, gl))) in want.iter().zip(&got).enumerate() {
+            let pairs_of = [
+                ("policy chosen", gx.policy_chosen, wx.policy_chosen),
+                ("policy rejected", gx.policy_rejected, wx.policy_rejected),
+                ("loss", gl.loss, wl.loss),
+                ("grad chosen", gl.grad_chosen, wl.grad_chosen),
+                ("grad rejected", gl.grad_rejected, wl.grad_rejected),
+                ("chosen reward", gl.chosen_reward, wl.chosen_reward),
+                ("rejected reward", gl.rejected_reward, wl.rejected_reward),
+                ("weight", gl.weight, wl.weight),
+                ("margin", gl.margin, wl.margin),
+            ];
+            for (what, g, w) in pairs_of {
+                assert!(
+                    close(g, w),
+                    "{}: pair {i}: {what} gpu {g} host {w}",
+                    kind.name()
+                );
+            }
+        }
+        println!("{}: {} pairs match the host", kind.name(), got.len());
+    }
+    // The host's errors come through: an SFT pair with an empty chosen response.
+    let mut bad = pairs.clone();
+    bad[0].chosen_tokens = 0;
+    let e = be
+        .pair_losses(&lp, &rows, &bad, &LossConfig::new(LossKind::Sft))
+        .expect_err("an empty SFT response");
+    println!("expected error: {e:#}");
+}

@@ -8,6 +8,7 @@ pub mod cpu;
 pub mod cuda;
 
 use crate::engine::sampler::{RowSampling, SampledToken, sample_host_rows};
+use crate::genius::loss::{LossConfig, PairLogps, PairLoss};
 use crate::model::HostTensor;
 use anyhow::Result;
 
@@ -251,6 +252,22 @@ pub trait Backend: Send + Sync {
         rows: &[usize],
         src: &Self::Tensor,
     ) -> Result<()>;
+
+    /// The preference losses of a micro-batch from its per-row log-probs: for pair `i`, the
+    /// policy's log-prob sums over rows `rows[i].0` (chosen) and `rows[i].1` (rejected), then
+    /// the loss, its gradients with respect to the two sums and the monitoring values, as
+    /// [`crate::genius::loss::pair_loss`] defines them (`pairs[i]` gives the reference sums,
+    /// token counts and advantages; its policy fields are replaced). The default computes on
+    /// the host ([`crate::genius::loss::pair_losses_host`]).
+    fn pair_losses(
+        &self,
+        row_logprobs: &[f32],
+        rows: &[(std::ops::Range<usize>, std::ops::Range<usize>)],
+        pairs: &[PairLogps],
+        cfg: &LossConfig,
+    ) -> Result<Vec<(PairLogps, PairLoss)>> {
+        crate::genius::loss::pair_losses_host(row_logprobs, rows, pairs, cfg)
+    }
 
     // ---- Training: f32 state (gradients, master weights, AdamW moments) and the update. ----
 

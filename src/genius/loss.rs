@@ -381,10 +381,56 @@ pub fn batch_loss(cfg: &LossConfig, inputs: &[PairLogps], num_pairs: usize) -> R
         .enumerate()
         .map(|(i, x)| pair_loss(cfg, x).map_err(|e| e.context(format!("pair {i}"))))
         .collect::<Result<Vec<_>>>()?;
+    Ok(batch_loss_of(pairs, num_pairs))
+}
+
+/// The policy's log-prob sums of a micro-batch's pairs from its per-row log-probs (pair `i`:
+/// rows `rows[i].0` chosen, `rows[i].1` rejected, summed in f64 in row order) and each pair's
+/// loss: `pairs[i]` gives the reference sums, token counts and advantages (its policy fields
+/// are replaced). The host definition of [`crate::backend::Backend::pair_losses`].
+pub fn pair_losses_host(
+    row_logprobs: &[f32],
+    rows: &[(std::ops::Range<usize>, std::ops::Range<usize>)],
+    pairs: &[PairLogps],
+    cfg: &LossConfig,
+) -> Result<Vec<(PairLogps, PairLoss)>> {
+    ensure!(
+        rows.len() == pairs.len(),
+        "pair_losses: {} row ranges for {} pairs",
+        rows.len(),
+        pairs.len()
+    );
+    let sum = |r: &std::ops::Range<usize>| -> Result<f64> {
+        let s = row_logprobs.get(r.clone()).ok_or_else(|| {
+            anyhow::anyhow!(
+                "pair_losses: rows {r:?} outside the {} log-probs",
+                row_logprobs.len()
+            )
+        })?;
+        Ok(s.iter().map(|&x| f64::from(x)).sum::<f64>())
+    };
+    rows.iter()
+        .zip(pairs)
+        .enumerate()
+        .map(|(i, ((c, r), p))| {
+            let x = PairLogps {
+                policy_chosen: sum(c)?,
+                policy_rejected: sum(r)?,
+                ..*p
+            };
+            let l = pair_loss(cfg, &x).map_err(|e| e.context(format!("pair {i}")))?;
+            Ok((x, l))
+        })
+        .collect()
+}
+
+/// [`BatchLoss`] of per-pair results already computed: loss and gradients divided by
+/// `num_pairs`, statistics averaged over the pairs given (non-empty).
+pub fn batch_loss_of(pairs: Vec<PairLoss>, num_pairs: usize) -> BatchLoss {
     let scale = 1.0 / num_pairs as f64;
     let n = pairs.len() as f64;
     let mean = |f: fn(&PairLoss) -> f64| pairs.iter().map(f).sum::<f64>() / n;
-    Ok(BatchLoss {
+    BatchLoss {
         loss: pairs.iter().map(|p| p.loss).sum::<f64>() * scale,
         grad_chosen: pairs.iter().map(|p| p.grad_chosen * scale).collect(),
         grad_rejected: pairs.iter().map(|p| p.grad_rejected * scale).collect(),
@@ -394,7 +440,7 @@ pub fn batch_loss(cfg: &LossConfig, inputs: &[PairLogps], num_pairs: usize) -> R
         mean_weight: mean(|p| p.weight),
         accuracy: mean(|p| f64::from(u8::from(p.chosen_reward > p.rejected_reward))),
         pairs,
-    })
+    }
 }
 
 #[cfg(test)]

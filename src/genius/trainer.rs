@@ -9,7 +9,7 @@
 //! fused layout); clipping and the update run there too. [`TrainState`] saves them (with the step count) so an interrupted run resumes at its last
 //! saved step and produces the same numbers as an uninterrupted one.
 
-use super::loss::{LossConfig, PairLogps, batch_loss};
+use super::loss::{LossConfig, PairLogps, PairLoss, batch_loss_of};
 use super::optim::{AdamW, AdamWConfig, LrSchedule};
 use super::sequences::TrainSequence;
 use crate::backend::{AdamWStep, Backend};
@@ -334,7 +334,7 @@ pub fn train<B: Backend>(
         let batch: Vec<usize> =
             order[s * cfg.pairs_per_step..((s + 1) * cfg.pairs_per_step).min(order.len())].to_vec();
         grads.zero(&model.backend)?;
-        let mut logps = Vec::with_capacity(batch.len());
+        let mut step_pairs = Vec::with_capacity(batch.len());
         let mut tokens = 0;
         // Micro-batches: consecutive pairs up to the token budget (at least one pair).
         let mut at = 0;
@@ -351,7 +351,7 @@ pub fn train<B: Backend>(
                 end += 1;
             }
             let micro = &batch[at..end];
-            logps.extend(micro_step(
+            step_pairs.extend(micro_step(
                 model,
                 pairs,
                 micro,
@@ -403,7 +403,8 @@ pub fn train<B: Backend>(
         state.apply_to(model)?;
         state.step += 1;
 
-        let result = batch_loss(&cfg.loss, &logps, batch.len())?;
+        let (logps, losses): (Vec<PairLogps>, Vec<PairLoss>) = step_pairs.into_iter().unzip();
+        let result = batch_loss_of(losses, batch.len());
         let seconds = started.elapsed().as_secs_f64();
         let metrics = StepMetrics {
             step: state.step,
@@ -444,7 +445,7 @@ pub fn train<B: Backend>(
 }
 
 /// Forward and backward of one micro-batch; returns each pair's log-prob sums (policy before
-/// the update) and adds the gradients, scaled by `1 / pairs_in_step`.
+/// the update) and loss, and adds the gradients, scaled by `1 / pairs_in_step`.
 fn micro_step<B: Backend>(
     model: &Transformer<B>,
     pairs: &[TrainPair],
@@ -452,7 +453,7 @@ fn micro_step<B: Backend>(
     cfg: &TrainConfig,
     pairs_in_step: usize,
     grads: &mut Gradients<B>,
-) -> Result<Vec<PairLogps>> {
+) -> Result<Vec<(PairLogps, PairLoss)>> {
     let mut seqs: Vec<&[u32]> = Vec::with_capacity(2 * micro.len());
     let mut masks: Vec<Vec<bool>> = Vec::with_capacity(2 * micro.len());
     for &i in micro {
@@ -463,15 +464,22 @@ fn micro_step<B: Backend>(
     }
     let batch = TrainBatch::next_token(&seqs, &masks)?;
     let (lp, acts) = model.forward_train_with(&batch, cfg.recompute)?;
-    let sum = |r: &std::ops::Range<usize>| lp[r.clone()].iter().map(|&x| f64::from(x)).sum::<f64>();
+    // Per-sequence sums and the pair losses on the backend (the same definitions everywhere).
+    let rows: Vec<_> = (0..micro.len())
+        .map(|m| {
+            (
+                batch.seq_rows[2 * m].clone(),
+                batch.seq_rows[2 * m + 1].clone(),
+            )
+        })
+        .collect();
     let inputs: Vec<PairLogps> = micro
         .iter()
-        .enumerate()
-        .map(|(m, &i)| {
+        .map(|&i| {
             let p = &pairs[i];
             PairLogps {
-                policy_chosen: sum(&batch.seq_rows[2 * m]),
-                policy_rejected: sum(&batch.seq_rows[2 * m + 1]),
+                policy_chosen: 0.0,
+                policy_rejected: 0.0,
                 ref_chosen: p.ref_chosen,
                 ref_rejected: p.ref_rejected,
                 chosen_tokens: p.chosen.response_len(),
@@ -481,18 +489,18 @@ fn micro_step<B: Backend>(
             }
         })
         .collect();
-    let loss = batch_loss(&cfg.loss, &inputs, pairs_in_step)?;
+    let results = model.backend.pair_losses(&lp, &rows, &inputs, &cfg.loss)?;
+    let scale = 1.0 / pairs_in_step as f64;
     let mut d_logprob = vec![0f32; lp.len()];
-    for m in 0..micro.len() {
-        for (r, g) in [
-            (&batch.seq_rows[2 * m], loss.grad_chosen[m]),
-            (&batch.seq_rows[2 * m + 1], loss.grad_rejected[m]),
-        ] {
-            d_logprob[r.clone()].iter_mut().for_each(|d| *d = g as f32);
+    for ((c, r), (_, l)) in rows.iter().zip(&results) {
+        for (range, g) in [(c, l.grad_chosen), (r, l.grad_rejected)] {
+            d_logprob[range.clone()]
+                .iter_mut()
+                .for_each(|d| *d = (g * scale) as f32);
         }
     }
     model.backward(&acts, &d_logprob, grads)?;
-    Ok(inputs)
+    Ok(results)
 }
 
 #[cfg(test)]

@@ -762,6 +762,55 @@ const _: () = {
     ["Offset of field: CastArgs::dst"][::std::mem::offset_of!(CastArgs, dst) - 8usize];
     ["Offset of field: CastArgs::n"][::std::mem::offset_of!(CastArgs, n) - 16usize];
 };
+#[doc = " Preference losses (kernels/loss.cu), one block per pair: pair `p`'s policy sums are rows\n `segments[4p] .. segments[4p+1]` (chosen) and `segments[4p+2] .. segments[4p+3]` (rejected)\n of `row_logprobs`; `inputs[6p ..]` are the reference sums, the token counts and the\n advantages (chosen then rejected each); `outputs[9p ..]` as `GE_PAIR_LOSS_OUTPUTS` says."]
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct PairLossArgs {
+    #[doc = " f32 `[rows]`, read."]
+    pub row_logprobs: ::std::os::raw::c_ulonglong,
+    #[doc = " u32 `[4 * pairs]`, read."]
+    pub segments: ::std::os::raw::c_ulonglong,
+    #[doc = " f64 `[6 * pairs]`, read."]
+    pub inputs: ::std::os::raw::c_ulonglong,
+    #[doc = " f64 `[9 * pairs]`, written."]
+    pub outputs: ::std::os::raw::c_ulonglong,
+    pub pairs: ::std::os::raw::c_int,
+    #[doc = " `GE_LOSS_*`."]
+    pub kind: ::std::os::raw::c_int,
+    #[doc = " ACO: 1 for `max(1, e)`, 0 for `min(1, e)`."]
+    pub clip_max: ::std::os::raw::c_int,
+    pub unused: ::std::os::raw::c_int,
+    pub beta: f64,
+    #[doc = " ACO's alpha (may be +inf)."]
+    pub alpha: f64,
+    #[doc = " SimPO's gamma."]
+    pub gamma: f64,
+    #[doc = " IPO's tau."]
+    pub tau: f64,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of PairLossArgs"][::std::mem::size_of::<PairLossArgs>() - 80usize];
+    ["Alignment of PairLossArgs"][::std::mem::align_of::<PairLossArgs>() - 8usize];
+    ["Offset of field: PairLossArgs::row_logprobs"]
+        [::std::mem::offset_of!(PairLossArgs, row_logprobs) - 0usize];
+    ["Offset of field: PairLossArgs::segments"]
+        [::std::mem::offset_of!(PairLossArgs, segments) - 8usize];
+    ["Offset of field: PairLossArgs::inputs"]
+        [::std::mem::offset_of!(PairLossArgs, inputs) - 16usize];
+    ["Offset of field: PairLossArgs::outputs"]
+        [::std::mem::offset_of!(PairLossArgs, outputs) - 24usize];
+    ["Offset of field: PairLossArgs::pairs"][::std::mem::offset_of!(PairLossArgs, pairs) - 32usize];
+    ["Offset of field: PairLossArgs::kind"][::std::mem::offset_of!(PairLossArgs, kind) - 36usize];
+    ["Offset of field: PairLossArgs::clip_max"]
+        [::std::mem::offset_of!(PairLossArgs, clip_max) - 40usize];
+    ["Offset of field: PairLossArgs::unused"]
+        [::std::mem::offset_of!(PairLossArgs, unused) - 44usize];
+    ["Offset of field: PairLossArgs::beta"][::std::mem::offset_of!(PairLossArgs, beta) - 48usize];
+    ["Offset of field: PairLossArgs::alpha"][::std::mem::offset_of!(PairLossArgs, alpha) - 56usize];
+    ["Offset of field: PairLossArgs::gamma"][::std::mem::offset_of!(PairLossArgs, gamma) - 64usize];
+    ["Offset of field: PairLossArgs::tau"][::std::mem::offset_of!(PairLossArgs, tau) - 72usize];
+};
 #[doc = " Backward of causal attention over packed sequences (kernels/attention_backward.cu). Tile\n `t` (`t < num_tiles`) is three u32s of `tiles`: the sequence's first row, its length and\n the tile's first position in it; a tile covers `tile_rows` positions (query rows for the dq\n kernel, key rows for the dk/dv kernel; the kernel checks it was built for that size).\n Position `i` of a sequence sees positions `0..=i`; query head `h` reads kv head\n `h / (num_heads / num_kv_heads)`. The dq kernel also writes the softmax statistics (`lse`\n and `delta`) of its rows, which the dk/dv kernel, launched after it, reads."]
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]

@@ -59,6 +59,7 @@ pub const ON_CUDA: &[&str] = &[
     "zeros_f32",
     "upload_f32",
     "release_cached_memory",
+    "pair_losses",
     "reset_profile",
     "tensor_to_f32",
     "linear_to_f32",
@@ -932,6 +933,21 @@ impl Backend for CudaBackend {
 
     fn zeros_f32(&self, shape: &[usize]) -> Result<CudaTensor> {
         CudaBackend::zeros_f32(self, shape)
+    }
+
+    fn pair_losses(
+        &self,
+        row_logprobs: &[f32],
+        rows: &[(std::ops::Range<usize>, std::ops::Range<usize>)],
+        pairs: &[crate::genius::loss::PairLogps],
+        cfg: &crate::genius::loss::LossConfig,
+    ) -> Result<
+        Vec<(
+            crate::genius::loss::PairLogps,
+            crate::genius::loss::PairLoss,
+        )>,
+    > {
+        self.pair_losses_kernel(row_logprobs, rows, pairs, cfg)
     }
 
     fn reset_profile(&self) {

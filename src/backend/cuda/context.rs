@@ -668,6 +668,7 @@ mod tests {
             AdamWArgs,
             CastArgs,
             AttentionBackwardArgs,
+            PairLossArgs,
             AttentionTcArgs,
         );
         let mut header = header_layouts();

@@ -96,6 +96,7 @@ pub const KERNEL_UNITS: &[(&str, &[&str])] = &[
         "optim.cu",
         &["ge_adamw_update", "ge_cast_f32_bf16", "ge_cast_bf16_f32"],
     ),
+    ("loss.cu", &["ge_pair_losses"]),
     (
         "sampling.cu",
         &[

@@ -23,6 +23,8 @@
 //! - [`attention_tc`]: the forward of causal attention on tensor cores (FlashAttention-2 style,
 //!   `mma.sync` m16n8k16 bf16), what `causal_attention` runs for head_dim 64 / 128 unless
 //!   [`CudaOptions::attention_forward_tensor_cores`] is off; also the log-sum-exp per row.
+//! - [`loss`]: the preference losses of a micro-batch (per-sequence log-prob sums, ACO, DPO,
+//!   SimPO, IPO, SFT) in `kernels/loss.cu`.
 //! - [`backend`]: [`CudaBackend`], the [`crate::backend::Backend`] implementation. The whole
 //!   trait runs on the GPU ([`ON_CUDA`]: the forward pass, paged attention, log-probs,
 //!   sampling, every backward op and AdamW); [`NOT_YET_ON_CUDA`] lists what does not (empty).
@@ -36,6 +38,7 @@ pub mod backend;
 pub mod context;
 pub mod gemm;
 pub mod kernels;
+pub mod loss;
 pub mod sampling;
 pub mod tensor;
 pub mod train_elementwise;
