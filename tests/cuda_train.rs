@@ -397,7 +397,7 @@ fn pair_losses_match_the_host() {
     use genius_engine::genius::loss::{PairLogps, pair_losses_host};
     let Some(be) = gpu() else { return };
     let mut rng = Rng::new(77);
-    let n = 5000;
+    let n = 20_000;
     let lp: Vec<f32> = (0..n).map(|_| -5.0 * rng.uniform() - 0.01).collect();
     let mut rows = Vec::new();
     let mut pairs = Vec::new();
@@ -419,7 +419,7 @@ fn pair_losses_match_the_host() {
             ..PairLogps::default()
         });
     }
-    assert!(at <= n);
+    assert!(at <= n, "the pairs need {at} rows");
     let kinds = [
         LossKind::Aco {
             clip: AcoClip::Min,
