@@ -2,6 +2,8 @@
 //! small word-level tokenizer.json.
 #![allow(dead_code)]
 
+pub mod cuda;
+
 use genius_engine::model::safetensors::{Dtype, write_safetensors};
 use genius_engine::model::{Architecture, HostTensor, ModelConfig, RopeScaling};
 use std::path::Path;
