@@ -125,7 +125,8 @@ typedef struct WriteKvArgs {
     unsigned long long k;
     /** bf16 `[rows, width]`, read. */
     unsigned long long v;
-    /** u32 `[rows]`, each below the pool's row count (checked on the host), read. */
+    /** u32 `[rows]`, each below the pool's row count (checked on the host) or GE_NO_SLOT
+     * (the row is not written), read. */
     unsigned long long slots;
     int rows;
     int width;
@@ -298,7 +299,7 @@ typedef struct QkvRopeArgs {
     unsigned long long v_pool;
     /** u32 `[rows]`, read. */
     unsigned long long positions;
-    /** u32 `[rows]`, read. */
+    /** u32 `[rows]` (GE_NO_SLOT: the row's K/V are not written), read. */
     unsigned long long slots;
     /** f32 `[head_dim / 2]`, read. */
     unsigned long long inv_freq;

@@ -16,6 +16,10 @@
 
 #define GE_WARP_SIZE 32
 
+// A KV slot meaning "do not cache this row" (padding rows of a fixed-size decode step); the
+// Rust side's `backend::NO_SLOT`, which a test compares with this line.
+#define GE_NO_SLOT 0xffffffffu
+
 // A bf16 value as stored in memory: the upper 16 bits of an IEEE f32.
 struct __align__(2) ge_bf16 {
     unsigned short bits;

@@ -168,11 +168,14 @@ extern "C" __global__ void ge_qkv_rope_write_kv(QkvRopeArgs a) {
     const long long width = static_cast<long long>(a.q_width) + 2LL * a.kv_width;
     const ge_bf16* src = reinterpret_cast<const ge_bf16*>(a.qkv) + row * width;
     ge_bf16* q = reinterpret_cast<ge_bf16*>(a.q_out) + row * a.q_width;
-    const long long slot = reinterpret_cast<const unsigned int*>(a.slots)[row];
+    const unsigned int slot_id = reinterpret_cast<const unsigned int*>(a.slots)[row];
+    // A padding row (GE_NO_SLOT) computes its q but caches no K/V.
+    const bool cache_kv = slot_id != GE_NO_SLOT;
+    const long long slot = cache_kv ? static_cast<long long>(slot_id) : 0;
     ge_bf16* kp = reinterpret_cast<ge_bf16*>(a.k_pool) + slot * a.kv_width;
     ge_bf16* vp = reinterpret_cast<ge_bf16*>(a.v_pool) + slot * a.kv_width;
     const int q_pairs = (a.q_width / a.head_dim) * half;
-    const int k_pairs = (a.kv_width / a.head_dim) * half;
+    const int k_pairs = cache_kv ? (a.kv_width / a.head_dim) * half : 0;
     for (int p = threadIdx.x; p < q_pairs + k_pairs; p += blockDim.x) {
         const bool is_q = p < q_pairs;
         const int pp = is_q ? p : p - q_pairs;
@@ -188,6 +191,7 @@ extern "C" __global__ void ge_qkv_rope_write_kv(QkvRopeArgs a) {
         d[i + half] = ge_f32_to_bf16(hi * c + lo * s);
     }
     const ge_bf16* v = src + a.q_width + a.kv_width;
-    for (int j = threadIdx.x; j < a.kv_width; j += blockDim.x) vp[j] = v[j];
+    if (cache_kv)
+        for (int j = threadIdx.x; j < a.kv_width; j += blockDim.x) vp[j] = v[j];
 }
 

@@ -22,6 +22,7 @@ extern "C" __global__ void ge_write_kv_bf16(WriteKvArgs a) {
     for (long long i = ge_global_index(); i < n; i += ge_grid_threads()) {
         const long long r = i / a.width;
         const long long c = i - r * a.width;
+        if (slots[r] == GE_NO_SLOT) continue;  // a padding row: nothing to cache
         const long long dst = static_cast<long long>(slots[r]) * a.width + c;
         kp[dst] = k[i];
         vp[dst] = v[i];

@@ -136,3 +136,96 @@ fn paged_matches_full_forward_block_size_7() {
     check(tiny_llama_config(), 7, 33);
     check(tiny_qwen2_config(), 7, 34);
 }
+
+/// A decode step padded the way the CUDA backend pads one for a graph replay
+/// (`backend::cuda::graphs::pad_decode`: padding rows at position 0 reading block 0 and caching
+/// nothing, `NO_SLOT`), on the CPU reference: the real rows' hidden states are bit-identical to
+/// the unpadded step's, the padding rows' are finite, and the KV pools differ from the
+/// unpadded step's nowhere.
+#[test]
+fn padded_decode_step_leaves_real_rows_and_the_cache_unchanged() {
+    use genius_engine::backend::cuda::graphs::{is_plain_decode, pad_decode};
+    use genius_engine::engine::sampler::{RowSampling, SamplingParams};
+    let config = tiny_llama_config();
+    let block_size = 4;
+    let model = random_cpu_model(&config, 5);
+    let mut rng = Rng::new(9);
+    let lens = [6usize, 9, 3];
+    let num_blocks = 16;
+    let mut cache = model.new_kv_cache(num_blocks, block_size).unwrap();
+    // Prefill each sequence but its last token, blocks handed out from 0 up (block 0 is real).
+    let mut next = 0u32;
+    let mut tables = Vec::new();
+    let mut seqs = Vec::new();
+    for &len in &lens {
+        let tokens: Vec<u32> = (0..len)
+            .map(|_| rng.below(config.vocab_size) as u32)
+            .collect();
+        let table: Vec<u32> = (0..len.div_ceil(block_size) as u32)
+            .map(|b| next + b)
+            .collect();
+        next += table.len() as u32;
+        let slot = |p: usize| table[p / block_size] * block_size as u32 + (p % block_size) as u32;
+        let prefill = PagedBatch {
+            tokens: tokens[..len - 1].to_vec(),
+            positions: (0..len as u32 - 1).collect(),
+            slots: (0..len - 1).map(slot).collect(),
+            seqs: vec![PagedSeqBatch {
+                q_start: 0,
+                q_len: len - 1,
+                context_len: len - 1,
+                block_table: table.clone(),
+            }],
+        };
+        model.forward_paged(&prefill, &mut cache).unwrap();
+        tables.push(table);
+        seqs.push(tokens);
+    }
+    // One decode step of every sequence.
+    let mut step = PagedBatch::default();
+    for (i, (tokens, table)) in seqs.iter().zip(&tables).enumerate() {
+        let p = tokens.len() - 1;
+        step.tokens.push(tokens[p]);
+        step.positions.push(p as u32);
+        step.slots
+            .push(table[p / block_size] * block_size as u32 + (p % block_size) as u32);
+        step.seqs.push(PagedSeqBatch {
+            q_start: i,
+            q_len: 1,
+            context_len: p + 1,
+            block_table: table.clone(),
+        });
+    }
+    let rows: Vec<RowSampling> = (0..lens.len())
+        .map(|i| RowSampling {
+            params: SamplingParams::default(),
+            seq_id: i as u64,
+            position: 0,
+        })
+        .collect();
+    assert!(is_plain_decode(&step, &rows));
+    let (padded, padded_rows) = pad_decode(&step, &rows, 8);
+    assert_eq!(padded.tokens.len(), 8);
+    assert_eq!(padded_rows.len(), 8);
+
+    let mut plain_cache = model.new_kv_cache(num_blocks, block_size).unwrap();
+    for (dst, src) in plain_cache.k.iter_mut().zip(&cache.k) {
+        dst.data.clone_from(&src.data);
+    }
+    for (dst, src) in plain_cache.v.iter_mut().zip(&cache.v) {
+        dst.data.clone_from(&src.data);
+    }
+    let want = model.forward_paged(&step, &mut plain_cache).unwrap();
+    let got = model.forward_paged(&padded, &mut cache).unwrap();
+    let h = config.hidden_size;
+    assert_eq!(&got.data[..lens.len() * h], &want.data[..]);
+    assert!(got.data[lens.len() * h..].iter().all(|v| v.is_finite()));
+    for (a, b) in cache
+        .k
+        .iter()
+        .chain(&cache.v)
+        .zip(plain_cache.k.iter().chain(&plain_cache.v))
+    {
+        assert_eq!(a.data, b.data, "a padding row wrote to the cache");
+    }
+}

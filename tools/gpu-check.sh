@@ -87,7 +87,7 @@ if [[ -x $engine && ${GPU_BENCH:-1} != 0 ]]; then
     echo "rc $?"
     if [[ ${GPU_BENCH_VARIANTS:-1} != 0 ]]; then
       # A/B of the host-side savings, and where a step's GPU time goes (shorter runs).
-      for variant in ${GPU_BENCH_VARIANT_LIST:-GENIUS_CUDA_POOL_KEEP=0 GENIUS_CUDA_MEMO=0 GENIUS_CUDA_PROFILE=1}; do
+      for variant in ${GPU_BENCH_VARIANT_LIST:-GENIUS_CUDA_GRAPHS=0 GENIUS_CUDA_POOL_KEEP=0 GENIUS_CUDA_MEMO=0 GENIUS_CUDA_PROFILE=1}; do
         echo "== variant $variant"
         env "$variant" timeout 90 "$engine" bench rollout --device cuda --model "$model" \
           --tokens 128 --new-tokens 128 --batches 64,256 --forks 0
@@ -179,14 +179,16 @@ if bench is None:
     out.append("bench rollout: no result (see bench.log)")
 else:
     out.append(f"rollout on {bench['device']}, {bench['model']}, prompt {bench['prompt_tokens']} + {bench['new_tokens']} new")
-    out.append(f"{'sequences':>9} {'decode tok/s':>13} {'step ms':>8} {'GB/s':>7} {'% copy':>7} {'HF tok/s':>9} {'x HF':>6}")
+    out.append(f"{'sequences':>9} {'decode tok/s':>13} {'step ms':>8} {'GB/s':>7} {'% copy':>7} {'HF tok/s':>9} {'x HF':>6}  graphs (replayed/eager steps)")
     for b in bench["batches"]:
         n = b["sequences"]
         pct = f"{100 * b['achieved_gb_s'] / ceiling:6.1f}%" if ceiling else "      -"
         hf = peer_rate.get(n)
         ratio = f"{b['decode_tokens_per_s'] / hf:6.1f}" if hf else "     -"
         hfs = f"{hf:9.0f}" if hf else "        -"
-        out.append(f"{n:>9} {b['decode_tokens_per_s']:>13.0f} {b['decode_step_ms']:>8.2f} {b['achieved_gb_s']:>7.0f} {pct:>7} {hfs} {ratio}")
+        g = b.get("graphs") or {}
+        gs = f"{g.get('replays', '-')}/{g.get('eager_steps', '-')}" + (f" off: {g['off']}" if g.get("off") else "")
+        out.append(f"{n:>9} {b['decode_tokens_per_s']:>13.0f} {b['decode_step_ms']:>8.2f} {b['achieved_gb_s']:>7.0f} {pct:>7} {hfs} {ratio}  {gs}")
     f = bench.get("foresight")
     if f:
         out.append(f"foresight: {f['forks']} forks of {f['prompt_tokens']} tokens: {f['blocks_used']} KV blocks used, {f['blocks_shared']} shared ({f['blocks_without_sharing']} without sharing), {f['seconds']:.2f}s")

@@ -4,7 +4,7 @@
 #
 #   tools/gpu-prepare.sh                 the CUDA tests: cuda_ops, cuda_attention,
 #                                        cuda_attention_tc, cuda_train_attention, cuda_sampling,
-#                                        cuda_model, cuda_kernels, cuda_train_gemm,
+#                                        cuda_model, cuda_graphs, cuda_kernels, cuda_train_gemm,
 #                                        cuda_train_elementwise, cuda_train; and the genius-engine
 #                                        binary (.gpu-bin/bin/) for the benchmarks
 #   tools/gpu-prepare.sh NAME...         these integration test targets instead
@@ -33,7 +33,7 @@ else
 fi
 
 tests=("$@")
-[[ ${#tests[@]} -gt 0 ]] || tests=(cuda_ops cuda_attention cuda_attention_tc cuda_train_attention cuda_sampling cuda_model cuda_kernels cuda_train_gemm cuda_train_elementwise cuda_train)
+[[ ${#tests[@]} -gt 0 ]] || tests=(cuda_ops cuda_attention cuda_attention_tc cuda_train_attention cuda_sampling cuda_model cuda_graphs cuda_kernels cuda_train_gemm cuda_train_elementwise cuda_train)
 args=()
 for t in "${tests[@]}"; do args+=(--test "$t"); done
 

@@ -10,6 +10,7 @@ pub mod cuda;
 use crate::engine::sampler::{RowSampling, SampledToken, sample_host_rows};
 use crate::genius::loss::{LossConfig, PairLogps, PairLoss};
 use crate::model::HostTensor;
+use crate::transformer::{KvCache, PagedBatch, Weights};
 use anyhow::Result;
 
 /// One sequence inside a packed batch: rows `start..start + len` of the token-major tensors.
@@ -39,6 +40,35 @@ pub struct PagedSeq<'a> {
     pub context_len: usize,
     pub block_table: &'a [u32],
 }
+
+/// A KV slot meaning "do not cache this row": the rows a backend adds to pad a decode step to a
+/// fixed batch size (see [`Backend::decode_step`]) compute like the others but write no K/V.
+/// `GE_NO_SLOT` in `kernels/common.cuh` is the same value.
+pub const NO_SLOT: u32 = u32::MAX;
+
+/// What a backend's decode path did so far ([`Backend::decode_graph_stats`]): on the CUDA
+/// backend, decode steps captured into CUDA graphs and replayed from them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct DecodeGraphStats {
+    /// Graphs captured (and instantiated).
+    pub captures: u64,
+    /// Decode steps replayed from a graph.
+    pub replays: u64,
+    /// Steps run eagerly: not plain decode steps, larger than the largest bucket, or graphs
+    /// off.
+    pub eager_steps: u64,
+    /// Padding rows computed and dropped over all replays.
+    pub padding_rows: u64,
+    /// Captures that failed (each step then ran eagerly).
+    pub failed_captures: u64,
+    /// Why graphs are off, if they are.
+    pub off: Option<String>,
+}
+
+/// A decode step as the transformer runs it: the forward pass over a paged batch, then one
+/// token sampled per row (see [`Backend::decode_step`]).
+pub type DecodeRun<'a, T> =
+    dyn FnMut(&PagedBatch, &[RowSampling], &mut KvCache<T>) -> Result<Vec<SampledToken>> + 'a;
 
 /// The operations of a LLaMA/Qwen2 forward pass. Tensors are row-major with the token as the
 /// leading dimension; a linear weight is `[out, in]` (HF layout).
@@ -121,7 +151,8 @@ pub trait Backend: Send + Sync {
     /// A paged KV cache pool of one layer: `[num_blocks * block_size, width]`, zero-filled.
     fn kv_pool(&self, num_blocks: usize, block_size: usize, width: usize) -> Result<Self::Tensor>;
 
-    /// Writes row `i` of `k` and `v` (`[n, width]`) into row `slots[i]` of the pools.
+    /// Writes row `i` of `k` and `v` (`[n, width]`) into row `slots[i]` of the pools; a row
+    /// whose slot is [`NO_SLOT`] is not written (padding rows of a fixed-size step).
     fn write_kv(
         &self,
         k_pool: &mut Self::Tensor,
@@ -221,6 +252,30 @@ pub trait Backend: Send + Sync {
         let host = self.download(logits)?;
         let vocab = host.shape.last().copied().unwrap_or(0);
         sample_host_rows(&host.data, vocab, rows)
+    }
+
+    /// Runs a decode step: `run` is the step exactly as the transformer computes it (the
+    /// forward pass over `batch` with the weights `weights` and the KV cache `cache`, then
+    /// sampling row `i` with `sampling[i]`), issued through this backend's ops. The default
+    /// calls it. A backend may instead replay it from a recording (the CUDA backend pads plain
+    /// decode steps to a batch-size bucket and replays a CUDA graph of `run`; see
+    /// `backend/cuda/graphs.rs`), so `run` must have no effect other than through the ops and
+    /// its result, and the tokens must be those `run(batch, sampling, cache)` gives.
+    fn decode_step(
+        &self,
+        batch: &PagedBatch,
+        sampling: &[RowSampling],
+        weights: &Weights<Self::Tensor, Self::Linear>,
+        cache: &mut KvCache<Self::Tensor>,
+        run: &mut DecodeRun<'_, Self::Tensor>,
+    ) -> Result<Vec<SampledToken>> {
+        let _ = weights;
+        run(batch, sampling, cache)
+    }
+
+    /// What [`Backend::decode_step`] did so far, where the backend records graphs.
+    fn decode_graph_stats(&self) -> Option<DecodeGraphStats> {
+        None
     }
 
     // ---- Training: small tensor utilities ----

@@ -100,7 +100,16 @@ pub fn resolve_kv_budget<B: Backend>(
     // (bf16 and an f32 copy) for every row that samples, and 512 MiB of slack for the
     // library workspaces and the allocator.
     let width = 6 * c.hidden_size + 3 * c.intermediate_size + 3 * c.vocab_size;
-    let reserve = max_batch_tokens * width * element_bytes + (512 << 20);
+    // Decode steps replayed from CUDA graphs keep their activations in the graphs' own memory
+    // (one step's worth at the largest bucket), beside the allocator's.
+    let graph_rows = match transformer.backend.decode_graph_stats() {
+        Some(s) if s.off.is_none() => {
+            let buckets = crate::backend::cuda::graphs::BATCH_BUCKETS;
+            max_batch_tokens.min(buckets[buckets.len() - 1])
+        }
+        _ => 0,
+    };
+    let reserve = (max_batch_tokens + graph_rows) * width * element_bytes + (512 << 20);
     let allowed = (total as f64 * gpu_memory_fraction) as usize;
     let used = total - free;
     let kv_bytes = allowed.saturating_sub(used).saturating_sub(reserve);

@@ -533,8 +533,6 @@ impl<'t, B: Backend> Engine<'t, B> {
             return Ok(finished);
         }
         self.model.copy_kv_blocks(&mut self.cache, &copies)?;
-        let hidden = self.model.forward_paged(&batch, &mut self.cache)?;
-        self.tokens_processed += batch.tokens.len() as u64;
 
         // Sample where a sequence reached its end.
         let mut rows = Vec::new();
@@ -552,12 +550,6 @@ impl<'t, B: Backend> Engine<'t, B> {
                 samplers.push((id, s.sampling, s.stream, s.tokens.len() as u32));
             }
         }
-        for id in prefilled {
-            finished.push(self.finish_record(id, FinishReason::Length));
-        }
-        if rows.is_empty() {
-            return Ok(finished);
-        }
         let sampling: Vec<RowSampling> = samplers
             .iter()
             .map(|&(_, params, seq_id, position)| RowSampling {
@@ -566,7 +558,27 @@ impl<'t, B: Backend> Engine<'t, B> {
                 position,
             })
             .collect();
-        let sampled = self.model.sample_at(&hidden, &rows, &sampling)?;
+        self.tokens_processed += batch.tokens.len() as u64;
+        // A plain decode step (one new token per sequence, every one sampled) goes through the
+        // backend's decode path (a CUDA graph replay on the GPU); anything else is a forward
+        // pass, then sampling at the rows that reached their end.
+        let plain_decode = !batch.tokens.is_empty() && rows.len() == batch.tokens.len();
+        let sampled = if plain_decode {
+            self.model.decode_step(&batch, &mut self.cache, &sampling)?
+        } else {
+            let hidden = self.model.forward_paged(&batch, &mut self.cache)?;
+            if rows.is_empty() {
+                Vec::new()
+            } else {
+                self.model.sample_at(&hidden, &rows, &sampling)?
+            }
+        };
+        for id in prefilled {
+            finished.push(self.finish_record(id, FinishReason::Length));
+        }
+        if rows.is_empty() {
+            return Ok(finished);
+        }
         for ((id, ..), tok) in samplers.iter().zip(sampled) {
             if let Some(reason) = self.accept(*id, tok.token, tok.logprob, tok.sampling_logprob)? {
                 finished.push(self.finish_record(*id, reason));

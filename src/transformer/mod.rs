@@ -450,16 +450,47 @@ impl<B: Backend> Transformer<B> {
     }
 
     /// One token per selected row of the hidden states (`rows[i]` drawn with `sampling[i]`):
-    /// LM head and sampling on the backend, so only the tokens leave the device.
+    /// LM head and sampling on the backend, so only the tokens leave the device. When `rows`
+    /// is every row in order (a decode step) the hidden states are used as they are.
     pub fn sample_at(
         &self,
         hidden: &B::Tensor,
         rows: &[usize],
         sampling: &[RowSampling],
     ) -> Result<Vec<SampledToken>> {
-        let h = self.backend.gather_rows(hidden, rows)?;
-        let logits = self.backend.linear(&h, self.lm_head(), None)?;
+        let every_row = self.backend.shape(hidden).first() == Some(&rows.len())
+            && rows.iter().enumerate().all(|(i, &r)| i == r);
+        let gathered;
+        let h = if every_row {
+            hidden
+        } else {
+            gathered = self.backend.gather_rows(hidden, rows)?;
+            &gathered
+        };
+        let logits = self.backend.linear(h, self.lm_head(), None)?;
         self.backend.sample_rows(&logits, sampling)
+    }
+
+    /// A decode step: [`Self::forward_paged`] over `batch`, then one token sampled for every
+    /// row (`sampling[i]` for row `i`), through [`Backend::decode_step`] (which the CUDA
+    /// backend replays from a CUDA graph). Copy-on-write block copies go first, with
+    /// [`Self::copy_kv_blocks`].
+    pub fn decode_step(
+        &self,
+        batch: &PagedBatch,
+        cache: &mut KvCache<B::Tensor>,
+        sampling: &[RowSampling],
+    ) -> Result<Vec<SampledToken>> {
+        let mut run = |b: &PagedBatch,
+                       rows: &[RowSampling],
+                       cache: &mut KvCache<B::Tensor>|
+         -> Result<Vec<SampledToken>> {
+            let hidden = self.forward_paged(b, cache)?;
+            let every: Vec<usize> = (0..b.tokens.len()).collect();
+            self.sample_at(&hidden, &every, rows)
+        };
+        self.backend
+            .decode_step(batch, sampling, &self.weights, cache, &mut run)
     }
 
     /// `log p(targets[i] | row rows[i])` from the hidden states, fused over the LM head.

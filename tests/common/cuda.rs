@@ -12,6 +12,11 @@ use std::io::Write as _;
 /// A CUDA backend with poisoned outputs, or `None` with a `SKIPPED:` line where there is no
 /// device (a failure instead in a build for a GPU run, `GENIUS_GPU_TESTS`).
 pub fn gpu() -> Option<CudaBackend> {
+    gpu_with(|o| o)
+}
+
+/// [`gpu`] with options of the caller's (given the test options, poisoned outputs on).
+pub fn gpu_with(options: impl FnOnce(CudaOptions) -> CudaOptions) -> Option<CudaBackend> {
     match probe_devices() {
         Ok(d) if !d.is_empty() => {}
         other => {
@@ -32,7 +37,7 @@ pub fn gpu() -> Option<CudaBackend> {
         poison_outputs: true,
         ..CudaOptions::from_env().expect("CUDA options from the environment")
     };
-    Some(CudaBackend::new(&opts).unwrap_or_else(|e| panic!("{e:#}")))
+    Some(CudaBackend::new(&options(opts)).unwrap_or_else(|e| panic!("{e:#}")))
 }
 
 /// Random weights rounded to bf16, so both backends hold the same values.

@@ -218,6 +218,9 @@ impl Backend for CpuBackend {
             slots.len()
         );
         for (i, &slot) in slots.iter().enumerate() {
+            if slot == crate::backend::NO_SLOT {
+                continue;
+            }
             let slot = slot as usize;
             ensure!(
                 slot < pool_rows,

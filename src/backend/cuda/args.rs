@@ -185,7 +185,7 @@ pub struct WriteKvArgs {
     pub k: ::std::os::raw::c_ulonglong,
     #[doc = " bf16 `[rows, width]`, read."]
     pub v: ::std::os::raw::c_ulonglong,
-    #[doc = " u32 `[rows]`, each below the pool's row count (checked on the host), read."]
+    #[doc = " u32 `[rows]`, each below the pool's row count (checked on the host) or GE_NO_SLOT\n (the row is not written), read."]
     pub slots: ::std::os::raw::c_ulonglong,
     pub rows: ::std::os::raw::c_int,
     pub width: ::std::os::raw::c_int,
@@ -489,7 +489,7 @@ pub struct QkvRopeArgs {
     pub v_pool: ::std::os::raw::c_ulonglong,
     #[doc = " u32 `[rows]`, read."]
     pub positions: ::std::os::raw::c_ulonglong,
-    #[doc = " u32 `[rows]`, read."]
+    #[doc = " u32 `[rows]` (GE_NO_SLOT: the row's K/V are not written), read."]
     pub slots: ::std::os::raw::c_ulonglong,
     #[doc = " f32 `[head_dim / 2]`, read."]
     pub inv_freq: ::std::os::raw::c_ulonglong,

@@ -15,8 +15,9 @@
 
 use super::args;
 use super::backend::CudaBackend;
+use super::graphs::keys;
 use super::tensor::{CudaTensor, DType, DeviceData};
-use crate::backend::{AttentionShape, PagedSeq, SeqSpan};
+use crate::backend::{AttentionShape, NO_SLOT, PagedSeq, SeqSpan};
 use anyhow::{Result, anyhow, bail, ensure};
 use cudarc::driver::LaunchConfig;
 use half::bf16;
@@ -178,15 +179,15 @@ pub fn copy_batches(copies: &[(u32, u32)]) -> Vec<Vec<(u32, u32)>> {
 }
 
 /// Packed sequence descriptors and work items of one attention call.
-struct Work {
+pub(super) struct Work {
     /// `(q row, sequence)` per work item, flattened.
-    items: Vec<u32>,
+    pub(super) items: Vec<u32>,
     /// `(q_start, q_len, context_len, base)` per sequence, flattened.
-    seqs: Vec<u32>,
-    /// Longest visible context of any work item.
-    max_visible: usize,
+    pub(super) seqs: Vec<u32>,
+    /// Longest visible context of any work item (the plan's bound).
+    pub(super) max_visible: usize,
     /// Whether every output row is written by some work item.
-    covers_all: bool,
+    pub(super) covers_all: bool,
 }
 
 fn u32_of(v: usize, op: &str, what: &str) -> Result<u32> {
@@ -218,6 +219,63 @@ fn build_work(op: &str, rows: usize, seqs: &[(usize, usize, usize, usize)]) -> R
         max_visible,
         covers_all: covered.iter().all(|&c| c),
     })
+}
+
+/// The work items, sequence descriptors and block tables of a paged attention call over `rows`
+/// query rows. Each sequence's table holds the blocks its context uses; with `fixed_width`
+/// (a decode step captured in a CUDA graph) every table is padded with block 0 to that many
+/// entries, so that the tables' layout and the attention plan are the same for every step
+/// replayed from the graph, whatever the contexts.
+pub(super) fn paged_work(
+    rows: usize,
+    seqs: &[PagedSeq<'_>],
+    block_size: usize,
+    pool_blocks: usize,
+    fixed_width: Option<usize>,
+) -> Result<(Work, Vec<u32>)> {
+    const OP: &str = "paged_attention";
+    let mut tables = Vec::new();
+    let mut descs = Vec::with_capacity(seqs.len());
+    for s in seqs {
+        ensure!(
+            s.q_start + s.q_len <= rows,
+            "{OP}: queries {}..{} past the batch ({rows} rows)",
+            s.q_start,
+            s.q_start + s.q_len
+        );
+        ensure!(
+            s.q_len <= s.context_len,
+            "{OP}: {} queries but a context of {}",
+            s.q_len,
+            s.context_len
+        );
+        ensure!(
+            s.block_table.len() * block_size >= s.context_len,
+            "{OP}: block table covers {} of {} tokens",
+            s.block_table.len() * block_size,
+            s.context_len
+        );
+        let used = &s.block_table[..s.context_len.div_ceil(block_size)];
+        if let Some(&b) = used.iter().find(|&&b| b as usize >= pool_blocks) {
+            bail!("{OP}: block id {b} outside the pool ({pool_blocks} blocks)");
+        }
+        descs.push((s.q_start, s.q_len, s.context_len, tables.len()));
+        tables.extend_from_slice(used);
+        if let Some(width) = fixed_width {
+            ensure!(
+                used.len() <= width,
+                "{OP}: a context of {} blocks is over the step's table width {width}",
+                used.len()
+            );
+            tables.resize(tables.len() + width - used.len(), 0);
+        }
+    }
+    let mut work = build_work(OP, rows, &descs)?;
+    if let Some(width) = fixed_width {
+        // The plan (partitions, grid) follows the widest table the layout allows.
+        work.max_visible = width * block_size;
+    }
+    Ok((work, tables))
 }
 
 impl CudaBackend {
@@ -267,14 +325,17 @@ impl CudaBackend {
             "write_kv: {n} rows but {} slots",
             slots.len()
         );
-        if let Some(&s) = slots.iter().find(|&&s| s as usize >= pool_rows) {
+        if let Some(&s) = slots
+            .iter()
+            .find(|&&s| s != NO_SLOT && s as usize >= pool_rows)
+        {
             bail!("write_kv: slot {s} outside the pool ({pool_rows} rows)");
         }
         let (ks, vs) = (k.bf16("write_kv (k)")?, v.bf16("write_kv (v)")?);
         if n == 0 || w == 0 {
             return Ok(());
         }
-        let slot_addr = self.gpu.upload_memo("write_kv slots", slots)?;
+        let slot_addr = self.gpu.upload_memo(keys::WRITE_KV_SLOTS, slots)?;
         let a = args::WriteKvArgs {
             k_pool: self.gpu.ptr_mut(k_pool.bf16_mut("write_kv (k pool)")?),
             v_pool: self.gpu.ptr_mut(v_pool.bf16_mut("write_kv (v pool)")?),
@@ -384,10 +445,10 @@ impl CudaBackend {
         let part_out = self.gpu.alloc::<f32>(po_len)?;
         let part_max = self.gpu.alloc::<f32>(stats_len)?;
         let part_sum = self.gpu.alloc::<f32>(stats_len)?;
-        let items = self.gpu.upload_memo("attention items", &work.items)?;
-        let seqs = self.gpu.upload_memo("attention seqs", &work.seqs)?;
+        let items = self.gpu.upload_memo(keys::ATTENTION_ITEMS, &work.items)?;
+        let seqs = self.gpu.upload_memo(keys::ATTENTION_SEQS, &work.seqs)?;
         // An empty table still gets a valid address; the kernel reads none of it then.
-        let table_buf = self.gpu.upload_memo("attention block tables", tables)?;
+        let table_buf = self.gpu.upload_memo(keys::ATTENTION_TABLES, tables)?;
         let out_ptr = self.gpu.ptr_mut(out.bf16_mut(op)?);
         let a = args::PagedAttentionArgs {
             q: self.gpu.ptr(q.bf16(op)?),
@@ -506,35 +567,8 @@ impl CudaBackend {
         ensure!(block_size > 0, "{OP}: block_size 0");
         Self::check_heads(OP, shape)?;
         let pool_blocks = pool_rows / block_size;
-        let mut tables = Vec::new();
-        let mut descs = Vec::with_capacity(seqs.len());
-        for s in seqs {
-            ensure!(
-                s.q_start + s.q_len <= n,
-                "{OP}: queries {}..{} past the batch ({n} rows)",
-                s.q_start,
-                s.q_start + s.q_len
-            );
-            ensure!(
-                s.q_len <= s.context_len,
-                "{OP}: {} queries but a context of {}",
-                s.q_len,
-                s.context_len
-            );
-            ensure!(
-                s.block_table.len() * block_size >= s.context_len,
-                "{OP}: block table covers {} of {} tokens",
-                s.block_table.len() * block_size,
-                s.context_len
-            );
-            let used = &s.block_table[..s.context_len.div_ceil(block_size)];
-            if let Some(&b) = used.iter().find(|&&b| b as usize >= pool_blocks) {
-                bail!("{OP}: block id {b} outside the pool ({pool_blocks} blocks)");
-            }
-            descs.push((s.q_start, s.q_len, s.context_len, tables.len()));
-            tables.extend_from_slice(used);
-        }
-        let work = build_work(OP, n, &descs)?;
+        let fixed_width = self.gpu.capture_table_width();
+        let (work, tables) = paged_work(n, seqs, block_size, pool_blocks, fixed_width)?;
         let mut out = self.attn_output(n, qw, work.covers_all)?;
         self.attn_launch(
             OP, q, k_pool, v_pool, &mut out, &work, &tables, false, shape, block_size,

@@ -14,12 +14,15 @@
 use super::args;
 use super::context::{CudaOptions, GpuContext, LoadedUnit, grid_stride_config, row_block_threads};
 use super::gemm::{Gemm, GemmShape};
+use super::graphs::{DecodeGraphs, keys};
 use super::tensor::{CudaLinear, CudaTensor, DType, DeviceData, from_bf16, numel, to_bf16};
 use crate::backend::{
-    AttentionShape, Backend, PagedSeq, SeqSpan, add_rms_norm_composed, qkv_rope_write_kv_composed,
+    AttentionShape, Backend, DecodeRun, NO_SLOT, PagedSeq, SeqSpan, add_rms_norm_composed,
+    qkv_rope_write_kv_composed,
 };
 use crate::engine::sampler::{RowSampling, SampledToken};
 use crate::model::HostTensor;
+use crate::transformer::{KvCache, PagedBatch, Weights};
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use cudarc::driver::{CudaSlice, LaunchConfig};
 use half::bf16;
@@ -60,6 +63,8 @@ pub const ON_CUDA: &[&str] = &[
     "upload_f32",
     "release_cached_memory",
     "pair_losses",
+    "decode_step",
+    "decode_graph_stats",
     "reset_profile",
     "tensor_to_f32",
     "linear_to_f32",
@@ -136,6 +141,8 @@ pub struct CudaBackend {
     /// ([`CudaOptions::attention_forward_tensor_cores`]; see
     /// [`CudaBackend::set_attention_forward_tensor_cores`]).
     attn_fwd_tc: std::sync::atomic::AtomicBool,
+    /// Decode steps captured into CUDA graphs ([`super::graphs`]).
+    pub(super) graphs: Mutex<DecodeGraphs>,
 }
 
 impl CudaBackend {
@@ -150,7 +157,6 @@ impl CudaBackend {
         gpu.ctx.bind_to_thread()?;
         let gemm = Gemm::new(gpu.stream.clone())?;
         Ok(Self {
-            gpu,
             gemm: Mutex::new(gemm),
             poison: options.poison_outputs,
             fused: std::env::var("GENIUS_CUDA_FUSED").map_or(true, |v| v != "0"),
@@ -160,6 +166,12 @@ impl CudaBackend {
                 super::train_gemm::logprob_chunk_rows_from_env()?,
             ),
             attn_fwd_tc: std::sync::atomic::AtomicBool::new(options.attention_forward_tensor_cores),
+            graphs: Mutex::new(DecodeGraphs::new(
+                options.decode_graphs,
+                gpu.profile.is_some(),
+                gpu.sync_after_launch,
+            )),
+            gpu,
         })
     }
 
@@ -255,8 +267,15 @@ impl CudaBackend {
         }
     }
 
-    /// `dst` rows = `src` rows at `indices` (each checked below `src`'s row count).
-    fn gather(&self, op: &str, src: &CudaTensor, indices: &[u32]) -> Result<CudaTensor> {
+    /// `dst` rows = `src` rows at `indices` (each checked below `src`'s row count); the
+    /// indices go up under the upload key `key`.
+    fn gather(
+        &self,
+        op: &str,
+        key: &'static str,
+        src: &CudaTensor,
+        indices: &[u32],
+    ) -> Result<CudaTensor> {
         let (rows, width) = src.matrix();
         if let Some(&i) = indices.iter().find(|&&i| i as usize >= rows) {
             bail!("{op}: index {i} is outside the {rows} rows");
@@ -265,11 +284,11 @@ impl CudaBackend {
         if indices.is_empty() || width == 0 {
             return Ok(out);
         }
-        let idx = self.gpu.upload_slice(indices)?;
+        let idx = self.gpu.upload_memo(key, indices)?;
         let a = args::GatherRowsArgs {
             src: self.addr(src),
             dst: self.addr_mut(&mut out),
-            indices: self.gpu.ptr(&idx),
+            indices: idx,
             count: int(indices.len(), op, "rows")?,
             width: int(width, op, "width")?,
         };
@@ -419,7 +438,7 @@ impl Backend for CudaBackend {
         }
         table.bf16("embedding")?;
         // The lookup is a row gather of the table.
-        self.gather("embedding", table, ids)
+        self.gather("embedding", keys::EMBEDDING_IDS, table, ids)
     }
 
     fn rms_norm(&self, x: &CudaTensor, weight: &CudaTensor, eps: f32) -> Result<CudaTensor> {
@@ -548,7 +567,10 @@ impl Backend for CudaBackend {
             k_pool.shape,
             v_pool.shape
         );
-        if let Some(&s) = slots.iter().find(|&&s| s as usize >= pool_rows) {
+        if let Some(&s) = slots
+            .iter()
+            .find(|&&s| s != NO_SLOT && s as usize >= pool_rows)
+        {
             bail!("{op}: slot {s} outside the pool ({pool_rows} rows)");
         }
         let mut q = self.output(DType::Bf16, vec![n, q_width])?;
@@ -556,8 +578,8 @@ impl Backend for CudaBackend {
             return Ok(q);
         }
         let src = self.gpu.ptr(qkv.bf16(op)?);
-        let pos = self.gpu.upload_memo("rope positions", positions)?;
-        let slot_addr = self.gpu.upload_memo("write_kv slots", slots)?;
+        let pos = self.gpu.upload_memo(keys::ROPE_POSITIONS, positions)?;
+        let slot_addr = self.gpu.upload_memo(keys::WRITE_KV_SLOTS, slots)?;
         let kp = self.gpu.ptr_mut(k_pool.bf16_mut(op)?);
         let vp = self.gpu.ptr_mut(v_pool.bf16_mut(op)?);
         let qp = self.addr_mut(&mut q);
@@ -666,7 +688,7 @@ impl Backend for CudaBackend {
         if n == 0 || w == 0 {
             return Ok(());
         }
-        let pos = self.gpu.upload_memo("rope positions", positions)?;
+        let pos = self.gpu.upload_memo(keys::ROPE_POSITIONS, positions)?;
         let xp = self.gpu.ptr_mut(x.bf16_mut("rope")?);
         self.with_inv_freq(inv_freq, |table| {
             let a = args::RopeArgs {
@@ -812,7 +834,7 @@ impl Backend for CudaBackend {
             ensure!(r < n, "gather_rows: row {r} of {n}");
             idx.push(u32::try_from(r).context("gather_rows: row index over u32")?);
         }
-        self.gather("gather_rows", x, &idx)
+        self.gather("gather_rows", keys::GATHER_ROWS, x, &idx)
     }
 
     fn target_logprobs(
@@ -969,7 +991,23 @@ impl Backend for CudaBackend {
 
     fn release_cached_memory(&self) -> Result<()> {
         self.synchronize()?;
+        self.release_graphs()?;
         super::context::trim_pool_memory(&self.gpu.ctx)
+    }
+
+    fn decode_step(
+        &self,
+        batch: &PagedBatch,
+        sampling: &[RowSampling],
+        weights: &Weights<CudaTensor, CudaLinear>,
+        cache: &mut KvCache<CudaTensor>,
+        run: &mut DecodeRun<'_, CudaTensor>,
+    ) -> Result<Vec<SampledToken>> {
+        self.graph_decode_step(batch, sampling, weights, cache, run)
+    }
+
+    fn decode_graph_stats(&self) -> Option<crate::backend::DecodeGraphStats> {
+        Some(self.graph_stats())
     }
 
     fn upload_f32(&self, t: &HostTensor) -> Result<CudaTensor> {

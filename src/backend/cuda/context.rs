@@ -39,6 +39,13 @@ unsafe impl DeviceRepr for args::BiasGradArgs {}
 unsafe impl DeviceRepr for args::SumSquaresArgs {}
 unsafe impl DeviceRepr for args::LogprobBackwardArgs {}
 
+// SAFETY: `SampleRowArgs` is `#[repr(C)]`, `Copy`, made of integers and floats with no padding
+// (8 + 8 + 4 + 4 + 4 + 4 bytes, size 32, as the layout tests check), so every bit pattern is
+// valid and its bytes can be uploaded as they are (the per-row sampling parameters).
+unsafe impl bytemuck::Zeroable for args::SampleRowArgs {}
+// SAFETY: as above.
+unsafe impl bytemuck::Pod for args::SampleRowArgs {}
+
 /// Environment variable: the CUDA device ordinal to use (default 0).
 pub const DEVICE_ENV: &str = "GENIUS_CUDA_DEVICE";
 /// Environment variable: `1` synchronizes after every launch (see [`CudaOptions::sync_after_launch`]).
@@ -71,6 +78,9 @@ pub struct CudaOptions {
     /// applies (head_dim 64 or 128, disjoint sequences), else on the paged-attention kernel;
     /// default on, `$GENIUS_CUDA_ATTN_FWD_TC=0` turns it off.
     pub attention_forward_tensor_cores: bool,
+    /// Replay plain decode steps from CUDA graphs ([`super::graphs`]); default on,
+    /// `$GENIUS_CUDA_GRAPHS=0` turns it off. Profiling and per-launch waits also turn it off.
+    pub decode_graphs: bool,
 }
 
 impl Default for CudaOptions {
@@ -83,13 +93,15 @@ impl Default for CudaOptions {
             sync_after_launch: false,
             attention_tensor_cores: true,
             attention_forward_tensor_cores: true,
+            decode_graphs: true,
         }
     }
 }
 
 impl CudaOptions {
     /// Options from the environment: `$GENIUS_CUDA_DEVICE`, `$GENIUS_CUDA_KERNELS`,
-    /// `$GENIUS_CUDA_SYNC`, `$GENIUS_CUDA_ATTN_TC`, `$GENIUS_CUDA_ATTN_FWD_TC`, and the kernel cache under `$GENIUS_HOME`.
+    /// `$GENIUS_CUDA_SYNC`, `$GENIUS_CUDA_ATTN_TC`, `$GENIUS_CUDA_ATTN_FWD_TC`,
+    /// `$GENIUS_CUDA_GRAPHS`, and the kernel cache under `$GENIUS_HOME`.
     pub fn from_env() -> Result<Self> {
         let ordinal = match std::env::var(DEVICE_ENV) {
             Ok(v) => v
@@ -106,6 +118,8 @@ impl CudaOptions {
             sync_after_launch: std::env::var(SYNC_ENV).is_ok_and(|v| v == "1"),
             attention_tensor_cores: std::env::var(ATTN_TC_ENV).map_or(true, |v| v.trim() != "0"),
             attention_forward_tensor_cores: std::env::var(super::attention_tc::ATTN_FWD_TC_ENV)
+                .map_or(true, |v| v.trim() != "0"),
+            decode_graphs: std::env::var(super::graphs::GRAPHS_ENV)
                 .map_or(true, |v| v.trim() != "0"),
         })
     }
@@ -310,6 +324,19 @@ impl Profile {
 /// One memoized upload: the host bytes and their device copy.
 type MemoEntry = (Vec<u8>, CudaSlice<u8>);
 
+/// What the ops see while a decode step is captured into a CUDA graph (see
+/// [`super::graphs`]): the step's host inputs were staged in the graph's input buffer before
+/// the capture, so an upload under a staged key returns that buffer's address (after checking
+/// that the op asks for exactly the staged bytes), and any other transfer is refused.
+pub(crate) struct CaptureInputs {
+    /// Upload key -> (device address in the graph's input buffer, the staged bytes).
+    pub(crate) staged: HashMap<&'static str, (u64, Vec<u8>)>,
+    /// Entries of every block table of the step (paged attention's fixed layout).
+    pub(crate) table_width: usize,
+    /// Where the sampling kernel writes its packed output (`[rows, OUT_WORDS]` u32).
+    pub(crate) sample_out: u64,
+}
+
 /// A CUDA device in use: context, the backend's one stream, and the kernels.
 pub struct GpuContext {
     pub(crate) ctx: Arc<CudaContext>,
@@ -326,6 +353,8 @@ pub struct GpuContext {
     memo_uploads: bool,
     /// Per-kernel GPU times, when `$GENIUS_CUDA_PROFILE=1`.
     pub(crate) profile: Option<Mutex<Profile>>,
+    /// The staged inputs of the decode step being captured, if one is.
+    capture: Mutex<Option<CaptureInputs>>,
 }
 
 impl GpuContext {
@@ -370,7 +399,83 @@ impl GpuContext {
             profile: std::env::var(PROFILE_ENV)
                 .is_ok_and(|v| v == "1")
                 .then(|| Mutex::new(Profile::default())),
+            capture: Mutex::new(None),
         })
+    }
+
+    /// Starts capturing the stream's work into a graph, with `inputs` answering the uploads
+    /// (see [`CaptureInputs`]). Nothing queued from here to [`GpuContext::end_capture`] runs.
+    pub(crate) fn begin_capture(&self, inputs: CaptureInputs) -> Result<()> {
+        self.sync("the work before a graph capture")?;
+        *self
+            .capture
+            .lock()
+            .map_err(|_| anyhow!("capture state lock poisoned"))? = Some(inputs);
+        let begun = self.stream.begin_capture(
+            cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+        );
+        if let Err(e) = begun {
+            self.clear_capture();
+            return Err(e).context("beginning a CUDA graph capture");
+        }
+        Ok(())
+    }
+
+    /// Ends the capture begun by [`GpuContext::begin_capture`] (always, also after a failed
+    /// step, so that the stream works again) and instantiates the graph.
+    pub(crate) fn end_capture(&self) -> Result<cudarc::driver::CudaGraph> {
+        let ended = self
+            .stream
+            .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
+        self.clear_capture();
+        // Frees of buffers a failed capture allocated may have recorded an error in the
+        // context; it belongs to the capture, not to the next call.
+        let _ = self.ctx.check_err();
+        ended
+            .context("ending the CUDA graph capture")?
+            .ok_or_else(|| anyhow!("the CUDA graph capture recorded no work"))
+    }
+
+    fn clear_capture(&self) {
+        if let Ok(mut c) = self.capture.lock() {
+            *c = None;
+        }
+    }
+
+    /// Whether a graph capture is in progress (uploads, downloads and waits are refused).
+    pub(crate) fn capturing(&self) -> bool {
+        self.capture.lock().map(|c| c.is_some()).unwrap_or(false)
+    }
+
+    /// During a capture: the fixed block-table width of the step.
+    pub(crate) fn capture_table_width(&self) -> Option<usize> {
+        self.capture.lock().ok()?.as_ref().map(|c| c.table_width)
+    }
+
+    /// During a capture: where the sampling kernel writes its output.
+    pub(crate) fn capture_sample_out(&self) -> Option<u64> {
+        self.capture.lock().ok()?.as_ref().map(|c| c.sample_out)
+    }
+
+    /// During a capture: the staged address for an upload under `key`, if its bytes are the
+    /// staged ones; an error naming the key otherwise.
+    fn staged_upload(&self, key: &'static str, bytes: &[u8]) -> Result<u64> {
+        let capture = self
+            .capture
+            .lock()
+            .map_err(|_| anyhow!("capture state lock poisoned"))?;
+        let Some(c) = capture.as_ref() else {
+            bail!("internal: no graph capture in progress");
+        };
+        match c.staged.get(key) {
+            Some((addr, staged)) if staged.as_slice() == bytes => Ok(*addr),
+            Some((_, staged)) => bail!(
+                "graph capture: the upload '{key}' ({} bytes) differs from what was staged for it ({} bytes)",
+                bytes.len(),
+                staged.len()
+            ),
+            None => bail!("graph capture: the upload '{key}' was not staged"),
+        }
     }
 
     /// Launches kernel `name` with one by-value argument struct, then (with
@@ -440,6 +545,9 @@ impl GpuContext {
 
     /// Waits for everything queued on the stream; errors say which call was waiting.
     pub(crate) fn sync(&self, what: &str) -> Result<()> {
+        if self.capturing() {
+            bail!("waiting for {what} while a CUDA graph is captured");
+        }
         self.stream
             .synchronize()
             .with_context(|| format!("CUDA error while waiting for {what}"))
@@ -477,6 +585,12 @@ impl GpuContext {
 
     /// A copy of host data in a new device buffer (one unset element when `data` is empty).
     pub(crate) fn upload_slice<T: DeviceRepr>(&self, data: &[T]) -> Result<CudaSlice<T>> {
+        if self.capturing() {
+            bail!(
+                "copying {} elements to the device while a CUDA graph is captured",
+                data.len()
+            );
+        }
         if data.is_empty() {
             return self.alloc(0);
         }
@@ -497,6 +611,9 @@ impl GpuContext {
         data: &[T],
     ) -> Result<u64> {
         let bytes: &[u8] = bytemuck::cast_slice(data);
+        if self.capturing() {
+            return self.staged_upload(key, bytes);
+        }
         if !self.memo_uploads {
             let dev = self.upload_slice(if bytes.is_empty() { &[0u8] } else { bytes })?;
             let addr = self.ptr(&dev);

@@ -23,6 +23,8 @@
 //! - [`attention_tc`]: the forward of causal attention on tensor cores (FlashAttention-2 style,
 //!   `mma.sync` m16n8k16 bf16), what `causal_attention` runs for head_dim 64 / 128 unless
 //!   [`CudaOptions::attention_forward_tensor_cores`] is off; also the log-sum-exp per row.
+//! - [`graphs`]: decode steps captured into CUDA graphs per batch-size bucket and replayed
+//!   ([`crate::backend::Backend::decode_step`]).
 //! - [`loss`]: the preference losses of a micro-batch (per-sequence log-prob sums, ACO, DPO,
 //!   SimPO, IPO, SFT) in `kernels/loss.cu`.
 //! - [`backend`]: [`CudaBackend`], the [`crate::backend::Backend`] implementation. The whole
@@ -37,6 +39,7 @@ pub mod attention_tc;
 pub mod backend;
 pub mod context;
 pub mod gemm;
+pub mod graphs;
 pub mod kernels;
 pub mod loss;
 pub mod sampling;

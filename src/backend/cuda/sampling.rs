@@ -49,6 +49,11 @@ fn row_args(r: &RowSampling) -> args::SampleRowArgs {
     }
 }
 
+/// The kernel's arguments for each row, as uploaded (a decode graph stages the same bytes).
+pub(super) fn row_args_of(rows: &[RowSampling]) -> Vec<args::SampleRowArgs> {
+    rows.iter().map(row_args).collect()
+}
+
 /// Words per row of the kernel's packed output: token, logprob (f32 bits), sampling logprob
 /// (f32 bits), status.
 pub const OUT_WORDS: usize = 4;
@@ -441,13 +446,26 @@ impl CudaBackend {
         if n == 0 {
             return Ok(Vec::new());
         }
-        let host_args: Vec<args::SampleRowArgs> = rows.iter().map(row_args).collect();
-        let params = self.gpu.upload_slice(&host_args)?;
-        let mut out = self.gpu.alloc::<u32>(n * OUT_WORDS)?;
+        let host_args = row_args_of(rows);
+        let params = self
+            .gpu
+            .upload_memo(super::graphs::keys::SAMPLE_PARAMS, &host_args)?;
+        // In a graph capture the output goes to the graph's output buffer, read after each
+        // replay (see `super::graphs`); otherwise to a buffer downloaded below.
+        let captured_out = self.gpu.capture_sample_out();
+        let mut out = match captured_out {
+            Some(_) => None,
+            None => Some(self.gpu.alloc::<u32>(n * OUT_WORDS)?),
+        };
+        let out_addr = match (&mut out, captured_out) {
+            (Some(buf), _) => self.gpu.ptr_mut(buf),
+            (None, Some(addr)) => addr,
+            (None, None) => unreachable!("one of the two is set above"),
+        };
         let a = args::SampleArgs {
             logits: data,
-            params: self.gpu.ptr(&params),
-            out: self.gpu.ptr_mut(&mut out),
+            params,
+            out: out_addr,
             rows: n_i32,
             vocab: vocab_i32,
         };
@@ -460,6 +478,10 @@ impl CudaBackend {
         // SampleRowArgs, out n * OUT_WORDS u32; one block per row writes its row's words;
         // frees are stream-ordered.
         unsafe { self.gpu.launch(kernel, cfg, &a) }?;
+        let Some(out) = out else {
+            // Captured: the tokens are read after the graph runs.
+            return Ok(Vec::new());
+        };
         // One copy (and sync) for the whole launch.
         let words = self.gpu.download_slice(&out, n * OUT_WORDS)?;
         unpack_outputs(&words, vocab)

@@ -243,7 +243,9 @@ impl CudaBackend {
         if n == 0 || w == 0 {
             return Ok(());
         }
-        let pos = self.gpu.upload_memo("rope positions", positions)?;
+        let pos = self
+            .gpu
+            .upload_memo(super::graphs::keys::ROPE_POSITIONS, positions)?;
         let xp = self.gpu.ptr_mut(dx.bf16_mut(op)?);
         self.with_inv_freq(inv_freq, |table| {
             let a = args::RopeArgs {
