@@ -20,7 +20,9 @@
 //!   ([`table_bucket`]), which also fixes the attention plan (see
 //!   [`super::attention::paged_work`]).
 //!
-//! Graphs are keyed by (batch bucket, table width) and captured on first use; at most
+//! Graphs are keyed by (batch bucket, table width). The first step of a shape runs eagerly,
+//! padded (which builds what the capture must find ready: cuBLASLt plans for the bucket's row
+//! count, the RoPE table); the second is captured and replayed; at most
 //! [`MAX_GRAPHS`] are kept (least recently used out). A graph bakes in the addresses of the
 //! weights and the KV pools, so when any of them changes (new weights uploaded, a new KV
 //! cache) every graph is dropped ([`fingerprint`]).
@@ -43,7 +45,7 @@ use crate::engine::sampler::{RowSampling, SampledToken, SamplingParams};
 use crate::transformer::{KvCache, PagedBatch, PagedSeqBatch, Weights};
 use anyhow::{Context, Result, anyhow, ensure};
 use cudarc::driver::{CudaGraph, CudaSlice};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 /// The upload keys of the ops a decode step runs ([`super::context::GpuContext::upload_memo`]):
 /// one constant per upload, shared by the ops and by [`stage`].
@@ -71,9 +73,7 @@ pub const BATCH_BUCKETS: &[usize] = &[
 /// Graphs kept at once (least recently used dropped first).
 pub const MAX_GRAPHS: usize = 48;
 
-/// Failed captures after which graphs are turned off. One can fail for a passing reason
-/// (a step that is the model's first, before the RoPE table is on the device); a second
-/// means captures do not work here.
+/// Failed captures after which graphs are turned off (each failed step runs eagerly).
 pub const MAX_CAPTURE_FAILURES: u64 = 2;
 
 /// The bucket a step of `n` sequences is padded to; `None` past the largest.
@@ -247,6 +247,8 @@ pub(super) struct DecodeGraphs {
     /// [`fingerprint`] of the weights and KV pools the graphs were captured with.
     fingerprint: u64,
     graphs: HashMap<(usize, usize), DecodeGraph>,
+    /// Shapes whose padded step has run eagerly once (captures come after).
+    warmed: HashSet<(usize, usize)>,
     clock: u64,
     stats: DecodeGraphStats,
 }
@@ -270,6 +272,7 @@ impl DecodeGraphs {
             off,
             fingerprint: 0,
             graphs: HashMap::new(),
+            warmed: HashSet::new(),
             clock: 0,
             stats: DecodeGraphStats::default(),
         }
@@ -327,11 +330,12 @@ impl CudaBackend {
     /// Drops every captured decode graph and gives the memory CUDA keeps for graphs back to
     /// the device (before training, whose shapes differ).
     pub(super) fn release_graphs(&self) -> Result<()> {
+        // No graph may be running when it is destroyed.
+        self.gpu
+            .sync("the work before releasing the decode graphs")?;
         if let Ok(mut g) = self.graphs.lock() {
             g.clear();
         }
-        self.gpu
-            .sync("the work before releasing the decode graphs")?;
         self.gpu.ctx.bind_to_thread()?;
         // SAFETY: a valid device; trimming only releases graph memory no live graph uses.
         unsafe { cudarc::driver::sys::cuDeviceGraphMemTrim(self.gpu.ctx.cu_device()) }
@@ -383,6 +387,17 @@ impl CudaBackend {
             graphs.fingerprint = fp;
         }
         let key = (bucket, width);
+        if !graphs.graphs.contains_key(&key) && graphs.warmed.insert(key) {
+            // First step of this shape: run the padded step eagerly, which builds what the
+            // capture must find ready (cuBLASLt plans for the bucket's row count, the RoPE
+            // table); the next step of this shape is captured.
+            graphs.stats.eager_steps += 1;
+            graphs.stats.padding_rows += (bucket - n) as u64;
+            drop(graphs);
+            let mut tokens = run(&padded, &padded_rows, cache)?;
+            tokens.truncate(n);
+            return Ok(tokens);
+        }
         if !graphs.graphs.contains_key(&key) {
             if graphs.graphs.len() >= MAX_GRAPHS
                 && let Some(oldest) = graphs
