@@ -101,6 +101,30 @@ extern "C" __global__ void ge_swiglu_backward(SwigluBackwardArgs a) {
     const ge_bf16* dy = reinterpret_cast<const ge_bf16*>(a.dy);
     ge_bf16* out = reinterpret_cast<ge_bf16*>(a.out);
     const long long total = static_cast<long long>(a.rows) * a.inner;
+    if ((a.inner & 7) == 0) {
+        // Eight elements (16 bytes) per thread and step, the same maths as below.
+        const long long vecs = total / 8;
+        const int inner_vecs = a.inner / 8;
+        for (long long v = ge_global_index(); v < vecs; v += ge_grid_threads()) {
+            const long long r = v / inner_vecs;
+            const long long j = (v - r * inner_vecs) * 8;
+            const ge_bf16* row = gu + r * 2 * a.inner;
+            ge_bf16* o = out + r * 2 * a.inner;
+            float g[8], u[8], d[8], dg[8], du[8];
+            ge_load_bf16x8(row + j, g);
+            ge_load_bf16x8(row + a.inner + j, u);
+            ge_load_bf16x8(dy + r * a.inner + j, d);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                const float s = 1.0f / (1.0f + expf(-g[i]));
+                du[i] = d[i] * g[i] * s;
+                dg[i] = d[i] * u[i] * s * (1.0f + g[i] * (1.0f - s));
+            }
+            ge_store_bf16x8(o + a.inner + j, du);
+            ge_store_bf16x8(o + j, dg);
+        }
+        return;
+    }
     for (long long idx = ge_global_index(); idx < total; idx += ge_grid_threads()) {
         const long long r = idx / a.inner;
         const long long j = idx - r * a.inner;

@@ -37,6 +37,34 @@ __device__ __forceinline__ ge_bf16 ge_f32_to_bf16(float f) {
     return r;
 }
 
+// Eight bf16 values (16 bytes, 16-byte aligned) at `p` as floats, exactly.
+__device__ __forceinline__ void ge_load_bf16x8(const ge_bf16* p, float f[8]) {
+    const uint4 v = *reinterpret_cast<const uint4*>(p);
+    const unsigned int w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        f[2 * i] = __uint_as_float(w[i] << 16);  // the lower address is the low half
+        f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+}
+
+// Eight floats rounded to bf16 as ge_f32_to_bf16 rounds them, stored as 16 bytes at `p`
+// (16-byte aligned).
+__device__ __forceinline__ void ge_store_bf16x8(ge_bf16* p, const float f[8]) {
+    unsigned int w[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        w[i] = static_cast<unsigned int>(ge_f32_to_bf16(f[2 * i]).bits) |
+               (static_cast<unsigned int>(ge_f32_to_bf16(f[2 * i + 1]).bits) << 16);
+    }
+    uint4 v;
+    v.x = w[0];
+    v.y = w[1];
+    v.z = w[2];
+    v.w = w[3];
+    *reinterpret_cast<uint4*>(p) = v;
+}
+
 // Element type conversions used by the templated kernels.
 __device__ __forceinline__ float ge_to_f32(ge_bf16 v) { return ge_bf16_to_f32(v); }
 __device__ __forceinline__ float ge_to_f32(float v) { return v; }

@@ -774,10 +774,14 @@ impl Backend for CudaBackend {
             rows: int(n, "swiglu", "rows")?,
             inner: int(inner, "swiglu", "width")?,
         };
-        // SAFETY: gate_up is [n, 2 inner] bf16, out [n, inner] bf16.
+        // SAFETY: gate_up is [n, 2 inner] bf16, out [n, inner] bf16, both whole allocations
+        // (256-byte aligned, as the kernel's 16-byte loads need when inner % 8 == 0).
         unsafe {
-            self.gpu
-                .launch("ge_swiglu", grid_stride_config(n * inner), &a)
+            self.gpu.launch(
+                "ge_swiglu",
+                grid_stride_config(super::context::swiglu_lanes(n, inner)),
+                &a,
+            )
         }?;
         Ok(out)
     }

@@ -719,6 +719,16 @@ pub(crate) fn grid_stride_config(n: usize) -> LaunchConfig {
     }
 }
 
+/// Threads' worth of work of the SwiGLU kernels over `rows x inner` outputs: they take eight
+/// elements (16 bytes) per thread and step when `inner` is a multiple of 8, else one.
+pub(crate) fn swiglu_lanes(rows: usize, inner: usize) -> usize {
+    if inner.is_multiple_of(8) {
+        rows * inner / 8
+    } else {
+        rows * inner
+    }
+}
+
 /// Threads for a one-block-per-row kernel over rows of `width` elements: a multiple of 32
 /// (the block reductions need whole warps), at least 32, at most 256.
 pub(crate) fn row_block_threads(width: usize) -> u32 {

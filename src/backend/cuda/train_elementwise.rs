@@ -297,10 +297,14 @@ impl CudaBackend {
             rows: int(n, op, "rows")?,
             inner: int(inner, op, "width")?,
         };
-        // SAFETY: gate_up and out are [n, 2 inner] bf16, dy [n, inner] bf16.
+        // SAFETY: gate_up and out are [n, 2 inner] bf16, dy [n, inner] bf16, all whole
+        // allocations (256-byte aligned, as the 16-byte loads need when inner % 8 == 0).
         unsafe {
-            self.gpu
-                .launch("ge_swiglu_backward", grid_stride_config(n * inner), &a)
+            self.gpu.launch(
+                "ge_swiglu_backward",
+                grid_stride_config(super::context::swiglu_lanes(n, inner)),
+                &a,
+            )
         }?;
         Ok(out)
     }
