@@ -225,44 +225,42 @@ fn keep_pool_memory(ctx: &CudaContext) -> Result<()> {
         return Ok(());
     }
     use cudarc::driver::sys;
-    ctx.bind_to_thread()?;
-    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
-    // SAFETY: a valid device handle and an out-pointer to a pool handle; then a u64 attribute
-    // set through a pointer to a u64.
+    let pool = default_pool(ctx)?;
+    let threshold: u64 = u64::MAX;
+    // SAFETY: a valid pool handle; a u64 attribute set through a pointer to a u64.
     unsafe {
-        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
-            .result()
-            .context("reading the device's default memory pool")?;
-        let threshold: u64 = u64::MAX;
         sys::cuMemPoolSetAttribute(
             pool,
             sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
             (&threshold) as *const u64 as *mut std::ffi::c_void,
         )
-        .result()
-        .context("setting the memory pool's release threshold")?;
     }
-    Ok(())
+    .result()
+    .context("setting the memory pool's release threshold")
+}
+
+/// The device's default memory pool (the one `cuMemAllocAsync` draws from), with the context
+/// bound to this thread.
+fn default_pool(ctx: &CudaContext) -> Result<cudarc::driver::sys::CUmemoryPool> {
+    use cudarc::driver::sys;
+    ctx.bind_to_thread()?;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    // SAFETY: a valid device handle and an out-pointer to a pool handle.
+    unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) }
+        .result()
+        .context("reading the device's default memory pool")?;
+    Ok(pool)
 }
 
 /// Gives the memory the device's default pool keeps (see [`keep_pool_memory`]) back to the
 /// driver, once the stream is idle: before a phase that needs the memory for other shapes
 /// (training after sampling), and so that `cuMemGetInfo` reports it free again.
 pub(crate) fn trim_pool_memory(ctx: &CudaContext) -> Result<()> {
-    use cudarc::driver::sys;
-    ctx.bind_to_thread()?;
-    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
-    // SAFETY: a valid device handle and an out-pointer to a pool handle; trimming only
-    // releases memory no allocation holds.
-    unsafe {
-        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
-            .result()
-            .context("reading the device's default memory pool")?;
-        sys::cuMemPoolTrimTo(pool, 0)
-            .result()
-            .context("trimming the memory pool")?;
-    }
-    Ok(())
+    let pool = default_pool(ctx)?;
+    // SAFETY: a valid pool handle; trimming only releases memory no allocation holds.
+    unsafe { cudarc::driver::sys::cuMemPoolTrimTo(pool, 0) }
+        .result()
+        .context("trimming the memory pool")
 }
 
 /// Environment variable: `1` times every kernel launch and GEMM with CUDA events and prints
