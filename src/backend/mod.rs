@@ -260,7 +260,9 @@ pub trait Backend: Send + Sync {
     /// calls it. A backend may instead replay it from a recording (the CUDA backend pads plain
     /// decode steps to a batch-size bucket and replays a CUDA graph of `run`; see
     /// `backend/cuda/graphs.rs`), so `run` must have no effect other than through the ops and
-    /// its result, and the tokens must be those `run(batch, sampling, cache)` gives.
+    /// its result. The tokens are those `run(batch, sampling, cache)` gives, up to the
+    /// backend's rounding (a padded step multiplies matrices of another shape, which may sum in
+    /// another order); reruns repeat exactly.
     fn decode_step(
         &self,
         batch: &PagedBatch,

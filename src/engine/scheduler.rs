@@ -534,16 +534,13 @@ impl<'t, B: Backend> Engine<'t, B> {
         }
         self.model.copy_kv_blocks(&mut self.cache, &copies)?;
 
-        // Sample where a sequence reached its end.
+        // Sample where a sequence reached its end (prefill-only sequences just get cached).
         let mut rows = Vec::new();
         let mut samplers = Vec::new();
         let mut prefilled = Vec::new();
         for (entry, &(id, reached_end)) in batch.seqs.iter().zip(&planned) {
-            let s = self.seqs.get_mut(&id).expect("scheduled sequence exists");
-            s.cached += entry.q_len;
+            let s = &self.seqs[&id];
             if reached_end && s.stop.max_new_tokens == 0 {
-                // Prefill only: the sequence is cached and waits to be forked or continued.
-                s.state = State::Idle;
                 prefilled.push(id);
             } else if reached_end {
                 rows.push(entry.q_start + entry.q_len - 1);
@@ -558,7 +555,6 @@ impl<'t, B: Backend> Engine<'t, B> {
                 position,
             })
             .collect();
-        self.tokens_processed += batch.tokens.len() as u64;
         // A plain decode step (one new token per sequence, every one sampled) goes through the
         // backend's decode path (a CUDA graph replay on the GPU); anything else is a forward
         // pass, then sampling at the rows that reached their end.
@@ -573,7 +569,16 @@ impl<'t, B: Backend> Engine<'t, B> {
                 self.model.sample_at(&hidden, &rows, &sampling)?
             }
         };
+        // The step's K/V are in the cache.
+        self.tokens_processed += batch.tokens.len() as u64;
+        for (entry, &(id, _)) in batch.seqs.iter().zip(&planned) {
+            let s = self.seqs.get_mut(&id).expect("scheduled sequence exists");
+            s.cached += entry.q_len;
+        }
         for id in prefilled {
+            // Prefill only: the sequence is cached and waits to be forked or continued.
+            let s = self.seqs.get_mut(&id).expect("scheduled sequence exists");
+            s.state = State::Idle;
             finished.push(self.finish_record(id, FinishReason::Length));
         }
         if rows.is_empty() {

@@ -133,7 +133,7 @@ pub struct CudaBackend {
     /// ([`CudaOptions::attention_tensor_cores`]).
     pub(super) attention_tensor_cores: bool,
     /// The last RoPE `inv_freq` table uploaded (as f32 bits) and its device copy.
-    rope_table: Mutex<Option<(Vec<u32>, CudaSlice<f32>)>>,
+    pub(super) rope_table: Mutex<Option<(Vec<u32>, CudaSlice<f32>)>>,
     /// Rows per chunk of the log-prob ops (forward and backward); 0: by
     /// [`TARGET_LOGPROB_CHUNK_BYTES`]. See [`CudaBackend::set_logprob_chunk_rows`].
     pub(super) logprob_chunk_rows: std::sync::atomic::AtomicUsize,

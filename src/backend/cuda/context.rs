@@ -405,6 +405,11 @@ impl GpuContext {
     /// (see [`CaptureInputs`]). Nothing queued from here to [`GpuContext::end_capture`] runs.
     pub(crate) fn begin_capture(&self, inputs: CaptureInputs) -> Result<()> {
         self.sync("the work before a graph capture")?;
+        // An error recorded earlier (by a buffer's drop) is reported here, not taken for the
+        // capture's by `end_capture`.
+        self.ctx
+            .check_err()
+            .context("a CUDA error recorded before a graph capture")?;
         *self
             .capture
             .lock()
@@ -422,16 +427,39 @@ impl GpuContext {
     /// Ends the capture begun by [`GpuContext::begin_capture`] (always, also after a failed
     /// step, so that the stream works again) and instantiates the graph.
     pub(crate) fn end_capture(&self) -> Result<cudarc::driver::CudaGraph> {
+        use cudarc::driver::sys::CUstreamCaptureStatus;
+        // When the driver invalidates a capture, the frees of the buffers the step allocated
+        // in it fail and cudarc records the error in the context; cudarc's next call (its
+        // `end_capture` included) would return that error before doing anything. Take it
+        // first: it belongs to the capture.
+        let in_capture = self.ctx.check_err().err();
         let ended = self
             .stream
             .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0));
         self.clear_capture();
-        // Frees of buffers a failed capture allocated may have recorded an error in the
-        // context; it belongs to the capture, not to the next call.
-        let _ = self.ctx.check_err();
-        ended
+        let after = self.ctx.check_err().err();
+        // Should the capture still be open, end it without cudarc so that the stream works.
+        if matches!(
+            self.stream.capture_status(),
+            Ok(s) if s != CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE
+        ) {
+            // SAFETY: the backend's live stream; a graph it returns is destroyed at once.
+            unsafe {
+                if let Ok(g) = cudarc::driver::result::stream::end_capture(self.stream.cu_stream())
+                    && !g.is_null()
+                {
+                    let _ = cudarc::driver::result::graph::destroy(g);
+                }
+            }
+            let _ = self.ctx.check_err();
+        }
+        let graph = ended
             .context("ending the CUDA graph capture")?
-            .ok_or_else(|| anyhow!("the CUDA graph capture recorded no work"))
+            .ok_or_else(|| anyhow!("the CUDA graph capture recorded no work"))?;
+        if let Some(e) = in_capture.or(after) {
+            bail!("a CUDA error during the graph capture: {e}");
+        }
+        Ok(graph)
     }
 
     fn clear_capture(&self) {

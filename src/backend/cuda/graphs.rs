@@ -176,6 +176,30 @@ pub fn stage(
     ])
 }
 
+/// What the ops of a decode step check on the host before they launch (a replay launches
+/// none of them): token ids inside the vocabulary, KV slots inside the pool (or [`NO_SLOT`]),
+/// valid sampling parameters. Block tables are checked by [`stage`].
+fn check_decode_inputs(
+    batch: &PagedBatch,
+    sampling: &[RowSampling],
+    weights: &Weights<CudaTensor, CudaLinear>,
+    cache: &KvCache<CudaTensor>,
+) -> Result<()> {
+    let vocab = weights.embed_tokens.matrix().0;
+    if let Some(&t) = batch.tokens.iter().find(|&&t| t as usize >= vocab) {
+        anyhow::bail!("token id {t} is outside the vocabulary ({vocab} entries)");
+    }
+    let pool_rows = cache.num_blocks * cache.block_size;
+    if let Some(&s) = batch
+        .slots
+        .iter()
+        .find(|&&s| s != NO_SLOT && s as usize >= pool_rows)
+    {
+        anyhow::bail!("decode step: slot {s} outside the pool ({pool_rows} rows)");
+    }
+    super::sampling::check_rows(sampling)
+}
+
 /// Alignment of each upload inside a graph's input buffer.
 const INPUT_ALIGN: usize = 256;
 
@@ -284,17 +308,19 @@ impl DecodeGraphs {
     }
 }
 
-/// A hash of the device addresses a decode graph reads outside its own buffers: every weight
-/// and every KV pool, plus the cache's geometry. Equal fingerprints mean the captured graphs
+/// A hash of the device addresses a decode graph reads outside its own buffers: every weight,
+/// every KV pool and the RoPE frequency table, plus the cache's geometry. Equal fingerprints mean the captured graphs
 /// still point at the live buffers.
 pub(super) fn fingerprint(
     weights: &Weights<CudaTensor, CudaLinear>,
     cache: &KvCache<CudaTensor>,
+    rope_table: Option<u64>,
     addr: impl Fn(&CudaTensor) -> u64,
     linear_addr: impl Fn(&CudaLinear) -> u64,
 ) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
+    rope_table.hash(&mut h);
     addr(&weights.embed_tokens).hash(&mut h);
     for l in &weights.layers {
         addr(&l.input_norm).hash(&mut h);
@@ -336,12 +362,17 @@ impl CudaBackend {
         if let Ok(mut g) = self.graphs.lock() {
             g.clear();
         }
+        self.trim_graph_memory()
+    }
+
+    /// Gives the memory CUDA keeps for graph allocations and no live graph uses back to the
+    /// device (after graphs were dropped; the stream must be idle, as it is after a step).
+    fn trim_graph_memory(&self) -> Result<()> {
         self.gpu.ctx.bind_to_thread()?;
         // SAFETY: a valid device; trimming only releases graph memory no live graph uses.
         unsafe { cudarc::driver::sys::cuDeviceGraphMemTrim(self.gpu.ctx.cu_device()) }
             .result()
-            .context("cuDeviceGraphMemTrim")?;
-        Ok(())
+            .context("cuDeviceGraphMemTrim")
     }
 
     /// [`crate::backend::Backend::decode_step`]: replays the step from a graph of its shape
@@ -366,6 +397,8 @@ impl CudaBackend {
             drop(graphs);
             return run(batch, sampling, cache);
         };
+        // A replay runs none of the ops' host-side checks: make them here.
+        check_decode_inputs(batch, sampling, weights, cache)?;
         let block_size = cache.block_size.max(1);
         let longest = batch
             .seqs
@@ -376,14 +409,24 @@ impl CudaBackend {
         let width = table_bucket(longest);
         let (padded, padded_rows) = pad_decode(batch, sampling, bucket);
         let staged = stage(&padded, &padded_rows, block_size, cache.num_blocks, width)?;
+        let rope_table = self
+            .rope_table
+            .lock()
+            .map_err(|_| anyhow!("rope: the inv_freq cache lock is poisoned"))?
+            .as_ref()
+            .map(|(_, t)| self.gpu.ptr(t));
         let fp = fingerprint(
             weights,
             cache,
+            rope_table,
             |t| self.addr(t),
             |l| self.gpu.ptr(&l.weight),
         );
         if fp != graphs.fingerprint {
-            graphs.clear();
+            if !graphs.graphs.is_empty() {
+                graphs.clear();
+                self.trim_graph_memory()?;
+            }
             graphs.fingerprint = fp;
         }
         let key = (bucket, width);
@@ -399,17 +442,17 @@ impl CudaBackend {
             return Ok(tokens);
         }
         if !graphs.graphs.contains_key(&key) {
-            if graphs.graphs.len() >= MAX_GRAPHS
-                && let Some(oldest) = graphs
-                    .graphs
-                    .iter()
-                    .min_by_key(|(_, g)| g.last_used)
-                    .map(|(k, _)| *k)
-            {
-                graphs.graphs.remove(&oldest);
-            }
             match self.capture_decode(&staged, width, &padded, &padded_rows, cache, run) {
                 Ok(g) => {
+                    if graphs.graphs.len() >= MAX_GRAPHS
+                        && let Some(oldest) = graphs
+                            .graphs
+                            .iter()
+                            .min_by_key(|(_, g)| g.last_used)
+                            .map(|(k, _)| *k)
+                    {
+                        graphs.graphs.remove(&oldest);
+                    }
                     graphs.graphs.insert(key, g);
                     graphs.stats.captures += 1;
                 }
