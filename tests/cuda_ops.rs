@@ -230,6 +230,60 @@ fn rms_norm_matches_cpu() {
     }
 }
 
+/// `linear` with cuBLASLt's algorithms timed per shape (`CudaOptions::tune_gemms`,
+/// `$GENIUS_CUDA_GEMM_TUNE=1`): the same products as the CPU, on the first use of a shape
+/// (which times the candidates on the output buffer) and on the next (which reuses the pick),
+/// the two bit for bit.
+#[test]
+#[cfg_attr(
+    not(genius_gpu_tests),
+    ignore = "needs a CUDA GPU: built by tools/gpu-prepare.sh (GENIUS_GPU_TESTS=1), run by tools/gpu-check.sh"
+)]
+fn tuned_linear_matches_cpu() {
+    if !have_device() {
+        return;
+    }
+    let be = CudaBackend::new(&CudaOptions {
+        tune_gemms: true,
+        ..test_options()
+    })
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    let cpu = CpuBackend::new();
+    let mut rng = Rng::new(44);
+    for (n, k, m) in [
+        (3, 7, 5),
+        (64, 896, 1152),
+        (256, 896, 4864),
+        (256, 4864, 896),
+    ] {
+        let x = rand_bf16(&mut rng, &[n, k], 1.0);
+        let w = rand_bf16(&mut rng, &[m, k], 1.0 / (k as f32).sqrt());
+        let b = rand_bf16(&mut rng, &[m], 1.0);
+        let (cw, gw) = (
+            cpu.upload_linear(&w).unwrap(),
+            be.upload_linear(&w).unwrap(),
+        );
+        let gx = be.upload(&x).unwrap();
+        for bias in [None, Some(&b)] {
+            let want = cpu.linear(&x, &cw, bias).unwrap();
+            let gb = bias.map(|b| be.upload(b).unwrap());
+            let first = be.linear(&gx, &gw, gb.as_ref()).unwrap();
+            let again = be.linear(&gx, &gw, gb.as_ref()).unwrap();
+            let first = be.download(&first).unwrap();
+            assert_close(
+                &format!(
+                    "tuned linear [{n}, {k}] x [{m}, {k}]^T, bias {}",
+                    bias.is_some()
+                ),
+                &first,
+                &want,
+                GEMM_TOL,
+            );
+            assert_eq!(first.data, be.download(&again).unwrap().data);
+        }
+    }
+}
+
 #[test]
 #[cfg_attr(
     not(genius_gpu_tests),

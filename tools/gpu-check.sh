@@ -86,8 +86,10 @@ if [[ -x $engine && ${GPU_BENCH:-1} != 0 ]]; then
     timeout 60 "$engine" bench forward --device cuda --model "$model" --tokens 2048 --iters 5
     echo "rc $?"
     if [[ ${GPU_BENCH_VARIANTS:-1} != 0 ]]; then
-      # A/B of the host-side savings, and where a step's GPU time goes (shorter runs).
-      for variant in ${GPU_BENCH_VARIANT_LIST:-GENIUS_CUDA_GRAPHS=0 GENIUS_CUDA_POOL_KEEP=0 GENIUS_CUDA_MEMO=0 GENIUS_CUDA_PROFILE=1}; do
+      # A/B at shorter settings: the baseline, then without CUDA graphs, with cuBLASLt
+      # algorithms timed per shape, without the pool and upload savings, and where a step's
+      # GPU time goes (the profile runs without graphs).
+      for variant in ${GPU_BENCH_VARIANT_LIST:-BASELINE=same-settings GENIUS_CUDA_GRAPHS=0 GENIUS_CUDA_GEMM_TUNE=1 GENIUS_CUDA_POOL_KEEP=0 GENIUS_CUDA_MEMO=0 GENIUS_CUDA_PROFILE=1}; do
         echo "== variant $variant"
         env "$variant" timeout 90 "$engine" bench rollout --device cuda --model "$model" \
           --tokens 128 --new-tokens 128 --batches 64,256 --forks 0

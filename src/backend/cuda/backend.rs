@@ -143,6 +143,9 @@ pub struct CudaBackend {
     attn_fwd_tc: std::sync::atomic::AtomicBool,
     /// Decode steps captured into CUDA graphs ([`super::graphs`]).
     pub(super) graphs: Mutex<DecodeGraphs>,
+    /// Whether `linear` times cuBLASLt's candidate algorithms per shape
+    /// ([`CudaOptions::tune_gemms`]).
+    tune_gemms: bool,
 }
 
 impl CudaBackend {
@@ -166,6 +169,7 @@ impl CudaBackend {
                 super::train_gemm::logprob_chunk_rows_from_env()?,
             ),
             attn_fwd_tc: std::sync::atomic::AtomicBool::new(options.attention_forward_tensor_cores),
+            tune_gemms: options.tune_gemms,
             graphs: Mutex::new(DecodeGraphs::new(
                 options.decode_graphs,
                 gpu.profile.is_some(),
@@ -652,7 +656,9 @@ impl Backend for CudaBackend {
             let timing = self.gpu.profile_start()?;
             // SAFETY: w is [m, k], x is [n, k], out is [n, m] and bias is [m], all bf16 and
             // live until the stream has run the GEMM (frees are stream-ordered).
-            let done = unsafe { gemm.run(shape, x_ptr, w_ptr, b_ptr, y_ptr) };
+            // Timing candidates waits on the stream, which a graph capture forbids.
+            let tune = self.tune_gemms && !self.gpu.capturing();
+            let done = unsafe { gemm.run(shape, x_ptr, w_ptr, b_ptr, y_ptr, tune) };
             self.gpu.profile_end(timing, gemm_profile_name(shape))?;
             done.map_err(|e| {
                 anyhow!(

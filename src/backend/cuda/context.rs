@@ -81,6 +81,10 @@ pub struct CudaOptions {
     /// Replay plain decode steps from CUDA graphs ([`super::graphs`]); default on,
     /// `$GENIUS_CUDA_GRAPHS=0` turns it off. Profiling and per-launch waits also turn it off.
     pub decode_graphs: bool,
+    /// Time cuBLASLt's top algorithms for each shape of `linear` on its first use and keep the
+    /// fastest, rather than the heuristic's first choice; default off, `$GENIUS_CUDA_GEMM_TUNE=1`
+    /// turns it on (see [`super::gemm::TUNE_ENV`]).
+    pub tune_gemms: bool,
 }
 
 impl Default for CudaOptions {
@@ -94,6 +98,7 @@ impl Default for CudaOptions {
             attention_tensor_cores: true,
             attention_forward_tensor_cores: true,
             decode_graphs: true,
+            tune_gemms: false,
         }
     }
 }
@@ -101,7 +106,8 @@ impl Default for CudaOptions {
 impl CudaOptions {
     /// Options from the environment: `$GENIUS_CUDA_DEVICE`, `$GENIUS_CUDA_KERNELS`,
     /// `$GENIUS_CUDA_SYNC`, `$GENIUS_CUDA_ATTN_TC`, `$GENIUS_CUDA_ATTN_FWD_TC`,
-    /// `$GENIUS_CUDA_GRAPHS`, and the kernel cache under `$GENIUS_HOME`.
+    /// `$GENIUS_CUDA_GRAPHS`, `$GENIUS_CUDA_GEMM_TUNE`, and the kernel cache under
+    /// `$GENIUS_HOME`.
     pub fn from_env() -> Result<Self> {
         let ordinal = match std::env::var(DEVICE_ENV) {
             Ok(v) => v
@@ -121,6 +127,7 @@ impl CudaOptions {
                 .map_or(true, |v| v.trim() != "0"),
             decode_graphs: std::env::var(super::graphs::GRAPHS_ENV)
                 .map_or(true, |v| v.trim() != "0"),
+            tune_gemms: std::env::var(super::gemm::TUNE_ENV).is_ok_and(|v| v.trim() == "1"),
         })
     }
 }

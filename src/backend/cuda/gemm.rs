@@ -15,7 +15,7 @@
 //! and `B`, and `C = D` either bf16 or f32 (f32 gradients accumulate with `beta = 1`); the
 //! row-major products they implement are spelled out in `train_gemm.rs`.
 
-use anyhow::{Result, anyhow};
+use anyhow::{Context, Result, anyhow};
 use cudarc::cublaslt::result;
 use cudarc::cublaslt::sys;
 use cudarc::driver::{CudaSlice, CudaStream};
@@ -25,6 +25,18 @@ use std::sync::Arc;
 
 /// cuBLASLt's workspace on Hopper, as NVIDIA recommends (32 MiB).
 const WORKSPACE_BYTES: usize = 32 << 20;
+
+/// Environment variable: `1` times cuBLASLt's top [`TUNE_CANDIDATES`] algorithms for each
+/// shape of [`Gemm::run`] the first time it is used, and keeps the fastest, instead of taking
+/// the heuristic's first choice. Off by default: the choice then depends on timings, so two
+/// processes may round differently.
+pub const TUNE_ENV: &str = "GENIUS_CUDA_GEMM_TUNE";
+
+/// Algorithms timed per shape when tuning.
+pub const TUNE_CANDIDATES: usize = 8;
+
+/// Timed runs per candidate (after one untimed run).
+const TUNE_REPS: usize = 3;
 
 /// The shape of one GEMM: `rows` = n, `out` = m, `inp` = k; `bias` whether the epilogue adds one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -79,6 +91,8 @@ pub struct Gemm {
     workspace: CudaSlice<u8>,
     stream: Arc<CudaStream>,
     plans: HashMap<GemmShape, Plan>,
+    /// Shapes of `plans` whose algorithm was chosen by timing ([`TUNE_ENV`]).
+    tuned: std::collections::HashSet<GemmShape>,
     general_plans: HashMap<GeneralGemm, Plan>,
 }
 
@@ -114,6 +128,7 @@ impl Gemm {
             workspace,
             stream,
             plans: HashMap::new(),
+            tuned: std::collections::HashSet::new(),
             general_plans: HashMap::new(),
         })
     }
@@ -192,11 +207,29 @@ impl Gemm {
 
     /// cuBLASLt's first choice of algorithm for a plan's descriptor and layouts (`C` = `D`).
     fn heuristic(&self, plan: &Plan, what: &str) -> Result<sys::cublasLtMatmulAlgo_t> {
+        self.heuristics(plan, what, 1)?
+            .into_iter()
+            .next()
+            .ok_or_else(|| anyhow!("cuBLASLt has no algorithm for {what}"))
+    }
+
+    /// cuBLASLt's best `count` algorithms for a plan, best first (those it says work with the
+    /// workspace).
+    fn heuristics(
+        &self,
+        plan: &Plan,
+        what: &str,
+        count: usize,
+    ) -> Result<Vec<sys::cublasLtMatmulAlgo_t>> {
         let pref = result::create_matmul_pref().map_err(|e| blas_err("preference", e))?;
         let workspace = WORKSPACE_BYTES;
-        // SAFETY: every handle is live; the heuristic only reads them. The preference is
-        // destroyed right after.
-        let heuristic = unsafe {
+        // SAFETY: plain data, filled by the heuristic for the first `returned` entries.
+        let mut results: Vec<sys::cublasLtMatmulHeuristicResult_t> =
+            vec![unsafe { std::mem::zeroed() }; count.max(1)];
+        let mut returned: i32 = 0;
+        // SAFETY: every handle is live; the heuristic only reads them and writes at most
+        // `results.len()` entries. The preference is destroyed right after.
+        unsafe {
             let r = result::set_matmul_pref_attribute(
                 pref,
                 sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
@@ -204,7 +237,7 @@ impl Gemm {
                 size_of::<usize>(),
             )
             .and_then(|_| {
-                result::get_matmul_algo_heuristic(
+                sys::cublasLtMatmulAlgoGetHeuristic(
                     self.handle,
                     plan.desc,
                     plan.w_layout,
@@ -212,13 +245,115 @@ impl Gemm {
                     plan.y_layout,
                     plan.y_layout,
                     pref,
+                    results.len() as i32,
+                    results.as_mut_ptr(),
+                    &mut returned,
                 )
+                .result()
             });
             let _ = result::destroy_matmul_pref(pref);
             r
         }
         .map_err(|e| blas_err(&format!("algorithm heuristic for {what}"), e))?;
-        Ok(heuristic.algo)
+        let algos: Vec<_> = results
+            .iter()
+            .take(returned.max(0) as usize)
+            .filter(|r| {
+                r.state == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS
+                    && r.workspaceSize <= WORKSPACE_BYTES
+            })
+            .map(|r| r.algo)
+            .collect();
+        if algos.is_empty() {
+            return Err(blas_err(
+                &format!("algorithm heuristic for {what}"),
+                result::CublasError(sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED),
+            ));
+        }
+        Ok(algos)
+    }
+
+    /// The fastest of cuBLASLt's top [`TUNE_CANDIDATES`] algorithms for `plan`, timed on the
+    /// caller's buffers (which the timed runs overwrite with the product, `beta = 0`): each
+    /// once untimed, then [`TUNE_REPS`] times between two events. A candidate that fails to
+    /// launch is skipped; with none timed, the heuristic's first choice.
+    ///
+    /// # Safety
+    /// As [`Gemm::run`]; the stream must not be capturing a graph (this waits for it).
+    unsafe fn tuned_algo(
+        &self,
+        plan: &Plan,
+        s: GemmShape,
+        x: u64,
+        w: u64,
+        y: u64,
+    ) -> Result<sys::cublasLtMatmulAlgo_t> {
+        let what = format!("{s:?}");
+        let candidates = self.heuristics(plan, &what, TUNE_CANDIDATES)?;
+        let ctx = self.stream.context();
+        let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let mut best: Option<(f32, sys::cublasLtMatmulAlgo_t)> = None;
+        for algo in &candidates {
+            // SAFETY: forwarded from the caller; the plan's bias pointer is already set.
+            let launch = || unsafe { self.matmul(plan, algo, x, w, y) };
+            if launch().is_err() {
+                continue;
+            }
+            let (start, end) = (ctx.new_event(flags)?, ctx.new_event(flags)?);
+            start.record(&self.stream)?;
+            let timed = (0..TUNE_REPS).try_for_each(|_| launch());
+            end.record(&self.stream)?;
+            self.stream
+                .synchronize()
+                .with_context(|| format!("timing a cuBLASLt algorithm for {what}"))?;
+            if timed.is_err() {
+                continue;
+            }
+            let ms = start.elapsed_ms(&end)?;
+            if best.is_none_or(|(b, _)| ms < b) {
+                best = Some((ms, *algo));
+            }
+        }
+        Ok(best.map_or(candidates[0], |(_, a)| a))
+    }
+
+    /// One `y = x w^T (+ bias)` launch of `plan` with `algo`.
+    ///
+    /// # Safety
+    /// As [`Gemm::run`].
+    unsafe fn matmul(
+        &self,
+        plan: &Plan,
+        algo: &sys::cublasLtMatmulAlgo_t,
+        x: u64,
+        w: u64,
+        y: u64,
+    ) -> Result<()> {
+        let (ws, _record) = cudarc::driver::DevicePtr::device_ptr(&self.workspace, &self.stream);
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        // SAFETY: the plan's handles are live; the caller vouches for the buffers; beta = 0 so
+        // y's previous contents are not read.
+        unsafe {
+            result::matmul(
+                self.handle,
+                plan.desc,
+                (&alpha) as *const f32 as *const _,
+                (&beta) as *const f32 as *const _,
+                w as *const _,
+                plan.w_layout,
+                x as *const _,
+                plan.x_layout,
+                y as *const _,
+                plan.y_layout,
+                y as *mut _,
+                plan.y_layout,
+                algo,
+                ws as *mut _,
+                WORKSPACE_BYTES,
+                self.stream.cu_stream() as *mut _,
+            )
+        }
+        .map_err(|e| blas_err("GEMM", e))
     }
 
     fn build_general(&self, s: GeneralGemm) -> Result<Plan> {
@@ -278,10 +413,13 @@ impl Gemm {
     }
 
     /// `y = x w^T (+ bias)` on the stream, with device addresses: `x` bf16 `[rows, inp]`, `w`
-    /// bf16 `[out, inp]`, `bias` bf16 `[out]`, `y` bf16 `[rows, out]`.
+    /// bf16 `[out, inp]`, `bias` bf16 `[out]`, `y` bf16 `[rows, out]`. With `tune`, a shape's
+    /// first use times cuBLASLt's top algorithms on these buffers and keeps the fastest
+    /// ([`TUNE_ENV`]); otherwise the heuristic's first choice.
     ///
     /// # Safety
-    /// The addresses must hold live buffers of those shapes until the stream has run the GEMM.
+    /// The addresses must hold live buffers of those shapes until the stream has run the GEMM;
+    /// with `tune`, the stream must not be capturing a graph.
     pub unsafe fn run(
         &mut self,
         s: GemmShape,
@@ -289,16 +427,12 @@ impl Gemm {
         w: u64,
         bias: Option<u64>,
         y: u64,
+        tune: bool,
     ) -> Result<()> {
         debug_assert_eq!(s.bias, bias.is_some());
-        let handle = self.handle;
-        let stream = self.stream.cu_stream();
         self.plan(s)?;
         let plan = &self.plans[&s];
-        let (ws, _record) = cudarc::driver::DevicePtr::device_ptr(&self.workspace, &self.stream);
-        let (alpha, beta) = (1.0f32, 0.0f32);
-        // SAFETY: the plan's handles are live; the caller vouches for the buffers; beta = 0 so
-        // y's previous contents are not read.
+        // SAFETY: the descriptor is live; the attribute is given a pointer to a u64.
         unsafe {
             if let Some(b) = bias {
                 result::set_matmul_desc_attribute(
@@ -309,26 +443,18 @@ impl Gemm {
                 )
                 .map_err(|e| blas_err("bias pointer attribute", e))?;
             }
-            result::matmul(
-                handle,
-                plan.desc,
-                (&alpha) as *const f32 as *const _,
-                (&beta) as *const f32 as *const _,
-                w as *const _,
-                plan.w_layout,
-                x as *const _,
-                plan.x_layout,
-                y as *const _,
-                plan.y_layout,
-                y as *mut _,
-                plan.y_layout,
-                &plan.algo,
-                ws as *mut _,
-                WORKSPACE_BYTES,
-                stream as *mut _,
-            )
-            .map_err(|e| blas_err(&format!("GEMM {s:?}"), e))
         }
+        if tune && !self.tuned.contains(&s) {
+            // SAFETY: forwarded from the caller.
+            let algo = unsafe { self.tuned_algo(plan, s, x, w, y) }?;
+            self.tuned.insert(s);
+            if let Some(p) = self.plans.get_mut(&s) {
+                p.algo = algo;
+            }
+        }
+        let plan = &self.plans[&s];
+        // SAFETY: forwarded from the caller.
+        unsafe { self.matmul(plan, &plan.algo, x, w, y) }.map_err(|e| anyhow!("{e:#} {s:?}"))
     }
 
     /// `D = op(A) op(B) + beta D` on the stream ([`GeneralGemm`]), with device addresses `a`,
