@@ -515,8 +515,34 @@ typedef struct AttentionBackwardArgs {
     /** Positions per tile the host used; must equal the kernel's compiled tile size. */
     int tile_rows;
     float scale;
+    /** Tensor-core dk/dv kernel only: 1 = each block takes one query head of its kv head's
+     * group (grid z) and writes that head's f32 share of dk (unscaled) and dv at `dk` / `dv`,
+     * read as `[rows, num_heads, head_dim]` f32, which ge_attention_dkv_reduce then sums
+     * over the group; 0 = each block loops over the group and writes bf16 dk / dv. */
+    int split_heads;
 } AttentionBackwardArgs;
-GE_LAYOUT(AttentionBackwardArgs, 104, 8);
+GE_LAYOUT(AttentionBackwardArgs, 112, 8);
+
+/** dk and dv from the per-query-head shares of the split tensor-core dk/dv kernel:
+ * `dk[r, kvh, d] = bf16(scale * sum_g dk_part[r, kvh * group + g, d])`, `dv` the same without
+ * the scale, for every row `r < rows` (`group = num_heads / num_kv_heads`; the sum in order
+ * of `g`). */
+typedef struct AttentionDkvReduceArgs {
+    /** f32 `[rows, num_heads, head_dim]`, read. */
+    unsigned long long dk_part;
+    /** f32 `[rows, num_heads, head_dim]`, read. */
+    unsigned long long dv_part;
+    /** bf16 `[rows, num_kv_heads * head_dim]`, written. */
+    unsigned long long dk;
+    /** bf16 `[rows, num_kv_heads * head_dim]`, written. */
+    unsigned long long dv;
+    long long rows;
+    int num_heads;
+    int num_kv_heads;
+    int head_dim;
+    float scale;
+} AttentionDkvReduceArgs;
+GE_LAYOUT(AttentionDkvReduceArgs, 56, 8);
 
 /** Forward causal attention over packed sequences on tensor cores (kernels/attention_tc.cu).
  * Tile `t` (`t < num_tiles`, grid x; grid y is the query head) is three u32s of `tiles`: the

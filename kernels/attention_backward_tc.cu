@@ -298,9 +298,14 @@ __device__ __forceinline__ void ge_attention_backward_dq_tc(const AttentionBackw
     }
 }
 
-// ---- dK and dV: grid (key tile of 64 rows, kv head); needs the dq kernel's lse / delta. ----
+// ---- dK and dV: grid (key tile of 64 rows, kv head[, query head of its group]); needs the dq
+// kernel's lse / delta. ----
 // The warp computes S^T = K Q^T and dP^T = V dO^T (its 16 key rows x BQ query columns), so
 // P^T and dS^T come out in the C layout and feed dV += P^T dO and dK += dS^T Q directly.
+// With `split_heads` (GQA), grid z is the query head within the group: the block adds up that
+// head's share only and writes it in f32 to a per-head buffer, and ge_attention_dkv_reduce
+// sums the group's shares; a group's heads then run in parallel instead of one after another
+// in one block (a kv head's key tile is otherwise a single block walking group x queries).
 template <int HD, int BQ>
 __device__ __forceinline__ void ge_attention_backward_dkv_tc(const AttentionBackwardArgs& a) {
     static_assert(BQ % 16 == 0 && HD % 16 == 0, "tile shapes");
@@ -347,7 +352,9 @@ __device__ __forceinline__ void ge_attention_backward_dkv_tc(const AttentionBack
         dv[n][0] = dv[n][1] = dv[n][2] = dv[n][3] = 0.0f;
     }
     const int first_q = (k0 / BQ) * BQ;
-    for (int g = 0; g < group; ++g) {
+    const int g_begin = a.split_heads ? static_cast<int>(blockIdx.z) : 0;
+    const int g_end = a.split_heads ? g_begin + 1 : group;
+    for (int g = g_begin; g < g_end; ++g) {
         const int h = kvh * group + g;
         const ge_bf16* q = reinterpret_cast<const ge_bf16*>(a.q) + static_cast<long long>(h) * HD;
         const ge_bf16* dout = reinterpret_cast<const ge_bf16*>(a.dout) + static_cast<long long>(h) * HD;
@@ -386,6 +393,29 @@ __device__ __forceinline__ void ge_attention_backward_dkv_tc(const AttentionBack
             ge_abt_accumulate<HD, NT / 2>(dk, dsa, q_s, gid, tig);
         }
     }
+    if (a.split_heads) {
+        // This head's share, f32 and unscaled, at [row, head, column].
+        float* dkp = reinterpret_cast<float*>(a.dk);
+        float* dvp = reinterpret_cast<float*>(a.dv);
+        const long long h = static_cast<long long>(kvh) * group + g_begin;
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr) {
+            const int kr = r0 + gid + 8 * hr;
+            if (kr >= nk) continue;
+            const long long at = ((seq0 + k0 + kr) * a.num_heads + h) * HD + 2 * tig;
+#pragma unroll
+            for (int n = 0; n < DT; ++n) {
+                float2 pk, pv;
+                pk.x = dk[n][2 * hr];
+                pk.y = dk[n][2 * hr + 1];
+                pv.x = dv[n][2 * hr];
+                pv.y = dv[n][2 * hr + 1];
+                *reinterpret_cast<float2*>(dkp + at + 8 * n) = pk;
+                *reinterpret_cast<float2*>(dvp + at + 8 * n) = pv;
+            }
+        }
+        return;
+    }
     unsigned int* dko = reinterpret_cast<unsigned int*>(a.dk);
     unsigned int* dvo = reinterpret_cast<unsigned int*>(a.dv);
 #pragma unroll
@@ -398,6 +428,32 @@ __device__ __forceinline__ void ge_attention_backward_dkv_tc(const AttentionBack
             dko[rowword + 4 * n + tig] = ge_abt_pack(dk[n][2 * hr] * scale, dk[n][2 * hr + 1] * scale);
             dvo[rowword + 4 * n + tig] = ge_abt_pack(dv[n][2 * hr], dv[n][2 * hr + 1]);
         }
+    }
+}
+
+// ---- The split dk/dv kernel's per-head shares summed over each group (see AttentionDkvReduceArgs):
+// grid-stride over the rows x kv width outputs, the group's heads added in order. ----
+extern "C" __global__ void ge_attention_dkv_reduce(AttentionDkvReduceArgs a) {
+    const float* dkp = reinterpret_cast<const float*>(a.dk_part);
+    const float* dvp = reinterpret_cast<const float*>(a.dv_part);
+    ge_bf16* dk = reinterpret_cast<ge_bf16*>(a.dk);
+    ge_bf16* dv = reinterpret_cast<ge_bf16*>(a.dv);
+    const int group = a.num_heads / a.num_kv_heads;
+    const long long kw = static_cast<long long>(a.num_kv_heads) * a.head_dim;
+    const long long total = a.rows * kw;
+    for (long long i = ge_global_index(); i < total; i += ge_grid_threads()) {
+        const long long r = i / kw;
+        const int c = static_cast<int>(i - r * kw);
+        const int kvh = c / a.head_dim;
+        const int d = c - kvh * a.head_dim;
+        const long long p = (r * a.num_heads + static_cast<long long>(kvh) * group) * a.head_dim + d;
+        float sk = 0.0f, sv = 0.0f;
+        for (int g = 0; g < group; ++g) {
+            sk += dkp[p + static_cast<long long>(g) * a.head_dim];
+            sv += dvp[p + static_cast<long long>(g) * a.head_dim];
+        }
+        dk[i] = ge_f32_to_bf16(sk * a.scale);
+        dv[i] = ge_f32_to_bf16(sv);
     }
 }
 

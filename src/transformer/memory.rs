@@ -214,7 +214,7 @@ pub fn gpu_training_plan(
             MemoryItem {
                 name: "backward working set",
                 bytes: tokens * (4 * c.intermediate_size + 6 * c.hidden_size) as u64 * 2,
-                note: "bf16: one layer's short-lived gradients (the MLP's the largest)".into(),
+                note: "bf16: one layer's short-lived gradients (the MLP's the largest; the attention backward's f32 per-head dk/dv shares, 8 x q width bytes per token, are smaller)".into(),
             },
             MemoryItem {
                 name: "KV pool",

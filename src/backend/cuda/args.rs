@@ -842,10 +842,12 @@ pub struct AttentionBackwardArgs {
     #[doc = " Positions per tile the host used; must equal the kernel's compiled tile size."]
     pub tile_rows: ::std::os::raw::c_int,
     pub scale: f32,
+    #[doc = " Tensor-core dk/dv kernel only: 1 = each block takes one query head of its kv head's\n group (grid z) and writes that head's f32 share of dk (unscaled) and dv at `dk` / `dv`,\n read as `[rows, num_heads, head_dim]` f32, which ge_attention_dkv_reduce then sums\n over the group; 0 = each block loops over the group and writes bf16 dk / dv."]
+    pub split_heads: ::std::os::raw::c_int,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of AttentionBackwardArgs"][::std::mem::size_of::<AttentionBackwardArgs>() - 104usize];
+    ["Size of AttentionBackwardArgs"][::std::mem::size_of::<AttentionBackwardArgs>() - 112usize];
     ["Alignment of AttentionBackwardArgs"]
         [::std::mem::align_of::<AttentionBackwardArgs>() - 8usize];
     ["Offset of field: AttentionBackwardArgs::q"]
@@ -880,6 +882,50 @@ const _: () = {
         [::std::mem::offset_of!(AttentionBackwardArgs, tile_rows) - 96usize];
     ["Offset of field: AttentionBackwardArgs::scale"]
         [::std::mem::offset_of!(AttentionBackwardArgs, scale) - 100usize];
+    ["Offset of field: AttentionBackwardArgs::split_heads"]
+        [::std::mem::offset_of!(AttentionBackwardArgs, split_heads) - 104usize];
+};
+#[doc = " dk and dv from the per-query-head shares of the split tensor-core dk/dv kernel:\n `dk[r, kvh, d] = bf16(scale * sum_g dk_part[r, kvh * group + g, d])`, `dv` the same without\n the scale, for every row `r < rows` (`group = num_heads / num_kv_heads`; the sum in order\n of `g`)."]
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct AttentionDkvReduceArgs {
+    #[doc = " f32 `[rows, num_heads, head_dim]`, read."]
+    pub dk_part: ::std::os::raw::c_ulonglong,
+    #[doc = " f32 `[rows, num_heads, head_dim]`, read."]
+    pub dv_part: ::std::os::raw::c_ulonglong,
+    #[doc = " bf16 `[rows, num_kv_heads * head_dim]`, written."]
+    pub dk: ::std::os::raw::c_ulonglong,
+    #[doc = " bf16 `[rows, num_kv_heads * head_dim]`, written."]
+    pub dv: ::std::os::raw::c_ulonglong,
+    pub rows: ::std::os::raw::c_longlong,
+    pub num_heads: ::std::os::raw::c_int,
+    pub num_kv_heads: ::std::os::raw::c_int,
+    pub head_dim: ::std::os::raw::c_int,
+    pub scale: f32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of AttentionDkvReduceArgs"][::std::mem::size_of::<AttentionDkvReduceArgs>() - 56usize];
+    ["Alignment of AttentionDkvReduceArgs"]
+        [::std::mem::align_of::<AttentionDkvReduceArgs>() - 8usize];
+    ["Offset of field: AttentionDkvReduceArgs::dk_part"]
+        [::std::mem::offset_of!(AttentionDkvReduceArgs, dk_part) - 0usize];
+    ["Offset of field: AttentionDkvReduceArgs::dv_part"]
+        [::std::mem::offset_of!(AttentionDkvReduceArgs, dv_part) - 8usize];
+    ["Offset of field: AttentionDkvReduceArgs::dk"]
+        [::std::mem::offset_of!(AttentionDkvReduceArgs, dk) - 16usize];
+    ["Offset of field: AttentionDkvReduceArgs::dv"]
+        [::std::mem::offset_of!(AttentionDkvReduceArgs, dv) - 24usize];
+    ["Offset of field: AttentionDkvReduceArgs::rows"]
+        [::std::mem::offset_of!(AttentionDkvReduceArgs, rows) - 32usize];
+    ["Offset of field: AttentionDkvReduceArgs::num_heads"]
+        [::std::mem::offset_of!(AttentionDkvReduceArgs, num_heads) - 40usize];
+    ["Offset of field: AttentionDkvReduceArgs::num_kv_heads"]
+        [::std::mem::offset_of!(AttentionDkvReduceArgs, num_kv_heads) - 44usize];
+    ["Offset of field: AttentionDkvReduceArgs::head_dim"]
+        [::std::mem::offset_of!(AttentionDkvReduceArgs, head_dim) - 48usize];
+    ["Offset of field: AttentionDkvReduceArgs::scale"]
+        [::std::mem::offset_of!(AttentionDkvReduceArgs, scale) - 52usize];
 };
 #[doc = " Forward causal attention over packed sequences on tensor cores (kernels/attention_tc.cu).\n Tile `t` (`t < num_tiles`, grid x; grid y is the query head) is three u32s of `tiles`: the\n sequence's first row, its length and the tile's first position in it (a multiple of\n `tile_rows`, which must be the kernel's 64). Position `i` of a sequence sees positions\n `0..=i`; query head `h` reads kv head `h / (num_heads / num_kv_heads)`."]
 #[repr(C)]

@@ -29,6 +29,8 @@ use half::bf16;
 // it by value, which is what `DeviceRepr` passes. (Here rather than with the others in
 // context.rs, next to its only user.)
 unsafe impl cudarc::driver::DeviceRepr for args::AttentionBackwardArgs {}
+// SAFETY: as above (u64 device addresses, an i64, i32s and an f32).
+unsafe impl cudarc::driver::DeviceRepr for args::AttentionDkvReduceArgs {}
 
 /// Threads per block of both scalar kernels (`GE_AB_THREADS`).
 pub const THREADS: u32 = 256;
@@ -236,6 +238,7 @@ impl CudaBackend {
             head_dim: head_dim as i32,
             tile_rows: tiles.query_rows as i32,
             scale: 1.0 / (head_dim as f32).sqrt(),
+            split_heads: 0,
         };
         let cfg = LaunchConfig {
             grid_dim: (nq as u32, num_heads as u32, 1),
@@ -250,6 +253,55 @@ impl CudaBackend {
         a.tiles = self.gpu.ptr(&k_tile_buf);
         a.num_tiles = nk as i32;
         a.tile_rows = tiles.key_rows as i32;
+        let group = num_heads / num_kv_heads;
+        if split_dkv_heads(self.attention_tensor_cores, group) {
+            // One block per (key tile, kv head, query head of the group), each writing its
+            // head's f32 share; then the group's shares are summed into dk / dv. Rows of no
+            // sequence are zero in the shares, so the sum writes zeros there, as the
+            // unsplit kernel's zero-filled outputs hold.
+            let part_len = n * qw;
+            let zeroed = |len| {
+                if covers_all {
+                    self.gpu.alloc::<f32>(len)
+                } else {
+                    self.gpu.alloc_zeros::<f32>(len)
+                }
+            };
+            let (mut dk_part, mut dv_part) = (zeroed(part_len)?, zeroed(part_len)?);
+            a.dk = self.gpu.ptr_mut(&mut dk_part);
+            a.dv = self.gpu.ptr_mut(&mut dv_part);
+            a.split_heads = 1;
+            let cfg = LaunchConfig {
+                grid_dim: (nk as u32, num_kv_heads as u32, group as u32),
+                block_dim: (tiles.threads, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: as above, for the key tiles; the shares are f32 [n, num_heads,
+            // head_dim], each (sequence row, head) written by exactly one block.
+            unsafe { self.gpu.launch(tiles.dkv_kernel, cfg, &a) }?;
+            let r = args::AttentionDkvReduceArgs {
+                dk_part: a.dk,
+                dv_part: a.dv,
+                dk: self.gpu.ptr_mut(dk.bf16_mut(OP)?),
+                dv: self.gpu.ptr_mut(dv.bf16_mut(OP)?),
+                rows: n as i64,
+                num_heads: num_heads as i32,
+                num_kv_heads: num_kv_heads as i32,
+                head_dim: head_dim as i32,
+                scale: a.scale,
+            };
+            // SAFETY: the shares hold n * num_heads * head_dim f32s (written at every
+            // sequence row, zero elsewhere unless every row is a sequence's), dk / dv n *
+            // num_kv_heads * head_dim bf16s.
+            unsafe {
+                self.gpu.launch(
+                    "ge_attention_dkv_reduce",
+                    super::context::grid_stride_config(n * kw),
+                    &r,
+                )
+            }?;
+            return Ok((dq, dk, dv));
+        }
         let cfg = LaunchConfig {
             grid_dim: (nk as u32, num_kv_heads as u32, 1),
             block_dim: (tiles.threads, 1, 1),
@@ -265,6 +317,14 @@ impl CudaBackend {
 
 /// CUDA's limit on grid y.
 const MAX_GRID_Y: usize = 65535;
+
+/// Whether the dk/dv pass runs one block per query head of each GQA group, writing per-head
+/// f32 shares that a second kernel sums (`split_heads` of `AttentionBackwardArgs`): on the
+/// tensor-core kernels whenever a kv head serves several query heads. The scalar kernels
+/// always loop over the group in one block.
+pub fn split_dkv_heads(tensor_cores: bool, group: usize) -> bool {
+    tensor_cores && group > 1
+}
 
 #[cfg(test)]
 #[path = "attention_backward_tc_emu.rs"]

@@ -379,23 +379,30 @@ pub(super) fn emulate_tc(
         }
     }
 
-    // ---- dk/dv kernel: grid (key tile, kv head). ----
+    // ---- dk/dv kernel: grid (key tile, kv head), and with GQA (`split_dkv_heads`) the query
+    // head of the group (z), writing f32 per-head shares that the reduce kernel sums. ----
     let kt = tile_list(seqs, 64, false).unwrap();
     let nt = bq_in / 8;
+    let split = super::split_dkv_heads(true, group);
+    let mut dk_part = vec![f32::NAN; rows * qw];
+    let mut dv_part = vec![f32::NAN; rows * qw];
     for tile in kt.chunks(3) {
         let (seq0, len, k0) = (tile[0] as usize, tile[1] as usize, tile[2] as usize);
         let nk = 64.min(len - k0);
-        for kvh in 0..nkv {
+        for (kvh, z) in
+            (0..nkv).flat_map(|h| (0..if split { group } else { 1 }).map(move |z| (h, z)))
+        {
             let mut k_s = Smem::new(64, hd);
             let mut v_s = Smem::new(64, hd);
             k_s.load(64, hd, k, kw, kvh * hd, seq0 + k0, nk);
             v_s.load(64, hd, v, kw, kvh * hd, seq0 + k0, nk);
+            let heads = if split { z..z + 1 } else { 0..group };
             for warp in 0..4 {
                 let r0 = 16 * warp;
                 let mut dka = vec![[[0f32; 4]; LANES]; dt];
                 let mut dva = vec![[[0f32; 4]; LANES]; dt];
                 let first_q = (k0 / bq_in) * bq_in;
-                for g in 0..group {
+                for g in heads.clone() {
                     let h = kvh * group + g;
                     for q0 in (first_q..len).step_by(bq_in) {
                         let nq = bq_in.min(len - q0);
@@ -433,6 +440,30 @@ pub(super) fn emulate_tc(
                         accumulate(&mut dka, &c_to_a(&dpt), &q_s);
                     }
                 }
+                if split {
+                    // The head's share, f32 and unscaled, at [row, head, column].
+                    let h = kvh * group + z;
+                    for lane in 0..LANES {
+                        for hr in 0..2 {
+                            let kr = r0 + gid(lane) + 8 * hr;
+                            if kr >= nk {
+                                continue;
+                            }
+                            let at0 = ((seq0 + k0 + kr) * nh + h) * hd + 2 * tig(lane);
+                            for n in 0..dt {
+                                let at = at0 + 8 * n;
+                                let (a, b) = (&dka[n][lane], &dva[n][lane]);
+                                assert!(
+                                    dk_part[at].is_nan() && dv_part[at].is_nan(),
+                                    "a dk/dv share written twice"
+                                );
+                                dk_part[at..at + 2].copy_from_slice(&a[2 * hr..2 * hr + 2]);
+                                dv_part[at..at + 2].copy_from_slice(&b[2 * hr..2 * hr + 2]);
+                            }
+                        }
+                    }
+                    continue;
+                }
                 for lane in 0..LANES {
                     for hr in 0..2 {
                         let kr = r0 + gid(lane) + 8 * hr;
@@ -452,6 +483,29 @@ pub(super) fn emulate_tc(
                             dv[at + 1] = unbf((wv >> 16) as u16);
                         }
                     }
+                }
+            }
+        }
+    }
+    if split {
+        // ---- The reduce kernel: the group's shares summed in order, at sequence rows (the
+        // kernel reads zeros elsewhere, where the shares are zero-filled). ----
+        for s in seqs {
+            for r in s.start..s.start + s.len {
+                for c in 0..kw {
+                    let (kvh, d) = (c / hd, c % hd);
+                    let (mut sk, mut sv) = (0f32, 0f32);
+                    for g in 0..group {
+                        let p = (r * nh + kvh * group + g) * hd + d;
+                        assert!(
+                            dk_part[p].is_finite() && dv_part[p].is_finite(),
+                            "a share unwritten"
+                        );
+                        sk += dk_part[p];
+                        sv += dv_part[p];
+                    }
+                    dk[r * kw + c] = unbf(bf(sk * scale));
+                    dv[r * kw + c] = unbf(bf(sv));
                 }
             }
         }

@@ -828,6 +828,7 @@ mod tests {
             AdamWArgs,
             CastArgs,
             AttentionBackwardArgs,
+            AttentionDkvReduceArgs,
             PairLossArgs,
             AttentionTcArgs,
         );
