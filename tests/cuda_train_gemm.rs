@@ -327,6 +327,33 @@ fn sum_squares_matches_cpu_for_f32_and_bf16_and_is_deterministic() {
     }
     let empty = be.upload_f32(&HostTensor::new(vec![0, 3], vec![])).unwrap();
     assert_eq!(be.sum_squares(&empty).unwrap(), 0.0);
+    // Batched over mixed tensors (an empty one among them): the per-tensor sums added in
+    // order, bit for bit.
+    let mixed: Vec<_> = [5usize, 0, 4096 * 3 + 1, 1, (1 << 20) + 17]
+        .iter()
+        .enumerate()
+        .map(|(i, &len)| {
+            let t = rng.tensor(&[len], 2.0);
+            if i % 2 == 0 {
+                be.upload_f32(&t).unwrap()
+            } else {
+                be.upload(&t).unwrap()
+            }
+        })
+        .collect();
+    let refs: Vec<_> = mixed.iter().collect();
+    let mut want = 0.0f64;
+    for t in &refs {
+        want += be.sum_squares(t).unwrap();
+    }
+    let got = be.sum_squares_many(&refs).unwrap();
+    assert_eq!(
+        got.to_bits(),
+        want.to_bits(),
+        "sum_squares_many {got} vs {want}"
+    );
+    assert_eq!(be.sum_squares_many(&[&empty]).unwrap(), 0.0);
+    assert_eq!(be.sum_squares_many(&[]).unwrap(), 0.0);
 }
 
 /// One log-prob backward case, on the GPU with `chunk` rows per chunk (0: the default) and

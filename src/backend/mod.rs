@@ -297,6 +297,18 @@ pub trait Backend: Send + Sync {
     /// `sum(x^2)` over every element, accumulated in f64 (gradient norms).
     fn sum_squares(&self, x: &Self::Tensor) -> Result<f64>;
 
+    /// `sum_squares(xs[0]) + sum_squares(xs[1]) + ...`, added in that order, with the same
+    /// result bit for bit: the global gradient norm over every parameter. The default calls
+    /// [`Backend::sum_squares`] per tensor; a backend may batch the work (the CUDA backend
+    /// reads all the partial sums back in one copy instead of one per tensor).
+    fn sum_squares_many(&self, xs: &[&Self::Tensor]) -> Result<f64> {
+        let mut total = 0.0;
+        for x in xs {
+            total += self.sum_squares(x)?;
+        }
+        Ok(total)
+    }
+
     /// Concatenates `[n, w_j]` tensors left to right into `[n, sum(w_j)]`: the inverse of
     /// [`Backend::split_columns`].
     fn concat_columns(&self, parts: &[&Self::Tensor]) -> Result<Self::Tensor>;

@@ -212,10 +212,8 @@ impl<B: Backend> Gradients<B> {
 
     /// `sum(g^2)` over every gradient (for the global norm used in clipping).
     pub fn sum_squares(&self, backend: &B) -> Result<f64> {
-        self.iter()
-            .into_iter()
-            .map(|(_, g)| backend.sum_squares(g))
-            .sum()
+        let grads: Vec<&B::Tensor> = self.iter().into_iter().map(|(_, g)| g).collect();
+        backend.sum_squares_many(&grads)
     }
 
     /// Multiplies every gradient by `s` (clipping, averaging over micro-batches).

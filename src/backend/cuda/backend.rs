@@ -65,6 +65,7 @@ pub const ON_CUDA: &[&str] = &[
     "pair_losses",
     "decode_step",
     "decode_graph_stats",
+    "sum_squares_many",
     "reset_profile",
     "tensor_to_f32",
     "linear_to_f32",
@@ -961,6 +962,10 @@ impl Backend for CudaBackend {
 
     fn sum_squares(&self, x: &CudaTensor) -> Result<f64> {
         self.train_sum_squares(x)
+    }
+
+    fn sum_squares_many(&self, xs: &[&CudaTensor]) -> Result<f64> {
+        self.train_sum_squares_many(xs)
     }
 
     fn zeros_f32(&self, shape: &[usize]) -> Result<CudaTensor> {

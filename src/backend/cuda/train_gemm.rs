@@ -268,38 +268,67 @@ impl CudaBackend {
     }
 
     pub(crate) fn train_sum_squares(&self, x: &CudaTensor) -> Result<f64> {
-        let n = x.numel();
-        if n == 0 {
-            return Ok(0.0);
-        }
+        self.train_sum_squares_many(&[x])
+    }
+
+    /// [`crate::backend::Backend::sum_squares_many`]: one partial-sum launch per tensor into
+    /// one buffer, one copy back, then each tensor's partials added in order and the tensors'
+    /// sums in order (as one `sum_squares` per tensor would, bit for bit).
+    pub(crate) fn train_sum_squares_many(&self, xs: &[&CudaTensor]) -> Result<f64> {
         // The grid depends on n only, so the partials (and their ordered sum) are the same on
         // every run and device.
-        let blocks = n
-            .div_ceil(SUM_SQUARES_THREADS * 8)
-            .clamp(1, SUM_SQUARES_MAX_BLOCKS);
-        let mut partials = self.gpu.alloc::<f64>(blocks)?;
-        let a = args::SumSquaresArgs {
-            x: self.addr(x),
-            partials: self.gpu.ptr_mut(&mut partials),
-            n: n as i64,
+        let blocks_of = |n: usize| {
+            n.div_ceil(SUM_SQUARES_THREADS * 8)
+                .clamp(1, SUM_SQUARES_MAX_BLOCKS)
         };
-        let kernel = match x.dtype() {
-            DType::Bf16 => "ge_sum_squares_bf16",
-            DType::F32 => "ge_sum_squares_f32",
-        };
-        let cfg = LaunchConfig {
-            grid_dim: (blocks as u32, 1, 1),
-            block_dim: (SUM_SQUARES_THREADS as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: x holds n elements of the kernel's type, partials `blocks` f64s, one per
-        // block of the grid.
-        unsafe { self.gpu.launch(kernel, cfg, &a) }?;
-        Ok(self
-            .gpu
-            .download_slice(&partials, blocks)?
+        let counts: Vec<usize> = xs
             .iter()
-            .sum::<f64>())
+            .map(|x| {
+                if x.numel() == 0 {
+                    0
+                } else {
+                    blocks_of(x.numel())
+                }
+            })
+            .collect();
+        let total: usize = counts.iter().sum();
+        if total == 0 {
+            return Ok(0.0);
+        }
+        let mut partials = self.gpu.alloc::<f64>(total)?;
+        let base = self.gpu.ptr_mut(&mut partials);
+        let mut at = 0;
+        for (x, &blocks) in xs.iter().zip(&counts) {
+            if blocks == 0 {
+                continue;
+            }
+            let a = args::SumSquaresArgs {
+                x: self.addr(x),
+                partials: base + (at * std::mem::size_of::<f64>()) as u64,
+                n: x.numel() as i64,
+            };
+            let kernel = match x.dtype() {
+                DType::Bf16 => "ge_sum_squares_bf16",
+                DType::F32 => "ge_sum_squares_f32",
+            };
+            let cfg = LaunchConfig {
+                grid_dim: (blocks as u32, 1, 1),
+                block_dim: (SUM_SQUARES_THREADS as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: x holds n elements of the kernel's type; its `blocks` partials lie at
+            // `at..at + blocks` of the `total` f64s, one per block of the grid.
+            unsafe { self.gpu.launch(kernel, cfg, &a) }?;
+            at += blocks;
+        }
+        let sums = self.gpu.download_slice(&partials, total)?;
+        let mut total_sum = 0.0;
+        let mut at = 0;
+        for &blocks in &counts {
+            total_sum += sums[at..at + blocks].iter().sum::<f64>();
+            at += blocks;
+        }
+        Ok(total_sum)
     }
 
     pub(crate) fn train_target_logprobs_backward(
