@@ -520,8 +520,27 @@ typedef struct AttentionBackwardArgs {
      * read as `[rows, num_heads, head_dim]` f32, which ge_attention_dkv_reduce then sums
      * over the group; 0 = each block loops over the group and writes bf16 dk / dv. */
     int split_heads;
+    /** Tensor-core dq kernel only: 1 = `lse` and `delta` already hold every sequence row's
+     * statistics (the forward's log-sum-exp, ge_attention_delta's delta), so the kernel
+     * reads them instead of computing (and writing) them in a first pass over the keys. */
+    int stats_given;
 } AttentionBackwardArgs;
 GE_LAYOUT(AttentionBackwardArgs, 112, 8);
+
+/** `delta[r, h] = sum_d dout[r, h, d] * out[r, h, d]` (f32) for every row `r < rows` and head
+ * `h`: the attention backward's `sum_j P_rj dP_rj`, from the forward's output. */
+typedef struct AttentionDeltaArgs {
+    /** bf16 `[rows, num_heads * head_dim]`, read. */
+    unsigned long long out;
+    /** bf16 `[rows, num_heads * head_dim]`, read. */
+    unsigned long long dout;
+    /** f32 `[rows, num_heads]`, written. */
+    unsigned long long delta;
+    long long rows;
+    int num_heads;
+    int head_dim;
+} AttentionDeltaArgs;
+GE_LAYOUT(AttentionDeltaArgs, 40, 8);
 
 /** dk and dv from the per-query-head shares of the split tensor-core dk/dv kernel:
  * `dk[r, kvh, d] = bf16(scale * sum_g dk_part[r, kvh * group + g, d])`, `dv` the same without

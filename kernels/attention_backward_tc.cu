@@ -175,83 +175,94 @@ __device__ __forceinline__ void ge_attention_backward_dq_tc(const AttentionBackw
     ge_abt_load<HD, BQ>(q_s, q, qw, seq0 + q0, nq);
     ge_abt_load<HD, BQ>(do_s, dout, qw, seq0 + q0, nq);
 
-    // Pass 1: the thread's rows are r0 + gid + 8 hr (hr = 0, 1). The running max m is the
-    // same in the 4 lanes of a quad (the lanes sharing a row); l and acc (the sums of the
-    // exponentials and of exponentials times dP) are per lane over its columns until the end.
-    float m[2], l[2], acc[2];
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-        m[hr] = GE_ABT_NEG_INF;
-        l[hr] = 0.0f;
-        acc[hr] = 0.0f;
-    }
-    for (int k0 = 0; k0 < key_end; k0 += BK) {
-        const int nk = min(BK, key_end - k0);
-        __syncthreads();  // the previous tile's readers are done (and q_s / do_s are loaded)
-        ge_abt_load<HD, BK>(k_s, k, kw, seq0 + k0, nk);
-        ge_abt_load<HD, BK>(v_s, v, kw, seq0 + k0, nk);
-        __syncthreads();
-        float s[NT][4], dp[NT][4];
-        ge_abt_scores<HD, NT>(s, q_s, k_s, r0, gid, tig);
-        ge_abt_scores<HD, NT>(dp, do_s, v_s, r0, gid, tig);
+    float lse_r[2], dd_r[2];
+    if (a.stats_given) {
+        // The forward's log-sum-exp and ge_attention_delta's delta, for the thread's rows.
 #pragma unroll
         for (int hr = 0; hr < 2; ++hr) {
             const int r = r0 + gid + 8 * hr;
-            const int qi = q0 + r;
-            float mx = GE_ABT_NEG_INF;
+            const long long idx = (seq0 + q0 + r) * a.num_heads + h;
+            lse_r[hr] = r < nq ? reinterpret_cast<const float*>(a.lse)[idx] : 0.0f;
+            dd_r[hr] = r < nq ? reinterpret_cast<const float*>(a.delta)[idx] : 0.0f;
+        }
+    } else {
+        // Pass 1: the thread's rows are r0 + gid + 8 hr (hr = 0, 1). The running max m is the
+        // same in the 4 lanes of a quad (the lanes sharing a row); l and acc (the sums of the
+        // exponentials and of exponentials times dP) are per lane over its columns until the end.
+        float m[2], l[2], acc[2];
 #pragma unroll
-            for (int j = 0; j < NT; ++j) {
+        for (int hr = 0; hr < 2; ++hr) {
+            m[hr] = GE_ABT_NEG_INF;
+            l[hr] = 0.0f;
+            acc[hr] = 0.0f;
+        }
+        for (int k0 = 0; k0 < key_end; k0 += BK) {
+            const int nk = min(BK, key_end - k0);
+            __syncthreads();  // the previous tile's readers are done (and q_s / do_s are loaded)
+            ge_abt_load<HD, BK>(k_s, k, kw, seq0 + k0, nk);
+            ge_abt_load<HD, BK>(v_s, v, kw, seq0 + k0, nk);
+            __syncthreads();
+            float s[NT][4], dp[NT][4];
+            ge_abt_scores<HD, NT>(s, q_s, k_s, r0, gid, tig);
+            ge_abt_scores<HD, NT>(dp, do_s, v_s, r0, gid, tig);
 #pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const int c = 8 * j + 2 * tig + e;
-                    const bool ok = r < nq && c < nk && k0 + c <= qi;
-                    const float x = ok ? s[j][2 * hr + e] * scale : GE_ABT_NEG_INF;
-                    s[j][2 * hr + e] = x;
-                    mx = fmaxf(mx, x);
-                }
-            }
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            const float mn = fmaxf(m[hr], mx);
-            if (mn != GE_ABT_NEG_INF) {  // the same in the whole quad
-                const float corr = expf(m[hr] - mn);  // 0 while m was -inf
-                float ls = l[hr] * corr;
-                float as = acc[hr] * corr;
+            for (int hr = 0; hr < 2; ++hr) {
+                const int r = r0 + gid + 8 * hr;
+                const int qi = q0 + r;
+                float mx = GE_ABT_NEG_INF;
 #pragma unroll
                 for (int j = 0; j < NT; ++j) {
 #pragma unroll
                     for (int e = 0; e < 2; ++e) {
-                        const float ex = expf(s[j][2 * hr + e] - mn);  // 0 where masked
-                        ls += ex;
-                        as = fmaf(ex, dp[j][2 * hr + e], as);
+                        const int c = 8 * j + 2 * tig + e;
+                        const bool ok = r < nq && c < nk && k0 + c <= qi;
+                        const float x = ok ? s[j][2 * hr + e] * scale : GE_ABT_NEG_INF;
+                        s[j][2 * hr + e] = x;
+                        mx = fmaxf(mx, x);
                     }
                 }
-                l[hr] = ls;
-                acc[hr] = as;
-                m[hr] = mn;
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                const float mn = fmaxf(m[hr], mx);
+                if (mn != GE_ABT_NEG_INF) {  // the same in the whole quad
+                    const float corr = expf(m[hr] - mn);  // 0 while m was -inf
+                    float ls = l[hr] * corr;
+                    float as = acc[hr] * corr;
+#pragma unroll
+                    for (int j = 0; j < NT; ++j) {
+#pragma unroll
+                        for (int e = 0; e < 2; ++e) {
+                            const float ex = expf(s[j][2 * hr + e] - mn);  // 0 where masked
+                            ls += ex;
+                            as = fmaf(ex, dp[j][2 * hr + e], as);
+                        }
+                    }
+                    l[hr] = ls;
+                    acc[hr] = as;
+                    m[hr] = mn;
+                }
             }
         }
-    }
-    float lse_r[2], dd_r[2];
 #pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-        float ls = l[hr];
-        float as = acc[hr];
-        ls += __shfl_xor_sync(0xffffffffu, ls, 1);
-        as += __shfl_xor_sync(0xffffffffu, as, 1);
-        ls += __shfl_xor_sync(0xffffffffu, ls, 2);
-        as += __shfl_xor_sync(0xffffffffu, as, 2);
-        const int r = r0 + gid + 8 * hr;
-        // Rows past the sequence see no key: statistics that make their P zero anyway.
-        const bool ok = r < nq && ls > 0.0f;
-        lse_r[hr] = ok ? m[hr] + logf(ls) : 0.0f;
-        dd_r[hr] = ok ? as / ls : 0.0f;
-        if (tig == 0 && r < nq) {
-            const long long idx = (seq0 + q0 + r) * a.num_heads + h;
-            reinterpret_cast<float*>(a.lse)[idx] = lse_r[hr];
-            reinterpret_cast<float*>(a.delta)[idx] = dd_r[hr];
+        for (int hr = 0; hr < 2; ++hr) {
+            float ls = l[hr];
+            float as = acc[hr];
+            ls += __shfl_xor_sync(0xffffffffu, ls, 1);
+            as += __shfl_xor_sync(0xffffffffu, as, 1);
+            ls += __shfl_xor_sync(0xffffffffu, ls, 2);
+            as += __shfl_xor_sync(0xffffffffu, as, 2);
+            const int r = r0 + gid + 8 * hr;
+            // Rows past the sequence see no key: statistics that make their P zero anyway.
+            const bool ok = r < nq && ls > 0.0f;
+            lse_r[hr] = ok ? m[hr] + logf(ls) : 0.0f;
+            dd_r[hr] = ok ? as / ls : 0.0f;
+            if (tig == 0 && r < nq) {
+                const long long idx = (seq0 + q0 + r) * a.num_heads + h;
+                reinterpret_cast<float*>(a.lse)[idx] = lse_r[hr];
+                reinterpret_cast<float*>(a.delta)[idx] = dd_r[hr];
+            }
         }
-    }
+    }  // pass 1
 
     // Pass 2: dQ = scale * dS K, dS in registers as A fragments.
     float dq[DT][4];
@@ -428,6 +439,26 @@ __device__ __forceinline__ void ge_attention_backward_dkv_tc(const AttentionBack
             dko[rowword + 4 * n + tig] = ge_abt_pack(dk[n][2 * hr] * scale, dk[n][2 * hr + 1] * scale);
             dvo[rowword + 4 * n + tig] = ge_abt_pack(dv[n][2 * hr], dv[n][2 * hr + 1]);
         }
+    }
+}
+
+// ---- delta = rowsum(dout * out) per (row, head), f32 (see AttentionDeltaArgs): one warp per
+// (row, head), lanes striding over head_dim, then a warp sum. ----
+extern "C" __global__ void ge_attention_delta(AttentionDeltaArgs a) {
+    const ge_bf16* o = reinterpret_cast<const ge_bf16*>(a.out);
+    const ge_bf16* d = reinterpret_cast<const ge_bf16*>(a.dout);
+    float* delta = reinterpret_cast<float*>(a.delta);
+    const long long pairs = a.rows * a.num_heads;
+    const int lane = threadIdx.x % GE_WARP_SIZE;
+    const long long warps = ge_grid_threads() / GE_WARP_SIZE;
+    for (long long w = ge_global_index() / GE_WARP_SIZE; w < pairs; w += warps) {
+        const long long base = w * a.head_dim;  // row r, head h: (r * num_heads + h) * head_dim
+        float s = 0.0f;
+        for (int i = lane; i < a.head_dim; i += GE_WARP_SIZE) {
+            s = fmaf(ge_bf16_to_f32(d[base + i]), ge_bf16_to_f32(o[base + i]), s);
+        }
+        s = ge_warp_sum(s);
+        if (lane == 0) delta[w] = s;
     }
 }
 

@@ -174,6 +174,45 @@ fn check(what: &str, shape: AttentionShape, seqs: &[SeqSpan], rows: usize, q_sca
                 "{what} {name}: a second run differs (not deterministic)"
             );
         }
+        // The training path: the tensor-core forward hands its log-sum-exp (and output, for
+        // delta) to the backward, whose dq kernel then skips its statistics pass. The same
+        // gradients, within the same tolerance.
+        let (out, stats) = be
+            .causal_attention_for_training(&gq, &gk, &gv, seqs, shape)
+            .unwrap_or_else(|e| panic!("{what}: {e:#}"));
+        match (kind, stats) {
+            ("tensor cores", Some(stats)) => {
+                let (dq, dk, dv) = be
+                    .causal_attention_backward_with(&gq, &gk, &gv, &gd, &out, &stats, seqs, shape)
+                    .unwrap_or_else(|e| panic!("{what}: {e:#}"));
+                for (name, g, w) in [("dq", &dq, &wq), ("dk", &dk, &wk), ("dv", &dv, &wv)] {
+                    let g = be.download(g).unwrap();
+                    let width = g.shape[1];
+                    for (r, _) in in_seq.iter().enumerate().filter(|(_, s)| !**s) {
+                        assert!(
+                            g.data[r * width..(r + 1) * width].iter().all(|&x| x == 0.0),
+                            "{what} {name} with the forward's statistics: row {r} belongs to no sequence but is not zero"
+                        );
+                    }
+                    let e = rel_err(&g.data, &w.data);
+                    let _ = writeln!(
+                        std::io::stderr(),
+                        "{what} {name} with the forward's statistics: relative error {e:.2e} (seed {seed})"
+                    );
+                    assert!(
+                        e <= TOL,
+                        "{what} {name} with the forward's statistics (seed {seed}): relative error {e:.3e} over {TOL:.0e}"
+                    );
+                }
+            }
+            ("tensor cores", None) => {
+                panic!("{what}: the tensor-core forward gave no statistics for the backward")
+            }
+            (_, stats) => assert!(
+                stats.is_none(),
+                "{what}: statistics without the tensor-core backward"
+            ),
+        }
         results.push(got);
     }
     // The two kernel sets agree with each other (as closely as each with the CPU).

@@ -458,6 +458,41 @@ pub trait Backend: Send + Sync {
         shape: AttentionShape,
     ) -> Result<(Self::Tensor, Self::Tensor, Self::Tensor)>;
 
+    /// [`Backend::causal_attention`] for the training forward: the output and, where the
+    /// backend gives them, the softmax statistics of its rows (a backend-defined tensor; on
+    /// the GPU the log-sum-exp of each row's scaled scores per head), which
+    /// [`Backend::causal_attention_backward_with`] can use instead of recomputing them. The
+    /// default gives none.
+    fn causal_attention_for_training(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        seqs: &[SeqSpan],
+        shape: AttentionShape,
+    ) -> Result<(Self::Tensor, Option<Self::Tensor>)> {
+        Ok((self.causal_attention(q, k, v, seqs, shape)?, None))
+    }
+
+    /// [`Backend::causal_attention_backward`] given what the forward computed: its output
+    /// `out` and the statistics `stats` of [`Backend::causal_attention_for_training`]. The
+    /// gradients are the same up to rounding; the default ignores `out` and `stats`.
+    #[allow(clippy::too_many_arguments)]
+    fn causal_attention_backward_with(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        dout: &Self::Tensor,
+        out: &Self::Tensor,
+        stats: &Self::Tensor,
+        seqs: &[SeqSpan],
+        shape: AttentionShape,
+    ) -> Result<(Self::Tensor, Self::Tensor, Self::Tensor)> {
+        let _ = (out, stats);
+        self.causal_attention_backward(q, k, v, dout, seqs, shape)
+    }
+
     /// Backward of [`Backend::target_logprobs`]: with `logits = hidden @ lm_head^T`
     /// (`hidden` `[n, d]`, `lm_head` `[vocab, d]`), `p = softmax(logits)` per row and
     /// `dlogits[r] = d_logprob[r] * (onehot(targets[r]) - p[r])`, returns

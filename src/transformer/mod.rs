@@ -380,8 +380,13 @@ impl<B: Backend> Transformer<B> {
                         .map_err(|_| anyhow::anyhow!("split_columns returned the wrong count"))?;
                     be.rope(&mut q, positions, c.head_dim, &self.inv_freq)?;
                     be.rope(&mut k, positions, c.head_dim, &self.inv_freq)?;
-                    let attn = be.causal_attention(&q, &k, &v, seqs, *shape)?;
-                    (attn, Some((q, k, v)))
+                    // Training keeps the softmax statistics where the backend gives them.
+                    let (attn, stats) = if save.as_ref().is_some_and(|s| !s.recompute) {
+                        be.causal_attention_for_training(&q, &k, &v, seqs, *shape)?
+                    } else {
+                        (be.causal_attention(&q, &k, &v, seqs, *shape)?, None)
+                    };
+                    (attn, Some((q, k, v, stats)))
                 }
                 AttentionMode::Paged {
                     k,
@@ -413,7 +418,9 @@ impl<B: Backend> Transformer<B> {
             let act = be.swiglu(&gate_up)?;
             pending = Some(be.linear(&act, &layer.down_proj, None)?);
             if let Some(saved) = save.as_deref_mut() {
-                let (Some(x_in), Some(x_mid), Some((q, k, v))) = (x_in, x_mid, qkv_rotated) else {
+                let (Some(x_in), Some(x_mid), Some((q, k, v, attn_stats))) =
+                    (x_in, x_mid, qkv_rotated)
+                else {
                     bail!("internal: the training forward needs whole-sequence attention");
                 };
                 if saved.recompute {
@@ -427,6 +434,7 @@ impl<B: Backend> Transformer<B> {
                     k,
                     v,
                     attn,
+                    attn_stats,
                     x_mid,
                     gate_up,
                 });

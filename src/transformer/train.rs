@@ -85,6 +85,10 @@ pub(crate) struct LayerActivations<T> {
     pub(crate) v: T,
     /// The attention output (o_proj's input).
     pub(crate) attn: T,
+    /// The attention's softmax statistics, where the backend gives them
+    /// ([`Backend::causal_attention_for_training`]): the backward then need not recompute
+    /// them.
+    pub(crate) attn_stats: Option<T>,
     /// The residual stream after the attention block (the post-attention norm's input).
     pub(crate) x_mid: T,
     /// The fused gate/up projection (SwiGLU's input).
@@ -386,9 +390,21 @@ impl<B: Backend> Transformer<B> {
             // [q | k | v] = qkv_proj(rms_norm(x_in)) + bias.
             be.accumulate_linear_grad(&mut lg.o_proj, &saved.attn, &dx)?;
             let d_attn = be.linear_backward_input(&dx, &layer.o_proj)?;
-            let (mut dq, mut dk, dv) = be.causal_attention_backward(
-                &saved.q, &saved.k, &saved.v, &d_attn, &acts.seqs, shape,
-            )?;
+            let (mut dq, mut dk, dv) = match &saved.attn_stats {
+                Some(stats) => be.causal_attention_backward_with(
+                    &saved.q,
+                    &saved.k,
+                    &saved.v,
+                    &d_attn,
+                    &saved.attn,
+                    stats,
+                    &acts.seqs,
+                    shape,
+                )?,
+                None => be.causal_attention_backward(
+                    &saved.q, &saved.k, &saved.v, &d_attn, &acts.seqs, shape,
+                )?,
+            };
             be.rope_backward(&mut dq, &acts.positions, c.head_dim, &self.inv_freq)?;
             be.rope_backward(&mut dk, &acts.positions, c.head_dim, &self.inv_freq)?;
             let d_qkv = be.concat_columns(&[&dq, &dk, &dv])?;
@@ -434,7 +450,8 @@ impl<B: Backend> Transformer<B> {
         drop(qkv);
         be.rope(&mut q, positions, c.head_dim, &self.inv_freq)?;
         be.rope(&mut k, positions, c.head_dim, &self.inv_freq)?;
-        let attn = be.causal_attention(&q, &k, &v, seqs, self.attention_shape())?;
+        let (attn, attn_stats) =
+            be.causal_attention_for_training(&q, &k, &v, seqs, self.attention_shape())?;
         let o = be.linear(&attn, &layer.o_proj, None)?;
         let mut x_mid = be.copy(x_in)?;
         let xn = be.add_rms_norm(&mut x_mid, &o, &layer.post_attention_norm, eps)?;
@@ -445,6 +462,7 @@ impl<B: Backend> Transformer<B> {
             k,
             v,
             attn,
+            attn_stats,
             x_mid,
             gate_up,
         })

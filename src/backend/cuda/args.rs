@@ -844,6 +844,8 @@ pub struct AttentionBackwardArgs {
     pub scale: f32,
     #[doc = " Tensor-core dk/dv kernel only: 1 = each block takes one query head of its kv head's\n group (grid z) and writes that head's f32 share of dk (unscaled) and dv at `dk` / `dv`,\n read as `[rows, num_heads, head_dim]` f32, which ge_attention_dkv_reduce then sums\n over the group; 0 = each block loops over the group and writes bf16 dk / dv."]
     pub split_heads: ::std::os::raw::c_int,
+    #[doc = " Tensor-core dq kernel only: 1 = `lse` and `delta` already hold every sequence row's\n statistics (the forward's log-sum-exp, ge_attention_delta's delta), so the kernel\n reads them instead of computing (and writing) them in a first pass over the keys."]
+    pub stats_given: ::std::os::raw::c_int,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
@@ -884,6 +886,39 @@ const _: () = {
         [::std::mem::offset_of!(AttentionBackwardArgs, scale) - 100usize];
     ["Offset of field: AttentionBackwardArgs::split_heads"]
         [::std::mem::offset_of!(AttentionBackwardArgs, split_heads) - 104usize];
+    ["Offset of field: AttentionBackwardArgs::stats_given"]
+        [::std::mem::offset_of!(AttentionBackwardArgs, stats_given) - 108usize];
+};
+#[doc = " `delta[r, h] = sum_d dout[r, h, d] * out[r, h, d]` (f32) for every row `r < rows` and head\n `h`: the attention backward's `sum_j P_rj dP_rj`, from the forward's output."]
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct AttentionDeltaArgs {
+    #[doc = " bf16 `[rows, num_heads * head_dim]`, read."]
+    pub out: ::std::os::raw::c_ulonglong,
+    #[doc = " bf16 `[rows, num_heads * head_dim]`, read."]
+    pub dout: ::std::os::raw::c_ulonglong,
+    #[doc = " f32 `[rows, num_heads]`, written."]
+    pub delta: ::std::os::raw::c_ulonglong,
+    pub rows: ::std::os::raw::c_longlong,
+    pub num_heads: ::std::os::raw::c_int,
+    pub head_dim: ::std::os::raw::c_int,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of AttentionDeltaArgs"][::std::mem::size_of::<AttentionDeltaArgs>() - 40usize];
+    ["Alignment of AttentionDeltaArgs"][::std::mem::align_of::<AttentionDeltaArgs>() - 8usize];
+    ["Offset of field: AttentionDeltaArgs::out"]
+        [::std::mem::offset_of!(AttentionDeltaArgs, out) - 0usize];
+    ["Offset of field: AttentionDeltaArgs::dout"]
+        [::std::mem::offset_of!(AttentionDeltaArgs, dout) - 8usize];
+    ["Offset of field: AttentionDeltaArgs::delta"]
+        [::std::mem::offset_of!(AttentionDeltaArgs, delta) - 16usize];
+    ["Offset of field: AttentionDeltaArgs::rows"]
+        [::std::mem::offset_of!(AttentionDeltaArgs, rows) - 24usize];
+    ["Offset of field: AttentionDeltaArgs::num_heads"]
+        [::std::mem::offset_of!(AttentionDeltaArgs, num_heads) - 32usize];
+    ["Offset of field: AttentionDeltaArgs::head_dim"]
+        [::std::mem::offset_of!(AttentionDeltaArgs, head_dim) - 36usize];
 };
 #[doc = " dk and dv from the per-query-head shares of the split tensor-core dk/dv kernel:\n `dk[r, kvh, d] = bf16(scale * sum_g dk_part[r, kvh * group + g, d])`, `dv` the same without\n the scale, for every row `r < rows` (`group = num_heads / num_kv_heads`; the sum in order\n of `g`)."]
 #[repr(C)]

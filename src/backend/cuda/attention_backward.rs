@@ -31,6 +31,8 @@ use half::bf16;
 unsafe impl cudarc::driver::DeviceRepr for args::AttentionBackwardArgs {}
 // SAFETY: as above (u64 device addresses, an i64, i32s and an f32).
 unsafe impl cudarc::driver::DeviceRepr for args::AttentionDkvReduceArgs {}
+// SAFETY: as above (u64 device addresses, an i64 and i32s).
+unsafe impl cudarc::driver::DeviceRepr for args::AttentionDeltaArgs {}
 
 /// Threads per block of both scalar kernels (`GE_AB_THREADS`).
 pub const THREADS: u32 = 256;
@@ -149,12 +151,18 @@ impl CudaBackend {
         }
     }
 
+    /// The attention backward; with `forward` = (output, log-sum-exp of
+    /// [`CudaBackend::causal_attention_with_lse`]) and the tensor-core kernels, the dq kernel
+    /// takes the softmax statistics from the forward (delta from its output) instead of
+    /// computing them in a first pass over the keys.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn attn_causal_backward(
         &self,
         q: &CudaTensor,
         k: &CudaTensor,
         v: &CudaTensor,
         dout: &CudaTensor,
+        forward: Option<(&CudaTensor, &CudaTensor)>,
         seqs: &[SeqSpan],
         shape: AttentionShape,
     ) -> Result<(CudaTensor, CudaTensor, CudaTensor)> {
@@ -216,9 +224,60 @@ impl CudaBackend {
             nq <= i32::MAX as usize && nk <= i32::MAX as usize,
             "{OP}: too many tiles"
         );
-        // Row statistics, written by the dq kernel at every sequence row, read by dk/dv.
-        let lse = self.gpu.alloc::<f32>(n * num_heads)?;
-        let delta = self.gpu.alloc::<f32>(n * num_heads)?;
+        // Row statistics, written by the dq kernel at every sequence row, read by dk/dv; or,
+        // given the forward's, its log-sum-exp and delta = rowsum(dout * out) from its output.
+        let given = match forward {
+            Some((out, lse)) if self.attention_tensor_cores => {
+                ensure!(
+                    out.shape == q.shape && out.dtype() == DType::Bf16,
+                    "{OP}: forward output {:?} ({}) for q {:?}",
+                    out.shape,
+                    out.dtype().name(),
+                    q.shape
+                );
+                ensure!(
+                    lse.numel() == n * num_heads && lse.dtype() == DType::F32,
+                    "{OP}: forward statistics of {} {} values for {n} rows x {num_heads} heads",
+                    lse.numel(),
+                    lse.dtype().name()
+                );
+                let mut delta = self.gpu.alloc::<f32>(n * num_heads)?;
+                if n > 0 {
+                    let d = args::AttentionDeltaArgs {
+                        out: self.gpu.ptr(out.bf16(OP)?),
+                        dout: self.gpu.ptr(ds),
+                        delta: self.gpu.ptr_mut(&mut delta),
+                        rows: n as i64,
+                        num_heads: num_heads as i32,
+                        head_dim: head_dim as i32,
+                    };
+                    // SAFETY: out and dout are [n, num_heads * head_dim] bf16 (checked), delta
+                    // n * num_heads f32s; one warp per (row, head).
+                    unsafe {
+                        self.gpu.launch(
+                            "ge_attention_delta",
+                            super::context::grid_stride_config(n * num_heads * 32),
+                            &d,
+                        )
+                    }?;
+                }
+                Some((self.addr(lse), delta))
+            }
+            _ => None,
+        };
+        let lse_own = match given {
+            Some(_) => None,
+            None => Some(self.gpu.alloc::<f32>(n * num_heads)?),
+        };
+        let delta_own = match given {
+            Some(_) => None,
+            None => Some(self.gpu.alloc::<f32>(n * num_heads)?),
+        };
+        let (lse_addr, delta_addr) = match (&given, &lse_own, &delta_own) {
+            (Some((lse, delta)), _, _) => (*lse, self.gpu.ptr(delta)),
+            (None, Some(l), Some(d)) => (self.gpu.ptr(l), self.gpu.ptr(d)),
+            _ => unreachable!("one of the two is set above"),
+        };
         let q_tile_buf = self.gpu.upload_slice(&q_tiles)?;
         let k_tile_buf = self.gpu.upload_slice(&k_tiles)?;
         let mut a = args::AttentionBackwardArgs {
@@ -229,8 +288,8 @@ impl CudaBackend {
             dq: self.gpu.ptr_mut(dq.bf16_mut(OP)?),
             dk: self.gpu.ptr_mut(dk.bf16_mut(OP)?),
             dv: self.gpu.ptr_mut(dv.bf16_mut(OP)?),
-            lse: self.gpu.ptr(&lse),
-            delta: self.gpu.ptr(&delta),
+            lse: lse_addr,
+            delta: delta_addr,
             tiles: self.gpu.ptr(&q_tile_buf),
             num_tiles: nq as i32,
             num_heads: num_heads as i32,
@@ -239,6 +298,7 @@ impl CudaBackend {
             tile_rows: tiles.query_rows as i32,
             scale: 1.0 / (head_dim as f32).sqrt(),
             split_heads: 0,
+            stats_given: given.is_some() as i32,
         };
         let cfg = LaunchConfig {
             grid_dim: (nq as u32, num_heads as u32, 1),

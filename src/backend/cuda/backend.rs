@@ -66,6 +66,8 @@ pub const ON_CUDA: &[&str] = &[
     "decode_step",
     "decode_graph_stats",
     "sum_squares_many",
+    "causal_attention_for_training",
+    "causal_attention_backward_with",
     "reset_profile",
     "tensor_to_f32",
     "linear_to_f32",
@@ -1148,7 +1150,39 @@ impl Backend for CudaBackend {
         seqs: &[SeqSpan],
         shape: AttentionShape,
     ) -> Result<(CudaTensor, CudaTensor, CudaTensor)> {
-        self.attn_causal_backward(q, k, v, dout, seqs, shape)
+        self.attn_causal_backward(q, k, v, dout, None, seqs, shape)
+    }
+
+    fn causal_attention_for_training(
+        &self,
+        q: &CudaTensor,
+        k: &CudaTensor,
+        v: &CudaTensor,
+        seqs: &[SeqSpan],
+        shape: AttentionShape,
+    ) -> Result<(CudaTensor, Option<CudaTensor>)> {
+        // The statistics serve the tensor-core backward; they come with the tensor-core
+        // forward.
+        if self.attention_tensor_cores && self.attn_fwd_tc_applies(seqs, q.matrix().0, shape) {
+            let (out, lse) = self.attn_causal_tc(q, k, v, seqs, shape, true)?;
+            return Ok((out, lse));
+        }
+        Ok((self.attn_causal(q, k, v, seqs, shape)?, None))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn causal_attention_backward_with(
+        &self,
+        q: &CudaTensor,
+        k: &CudaTensor,
+        v: &CudaTensor,
+        dout: &CudaTensor,
+        out: &CudaTensor,
+        stats: &CudaTensor,
+        seqs: &[SeqSpan],
+        shape: AttentionShape,
+    ) -> Result<(CudaTensor, CudaTensor, CudaTensor)> {
+        self.attn_causal_backward(q, k, v, dout, Some((out, stats)), seqs, shape)
     }
 
     fn target_logprobs_backward(

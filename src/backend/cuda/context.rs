@@ -829,6 +829,7 @@ mod tests {
             CastArgs,
             AttentionBackwardArgs,
             AttentionDkvReduceArgs,
+            AttentionDeltaArgs,
             PairLossArgs,
             AttentionTcArgs,
         );

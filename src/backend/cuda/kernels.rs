@@ -46,6 +46,7 @@ pub const KERNEL_UNITS: &[(&str, &[&str])] = &[
             "ge_attention_backward_tc_dkv_d64",
             "ge_attention_backward_tc_dkv_d128",
             "ge_attention_dkv_reduce",
+            "ge_attention_delta",
         ],
     ),
     (
