@@ -93,12 +93,13 @@ fn params(c: &ModelConfig) -> (u64, u64) {
 
 /// Values saved per token and layer for backward (see `transformer::train`): the residual
 /// stream entering the layer and after attention, q, k, v, the attention output, the fused
-/// gate/up projection.
+/// gate/up projection, and (on the GPU) the attention's f32 log-sum-exp per head, counted
+/// as two values.
 fn saved_per_token_layer(c: &ModelConfig) -> u64 {
     let h = c.hidden_size;
     let q = c.num_heads * c.head_dim;
     let kv = c.num_kv_heads * c.head_dim;
-    (2 * h + q + 2 * kv + q + 2 * c.intermediate_size) as u64
+    (2 * h + q + 2 * kv + q + 2 * c.intermediate_size + 2 * c.num_heads) as u64
 }
 
 /// The CPU trainer's peak (all f32).
