@@ -31,10 +31,13 @@
 //! the backend in capture mode ([`super::context::CaptureInputs`]): each op's upload returns
 //! the address of its staged copy after checking that the op asks for exactly the bytes
 //! [`stage`] put there, so the staging cannot drift from what the ops upload. Any transfer that
-//! is not staged, a wait, or a failed capture ends the capture; the step then runs eagerly and,
-//! if that works, graphs are turned off for the backend with a warning. `$GENIUS_CUDA_GRAPHS=0`
-//! turns them off from the start; so do `$GENIUS_CUDA_PROFILE=1` and `$GENIUS_CUDA_SYNC=1`,
-//! which time or wait for each launch.
+//! is not staged, a wait, or a failed capture ends the capture; the step then runs eagerly, and
+//! after [`MAX_CAPTURE_FAILURES`] such steps graphs are turned off for the backend with a
+//! warning. A replay runs none of the ops' host-side checks, so the step's token ids, KV slots
+//! and sampling parameters are checked before it. `$GENIUS_CUDA_GRAPHS=0` turns graphs off
+//! from the start; so do `$GENIUS_CUDA_PROFILE=1` and `$GENIUS_CUDA_SYNC=1`, which time or wait
+//! for each launch. One thread at a time: a capture holds the backend's graph lock, and
+//! another thread's launches on the shared stream would land in the graph.
 
 use super::backend::CudaBackend;
 use super::context::CaptureInputs;
