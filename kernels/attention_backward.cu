@@ -103,7 +103,8 @@ __device__ __forceinline__ void ge_attention_backward_dq(const AttentionBackward
     __shared__ float lse_s[BQ];
     __shared__ float dd_s[BQ];
 
-    if (a.tile_rows != BQ) __trap();
+    // The tensor-core kernels' modes; these kernels have neither.
+    if (a.tile_rows != BQ || a.split_heads || a.stats_given) __trap();
     const int tid = threadIdx.x;
     const int ty = tid / 16;
     const int tx = tid % 16;
@@ -283,7 +284,8 @@ __device__ __forceinline__ void ge_attention_backward_dkv(const AttentionBackwar
     __shared__ float lse_s[BQ];
     __shared__ float dd_s[BQ];
 
-    if (a.tile_rows != BK) __trap();
+    // The tensor-core kernels' modes; these kernels have neither.
+    if (a.tile_rows != BK || a.split_heads || a.stats_given) __trap();
     const int tid = threadIdx.x;
     const int ty = tid / 16;
     const int tx = tid % 16;

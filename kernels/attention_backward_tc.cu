@@ -1,9 +1,12 @@
 // Backward of causal attention over packed variable-length sequences on tensor cores: the
 // same maths, grids, tile lists and outputs as kernels/attention_backward.cu (read its header
 // first), with every matrix product an `mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32`
-// (bf16 operands, f32 accumulation). Deterministic (no atomics; the GQA sum is a loop in the
-// dk/dv kernel). src/backend/cuda/attention_backward.rs has a host emulation of these loops,
-// lane by lane, that checks the fragment index maths against the CPU backend.
+// (bf16 operands, f32 accumulation). Deterministic (no atomics): the GQA sum is a loop in the
+// dk/dv kernel, or (`split_heads`) per-head f32 shares that ge_attention_dkv_reduce adds in
+// order. With `stats_given` the dq kernel takes each row's log-sum-exp from the forward
+// (kernels/attention_tc.cu) and delta from ge_attention_delta instead of computing them.
+// src/backend/cuda/attention_backward.rs has a host emulation of these loops, lane by lane,
+// that checks the fragment index maths against the CPU backend.
 //
 // Blocks are 128 threads, 4 warps; each warp owns 16 rows of the block's own 64-row tile
 // (query rows in the dq kernel, key rows in the dk/dv kernel) and walks the other operand in
@@ -309,8 +312,8 @@ __device__ __forceinline__ void ge_attention_backward_dq_tc(const AttentionBackw
     }
 }
 
-// ---- dK and dV: grid (key tile of 64 rows, kv head[, query head of its group]); needs the dq
-// kernel's lse / delta. ----
+// ---- dK and dV: grid (key tile of 64 rows, kv head[, query head of its group]); needs the
+// rows' lse / delta (the dq kernel's, or the forward's and ge_attention_delta's). ----
 // The warp computes S^T = K Q^T and dP^T = V dO^T (its 16 key rows x BQ query columns), so
 // P^T and dS^T come out in the C layout and feed dV += P^T dO and dK += dS^T Q directly.
 // With `split_heads` (GQA), grid z is the query head within the group: the block adds up that

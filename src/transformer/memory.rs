@@ -93,13 +93,18 @@ fn params(c: &ModelConfig) -> (u64, u64) {
 
 /// Values saved per token and layer for backward (see `transformer::train`): the residual
 /// stream entering the layer and after attention, q, k, v, the attention output, the fused
-/// gate/up projection, and (on the GPU) the attention's f32 log-sum-exp per head, counted
-/// as two values.
+/// gate/up projection.
 fn saved_per_token_layer(c: &ModelConfig) -> u64 {
     let h = c.hidden_size;
     let q = c.num_heads * c.head_dim;
     let kv = c.num_kv_heads * c.head_dim;
-    (2 * h + q + 2 * kv + q + 2 * c.intermediate_size + 2 * c.num_heads) as u64
+    (2 * h + q + 2 * kv + q + 2 * c.intermediate_size) as u64
+}
+
+/// [`saved_per_token_layer`] on the GPU, in bf16 values: also the attention's f32
+/// log-sum-exp per head (two bf16 values each), which the tensor-core backward reads.
+fn gpu_saved_per_token_layer(c: &ModelConfig) -> u64 {
+    saved_per_token_layer(c) + 2 * c.num_heads as u64
 }
 
 /// The CPU trainer's peak (all f32).
@@ -193,17 +198,17 @@ pub fn gpu_training_plan(
                 MemoryItem {
                     name: "activations",
                     bytes: (tokens * c.num_layers as u64 * c.hidden_size as u64
-                        + tokens * saved_per_token_layer(c))
+                        + tokens * gpu_saved_per_token_layer(c))
                         * 2,
                     note: "bf16: every layer's input, one layer recomputed at a time".into(),
                 }
             } else {
                 MemoryItem {
                     name: "activations",
-                    bytes: tokens * c.num_layers as u64 * saved_per_token_layer(c) * 2,
+                    bytes: tokens * c.num_layers as u64 * gpu_saved_per_token_layer(c) * 2,
                     note: format!(
                         "bf16: {} values per token and layer, every layer saved",
-                        saved_per_token_layer(c)
+                        gpu_saved_per_token_layer(c)
                     ),
                 }
             },

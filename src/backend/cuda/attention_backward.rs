@@ -328,6 +328,14 @@ impl CudaBackend {
                 }
             };
             let (mut dk_part, mut dv_part) = (zeroed(part_len)?, zeroed(part_len)?);
+            if covers_all && self.poison_outputs() {
+                // Every share is written by the kernel: NaN first, so a missed one shows.
+                for part in [&mut dk_part, &mut dv_part] {
+                    let p = self.gpu.ptr_mut(part);
+                    self.gpu
+                        .memset_u32(p, super::backend::F32_NAN_BITS, part_len)?;
+                }
+            }
             a.dk = self.gpu.ptr_mut(&mut dk_part);
             a.dv = self.gpu.ptr_mut(&mut dv_part);
             a.split_heads = 1;

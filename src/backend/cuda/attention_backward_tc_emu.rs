@@ -213,6 +213,10 @@ fn accumulate(acc: &mut [CFrag], a: &[AFrag], m: &Smem) {
 
 /// The tensor-core kernels on the host: `(dq, dk, dv)`, rows of no sequence NaN (never
 /// written), written values rounded to bf16 as the kernels store them.
+/// The tensor-core backward kernels, emulated. With `given` = (log-sum-exp, delta), each
+/// `[rows, num_heads]`, the dq kernel runs in its `stats_given` mode: those statistics replace
+/// the ones of its first pass, and the dk/dv kernel reads them.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn emulate_tc(
     q: &[f32],
     k: &[f32],
@@ -221,6 +225,7 @@ pub(super) fn emulate_tc(
     rows: usize,
     seqs: &[SeqSpan],
     shape: AttentionShape,
+    given: Option<(&[f32], &[f32])>,
 ) -> [Vec<f32>; 3] {
     let AttentionShape {
         num_heads: nh,
@@ -238,6 +243,10 @@ pub(super) fn emulate_tc(
     let mut dv = vec![f32::NAN; rows * kw];
     let mut lse_g = vec![f32::NAN; rows * nh];
     let mut dd_g = vec![f32::NAN; rows * nh];
+    if let Some((lse, delta)) = given {
+        lse_g.copy_from_slice(lse);
+        dd_g.copy_from_slice(delta);
+    }
 
     // ---- dq kernel: grid (query tile, head). ----
     let qt = tile_list(seqs, 64, true).unwrap();
@@ -322,6 +331,13 @@ pub(super) fn emulate_tc(
                         assert_eq!(ls[lane].to_bits(), ls[lane & !3].to_bits());
                         assert_eq!(m[lane][hr].to_bits(), m[lane & !3][hr].to_bits());
                         let r = r0 + gid(lane) + 8 * hr;
+                        if given.is_some() {
+                            // stats_given: the row's statistics from global memory.
+                            let idx = (seq0 + q0 + r) * nh + h;
+                            lse_r[lane][hr] = if r < nq { lse_g[idx] } else { 0.0 };
+                            dd_r[lane][hr] = if r < nq { dd_g[idx] } else { 0.0 };
+                            continue;
+                        }
                         let ok = r < nq && ls[lane] > 0.0;
                         lse_r[lane][hr] = if ok { m[lane][hr] + ls[lane].ln() } else { 0.0 };
                         dd_r[lane][hr] = if ok { a_s[lane] / ls[lane] } else { 0.0 };
@@ -554,6 +570,10 @@ mod tests {
         }
     }
 
+    fn scale_of(hd: usize) -> f64 {
+        1.0 / (hd as f64).sqrt()
+    }
+
     #[test]
     fn emulated_tc_kernels_match_the_cpu_backward() {
         let mut state = 1234u64;
@@ -616,7 +636,49 @@ mod tests {
                     shape,
                 )
                 .unwrap();
-            let got = emulate_tc(&q, &k, &v, &d, rows, &spans, shape);
+            let got = emulate_tc(&q, &k, &v, &d, rows, &spans, shape, None);
+            // The stats_given mode, with the forward's statistics: the log-sum-exp of each
+            // row's scaled scores (f64 here) and delta = dout . out with the forward's output
+            // rounded to bf16, as the GPU's training forward hands them over.
+            let out = cpu
+                .causal_attention(
+                    &h(&q, nh * hd),
+                    &h(&k, nkv * hd),
+                    &h(&v, nkv * hd),
+                    &spans,
+                    shape,
+                )
+                .unwrap();
+            let (mut lse, mut delta) = (vec![0f32; rows * nh], vec![0f32; rows * nh]);
+            for s in &spans {
+                for i in 0..s.len {
+                    let r = s.start + i;
+                    for hh in 0..nh {
+                        let kvh = hh / (nh / nkv);
+                        let qrow = &q[r * nh * hd + hh * hd..][..hd];
+                        let sc: Vec<f64> = (0..=i)
+                            .map(|j| {
+                                let krow = &k[(s.start + j) * nkv * hd + kvh * hd..][..hd];
+                                qrow.iter()
+                                    .zip(krow)
+                                    .map(|(a, b)| (a * b) as f64)
+                                    .sum::<f64>()
+                                    * scale_of(hd)
+                            })
+                            .collect();
+                        let mx = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                        lse[r * nh + hh] =
+                            (mx + sc.iter().map(|x| (x - mx).exp()).sum::<f64>().ln()) as f32;
+                        delta[r * nh + hh] = (0..hd)
+                            .map(|dd| {
+                                let at = r * nh * hd + hh * hd + dd;
+                                d[at] * unbf(bf(out.data[at]))
+                            })
+                            .sum();
+                    }
+                }
+            }
+            let got_given = emulate_tc(&q, &k, &v, &d, rows, &spans, shape, Some((&lse, &delta)));
             let mut in_seq = vec![false; rows];
             for s in &spans {
                 in_seq[s.start..s.start + s.len].fill(true);
@@ -625,6 +687,9 @@ mod tests {
                 ("dq", &got[0], &want.0),
                 ("dk", &got[1], &want.1),
                 ("dv", &got[2], &want.2),
+                ("dq (forward's statistics)", &got_given[0], &want.0),
+                ("dk (forward's statistics)", &got_given[1], &want.1),
+                ("dv (forward's statistics)", &got_given[2], &want.2),
             ] {
                 let width = g.len() / rows;
                 let (mut num, mut den) = (0f64, 0f64);

@@ -95,7 +95,7 @@ pub const TARGET_LOGPROB_CHUNK_BYTES: usize = 256 << 20;
 /// bf16 quiet NaN, the poison of bf16 outputs.
 const BF16_NAN_BITS: u16 = 0x7FC0;
 /// f32 quiet NaN, the poison of f32 outputs.
-const F32_NAN_BITS: u32 = 0x7FC0_0000;
+pub(super) const F32_NAN_BITS: u32 = 0x7FC0_0000;
 
 /// The profile's name for a GEMM: decode-sized (up to 64 rows) or larger, by output width.
 fn gemm_profile_name(s: GemmShape) -> &'static str {
@@ -180,6 +180,12 @@ impl CudaBackend {
             )),
             gpu,
         })
+    }
+
+    /// Whether outputs are NaN-filled before the kernels that write them
+    /// ([`CudaOptions::poison_outputs`]).
+    pub(super) fn poison_outputs(&self) -> bool {
+        self.poison
     }
 
     /// Whether `causal_attention` runs on the tensor-core kernel where it applies.
