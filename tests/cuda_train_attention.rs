@@ -2,7 +2,9 @@
 //! fresh random inputs rounded to bf16 (so both backends compute the same function), with
 //! poisoned outputs and a synchronize after every launch. Every check runs both kernel sets:
 //! the tensor-core kernels (kernels/attention_backward_tc.cu, `attention_tensor_cores` on, the
-//! default) and the scalar ones (kernels/attention_backward.cu), and also compares the two.
+//! default; with the GQA dk/dv pass split over query heads, the default, and unsplit) and the
+//! scalar ones (kernels/attention_backward.cu), and also compares them; on the tensor cores
+//! also the training path that takes the forward's softmax statistics.
 //! Covers GQA ratios 1, 2, 4, 7 and 8, head_dim 64 and 128, packed sequences of odd lengths,
 //! spans with gaps (rows of no sequence must be exactly zero) and a 1024-token sequence.
 //!
@@ -31,8 +33,9 @@ use std::sync::OnceLock;
 /// Relative L2 error bound of each gradient (see the module comment).
 const TOL: f64 = 2e-2;
 
-/// The backends of both kernel sets: (name, backend), tensor cores first.
-fn gpus() -> Option<[(&'static str, &'static CudaBackend); 2]> {
+/// The backends of both kernel sets: (name, backend), tensor cores first, then the scalar
+/// kernels, then the tensor cores with the GQA dk/dv pass unsplit (one block per kv head).
+fn gpus() -> Option<[(&'static str, &'static CudaBackend); 3]> {
     let why = match probe_devices() {
         Ok(d) if !d.is_empty() => None,
         Ok(_) => Some("the driver reports no devices".to_string()),
@@ -46,17 +49,23 @@ fn gpus() -> Option<[(&'static str, &'static CudaBackend); 2]> {
         let _ = writeln!(std::io::stderr(), "SKIPPED: no CUDA device ({why})");
         return None;
     }
-    static GPU: OnceLock<[CudaBackend; 2]> = OnceLock::new();
-    let [tc, scalar] = GPU.get_or_init(|| {
-        [true, false].map(|tensor_cores| {
+    static GPU: OnceLock<[CudaBackend; 3]> = OnceLock::new();
+    let [tc, scalar, unsplit] = GPU.get_or_init(|| {
+        [(true, true), (false, true), (true, false)].map(|(tensor_cores, split)| {
             let mut o = CudaOptions::from_env().expect("CUDA options from the environment");
             o.poison_outputs = true;
             o.sync_after_launch = true;
             o.attention_tensor_cores = tensor_cores;
+            o.attention_backward_split_heads = split;
+            o.attention_backward_forward_stats = true;
             CudaBackend::new(&o).unwrap_or_else(|e| panic!("{e:#}"))
         })
     });
-    Some([("tensor cores", tc), ("scalar", scalar)])
+    Some([
+        ("tensor cores", tc),
+        ("scalar", scalar),
+        ("tensor cores, unsplit", unsplit),
+    ])
 }
 
 fn seed() -> u64 {
@@ -180,8 +189,8 @@ fn check(what: &str, shape: AttentionShape, seqs: &[SeqSpan], rows: usize, q_sca
         let (out, stats) = be
             .causal_attention_for_training(&gq, &gk, &gv, seqs, shape)
             .unwrap_or_else(|e| panic!("{what}: {e:#}"));
-        match (kind, stats) {
-            ("tensor cores", Some(stats)) => {
+        match (kind.starts_with("tensor cores"), stats) {
+            (true, Some(stats)) => {
                 let (dq, dk, dv) = be
                     .causal_attention_backward_with(&gq, &gk, &gv, &gd, &out, &stats, seqs, shape)
                     .unwrap_or_else(|e| panic!("{what}: {e:#}"));
@@ -205,10 +214,10 @@ fn check(what: &str, shape: AttentionShape, seqs: &[SeqSpan], rows: usize, q_sca
                     );
                 }
             }
-            ("tensor cores", None) if be.attention_forward_tensor_cores() => {
+            (true, None) if be.attention_forward_tensor_cores() => {
                 panic!("{what}: the tensor-core forward gave no statistics for the backward")
             }
-            ("tensor cores", None) => {
+            (true, None) => {
                 let _ = writeln!(
                     std::io::stderr(),
                     "{what}: forward on CUDA cores ($GENIUS_CUDA_ATTN_FWD_TC=0): no statistics to hand over, path not checked"
@@ -221,17 +230,19 @@ fn check(what: &str, shape: AttentionShape, seqs: &[SeqSpan], rows: usize, q_sca
         }
         results.push(got);
     }
-    // The two kernel sets agree with each other (as closely as each with the CPU).
-    for (i, name) in ["dq", "dk", "dv"].into_iter().enumerate() {
-        let e = rel_err(&results[0][i].data, &results[1][i].data);
-        let _ = writeln!(
-            std::io::stderr(),
-            "{what} {name}: tensor cores vs scalar {e:.2e} (seed {seed})"
-        );
-        assert!(
-            e <= TOL,
-            "{what} {name} (seed {seed}): tensor cores vs scalar {e:.3e} over {TOL:.0e}"
-        );
+    // The kernel sets agree with each other (as closely as each with the CPU).
+    for (other, label) in [(1, "scalar"), (2, "unsplit")] {
+        for (i, name) in ["dq", "dk", "dv"].into_iter().enumerate() {
+            let e = rel_err(&results[0][i].data, &results[other][i].data);
+            let _ = writeln!(
+                std::io::stderr(),
+                "{what} {name}: tensor cores vs {label} {e:.2e} (seed {seed})"
+            );
+            assert!(
+                e <= TOL,
+                "{what} {name} (seed {seed}): tensor cores vs {label} {e:.3e} over {TOL:.0e}"
+            );
+        }
     }
 }
 

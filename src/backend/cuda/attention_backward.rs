@@ -314,7 +314,9 @@ impl CudaBackend {
         a.num_tiles = nk as i32;
         a.tile_rows = tiles.key_rows as i32;
         let group = num_heads / num_kv_heads;
-        if split_dkv_heads(self.attention_tensor_cores, group) {
+        if self.attention_backward_split_heads
+            && split_dkv_heads(self.attention_tensor_cores, group)
+        {
             // One block per (key tile, kv head, query head of the group), each writing its
             // head's f32 share; then the group's shares are summed into dk / dv. Rows of no
             // sequence are zero in the shares, so the sum writes zeros there, as the

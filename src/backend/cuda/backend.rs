@@ -135,6 +135,10 @@ pub struct CudaBackend {
     /// Whether the attention backward runs on the tensor-core kernels
     /// ([`CudaOptions::attention_tensor_cores`]).
     pub(super) attention_tensor_cores: bool,
+    /// [`CudaOptions::attention_backward_split_heads`].
+    pub(super) attention_backward_split_heads: bool,
+    /// [`CudaOptions::attention_backward_forward_stats`].
+    attention_backward_forward_stats: bool,
     /// The last RoPE `inv_freq` table uploaded (as f32 bits) and its device copy.
     pub(super) rope_table: Mutex<Option<(Vec<u32>, CudaSlice<f32>)>>,
     /// Rows per chunk of the log-prob ops (forward and backward); 0: by
@@ -167,6 +171,8 @@ impl CudaBackend {
             poison: options.poison_outputs,
             fused: std::env::var("GENIUS_CUDA_FUSED").map_or(true, |v| v != "0"),
             attention_tensor_cores: options.attention_tensor_cores,
+            attention_backward_split_heads: options.attention_backward_split_heads,
+            attention_backward_forward_stats: options.attention_backward_forward_stats,
             rope_table: Mutex::new(None),
             logprob_chunk_rows: std::sync::atomic::AtomicUsize::new(
                 super::train_gemm::logprob_chunk_rows_from_env()?,
@@ -1169,7 +1175,10 @@ impl Backend for CudaBackend {
     ) -> Result<(CudaTensor, Option<CudaTensor>)> {
         // The statistics serve the tensor-core backward; they come with the tensor-core
         // forward.
-        if self.attention_tensor_cores && self.attn_fwd_tc_applies(seqs, q.matrix().0, shape) {
+        if self.attention_tensor_cores
+            && self.attention_backward_forward_stats
+            && self.attn_fwd_tc_applies(seqs, q.matrix().0, shape)
+        {
             let (out, lse) = self.attn_causal_tc(q, k, v, seqs, shape, true)?;
             return Ok((out, lse));
         }

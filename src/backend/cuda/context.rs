@@ -78,6 +78,14 @@ pub struct CudaOptions {
     /// applies (head_dim 64 or 128, disjoint sequences), else on the paged-attention kernel;
     /// default on, `$GENIUS_CUDA_ATTN_FWD_TC=0` turns it off.
     pub attention_forward_tensor_cores: bool,
+    /// Tensor-core attention backward, GQA: run the dk/dv pass as one block per query head
+    /// with per-head shares summed afterwards, rather than one block per kv head looping over
+    /// its group; default on, `$GENIUS_CUDA_ATTN_BWD_SPLIT=0` turns it off (for A/B runs).
+    pub attention_backward_split_heads: bool,
+    /// Tensor-core attention backward in training: take the softmax statistics from the
+    /// forward (its log-sum-exp, delta from its output) rather than a first pass over the keys;
+    /// default on, `$GENIUS_CUDA_ATTN_BWD_STATS=0` turns it off (for A/B runs).
+    pub attention_backward_forward_stats: bool,
     /// Replay plain decode steps from CUDA graphs ([`super::graphs`]); default on,
     /// `$GENIUS_CUDA_GRAPHS=0` turns it off. Profiling and per-launch waits also turn it off.
     pub decode_graphs: bool,
@@ -99,6 +107,8 @@ impl Default for CudaOptions {
             attention_forward_tensor_cores: true,
             decode_graphs: true,
             tune_gemms: false,
+            attention_backward_split_heads: true,
+            attention_backward_forward_stats: true,
         }
     }
 }
@@ -106,8 +116,8 @@ impl Default for CudaOptions {
 impl CudaOptions {
     /// Options from the environment: `$GENIUS_CUDA_DEVICE`, `$GENIUS_CUDA_KERNELS`,
     /// `$GENIUS_CUDA_SYNC`, `$GENIUS_CUDA_ATTN_TC`, `$GENIUS_CUDA_ATTN_FWD_TC`,
-    /// `$GENIUS_CUDA_GRAPHS`, `$GENIUS_CUDA_GEMM_TUNE`, and the kernel cache under
-    /// `$GENIUS_HOME`.
+    /// `$GENIUS_CUDA_GRAPHS`, `$GENIUS_CUDA_GEMM_TUNE`, `$GENIUS_CUDA_ATTN_BWD_SPLIT`,
+    /// `$GENIUS_CUDA_ATTN_BWD_STATS`, and the kernel cache under `$GENIUS_HOME`.
     pub fn from_env() -> Result<Self> {
         let ordinal = match std::env::var(DEVICE_ENV) {
             Ok(v) => v
@@ -128,6 +138,10 @@ impl CudaOptions {
             decode_graphs: std::env::var(super::graphs::GRAPHS_ENV)
                 .map_or(true, |v| v.trim() != "0"),
             tune_gemms: std::env::var(super::gemm::TUNE_ENV).is_ok_and(|v| v.trim() == "1"),
+            attention_backward_split_heads: std::env::var("GENIUS_CUDA_ATTN_BWD_SPLIT")
+                .map_or(true, |v| v.trim() != "0"),
+            attention_backward_forward_stats: std::env::var("GENIUS_CUDA_ATTN_BWD_STATS")
+                .map_or(true, |v| v.trim() != "0"),
         })
     }
 }
