@@ -31,7 +31,8 @@
 # (libtest threads, default 1: readable logs), GPU_BENCH=0 (tests only), GPU_BENCH_BATCHES
 # (default 64,256,512), GPU_BENCH_MODEL (default random:qwen2.5-0.5b), GPU_PEER=0 (no peer),
 # GPU_ROLLOUT=0 (no rollout benchmarks), GPU_TRAIN=0 (no training benchmarks and run),
-# GPU_TRAIN_PROFILE=1 (also a `bench train` with GENIUS_CUDA_PROFILE=1: GPU time per kernel).
+# GPU_TRAIN_PROFILE=1 (also a `bench train` with GENIUS_CUDA_PROFILE=1: GPU time per kernel),
+# GPU_TRAIN_VARIANTS=0 (no `bench train` A/B runs with the attention backward's newer paths off).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -109,6 +110,15 @@ if [[ -x $engine && ${GPU_BENCH:-1} != 0 ]]; then
         GENIUS_CUDA_PROFILE=1 timeout 120 "$engine" bench train --device cuda --model "$model" \
           --tokens 1024 --batches 4 --iters 2
         echo "rc-profile $?"
+      fi
+      if [[ ${GPU_TRAIN_VARIANTS:-1} != 0 ]]; then
+        # A/B of the attention backward's newer paths (shorter runs, the same shape).
+        for variant in GENIUS_CUDA_ATTN_BWD_SPLIT=0 GENIUS_CUDA_ATTN_BWD_STATS=0; do
+          echo "== train variant $variant"
+          env "$variant" timeout 120 "$engine" bench train --device cuda --model "$model" \
+            --tokens 1024 --batches 4 --iters 3
+          echo "rc-variant $?"
+        done
       fi
       if [[ ${GPU_TRAIN_3B:-1} != 0 ]]; then
         echo "== bench train 3b"
@@ -222,6 +232,10 @@ if train:
     out.append(f"train step {2 * train['pairs_per_step']} x {train['tokens_per_sequence']} tokens: {train['median_tokens_per_s']:.0f} tokens/s{mfu}{mem}")
 elif any(h == "bench train" for h, _ in tsecs):
     out.append("bench train: no result (see train.log)")
+for h, objs in tsecs:
+    if h.startswith("train variant "):
+        tv = next((o for o in objs if o.get("bench") == "train"), None)
+        out.append(f"train {h[len('train variant '):]}: " + (f"{tv['median_tokens_per_s']:.0f} tokens/s" if tv else "no result"))
 t3 = next((o for h, objs in tsecs if h == "bench train 3b" for o in objs if o.get("bench") == "train"), None)
 if t3:
     mem = f"{t3['device_memory_used_bytes'] / 2**30:.1f} GiB in use" if t3.get("device_memory_used_bytes") else "memory unknown"
