@@ -73,8 +73,12 @@ pub const BATCH_BUCKETS: &[usize] = &[
     1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512,
 ];
 
-/// Graphs kept at once (least recently used dropped first).
-pub const MAX_GRAPHS: usize = 48;
+/// Graphs kept at once (least recently used dropped first). A rollout's batch shrinks and
+/// grows through many buckets while its contexts cross table widths, so shapes recur in
+/// cycles; room for 128 (about six widths of every bucket) keeps such a cycle from evicting
+/// graphs it will replay again. Graphs share their activations' physical memory; each costs
+/// host memory for its few hundred nodes.
+pub const MAX_GRAPHS: usize = 128;
 
 /// Failed captures after which graphs are turned off (each failed step runs eagerly).
 pub const MAX_CAPTURE_FAILURES: u64 = 2;
