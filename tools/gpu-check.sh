@@ -32,7 +32,9 @@
 # (default 64,256,512), GPU_BENCH_MODEL (default random:qwen2.5-0.5b), GPU_PEER=0 (no peer),
 # GPU_ROLLOUT=0 (no rollout benchmarks), GPU_TRAIN=0 (no training benchmarks and run),
 # GPU_TRAIN_PROFILE=1 (also a `bench train` with GENIUS_CUDA_PROFILE=1: GPU time per kernel),
-# GPU_TRAIN_VARIANTS=0 (no `bench train` A/B runs with the attention backward's newer paths off).
+# GPU_TRAIN_VARIANTS=0 (no `bench train` A/B runs with the attention backward's newer paths off),
+# GPU_CHECK_BUDGET (seconds: past it, the optional parts above are skipped, each with a line
+# saying so).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -49,6 +51,18 @@ nvidia-smi >"$logs/nvidia-smi.txt" 2>&1 || echo "nvidia-smi failed" >>"$logs/nvi
 
 rows=()
 bad=0
+t0=$(date +%s)
+# Optional parts (A/B variants, the profile, the 3B step) run only while fewer than
+# GPU_CHECK_BUDGET seconds have passed since the start (default: no limit), so that a run on a
+# device with little time left still gets the tests, the main benchmarks and the peers.
+within_budget() {
+  local spent=$(($(date +%s) - t0))
+  if [[ -n ${GPU_CHECK_BUDGET:-} && $spent -ge $GPU_CHECK_BUDGET ]]; then
+    echo "== skipped: $1 (${spent}s spent, GPU_CHECK_BUDGET=${GPU_CHECK_BUDGET}s)"
+    return 1
+  fi
+  return 0
+}
 for exe in "$dir"/*; do
   [[ -f $exe && -x $exe ]] || continue
   name=$(basename "$exe")
@@ -91,6 +105,7 @@ if [[ -x $engine && ${GPU_BENCH:-1} != 0 ]]; then
       # algorithms timed per shape, without the pool and upload savings, and where a step's
       # GPU time goes (the profile runs without graphs).
       for variant in ${GPU_BENCH_VARIANT_LIST:-BASELINE=same-settings GENIUS_CUDA_GRAPHS=0 GENIUS_CUDA_GEMM_TUNE=1 GENIUS_CUDA_POOL_KEEP=0 GENIUS_CUDA_MEMO=0 GENIUS_CUDA_PROFILE=1}; do
+        within_budget "variant $variant" || continue
         echo "== variant $variant"
         env "$variant" timeout 90 "$engine" bench rollout --device cuda --model "$model" \
           --tokens 128 --new-tokens 128 --batches 64,256 --forks 0
@@ -105,7 +120,7 @@ if [[ -x $engine && ${GPU_BENCH:-1} != 0 ]]; then
       timeout "${GPU_TRAIN_TIMEOUT:-180}" "$engine" bench train --device cuda --model "$model" \
         --tokens 1024 --batches 4 --iters 5
       echo "rc $?"
-      if [[ ${GPU_TRAIN_PROFILE:-0} != 0 ]]; then
+      if [[ ${GPU_TRAIN_PROFILE:-0} != 0 ]] && within_budget "bench train, profiled"; then
         echo "== bench train, profiled"
         GENIUS_CUDA_PROFILE=1 timeout 120 "$engine" bench train --device cuda --model "$model" \
           --tokens 1024 --batches 4 --iters 2
@@ -114,13 +129,14 @@ if [[ -x $engine && ${GPU_BENCH:-1} != 0 ]]; then
       if [[ ${GPU_TRAIN_VARIANTS:-1} != 0 ]]; then
         # A/B of the attention backward's newer paths (shorter runs, the same shape).
         for variant in GENIUS_CUDA_ATTN_BWD_SPLIT=0 GENIUS_CUDA_ATTN_BWD_STATS=0; do
+          within_budget "train variant $variant" || continue
           echo "== train variant $variant"
           env "$variant" timeout 120 "$engine" bench train --device cuda --model "$model" \
             --tokens 1024 --batches 4 --iters 3
           echo "rc-variant $?"
         done
       fi
-      if [[ ${GPU_TRAIN_3B:-1} != 0 ]]; then
+      if [[ ${GPU_TRAIN_3B:-1} != 0 ]] && within_budget "bench train 3b"; then
         echo "== bench train 3b"
         timeout 240 "$engine" bench train --device cuda --model random:qwen2.5-3b \
           --tokens 1024 --batches 4 --iters 2
@@ -212,6 +228,9 @@ for h, v in variants:
         out.append(f"{h[8:]}: {rates}")
     else:
         out.append(f"{h[8:]}: no result")
+for h, _ in secs + sections(sys.argv[3]):
+    if h.startswith("skipped: "):
+        out.append(h)
 if ceiling:
     out.append(f"device copy ceiling (torch, read + write): {ceiling:.0f} GB/s")
 elif peer is None and bench is not None:
