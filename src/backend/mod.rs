@@ -1,8 +1,11 @@
 //! The device boundary. [`Backend`] is every operation the transformer needs, on tensors that
 //! live wherever the backend keeps them; `transformer/`, `engine/` and `genius/` are written
 //! once against it. [`cpu`] is the f32 reference every other backend is checked against;
-//! [`cuda`] is the CUDA backend (bf16 on the GPU; part of the ops so far, see
-//! [`cuda::ON_CUDA`]).
+//! [`cuda`] is the CUDA backend (bf16 on the GPU; every op, see [`cuda::ON_CUDA`]). A few
+//! trait methods have defaults that a backend may replace with something faster giving the
+//! same results: the fused layer ops, `decode_step` (CUDA graphs on the GPU),
+//! `sum_squares_many`, and the attention forward/backward pair that hands over the softmax
+//! statistics.
 
 pub mod cpu;
 pub mod cuda;
