@@ -1,4 +1,5 @@
-//! Decode steps replayed from CUDA graphs ([`Backend::decode_step`] on the CUDA backend).
+//! Decode steps replayed from CUDA graphs ([`crate::backend::Backend::decode_step`] on the CUDA
+//! backend).
 //!
 //! A decode step of a 24-layer model is a few hundred launches (norms, GEMMs, RoPE and the KV
 //! write, attention, SwiGLU, the LM head, sampling), each a few microseconds of host time, while
@@ -18,17 +19,17 @@
 //!   position and write no K/V ([`crate::backend::NO_SLOT`]); their tokens are dropped;
 //! - every block table to a fixed width, the next power of two of the longest table
 //!   ([`table_bucket`]), which also fixes the attention plan (see
-//!   [`super::attention::paged_work`]).
+//!   `attention::paged_work`).
 //!
 //! Graphs are keyed by (batch bucket, table width). The first step of a shape runs eagerly,
 //! padded (which builds what the capture must find ready: cuBLASLt plans for the bucket's row
 //! count, the RoPE table); the second is captured and replayed; at most
 //! [`MAX_GRAPHS`] are kept (least recently used out). A graph bakes in the addresses of the
 //! weights and the KV pools, so when any of them changes (new weights uploaded, a new KV
-//! cache) every graph is dropped ([`fingerprint`]).
+//! cache) every graph is dropped (`fingerprint`).
 //!
 //! The capture runs the transformer's own forward and sampling code (the caller's `run`) with
-//! the backend in capture mode ([`super::context::CaptureInputs`]): each op's upload returns
+//! the backend in capture mode (`context::CaptureInputs`): each op's upload returns
 //! the address of its staged copy after checking that the op asks for exactly the bytes
 //! [`stage`] put there, so the staging cannot drift from what the ops upload. Any transfer that
 //! is not staged, a wait, or a failed capture ends the capture; the step then runs eagerly, and
@@ -218,7 +219,7 @@ pub struct InputLayout {
 }
 
 impl InputLayout {
-    /// Consecutive, [`INPUT_ALIGN`]-aligned places for `staged` (an empty upload still gets
+    /// Consecutive, `INPUT_ALIGN`-aligned (256-byte) places for `staged` (an empty upload still gets
     /// one byte, as the eager uploads do).
     pub fn of(staged: &[(&'static str, Vec<u8>)]) -> Self {
         let mut entries = Vec::with_capacity(staged.len());
