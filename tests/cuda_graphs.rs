@@ -156,7 +156,11 @@ fn graph_replayed_decode_steps_match_the_cpu_and_repeat() {
     let s = stats(&engine);
     println!("decode graphs after the first rollout: {s:?}");
     assert_eq!(s.off, None, "graphs were turned off");
-    assert_eq!(s.failed_captures, 0);
+    assert_eq!(
+        s.failed_captures, 0,
+        "a capture failed: {:?}",
+        s.last_failure
+    );
     assert!(s.captures >= 3, "too few shapes captured: {s:?}");
     assert!(
         s.replays > s.captures * 2,

@@ -64,6 +64,8 @@ pub struct DecodeGraphStats {
     pub padding_rows: u64,
     /// Captures that failed (each step then ran eagerly).
     pub failed_captures: u64,
+    /// Why the last failed capture failed.
+    pub last_failure: Option<String>,
     /// Why graphs are off, if they are.
     pub off: Option<String>,
 }

@@ -166,6 +166,7 @@ fn graph_delta(
         eager_steps: b.eager_steps - a.eager_steps,
         padding_rows: b.padding_rows - a.padding_rows,
         failed_captures: b.failed_captures - a.failed_captures,
+        last_failure: b.last_failure,
         off: b.off,
     };
     serde_json::to_value(&d).unwrap_or(serde_json::Value::Null)
@@ -266,11 +267,15 @@ fn rollout_on<B: Backend>(
         if let Some(g) = rows.last().and_then(|r| r["graphs"].as_object()) {
             // Whether the decode steps were replayed from CUDA graphs.
             println!(
-                "              decode graphs: {} replayed steps, {} eager, {} captured, {} failed captures{}",
+                "              decode graphs: {} replayed steps, {} eager, {} captured, {} failed captures{}{}",
                 g["replays"],
                 g["eager_steps"],
                 g["captures"],
                 g["failed_captures"],
+                g["last_failure"]
+                    .as_str()
+                    .map(|w| format!(" (last: {w})"))
+                    .unwrap_or_default(),
                 g["off"]
                     .as_str()
                     .map(|w| format!("; off: {w}"))

@@ -469,6 +469,7 @@ impl CudaBackend {
                     graphs.stats.eager_steps += 1;
                     let tokens = run(batch, sampling, cache)?;
                     graphs.stats.failed_captures += 1;
+                    graphs.stats.last_failure = Some(format!("{why:#}"));
                     if graphs.stats.failed_captures >= MAX_CAPTURE_FAILURES {
                         eprintln!(
                             "warning: CUDA graphs are off for this run, decode steps run eagerly: {why:#}"
