@@ -70,6 +70,39 @@ pub struct DecodeGraphStats {
     pub off: Option<String>,
 }
 
+impl DecodeGraphStats {
+    /// What happened between `earlier` (a reading of the same backend) and this reading; the
+    /// failure reason and the off state are this reading's.
+    pub fn since(&self, earlier: &Self) -> Self {
+        Self {
+            captures: self.captures.saturating_sub(earlier.captures),
+            replays: self.replays.saturating_sub(earlier.replays),
+            eager_steps: self.eager_steps.saturating_sub(earlier.eager_steps),
+            padding_rows: self.padding_rows.saturating_sub(earlier.padding_rows),
+            failed_captures: self.failed_captures.saturating_sub(earlier.failed_captures),
+            last_failure: self.last_failure.clone(),
+            off: self.off.clone(),
+        }
+    }
+
+    /// One line for a run's log: "12 replayed steps, 3 eager, 2 captured, 0 failed captures".
+    pub fn summary(&self) -> String {
+        let mut line = format!(
+            "{} replayed steps, {} eager, {} captured, {} failed captures",
+            self.replays, self.eager_steps, self.captures, self.failed_captures
+        );
+        if self.failed_captures > 0
+            && let Some(why) = &self.last_failure
+        {
+            line.push_str(&format!(" (last: {why})"));
+        }
+        if let Some(why) = &self.off {
+            line.push_str(&format!("; off: {why}"));
+        }
+        line
+    }
+}
+
 /// A decode step as the transformer runs it: the forward pass over a paged batch, then one
 /// token sampled per row (see [`Backend::decode_step`]).
 pub type DecodeRun<'a, T> =
@@ -616,5 +649,55 @@ pub fn adamw_update_host(p: &mut [f32], m: &mut [f32], v: &mut [f32], grad: &[f3
         v[j] = s.beta2 * v[j] + s.one_minus_beta2 * g * g;
         let denom = v[j].sqrt() * s.inv_sqrt_bias2 + s.eps;
         p[j] = p[j] * s.decay - s.step_size * m[j] / denom;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DecodeGraphStats;
+
+    #[test]
+    fn decode_graph_stats_subtract_and_summarise() {
+        let earlier = DecodeGraphStats {
+            captures: 2,
+            replays: 10,
+            eager_steps: 3,
+            padding_rows: 7,
+            failed_captures: 0,
+            last_failure: None,
+            off: None,
+        };
+        let now = DecodeGraphStats {
+            captures: 5,
+            replays: 40,
+            eager_steps: 4,
+            padding_rows: 19,
+            failed_captures: 1,
+            last_failure: Some("upload 'x' was not staged".into()),
+            off: None,
+        };
+        let d = now.since(&earlier);
+        assert_eq!(
+            (
+                d.captures,
+                d.replays,
+                d.eager_steps,
+                d.padding_rows,
+                d.failed_captures
+            ),
+            (3, 30, 1, 12, 1)
+        );
+        assert_eq!(
+            d.summary(),
+            "30 replayed steps, 1 eager, 3 captured, 1 failed captures (last: upload 'x' was not staged)"
+        );
+        let off = DecodeGraphStats {
+            off: Some("turned off".into()),
+            ..DecodeGraphStats::default()
+        };
+        assert_eq!(
+            off.summary(),
+            "0 replayed steps, 0 eager, 0 captured, 0 failed captures; off: turned off"
+        );
     }
 }

@@ -151,27 +151,6 @@ pub fn decode_step_bytes(c: &ModelConfig, element_bytes: usize, kv_tokens: f64) 
     (linear * element_bytes) as f64 + kv_tokens * kv_per_token as f64
 }
 
-/// The decode-graph activity between two readings of [`Backend::decode_graph_stats`], as
-/// JSON (null where the backend records none).
-fn graph_delta(
-    before: Option<crate::backend::DecodeGraphStats>,
-    after: Option<crate::backend::DecodeGraphStats>,
-) -> serde_json::Value {
-    let (Some(a), Some(b)) = (before, after) else {
-        return serde_json::Value::Null;
-    };
-    let d = crate::backend::DecodeGraphStats {
-        captures: b.captures - a.captures,
-        replays: b.replays - a.replays,
-        eager_steps: b.eager_steps - a.eager_steps,
-        padding_rows: b.padding_rows - a.padding_rows,
-        failed_captures: b.failed_captures - a.failed_captures,
-        last_failure: b.last_failure,
-        off: b.off,
-    };
-    serde_json::to_value(&d).unwrap_or(serde_json::Value::Null)
-}
-
 fn rollout_on<B: Backend>(
     args: &BenchArgs,
     model: &LoadedModel,
@@ -244,7 +223,11 @@ fn rollout_on<B: Backend>(
             peak = peak.max(engine.stats().used);
         }
         let decode_s = t1.elapsed().as_secs_f64();
-        let graphs = graph_delta(graphs0, engine.model().backend.decode_graph_stats());
+        // The decode-graph activity of this batch (none where the backend records none).
+        let graphs = match (graphs0, engine.model().backend.decode_graph_stats()) {
+            (Some(a), Some(b)) => Some(b.since(&a)),
+            _ => None,
+        };
         let tokens = engine.tokens_generated - generated0;
         let tok_s = tokens as f64 / decode_s;
         // Each decode step samples one token of every sequence; the mean cached context over
@@ -264,23 +247,9 @@ fn rollout_on<B: Backend>(
             "decode_step_bytes": bytes, "achieved_gb_s": gb_s, "peak_blocks_used": peak,
             "graphs": graphs}),
         );
-        if let Some(g) = rows.last().and_then(|r| r["graphs"].as_object()) {
+        if let Some(g) = &graphs {
             // Whether the decode steps were replayed from CUDA graphs.
-            println!(
-                "              decode graphs: {} replayed steps, {} eager, {} captured, {} failed captures{}{}",
-                g["replays"],
-                g["eager_steps"],
-                g["captures"],
-                g["failed_captures"],
-                g["last_failure"]
-                    .as_str()
-                    .map(|w| format!(" (last: {w})"))
-                    .unwrap_or_default(),
-                g["off"]
-                    .as_str()
-                    .map(|w| format!("; off: {w}"))
-                    .unwrap_or_default()
-            );
+            println!("              decode graphs: {}", g.summary());
         }
         for p in parents {
             engine.release(p)?;

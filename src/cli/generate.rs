@@ -372,6 +372,9 @@ fn generate_on<B: Backend>(
         generated as f64 / secs.max(1e-9),
         engine.preemptions
     );
+    if let Some(g) = engine.model().backend.decode_graph_stats() {
+        eprintln!("decode graphs: {}", g.summary());
+    }
     if !failures.is_empty() {
         bail!(
             "{} input line(s) failed (the others were written to {}):\n  {}",

@@ -250,10 +250,18 @@ fn run_rounds<B: crate::backend::Backend>(
         if !dir.join("train_state").exists() {
             let mut engine =
                 sampling_engine(model, tok, &args.sampling, args.model.gpu_memory_fraction)?;
+            let graphs_before = engine.model().backend.decode_graph_stats();
             let s = sample_phase(&mut engine, tok, queries, sample_cfg, &trajectories);
+            let graphs = match (graphs_before, engine.model().backend.decode_graph_stats()) {
+                (Some(a), Some(b)) => Some(b.since(&a)),
+                _ => None,
+            };
             model = engine.into_model();
             let s = s?;
             eprintln!("round {round}: {}", s.line());
+            if let Some(g) = graphs {
+                eprintln!("round {round}: decode graphs: {}", g.summary());
+            }
             s.check()?;
             summary.sample = Some(s);
             let t = Instant::now();
