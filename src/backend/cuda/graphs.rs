@@ -588,6 +588,51 @@ mod tests {
     }
 
     #[test]
+    fn decode_graph_stats_subtract_and_summarise() {
+        let earlier = DecodeGraphStats {
+            captures: 2,
+            replays: 10,
+            eager_steps: 3,
+            padding_rows: 7,
+            failed_captures: 0,
+            last_failure: None,
+            off: None,
+        };
+        let now = DecodeGraphStats {
+            captures: 5,
+            replays: 40,
+            eager_steps: 4,
+            padding_rows: 19,
+            failed_captures: 1,
+            last_failure: Some("upload 'x' was not staged".into()),
+            off: None,
+        };
+        let d = now.since(&earlier);
+        assert_eq!(
+            (
+                d.captures,
+                d.replays,
+                d.eager_steps,
+                d.padding_rows,
+                d.failed_captures
+            ),
+            (3, 30, 1, 12, 1)
+        );
+        assert_eq!(
+            d.summary(),
+            "30 replayed steps, 1 eager, 3 captured, 1 failed captures (last: upload 'x' was not staged)"
+        );
+        let off = DecodeGraphStats {
+            off: Some("turned off".into()),
+            ..DecodeGraphStats::default()
+        };
+        assert_eq!(
+            off.summary(),
+            "0 replayed steps, 0 eager, 0 captured, 0 failed captures; off: turned off"
+        );
+    }
+
+    #[test]
     fn the_kernels_no_slot_is_the_backends() {
         let header = include_str!("../../../kernels/common.cuh");
         let line = header
