@@ -154,7 +154,13 @@ fn graph_replayed_decode_steps_match_the_cpu_and_repeat() {
 
     let a = rollout(&mut engine, &prompts);
     let s = stats(&engine);
-    println!("decode graphs after the first rollout: {s:?}");
+    println!(
+        "decode graphs after the first rollout: {s:?}; {} steps split into prefill + decode",
+        engine.split_steps
+    );
+    // The prefill of 21 prompts spans two steps of 512 tokens; the second mixes in the
+    // decodes of the sequences prefilled in the first, which then run as their own pass.
+    assert!(engine.split_steps > 0, "no mixed step was split");
     assert_eq!(s.off, None, "graphs were turned off");
     assert_eq!(
         s.failed_captures, 0,

@@ -88,14 +88,18 @@ fn argmax(row: &[f32]) -> u32 {
         .unwrap()
 }
 
-/// Runs `requests` through one engine in the given submission order; results by request index.
-fn run_all(
+/// Runs `requests` through one engine in the given submission order, with steps that mix
+/// decodes and prefill chunks run as two passes when `split`: results by request index, the
+/// preemptions, and how many steps were split.
+fn run_all_split(
     m: &LoadedModel,
     cfg: EngineConfig,
     requests: &[Request],
     order: &[usize],
-) -> (HashMap<usize, Finished>, u64) {
+    split: bool,
+) -> ((HashMap<usize, Finished>, u64), u64) {
     let mut e = engine(m, cfg);
+    e.set_split_mixed_steps(split);
     let mut owner: HashMap<SeqId, usize> = HashMap::new();
     for &i in order {
         owner.insert(e.submit(requests[i].clone()).unwrap(), i);
@@ -110,7 +114,7 @@ fn run_all(
         out.insert(owner[&f.seq], f);
     }
     assert_eq!(out.len(), requests.len());
-    (out, e.preemptions)
+    ((out, e.preemptions), e.split_steps)
 }
 
 // 1. Paged generation equals the plain forward.
@@ -232,21 +236,73 @@ fn tokens_do_not_depend_on_batch_order_preemption_or_block_size() {
 
     let forward: Vec<usize> = (0..n).collect();
     let reverse: Vec<usize> = (0..n).rev().collect();
-    let runs: Vec<(&str, EngineConfig, &[usize], bool)> = vec![
-        ("together", EngineConfig::default(), &forward, false),
-        ("reverse", EngineConfig::default(), &reverse, false),
-        ("kv budget", config(16, 320, 2048), &forward, true),
-        ("block 1", config(1, 1 << 16, 2048), &forward, false),
-        ("block 7", config(7, 1 << 16, 2048), &reverse, false),
-        ("block 7 small budget", config(7, 301, 2048), &forward, true),
-        ("block 1 small budget", config(1, 200, 2048), &reverse, true),
-        ("chunked prefill", config(16, 1 << 16, 8), &forward, false),
-        ("chunked + budget", config(16, 320, 8), &reverse, true),
+    // (name, config, order, must preempt, mixed steps split into two passes)
+    let runs: Vec<(&str, EngineConfig, &[usize], bool, bool)> = vec![
+        ("together", EngineConfig::default(), &forward, false, false),
+        ("reverse", EngineConfig::default(), &reverse, false, false),
+        ("kv budget", config(16, 320, 2048), &forward, true, false),
+        ("block 1", config(1, 1 << 16, 2048), &forward, false, false),
+        ("block 7", config(7, 1 << 16, 2048), &reverse, false, false),
+        (
+            "block 7 small budget",
+            config(7, 301, 2048),
+            &forward,
+            true,
+            false,
+        ),
+        (
+            "block 1 small budget",
+            config(1, 200, 2048),
+            &reverse,
+            true,
+            false,
+        ),
+        (
+            "chunked prefill",
+            config(16, 1 << 16, 8),
+            &forward,
+            false,
+            false,
+        ),
+        (
+            "chunked + budget",
+            config(16, 320, 8),
+            &reverse,
+            true,
+            false,
+        ),
+        (
+            "split, chunked prefill",
+            config(16, 1 << 16, 8),
+            &forward,
+            false,
+            true,
+        ),
+        (
+            "split, chunked + budget",
+            config(16, 320, 8),
+            &reverse,
+            true,
+            true,
+        ),
+        (
+            "split, block 7 small budget",
+            config(7, 301, 2048),
+            &forward,
+            true,
+            true,
+        ),
     ];
-    for (name, ecfg, order, must_preempt) in runs {
-        let (got, preemptions) = run_all(&t.model, ecfg, &requests, order);
+    for (name, ecfg, order, must_preempt, split) in runs {
+        let ((got, preemptions), split_steps) =
+            run_all_split(&t.model, ecfg, &requests, order, split);
         if must_preempt {
             assert!(preemptions > 0, "{name}: no preemption");
+        }
+        if split {
+            assert!(split_steps > 0, "{name}: no step was split");
+        } else {
+            assert_eq!(split_steps, 0, "{name}: a step was split");
         }
         for (i, a) in alone.iter().enumerate() {
             let g = &got[&i];

@@ -313,6 +313,13 @@ pub trait Backend: Send + Sync {
         run(batch, sampling, cache)
     }
 
+    /// Whether the rollout engine should run a step that mixes plain decodes with prefill
+    /// chunks as two passes, so that the decodes go through [`Backend::decode_step`] (worth it
+    /// where that path is much cheaper, as with CUDA graphs). Default: one pass.
+    fn split_mixed_steps(&self) -> bool {
+        false
+    }
+
     /// What [`Backend::decode_step`] did so far, where the backend records graphs.
     fn decode_graph_stats(&self) -> Option<DecodeGraphStats> {
         None

@@ -10,7 +10,7 @@
 //! [`Engine::continue_sequence`], [`Engine::truncate`] and [`Engine::release`].
 
 use super::block_manager::{BlockManager, BlockStats, SeqId};
-use super::sampler::{RowSampling, SamplingParams};
+use super::sampler::{RowSampling, SampledToken, SamplingParams};
 use super::stops::{StopChecker, StopEvent};
 use crate::backend::Backend;
 use crate::model::TextTokenizer;
@@ -160,6 +160,11 @@ pub struct Engine<'t, B: Backend> {
     pub tokens_generated: u64,
     /// Sequences preempted so far.
     pub preemptions: u64,
+    /// Steps run as two passes (see [`Engine::set_split_mixed_steps`]).
+    pub split_steps: u64,
+    /// Whether a step mixing decodes and prefill chunks runs as two passes (see
+    /// [`Engine::set_split_mixed_steps`]); `None`: as the backend prefers.
+    split_mixed: Option<bool>,
 }
 
 impl<'t, B: Backend> Engine<'t, B> {
@@ -192,7 +197,17 @@ impl<'t, B: Backend> Engine<'t, B> {
             tokens_processed: 0,
             tokens_generated: 0,
             preemptions: 0,
+            split_steps: 0,
+            split_mixed: None,
         })
+    }
+
+    /// Runs a step that mixes plain decodes with prefill chunks as two passes (`true`: the
+    /// decodes through the backend's decode path, a CUDA graph replay on the GPU) or as one
+    /// (`false`), whatever the backend prefers ([`Backend::split_mixed_steps`]). The tokens
+    /// are the same up to the backend's rounding.
+    pub fn set_split_mixed_steps(&mut self, split: bool) {
+        self.split_mixed = Some(split);
     }
 
     pub fn model(&self) -> &Transformer<B> {
@@ -538,8 +553,11 @@ impl<'t, B: Backend> Engine<'t, B> {
         let mut rows = Vec::new();
         let mut samplers = Vec::new();
         let mut prefilled = Vec::new();
+        // Per batch sequence: whether it samples a token this step.
+        let mut samples = Vec::with_capacity(batch.seqs.len());
         for (entry, &(id, reached_end)) in batch.seqs.iter().zip(&planned) {
             let s = &self.seqs[&id];
+            samples.push(reached_end && s.stop.max_new_tokens > 0);
             if reached_end && s.stop.max_new_tokens == 0 {
                 prefilled.push(id);
             } else if reached_end {
@@ -557,10 +575,24 @@ impl<'t, B: Backend> Engine<'t, B> {
             .collect();
         // A plain decode step (one new token per sequence, every one sampled) goes through the
         // backend's decode path (a CUDA graph replay on the GPU); anything else is a forward
-        // pass, then sampling at the rows that reached their end.
+        // pass, then sampling at the rows that reached their end. Where the backend prefers it
+        // (`Backend::split_mixed_steps`), a step mixing decodes with prefill chunks runs as
+        // two: the prefill part as a forward pass, the decodes through the decode path.
         let plain_decode = !batch.tokens.is_empty() && rows.len() == batch.tokens.len();
+        let is_decode: Vec<bool> = batch
+            .seqs
+            .iter()
+            .zip(&samples)
+            .map(|(e, &samples)| e.q_len == 1 && samples)
+            .collect();
+        let decodes = is_decode.iter().filter(|&&d| d).count();
+        let split = self
+            .split_mixed
+            .unwrap_or_else(|| self.model.backend.split_mixed_steps());
         let sampled = if plain_decode {
             self.model.decode_step(&batch, &mut self.cache, &sampling)?
+        } else if split && decodes > 0 && decodes < batch.seqs.len() {
+            self.split_step(&batch, &is_decode, &samples, &sampling)?
         } else {
             let hidden = self.model.forward_paged(&batch, &mut self.cache)?;
             if rows.is_empty() {
@@ -590,6 +622,80 @@ impl<'t, B: Backend> Engine<'t, B> {
             }
         }
         Ok(finished)
+    }
+
+    /// A mixed step as two passes: the sequences that are not plain decodes (prefill chunks,
+    /// prefill-only sequences) through a forward pass and sampling at the rows that reached
+    /// their end, then the plain decodes (`is_decode[i]`: one token, sampled) through
+    /// [`Transformer::decode_step`]. `sampling` holds the sampled sequences' parameters in
+    /// batch order; so does the result. The two groups are different sequences, so neither
+    /// pass reads what the other writes (copy-on-write copies are done before both).
+    fn split_step(
+        &mut self,
+        batch: &PagedBatch,
+        is_decode: &[bool],
+        samples: &[bool],
+        sampling: &[RowSampling],
+    ) -> Result<Vec<SampledToken>> {
+        let (mut rest, mut decode) = (PagedBatch::default(), PagedBatch::default());
+        let (mut rest_rows, mut rest_sampling, mut decode_sampling) =
+            (Vec::new(), Vec::new(), Vec::new());
+        // Which group each sampled sequence is in, in batch order.
+        let mut sampled_in_decode = Vec::new();
+        let mut next_sampling = sampling.iter();
+        for ((e, &dec), &samples) in batch.seqs.iter().zip(is_decode).zip(samples) {
+            let sub = if dec { &mut decode } else { &mut rest };
+            let q_start = sub.tokens.len();
+            let span = e.q_start..e.q_start + e.q_len;
+            sub.tokens.extend_from_slice(&batch.tokens[span.clone()]);
+            sub.positions
+                .extend_from_slice(&batch.positions[span.clone()]);
+            sub.slots.extend_from_slice(&batch.slots[span]);
+            sub.seqs.push(PagedSeqBatch {
+                q_start,
+                ..e.clone()
+            });
+            // `sampling` lists the sampled sequences (every plain decode is one) in batch order.
+            if samples {
+                let params = *next_sampling
+                    .next()
+                    .context("internal: fewer sampling rows than sampled sequences")?;
+                sampled_in_decode.push(dec);
+                if dec {
+                    decode_sampling.push(params);
+                } else {
+                    rest_rows.push(q_start + e.q_len - 1);
+                    rest_sampling.push(params);
+                }
+            }
+        }
+        if next_sampling.next().is_some() {
+            bail!("internal: more sampling rows than sampled sequences");
+        }
+        self.split_steps += 1;
+        let hidden = self.model.forward_paged(&rest, &mut self.cache)?;
+        let mut rest_tokens = if rest_rows.is_empty() {
+            Vec::new()
+        } else {
+            self.model.sample_at(&hidden, &rest_rows, &rest_sampling)?
+        }
+        .into_iter();
+        drop(hidden);
+        let mut decode_tokens = self
+            .model
+            .decode_step(&decode, &mut self.cache, &decode_sampling)?
+            .into_iter();
+        sampled_in_decode
+            .into_iter()
+            .map(|dec| {
+                if dec {
+                    decode_tokens.next()
+                } else {
+                    rest_tokens.next()
+                }
+                .context("internal: a pass returned fewer tokens than it sampled")
+            })
+            .collect()
     }
 
     /// Appends a sampled token and applies the stop rules; `Some(reason)` when it finished.

@@ -65,6 +65,7 @@ pub const ON_CUDA: &[&str] = &[
     "pair_losses",
     "decode_step",
     "decode_graph_stats",
+    "split_mixed_steps",
     "sum_squares_many",
     "causal_attention_for_training",
     "causal_attention_backward_with",
@@ -1037,6 +1038,11 @@ impl Backend for CudaBackend {
 
     fn decode_graph_stats(&self) -> Option<crate::backend::DecodeGraphStats> {
         Some(self.graph_stats())
+    }
+
+    fn split_mixed_steps(&self) -> bool {
+        // Worth a second pass only while decode steps replay from graphs.
+        self.graph_stats().off.is_none()
     }
 
     fn upload_f32(&self, t: &HostTensor) -> Result<CudaTensor> {
