@@ -224,10 +224,9 @@ fn rollout_on<B: Backend>(
         }
         let decode_s = t1.elapsed().as_secs_f64();
         // The decode-graph activity of this batch (none where the backend records none).
-        let graphs = match (graphs0, engine.model().backend.decode_graph_stats()) {
-            (Some(a), Some(b)) => Some(b.since(&a)),
-            _ => None,
-        };
+        let graphs = graphs0
+            .zip(engine.model().backend.decode_graph_stats())
+            .map(|(a, b)| b.since(&a));
         let tokens = engine.tokens_generated - generated0;
         let tok_s = tokens as f64 / decode_s;
         // Each decode step samples one token of every sequence; the mean cached context over

@@ -252,10 +252,9 @@ fn run_rounds<B: crate::backend::Backend>(
                 sampling_engine(model, tok, &args.sampling, args.model.gpu_memory_fraction)?;
             let graphs_before = engine.model().backend.decode_graph_stats();
             let s = sample_phase(&mut engine, tok, queries, sample_cfg, &trajectories);
-            let graphs = match (graphs_before, engine.model().backend.decode_graph_stats()) {
-                (Some(a), Some(b)) => Some(b.since(&a)),
-                _ => None,
-            };
+            let graphs = graphs_before
+                .zip(engine.model().backend.decode_graph_stats())
+                .map(|(a, b)| b.since(&a));
             model = engine.into_model();
             let s = s?;
             eprintln!("round {round}: {}", s.line());

@@ -586,12 +586,14 @@ impl<'t, B: Backend> Engine<'t, B> {
             .map(|(e, &samples)| e.q_len == 1 && samples)
             .collect();
         let decodes = is_decode.iter().filter(|&&d| d).count();
-        let split = self
-            .split_mixed
-            .unwrap_or_else(|| self.model.backend.split_mixed_steps());
         let sampled = if plain_decode {
             self.model.decode_step(&batch, &mut self.cache, &sampling)?
-        } else if split && decodes > 0 && decodes < batch.seqs.len() {
+        } else if decodes > 0
+            && decodes < batch.seqs.len()
+            && self
+                .split_mixed
+                .unwrap_or_else(|| self.model.backend.split_mixed_steps())
+        {
             self.split_step(&batch, &is_decode, &samples, &sampling)?
         } else {
             let hidden = self.model.forward_paged(&batch, &mut self.cache)?;

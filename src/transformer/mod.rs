@@ -100,6 +100,22 @@ pub struct PagedBatch {
     pub seqs: Vec<PagedSeqBatch>,
 }
 
+impl PagedBatch {
+    /// The sequences as the backend's paged attention takes them (borrowing the block
+    /// tables).
+    pub fn paged_seqs(&self) -> Vec<PagedSeq<'_>> {
+        self.seqs
+            .iter()
+            .map(|s| PagedSeq {
+                q_start: s.q_start,
+                q_len: s.q_len,
+                context_len: s.context_len,
+                block_table: &s.block_table,
+            })
+            .collect()
+    }
+}
+
 /// How the layers of [`Transformer::forward_layers`] attend.
 pub(crate) enum AttentionMode<'a, 's, T> {
     /// Whole sequences of a packed batch, causal within each.
@@ -273,16 +289,7 @@ impl<B: Backend> Transformer<B> {
                 batch.slots.len()
             );
         }
-        let seqs: Vec<PagedSeq<'_>> = batch
-            .seqs
-            .iter()
-            .map(|s| PagedSeq {
-                q_start: s.q_start,
-                q_len: s.q_len,
-                context_len: s.context_len,
-                block_table: &s.block_table,
-            })
-            .collect();
+        let seqs = batch.paged_seqs();
         let block_size = cache.block_size;
         self.forward_layers(
             &batch.tokens,

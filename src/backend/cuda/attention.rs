@@ -190,6 +190,17 @@ pub(super) struct Work {
     pub(super) covers_all: bool,
 }
 
+/// Every KV slot below the pool's `pool_rows` rows, or [`NO_SLOT`] (a row not cached).
+pub(super) fn check_slots(op: &str, slots: &[u32], pool_rows: usize) -> Result<()> {
+    match slots
+        .iter()
+        .find(|&&s| s != NO_SLOT && s as usize >= pool_rows)
+    {
+        Some(s) => bail!("{op}: slot {s} outside the pool ({pool_rows} rows)"),
+        None => Ok(()),
+    }
+}
+
 fn u32_of(v: usize, op: &str, what: &str) -> Result<u32> {
     u32::try_from(v).map_err(|_| anyhow!("{op}: {what} = {v} does not fit the kernels' u32"))
 }
@@ -325,12 +336,7 @@ impl CudaBackend {
             "write_kv: {n} rows but {} slots",
             slots.len()
         );
-        if let Some(&s) = slots
-            .iter()
-            .find(|&&s| s != NO_SLOT && s as usize >= pool_rows)
-        {
-            bail!("write_kv: slot {s} outside the pool ({pool_rows} rows)");
-        }
+        check_slots("write_kv", slots, pool_rows)?;
         let (ks, vs) = (k.bf16("write_kv (k)")?, v.bf16("write_kv (v)")?);
         if n == 0 || w == 0 {
             return Ok(());

@@ -226,7 +226,10 @@ impl CudaBackend {
         );
         // Row statistics, written by the dq kernel at every sequence row, read by dk/dv; or,
         // given the forward's, its log-sum-exp and delta = rowsum(dout * out) from its output.
-        let given = match forward {
+        // `delta` is written by ge_attention_delta from the forward's output when the forward's
+        // statistics are given, else by the dq kernel, as is `lse` then.
+        let mut delta = self.gpu.alloc::<f32>(n * num_heads)?;
+        let given_lse = match forward {
             Some((out, lse)) if self.attention_tensor_cores => {
                 ensure!(
                     out.shape == q.shape && out.dtype() == DType::Bf16,
@@ -241,7 +244,6 @@ impl CudaBackend {
                     lse.numel(),
                     lse.dtype().name()
                 );
-                let mut delta = self.gpu.alloc::<f32>(n * num_heads)?;
                 if n > 0 {
                     let d = args::AttentionDeltaArgs {
                         out: self.gpu.ptr(out.bf16(OP)?),
@@ -261,22 +263,17 @@ impl CudaBackend {
                         )
                     }?;
                 }
-                Some((self.addr(lse), delta))
+                Some(self.addr(lse))
             }
             _ => None,
         };
-        let lse_own = match given {
-            Some(_) => None,
-            None => Some(self.gpu.alloc::<f32>(n * num_heads)?),
-        };
-        let delta_own = match given {
-            Some(_) => None,
-            None => Some(self.gpu.alloc::<f32>(n * num_heads)?),
-        };
-        let (lse_addr, delta_addr) = match (&given, &lse_own, &delta_own) {
-            (Some((lse, delta)), _, _) => (*lse, self.gpu.ptr(delta)),
-            (None, Some(l), Some(d)) => (self.gpu.ptr(l), self.gpu.ptr(d)),
-            _ => unreachable!("one of the two is set above"),
+        let own_lse;
+        let lse_addr = match given_lse {
+            Some(addr) => addr,
+            None => {
+                own_lse = self.gpu.alloc::<f32>(n * num_heads)?;
+                self.gpu.ptr(&own_lse)
+            }
         };
         let q_tile_buf = self.gpu.upload_slice(&q_tiles)?;
         let k_tile_buf = self.gpu.upload_slice(&k_tiles)?;
@@ -289,7 +286,7 @@ impl CudaBackend {
             dk: self.gpu.ptr_mut(dk.bf16_mut(OP)?),
             dv: self.gpu.ptr_mut(dv.bf16_mut(OP)?),
             lse: lse_addr,
-            delta: delta_addr,
+            delta: self.gpu.ptr(&delta),
             tiles: self.gpu.ptr(&q_tile_buf),
             num_tiles: nq as i32,
             num_heads: num_heads as i32,
@@ -298,7 +295,7 @@ impl CudaBackend {
             tile_rows: tiles.query_rows as i32,
             scale: 1.0 / (head_dim as f32).sqrt(),
             split_heads: 0,
-            stats_given: given.is_some() as i32,
+            stats_given: given_lse.is_some() as i32,
         };
         let cfg = LaunchConfig {
             grid_dim: (nq as u32, num_heads as u32, 1),

@@ -17,7 +17,7 @@ use super::gemm::{Gemm, GemmShape};
 use super::graphs::{DecodeGraphs, keys};
 use super::tensor::{CudaLinear, CudaTensor, DType, DeviceData, from_bf16, numel, to_bf16};
 use crate::backend::{
-    AttentionShape, Backend, DecodeRun, NO_SLOT, PagedSeq, SeqSpan, add_rms_norm_composed,
+    AttentionShape, Backend, DecodeRun, PagedSeq, SeqSpan, add_rms_norm_composed,
     qkv_rope_write_kv_composed,
 };
 use crate::engine::sampler::{RowSampling, SampledToken};
@@ -587,12 +587,7 @@ impl Backend for CudaBackend {
             k_pool.shape,
             v_pool.shape
         );
-        if let Some(&s) = slots
-            .iter()
-            .find(|&&s| s != NO_SLOT && s as usize >= pool_rows)
-        {
-            bail!("{op}: slot {s} outside the pool ({pool_rows} rows)");
-        }
+        super::attention::check_slots(op, slots, pool_rows)?;
         let mut q = self.output(DType::Bf16, vec![n, q_width])?;
         if n == 0 {
             return Ok(q);
@@ -1042,7 +1037,7 @@ impl Backend for CudaBackend {
 
     fn split_mixed_steps(&self) -> bool {
         // Worth a second pass only while decode steps replay from graphs.
-        self.graph_stats().off.is_none()
+        self.graphs_on()
     }
 
     fn upload_f32(&self, t: &HostTensor) -> Result<CudaTensor> {

@@ -69,6 +69,8 @@ struct Plan {
     x_layout: sys::cublasLtMatrixLayout_t,
     y_layout: sys::cublasLtMatrixLayout_t,
     algo: sys::cublasLtMatmulAlgo_t,
+    /// Whether `algo` was chosen by timing ([`TUNE_ENV`]) rather than taken from the heuristic.
+    tuned: bool,
 }
 
 impl Drop for Plan {
@@ -91,8 +93,6 @@ pub struct Gemm {
     workspace: CudaSlice<u8>,
     stream: Arc<CudaStream>,
     plans: HashMap<GemmShape, Plan>,
-    /// Shapes of `plans` whose algorithm was chosen by timing ([`TUNE_ENV`]).
-    tuned: std::collections::HashSet<GemmShape>,
     general_plans: HashMap<GeneralGemm, Plan>,
 }
 
@@ -128,7 +128,6 @@ impl Gemm {
             workspace,
             stream,
             plans: HashMap::new(),
-            tuned: std::collections::HashSet::new(),
             general_plans: HashMap::new(),
         })
     }
@@ -166,6 +165,7 @@ impl Gemm {
             y_layout: layout(m, n, m)?,
             // SAFETY: plain data, overwritten by the heuristic below.
             algo: unsafe { std::mem::zeroed() },
+            tuned: false,
         };
         let transa: i32 = 1;
         let epilogue = if s.bias {
@@ -388,6 +388,7 @@ impl Gemm {
             y_layout: layout(out_type, m, n)?,
             // SAFETY: plain data, overwritten by the heuristic below.
             algo: unsafe { std::mem::zeroed() },
+            tuned: false,
         };
         let (transa, transb) = (s.transa as i32, s.transb as i32);
         // SAFETY: the descriptor is live; each attribute is given a pointer to a value of the
@@ -444,12 +445,12 @@ impl Gemm {
                 .map_err(|e| blas_err("bias pointer attribute", e))?;
             }
         }
-        if tune && !self.tuned.contains(&s) {
+        if tune && !plan.tuned {
             // SAFETY: forwarded from the caller.
             let algo = unsafe { self.tuned_algo(plan, s, x, w, y) }?;
-            self.tuned.insert(s);
             if let Some(p) = self.plans.get_mut(&s) {
                 p.algo = algo;
+                p.tuned = true;
             }
         }
         let plan = &self.plans[&s];

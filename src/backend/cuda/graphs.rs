@@ -44,7 +44,7 @@ use super::backend::CudaBackend;
 use super::context::CaptureInputs;
 use super::sampling::{OUT_WORDS, row_args_of, unpack_outputs};
 use super::tensor::{CudaLinear, CudaTensor};
-use crate::backend::{DecodeGraphStats, DecodeRun, NO_SLOT, PagedSeq};
+use crate::backend::{DecodeGraphStats, DecodeRun, NO_SLOT};
 use crate::engine::sampler::{RowSampling, SampledToken, SamplingParams};
 use crate::transformer::{KvCache, PagedBatch, PagedSeqBatch, Weights};
 use anyhow::{Context, Result, anyhow, ensure};
@@ -152,16 +152,7 @@ pub fn stage(
     pool_blocks: usize,
     table_width: usize,
 ) -> Result<Vec<(&'static str, Vec<u8>)>> {
-    let seqs: Vec<PagedSeq<'_>> = batch
-        .seqs
-        .iter()
-        .map(|s| PagedSeq {
-            q_start: s.q_start,
-            q_len: s.q_len,
-            context_len: s.context_len,
-            block_table: &s.block_table,
-        })
-        .collect();
+    let seqs = batch.paged_seqs();
     let (work, tables) = super::attention::paged_work(
         batch.tokens.len(),
         &seqs,
@@ -198,13 +189,7 @@ fn check_decode_inputs(
         anyhow::bail!("token id {t} is outside the vocabulary ({vocab} entries)");
     }
     let pool_rows = cache.num_blocks * cache.block_size;
-    if let Some(&s) = batch
-        .slots
-        .iter()
-        .find(|&&s| s != NO_SLOT && s as usize >= pool_rows)
-    {
-        anyhow::bail!("decode step: slot {s} outside the pool ({pool_rows} rows)");
-    }
+    super::attention::check_slots("decode step", &batch.slots, pool_rows)?;
     super::sampling::check_rows(sampling)
 }
 
@@ -359,6 +344,12 @@ impl CudaBackend {
                 ..g.stats.clone()
             })
             .unwrap_or_default()
+    }
+
+    /// Whether decode steps replay from graphs (not turned off, by option or after failed
+    /// captures).
+    pub(super) fn graphs_on(&self) -> bool {
+        self.graphs.lock().is_ok_and(|g| g.off.is_none())
     }
 
     /// Drops every captured decode graph and gives the memory CUDA keeps for graphs back to

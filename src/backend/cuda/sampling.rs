@@ -452,15 +452,12 @@ impl CudaBackend {
             .upload_memo(super::graphs::keys::SAMPLE_PARAMS, &host_args)?;
         // In a graph capture the output goes to the graph's output buffer, read after each
         // replay (see `super::graphs`); otherwise to a buffer downloaded below.
-        let captured_out = self.gpu.capture_sample_out();
-        let mut out = match captured_out {
-            Some(_) => None,
-            None => Some(self.gpu.alloc::<u32>(n * OUT_WORDS)?),
-        };
-        let out_addr = match (&mut out, captured_out) {
-            (Some(buf), _) => self.gpu.ptr_mut(buf),
-            (None, Some(addr)) => addr,
-            (None, None) => unreachable!("one of the two is set above"),
+        let mut out = None;
+        let out_addr = match self.gpu.capture_sample_out() {
+            Some(addr) => addr,
+            None => self
+                .gpu
+                .ptr_mut(out.insert(self.gpu.alloc::<u32>(n * OUT_WORDS)?)),
         };
         let a = args::SampleArgs {
             logits: data,
