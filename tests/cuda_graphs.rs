@@ -20,6 +20,7 @@
 
 mod common;
 
+use common::cuda::worst_logprob_difference;
 use common::*;
 use genius_engine::backend::cpu::CpuBackend;
 use genius_engine::backend::cuda::{CudaBackend, CudaOptions};
@@ -28,7 +29,7 @@ use genius_engine::engine::sampler::SamplingParams;
 use genius_engine::engine::{Engine, EngineConfig, Finished, Request, StopRules};
 use genius_engine::model::safetensors::Dtype;
 use genius_engine::model::{HostTensor, LoadedModel, ModelConfig, load_model};
-use genius_engine::transformer::{PackedBatch, Transformer};
+use genius_engine::transformer::Transformer;
 
 const TOL: f32 = 0.05;
 const SEQUENCES: usize = 21;
@@ -102,31 +103,6 @@ fn rollout(engine: &mut Engine<'_, CudaBackend>, prompts: &[Vec<u32>]) -> Vec<Fi
     done
 }
 
-/// The worst difference between the log-probs the engine reported and the CPU's for the same
-/// tokens in the same contexts.
-fn worst_against_cpu(
-    cpu: &Transformer<CpuBackend>,
-    prompts: &[Vec<u32>],
-    done: &[Finished],
-) -> f32 {
-    assert_eq!(done.len(), prompts.len());
-    let mut worst = 0f32;
-    for (p, f) in prompts.iter().zip(done) {
-        assert!(!f.tokens.is_empty());
-        let seq: Vec<u32> = p.iter().chain(&f.tokens).copied().collect();
-        let hidden = cpu
-            .forward_hidden(&PackedBatch::from_sequences(&[&seq]))
-            .unwrap();
-        let rows: Vec<usize> = (p.len() - 1..seq.len() - 1).collect();
-        let want = cpu.target_logprobs(&hidden, &rows, &f.tokens).unwrap();
-        for (g, w) in f.logprobs.iter().zip(&want) {
-            assert!(g.is_finite() && *g <= 0.0, "logprob {g}");
-            worst = worst.max((g - w).abs() / (1.0 + w.abs()));
-        }
-    }
-    worst
-}
-
 fn engine_config() -> EngineConfig {
     EngineConfig {
         block_size: 16,
@@ -173,7 +149,7 @@ fn graph_replayed_decode_steps_match_the_cpu_and_repeat() {
         "most decode steps should be replays: {s:?}"
     );
     assert!(s.padding_rows > 0, "no step was padded: {s:?}");
-    let worst = worst_against_cpu(&cpu, &prompts, &a);
+    let worst = worst_logprob_difference(&cpu, &prompts, &a);
     println!("graph-replayed decode: worst logprob difference from the CPU {worst:.2e}");
     assert!(worst < TOL, "log-probs differ from the CPU's by {worst}");
 
@@ -207,7 +183,7 @@ fn graph_replayed_decode_steps_match_the_cpu_and_repeat() {
         s3.captures > s2.captures,
         "no recapture after new weights: {s3:?}"
     );
-    let worst = worst_against_cpu(&cpu, &prompts, &c);
+    let worst = worst_logprob_difference(&cpu, &prompts, &c);
     println!("after a weight change: worst logprob difference from the CPU {worst:.2e}");
     assert!(worst < TOL, "log-probs differ from the CPU's by {worst}");
 }
@@ -228,7 +204,7 @@ fn eager_decode_steps_with_graphs_off_match_the_cpu() {
     let s = stats(&engine);
     assert!(s.off.is_some());
     assert_eq!((s.captures, s.replays), (0, 0), "{s:?}");
-    let worst = worst_against_cpu(&cpu, &prompts, &a);
+    let worst = worst_logprob_difference(&cpu, &prompts, &a);
     println!("eager decode: worst logprob difference from the CPU {worst:.2e}");
     assert!(worst < TOL, "log-probs differ from the CPU's by {worst}");
 }

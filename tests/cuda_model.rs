@@ -12,7 +12,7 @@
 
 mod common;
 
-use common::cuda::{both, gpu, rel_err};
+use common::cuda::{both, gpu, rel_err, worst_logprob_difference};
 use common::*;
 use genius_engine::backend::cpu::CpuBackend;
 use genius_engine::backend::cuda::CudaBackend;
@@ -284,20 +284,8 @@ fn engine_on_cuda_repeats_and_reports_the_cpu_logprobs() {
     // The CPU, scoring the same tokens with the same weights, gives the same log-probs up to
     // bf16 rounding.
     let cpu = Transformer::load(CpuBackend::new(), config.clone(), m.weights.as_ref()).unwrap();
-    let mut worst = 0f32;
-    for (p, f) in prompts.iter().zip(&a) {
-        assert_eq!(f.tokens.len(), 24);
-        let seq: Vec<u32> = p.iter().chain(&f.tokens).copied().collect();
-        let hidden = cpu
-            .forward_hidden(&PackedBatch::from_sequences(&[&seq]))
-            .unwrap();
-        let rows: Vec<usize> = (p.len() - 1..seq.len() - 1).collect();
-        let want = cpu.target_logprobs(&hidden, &rows, &f.tokens).unwrap();
-        for (g, w) in f.logprobs.iter().zip(&want) {
-            assert!(g.is_finite() && *g <= 0.0, "logprob {g}");
-            worst = worst.max((g - w).abs() / (1.0 + w.abs()));
-        }
-    }
+    assert!(a.iter().all(|f| f.tokens.len() == 24));
+    let worst = worst_logprob_difference(&cpu, &prompts, &a);
     println!("engine on cuda: worst logprob difference from the CPU {worst:.2e}");
     assert!(
         worst < 0.05,

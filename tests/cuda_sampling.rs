@@ -12,41 +12,12 @@
 mod common;
 
 use common::Rng;
-use genius_engine::backend::cuda::{CudaBackend, CudaOptions, RowSampling, probe_devices};
+use common::cuda::shared_gpu as gpu;
+use genius_engine::backend::cuda::RowSampling;
 use genius_engine::engine::sampler::{SampledToken, SamplingParams, sample};
 use genius_engine::model::HostTensor;
-use std::io::Write as _;
-use std::sync::OnceLock;
 
 const LOGPROB_TOL: f32 = 1e-5;
-
-fn gpu() -> Option<&'static CudaBackend> {
-    match probe_devices() {
-        Ok(d) if !d.is_empty() => {}
-        other => {
-            let why = match other {
-                Err(e) => e,
-                Ok(_) => "the driver reports no devices".into(),
-            };
-            if cfg!(genius_gpu_tests) {
-                panic!(
-                    "built for a GPU run (GENIUS_GPU_TESTS) but there is no usable CUDA device: {why}"
-                );
-            }
-            let _ = writeln!(std::io::stderr(), "SKIPPED: no CUDA device ({why})");
-            return None;
-        }
-    }
-    static GPU: OnceLock<CudaBackend> = OnceLock::new();
-    Some(GPU.get_or_init(|| {
-        let opts = CudaOptions {
-            poison_outputs: true,
-            sync_after_launch: true,
-            ..CudaOptions::from_env().expect("CUDA options from the environment")
-        };
-        CudaBackend::new(&opts).unwrap_or_else(|e| panic!("{e:#}"))
-    }))
-}
 
 /// `rows` rows of logits: uniform in `[-scale, scale)`, a few rows with `-inf` masks and tied
 /// maxima so that those paths are exercised.

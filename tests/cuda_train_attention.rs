@@ -22,9 +22,10 @@
 mod common;
 
 use common::Rng;
+use common::cuda::rel_err_or_inf as rel_err;
 use genius_engine::backend::cpu::CpuBackend;
 use genius_engine::backend::cuda::tensor::round_to_bf16;
-use genius_engine::backend::cuda::{CudaBackend, CudaOptions, probe_devices};
+use genius_engine::backend::cuda::{CudaBackend, CudaOptions};
 use genius_engine::backend::{AttentionShape, Backend, SeqSpan};
 use genius_engine::model::HostTensor;
 use std::io::Write as _;
@@ -36,17 +37,7 @@ const TOL: f64 = 2e-2;
 /// The backends of both kernel sets: (name, backend), tensor cores first, then the scalar
 /// kernels, then the tensor cores with the GQA dk/dv pass unsplit (one block per kv head).
 fn gpus() -> Option<[(&'static str, &'static CudaBackend); 3]> {
-    let why = match probe_devices() {
-        Ok(d) if !d.is_empty() => None,
-        Ok(_) => Some("the driver reports no devices".to_string()),
-        Err(e) => Some(e),
-    };
-    if let Some(why) = why {
-        // Built for a GPU run: a missing device is a failure there, not a skip.
-        if cfg!(genius_gpu_tests) {
-            panic!("built for a GPU run (GENIUS_GPU_TESTS) but no usable CUDA device: {why}");
-        }
-        let _ = writeln!(std::io::stderr(), "SKIPPED: no CUDA device ({why})");
+    if !common::cuda::have_device() {
         return None;
     }
     static GPU: OnceLock<[CudaBackend; 3]> = OnceLock::new();
@@ -73,24 +64,6 @@ fn seed() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(7)
-}
-
-/// ‖got − want‖ / ‖want‖ (the error itself when `want` is zero); infinite on any NaN/inf.
-fn rel_err(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    if got.iter().any(|v| !v.is_finite()) {
-        return f64::INFINITY;
-    }
-    let (mut num, mut den) = (0f64, 0f64);
-    for (&g, &w) in got.iter().zip(want) {
-        num += (g as f64 - w as f64).powi(2);
-        den += (w as f64).powi(2);
-    }
-    if den == 0.0 {
-        num.sqrt()
-    } else {
-        (num / den).sqrt()
-    }
 }
 
 /// Spans packed back to back from row `first`, with `gap` empty rows after each.

@@ -16,101 +16,17 @@
 mod common;
 
 use common::Rng;
+use common::cuda::{assert_close, rand_bf16, rel_err_or_inf as rel_err, shared_gpu as gpu};
 use genius_engine::backend::Backend;
 use genius_engine::backend::cpu::CpuBackend;
 use genius_engine::backend::cuda::tensor::round_to_bf16;
-use genius_engine::backend::cuda::{CudaBackend, CudaOptions, DType, probe_devices};
+use genius_engine::backend::cuda::{CudaBackend, DType};
 use genius_engine::model::HostTensor;
-use std::io::Write as _;
-use std::sync::OnceLock;
 
 /// Relative error bound for GEMM-based results (bf16 operands).
 const GEMM_TOL: f64 = 1e-2;
 /// Relative error bound for f32 reductions.
 const REDUCTION_TOL: f64 = 1e-3;
-
-/// Prints a line the test harness does not capture, so that a skip is visible.
-fn skipped(why: &str) {
-    // Built for a GPU run: a missing device is a failure there, not a skip.
-    if cfg!(genius_gpu_tests) {
-        panic!("built for a GPU run (GENIUS_GPU_TESTS) but there is no usable CUDA device: {why}");
-    }
-    let _ = writeln!(std::io::stderr(), "SKIPPED: no CUDA device ({why})");
-}
-
-/// Whether a device exists; prints the skip line when not.
-fn have_device() -> bool {
-    match probe_devices() {
-        Ok(d) if !d.is_empty() => true,
-        Ok(_) => {
-            skipped("the driver reports no devices");
-            false
-        }
-        Err(why) => {
-            skipped(&why);
-            false
-        }
-    }
-}
-
-/// The shared backend (poisoned outputs, a sync after every launch), or `None` (after
-/// printing the skip line) without a device.
-fn gpu() -> Option<&'static CudaBackend> {
-    if !have_device() {
-        return None;
-    }
-    static GPU: OnceLock<CudaBackend> = OnceLock::new();
-    Some(GPU.get_or_init(|| {
-        let options = CudaOptions {
-            poison_outputs: true,
-            sync_after_launch: true,
-            ..CudaOptions::from_env().expect("CUDA options from the environment")
-        };
-        let be = CudaBackend::new(&options).unwrap_or_else(|e| panic!("{e:#}"));
-        let _ = writeln!(
-            std::io::stderr(),
-            "cuda backend: {} kernels {:?}",
-            be.name(),
-            be.kernel_units()
-        );
-        be
-    }))
-}
-
-/// A random tensor already rounded to bf16 (so that both backends see the same values).
-fn rand_bf16(rng: &mut Rng, shape: &[usize], scale: f32) -> HostTensor {
-    round_to_bf16(&rng.tensor(shape, scale))
-}
-
-/// ‖got − want‖ / ‖want‖ (the error itself when `want` is zero); infinite on any NaN/inf.
-fn rel_err(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    if got.iter().any(|v| !v.is_finite()) {
-        return f64::INFINITY;
-    }
-    let (mut num, mut den) = (0f64, 0f64);
-    for (&g, &w) in got.iter().zip(want) {
-        num += (g as f64 - w as f64).powi(2);
-        den += (w as f64).powi(2);
-    }
-    if den == 0.0 {
-        num.sqrt()
-    } else {
-        (num / den).sqrt()
-    }
-}
-
-#[track_caller]
-fn assert_close(what: &str, got: &HostTensor, want: &HostTensor, tol: f64) {
-    assert_eq!(got.shape, want.shape, "{what}: shape");
-    let unwritten = got.data.iter().filter(|v| v.is_nan()).count();
-    assert_eq!(
-        unwritten, 0,
-        "{what}: {unwritten} NaN elements (unwritten or wrong)"
-    );
-    let e = rel_err(&got.data, &want.data);
-    assert!(e <= tol, "{what}: relative error {e:.3e} over {tol:.0e}");
-}
 
 #[test]
 #[cfg_attr(
