@@ -4,9 +4,11 @@
 //   f32 [cols] accumulator, the rows of each column summed in a fixed order;
 // - ge_sum_squares_{f32,bf16}: per-block f64 partial sums of squares (gradient norms); the host
 //   adds the partials in order, so the result is deterministic;
-// - ge_target_logprobs_backward_bf16: the softmax gradient of the fused LM head + log-softmax +
-//   gather, in place on a chunk of bf16 logits: one online (max, sum) pass over the row, then one
-//   pass that reads the logits again and writes g * (onehot(target) - p).
+// - ge_target_logprobs_bf16[_v8]: the fused LM head + log-softmax + gather's forward on a chunk
+//   of bf16 logits: one online (max, sum) pass over each row;
+// - ge_target_logprobs_backward_bf16[_v8]: its gradient, in place on a chunk of bf16 logits: the
+//   same online pass, then one pass that reads the logits again and writes
+//   g * (onehot(target) - p).
 #include "common.cuh"
 
 // ---- bias gradient ----
@@ -115,28 +117,22 @@ __device__ __forceinline__ unsigned int ge_pack_bf16(float lo, float hi) {
            (static_cast<unsigned int>(ge_f32_to_bf16(hi).bits) << 16);
 }
 
-// One block per row (block size a multiple of 32, at most 1024). VEC: the row is read and
-// written 8 bf16 (16 bytes) at a time, which needs vocab % 8 == 0 (rows then start 16-byte
-// aligned in a 256-byte aligned buffer).
+// Online softmax statistics of one bf16 row, for the whole block (block size a multiple of
+// 32, at most 1024): the running max m and sum s of exp(l - m) in f32, and whether any logit
+// is NaN or +inf. Every thread returns the same three values. VEC: the row is read 8 bf16
+// (16 bytes) at a time, which needs vocab % 8 == 0 and a 16-byte aligned row.
 template <bool VEC>
-__device__ __forceinline__ void ge_target_logprobs_backward_impl(const LogprobBackwardArgs& a) {
+__device__ __forceinline__ void ge_row_softmax_stats(const ge_bf16* l, int vocab, float& m_out,
+                                                     float& s_out, bool& bad_out) {
     __shared__ float s_m[GE_WARP_SIZE];
     __shared__ float s_s[GE_WARP_SIZE];
     __shared__ int s_bad;
-    const int row = blockIdx.x;
     const int tid = threadIdx.x;
     const int lane = tid % GE_WARP_SIZE;
     const int warp = tid / GE_WARP_SIZE;
     const int warps = blockDim.x / GE_WARP_SIZE;
-    const int vocab = a.vocab;
-    ge_bf16* l = reinterpret_cast<ge_bf16*>(a.logits) + static_cast<long long>(row) * vocab;
-    const unsigned int target = reinterpret_cast<const unsigned int*>(a.targets)[row];
-    const float g = reinterpret_cast<const float*>(a.d_logprob)[row];
-    int* status = reinterpret_cast<int*>(a.status);
     if (tid == 0) s_bad = 0;
     __syncthreads();
-
-    // 1. online max and sum of exp(l - max), f32, NaN / +inf noted.
     float m = GE_NEG_INF;
     float s = 0.0f;
     bool bad = false;
@@ -146,13 +142,27 @@ __device__ __forceinline__ void ge_target_logprobs_backward_impl(const LogprobBa
         for (int j = tid; j < n8; j += blockDim.x) {
             const uint4 u = lv[j];
             const unsigned int w[4] = {u.x, u.y, u.z, u.w};
+            float x[8];
 #pragma unroll
             for (int k = 0; k < 4; ++k) {
-                const float x0 = ge_lo_bf16(w[k]);
-                const float x1 = ge_hi_bf16(w[k]);
-                bad |= ge_bad_logit(x0) | ge_bad_logit(x1);
-                ge_online_add(m, s, x0);
-                ge_online_add(m, s, x1);
+                x[2 * k] = ge_lo_bf16(w[k]);
+                x[2 * k + 1] = ge_hi_bf16(w[k]);
+            }
+            // One rescale per 8 logits: the max of the 8 first (fmaxf skips NaN, which
+            // marks the row bad anyway), then the 8 exponentials against it.
+            float mx = x[0];
+#pragma unroll
+            for (int k = 0; k < 8; ++k) {
+                bad |= ge_bad_logit(x[k]);
+                mx = fmaxf(mx, x[k]);
+            }
+            if (mx > m) {
+                s *= expf(m - mx);  // m = -inf: s is 0 and expf(-inf) is 0
+                m = mx;
+            }
+            if (m != GE_NEG_INF) {
+#pragma unroll
+                for (int k = 0; k < 8; ++k) s += expf(x[k] - m);
             }
         }
     } else {
@@ -182,8 +192,64 @@ __device__ __forceinline__ void ge_target_logprobs_backward_impl(const LogprobBa
         const float os = __shfl_xor_sync(0xffffffffu, s, o);
         ge_online_merge(m, s, om, os);
     }
-    if (s_bad != 0 || m == GE_NEG_INF || target >= static_cast<unsigned int>(vocab)) {
-        if (tid == 0) status[row] = s_bad != 0 ? 1 : (m == GE_NEG_INF ? 2 : 4);
+    m_out = m;
+    s_out = s;
+    bad_out = s_bad != 0;
+}
+
+// ---- log-prob forward: log_softmax(logits[row])[targets[row]], one block per row, one
+// pass over the row (the statistics above), then log p = l[target] - (max + log(sum)).
+// Status: 0 ok, 1 a NaN / +inf logit, 2 every logit -inf, 4 target outside the vocabulary
+// (out is then 0). ----
+template <bool VEC>
+__device__ __forceinline__ void ge_target_logprobs_impl(const TargetLogprobArgs& a) {
+    const int row = blockIdx.x;
+    const int vocab = a.vocab;
+    const ge_bf16* l = reinterpret_cast<const ge_bf16*>(a.logits) + static_cast<long long>(row) * vocab;
+    const unsigned int target = reinterpret_cast<const unsigned int*>(a.targets)[row];
+    float m, s;
+    bool bad;
+    ge_row_softmax_stats<VEC>(l, vocab, m, s, bad);
+    if (threadIdx.x != 0) return;
+    float* out = reinterpret_cast<float*>(a.out);
+    int* status = reinterpret_cast<int*>(a.status);
+    if (bad || m == GE_NEG_INF || target >= static_cast<unsigned int>(vocab)) {
+        out[row] = 0.0f;
+        status[row] = bad ? 1 : (m == GE_NEG_INF ? 2 : 4);
+        return;
+    }
+    out[row] = ge_bf16_to_f32(l[target]) - (m + logf(s));
+    status[row] = 0;
+}
+
+// bf16 logits [rows, vocab], any vocab.
+extern "C" __global__ void ge_target_logprobs_bf16(TargetLogprobArgs a) {
+    ge_target_logprobs_impl<false>(a);
+}
+
+// bf16 logits [rows, vocab] with vocab % 8 == 0 (16-byte loads).
+extern "C" __global__ void ge_target_logprobs_bf16_v8(TargetLogprobArgs a) {
+    ge_target_logprobs_impl<true>(a);
+}
+
+// ---- log-prob backward, in place: one block per row; the statistics above, then one pass
+// that reads the logits again and writes g * (onehot(target) - p). VEC as above. ----
+template <bool VEC>
+__device__ __forceinline__ void ge_target_logprobs_backward_impl(const LogprobBackwardArgs& a) {
+    const int row = blockIdx.x;
+    const int tid = threadIdx.x;
+    const int vocab = a.vocab;
+    ge_bf16* l = reinterpret_cast<ge_bf16*>(a.logits) + static_cast<long long>(row) * vocab;
+    const unsigned int target = reinterpret_cast<const unsigned int*>(a.targets)[row];
+    const float g = reinterpret_cast<const float*>(a.d_logprob)[row];
+    int* status = reinterpret_cast<int*>(a.status);
+
+    // 1. online max and sum of exp(l - max), f32, NaN / +inf noted.
+    float m, s;
+    bool bad;
+    ge_row_softmax_stats<VEC>(l, vocab, m, s, bad);
+    if (bad || m == GE_NEG_INF || target >= static_cast<unsigned int>(vocab)) {
+        if (tid == 0) status[row] = bad ? 1 : (m == GE_NEG_INF ? 2 : 4);
         return;
     }
 

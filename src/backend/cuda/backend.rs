@@ -864,64 +864,7 @@ impl Backend for CudaBackend {
         lm_head: &CudaLinear,
         targets: &[u32],
     ) -> Result<Vec<f32>> {
-        let (n, _) = hidden.matrix();
-        ensure!(
-            targets.len() == n,
-            "target_logprobs: {n} rows but {} targets",
-            targets.len()
-        );
-        let vocab = lm_head.out_features;
-        ensure!(vocab > 0, "target_logprobs: the LM head has no outputs");
-        let vocab_i32 = int(vocab, "target_logprobs", "vocabulary")?;
-        // Rows per chunk: at most TARGET_LOGPROB_CHUNK_BYTES of bf16 logits at once.
-        let chunk = self.logprob_chunk_rows(vocab);
-        let mut out = Vec::with_capacity(n);
-        for start in (0..n).step_by(chunk) {
-            let end = (start + chunk).min(n);
-            let rows: Vec<usize> = (start..end).collect();
-            let h = if start == 0 && end == n {
-                None
-            } else {
-                Some(self.gather_rows(hidden, &rows)?)
-            };
-            let logits = self.linear(h.as_ref().unwrap_or(hidden), lm_head, None)?;
-            let m = end - start;
-            let t = self.gpu.upload_slice(&targets[start..end])?;
-            let mut lp = self.gpu.alloc::<f32>(m)?;
-            let mut status = self.gpu.alloc::<i32>(m)?;
-            let a = args::TargetLogprobArgs {
-                logits: self.addr(&logits),
-                targets: self.gpu.ptr(&t),
-                out: self.gpu.ptr_mut(&mut lp),
-                status: self.gpu.ptr_mut(&mut status),
-                rows: int(m, "target_logprobs", "rows")?,
-                vocab: vocab_i32,
-            };
-            let cfg = LaunchConfig {
-                grid_dim: (m as u32, 1, 1),
-                block_dim: (super::sampling::THREADS as u32, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: logits is bf16 [m, vocab], targets u32 [m], out f32 [m], status i32 [m];
-            // one block per row writes its row's out and status.
-            unsafe { self.gpu.launch("ge_target_logprobs_bf16", cfg, &a) }?;
-            let lp = self.gpu.download_slice(&lp, m)?;
-            let status = self.gpu.download_slice(&status, m)?;
-            for (r, (&v, &st)) in lp.iter().zip(&status).enumerate() {
-                let row = start + r;
-                match st {
-                    0 => out.push(v),
-                    1 => bail!("target_logprobs: row {row} has a NaN or +inf logit"),
-                    2 => bail!("target_logprobs: row {row}: every logit is -inf"),
-                    4 => bail!(
-                        "target_logprobs: row {row}: target {} is outside the vocabulary of {vocab}",
-                        targets[row]
-                    ),
-                    s => bail!("target_logprobs: row {row}: unknown kernel status {s}"),
-                }
-            }
-        }
-        Ok(out)
+        self.train_target_logprobs(hidden, lm_head, targets)
     }
 
     fn sample_rows(&self, logits: &CudaTensor, rows: &[RowSampling]) -> Result<Vec<SampledToken>> {

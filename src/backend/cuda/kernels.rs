@@ -99,20 +99,15 @@ pub const KERNEL_UNITS: &[(&str, &[&str])] = &[
         &["ge_adamw_update", "ge_cast_f32_bf16", "ge_cast_bf16_f32"],
     ),
     ("loss.cu", &["ge_pair_losses"]),
-    (
-        "sampling.cu",
-        &[
-            "ge_sample_rows",
-            "ge_sample_rows_bf16",
-            "ge_target_logprobs_bf16",
-        ],
-    ),
+    ("sampling.cu", &["ge_sample_rows", "ge_sample_rows_bf16"]),
     (
         "train_gemm.cu",
         &[
             "ge_bias_grad_bf16",
             "ge_sum_squares_f32",
             "ge_sum_squares_bf16",
+            "ge_target_logprobs_bf16",
+            "ge_target_logprobs_bf16_v8",
             "ge_target_logprobs_backward_bf16",
             "ge_target_logprobs_backward_bf16_v8",
         ],

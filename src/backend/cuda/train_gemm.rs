@@ -1,6 +1,7 @@
 //! The GEMM-shaped training ops of the CUDA backend: the input and weight gradients of
-//! [`Backend::linear`], the bias gradient, `sum_squares` (gradient norms) and the backward of
-//! the fused LM head + log-softmax + gather ([`Backend::target_logprobs_backward`]). The
+//! [`Backend::linear`], the bias gradient, `sum_squares` (gradient norms) and the fused LM
+//! head + log-softmax + gather, forward and backward ([`Backend::target_logprobs`],
+//! [`Backend::target_logprobs_backward`]). The
 //! [`Backend`] impl in `backend.rs` delegates here.
 //!
 //! Precision: activations, weights and returned input gradients are bf16; parameter gradients
@@ -13,8 +14,11 @@
 //! - `grad[out, in] += dy^T @ x`: `D[in, out] = A[in, n] op(B)` with `A` = x's buffer and
 //!   `B` = dy's buffer (column-major `[out, n]`) transposed; `D` f32, `beta = 1`.
 //!
-//! The log-prob backward runs per chunk of rows (as the forward): `logits = h @ W^T`
-//! (bf16, the forward's GEMM), `ge_target_logprobs_backward_bf16[_v8]` turns them in place into
+//! The fused log-prob forward ([`Backend::target_logprobs`]) runs per chunk of rows: `logits =
+//! h @ W^T` (bf16), then one pass of `ge_target_logprobs_bf16[_v8]` (online max and sum of
+//! exponentials) writes each row's log-prob; the results stay on the device until the last
+//! chunk. The backward runs per chunk of rows too: the same GEMM,
+//! `ge_target_logprobs_backward_bf16[_v8]` turns the logits in place into
 //! `dlogits = g (onehot - softmax)` (one online max/sum pass and one read-write pass over each
 //! row), then `d_hidden = dlogits @ W` and `lm_head_grad += dlogits^T @ h`. Row offsets into
 //! `hidden` and `d_hidden` are used in place when they are 256-byte aligned (cuBLASLt's
@@ -22,6 +26,7 @@
 //!
 //! [`Backend`]: crate::backend::Backend
 //! [`Backend::linear`]: crate::backend::Backend::linear
+//! [`Backend::target_logprobs`]: crate::backend::Backend::target_logprobs
 //! [`Backend::target_logprobs_backward`]: crate::backend::Backend::target_logprobs_backward
 
 use super::args;
@@ -331,6 +336,158 @@ impl CudaBackend {
         Ok(total_sum)
     }
 
+    /// The bf16 logits `h @ W^T` of rows `start..start + m` of the hidden states at `hs`
+    /// (`[n, d]` bf16), for a fused log-prob op's chunk. The chunk's hidden rows are used in
+    /// place when aligned, else copied.
+    ///
+    /// # Safety
+    /// `hs` holds a live bf16 `[n, d]` buffer with `start + m <= n`, and `w_p` the live bf16
+    /// `[vocab, d]` LM head.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn chunk_logits(
+        &self,
+        op: &str,
+        name: &'static str,
+        (hs, w_p): (u64, u64),
+        start: usize,
+        m: usize,
+        d: usize,
+        vocab: usize,
+    ) -> Result<ChunkLogits> {
+        let row_bytes = d * 2;
+        let h_at = hs + (start * row_bytes) as u64;
+        let h_copy = if aligned(h_at) {
+            None
+        } else {
+            let mut c = self.output(DType::Bf16, vec![m, d])?;
+            let cp = self.addr_mut(&mut c);
+            self.copy_bytes(cp, h_at, m * row_bytes)?;
+            Some((c, cp))
+        };
+        let h_p = h_copy.as_ref().map_or(h_at, |(_, p)| *p);
+        let mut logits = self.output(DType::Bf16, vec![m, vocab])?;
+        let lp = self.addr_mut(&mut logits);
+        let s = GeneralGemm {
+            m: vocab,
+            n: m,
+            k: d,
+            transa: true,
+            transb: false,
+            out_f32: false,
+        };
+        // SAFETY: A = W's buffer (column-major [d, vocab], transposed), B = h's rows
+        // (column-major [d, m]), D = logits (column-major [vocab, m]); all live (the caller
+        // vouches for hs and w_p).
+        unsafe { self.general_gemm(op, name, s, (w_p, h_p, lp), 0.0) }?;
+        Ok(ChunkLogits {
+            _logits: logits,
+            lp,
+            h_p,
+            _h_copy: h_copy.map(|(c, _)| c),
+        })
+    }
+
+    /// The threads per block and the kernel (`base` or its 16-byte `_v8` form) of a row-wise
+    /// log-prob kernel over `vocab` logits. Rows start 16-byte aligned when `vocab % 8 == 0`
+    /// (every chunk's logits are a fresh 256-byte aligned buffer).
+    fn logprob_kernel(vocab: usize, base: &'static str, v8: &'static str) -> (u32, &'static str) {
+        (
+            if vocab >= 16384 { 1024 } else { 256 },
+            if vocab.is_multiple_of(8) { v8 } else { base },
+        )
+    }
+
+    /// Checks the log-prob kernels' per-row status words (0 ok, 1 a NaN / +inf logit, 2 every
+    /// logit -inf, 4 a target outside the vocabulary).
+    fn check_logprob_status(op: &str, status: &[i32], targets: &[u32], vocab: usize) -> Result<()> {
+        for (row, &st) in status.iter().enumerate() {
+            match st {
+                0 => {}
+                1 => bail!("{op}: row {row} has a NaN or +inf logit"),
+                2 => bail!("{op}: row {row}: every logit is -inf"),
+                4 => bail!(
+                    "{op}: row {row}: target {} is outside the vocabulary of {vocab}",
+                    targets[row]
+                ),
+                s => bail!("{op}: row {row}: unknown kernel status {s}"),
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Backend::target_logprobs`] on the GPU: per chunk of rows, the LM-head GEMM into bf16
+    /// logits and one pass of `ge_target_logprobs_bf16[_v8]` over them; the log-probs and
+    /// status words stay on the device until the last chunk, so the chunks run back to back.
+    pub(crate) fn train_target_logprobs(
+        &self,
+        hidden: &CudaTensor,
+        lm_head: &CudaLinear,
+        targets: &[u32],
+    ) -> Result<Vec<f32>> {
+        let op = "target_logprobs";
+        let (n, d) = hidden.matrix();
+        ensure!(
+            targets.len() == n,
+            "{op}: {n} rows but {} targets",
+            targets.len()
+        );
+        let (vocab, d2) = (lm_head.out_features, lm_head.in_features);
+        ensure!(d == d2, "{op}: hidden width {d}, lm_head width {d2}");
+        ensure!(vocab > 0, "{op}: the LM head has no outputs");
+        if let Some((row, &t)) = targets
+            .iter()
+            .enumerate()
+            .find(|(_, t)| **t as usize >= vocab)
+        {
+            bail!("{op}: row {row}: target {t} is outside the vocabulary of {vocab}");
+        }
+        let hs = self.gpu.ptr(hidden.bf16(op)?);
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let vocab_i32 = int(vocab, op, "vocabulary")?;
+        int(n, op, "rows")?;
+        let chunk = self.logprob_chunk_rows(vocab);
+        let t_dev = self.gpu.upload_slice(targets)?;
+        let mut out = self.gpu.alloc::<f32>(n)?;
+        let mut status = self.gpu.alloc::<i32>(n)?;
+        let t_base = self.gpu.ptr(&t_dev);
+        let (out_base, status_base) = (self.gpu.ptr_mut(&mut out), self.gpu.ptr_mut(&mut status));
+        let w_p = self.gpu.ptr(&lm_head.weight);
+        let (threads, kernel) = Self::logprob_kernel(
+            vocab,
+            "ge_target_logprobs_bf16",
+            "ge_target_logprobs_bf16_v8",
+        );
+        for start in (0..n).step_by(chunk) {
+            let m = chunk.min(n - start);
+            // SAFETY: hidden is bf16 [n, d] and start + m <= n; the LM head is [vocab, d].
+            let c =
+                unsafe { self.chunk_logits(op, "gemm lm_head", (hs, w_p), start, m, d, vocab) }?;
+            let a = args::TargetLogprobArgs {
+                logits: c.lp,
+                targets: t_base + (start * 4) as u64,
+                out: out_base + (start * 4) as u64,
+                status: status_base + (start * 4) as u64,
+                rows: m as i32,
+                vocab: vocab_i32,
+            };
+            let cfg = LaunchConfig {
+                grid_dim: (m as u32, 1, 1),
+                block_dim: (threads, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: logits is bf16 [m, vocab] (rows 16-byte aligned for the _v8 kernel:
+            // logprob_kernel); targets, out and status hold rows start..start + m of their n
+            // entries; one block per row writes its row's out and status.
+            unsafe { self.gpu.launch(kernel, cfg, &a) }?;
+        }
+        let lp = self.gpu.download_slice(&out, n)?;
+        let status = self.gpu.download_slice(&status, n)?;
+        Self::check_logprob_status(op, &status, targets, vocab)?;
+        Ok(lp)
+    }
+
     pub(crate) fn train_target_logprobs_backward(
         &self,
         hidden: &CudaTensor,
@@ -380,41 +537,19 @@ impl CudaBackend {
         let grad_p = self.addr_mut(lm_head_grad);
         let w_p = self.gpu.ptr(&lm_head.weight);
         let row_bytes = d * 2;
-        let (threads, kernel) = (
-            if vocab >= 16384 { 1024 } else { 256 },
-            if vocab.is_multiple_of(8) {
-                "ge_target_logprobs_backward_bf16_v8"
-            } else {
-                "ge_target_logprobs_backward_bf16"
-            },
+        let (threads, kernel) = Self::logprob_kernel(
+            vocab,
+            "ge_target_logprobs_backward_bf16",
+            "ge_target_logprobs_backward_bf16_v8",
         );
         for start in (0..n).step_by(chunk) {
             let m = chunk.min(n - start);
-            // This chunk's hidden rows: in place when aligned, else a copy.
-            let h_at = hs + (start * row_bytes) as u64;
-            let h_copy = if aligned(h_at) {
-                None
-            } else {
-                let mut c = self.output(DType::Bf16, vec![m, d])?;
-                let cp = self.addr_mut(&mut c);
-                self.copy_bytes(cp, h_at, m * row_bytes)?;
-                Some((c, cp))
-            };
-            let h_p = h_copy.as_ref().map_or(h_at, |(_, p)| *p);
             // logits = h @ W^T, bf16 [m, vocab], turned into dlogits in place.
-            let mut logits = self.output(DType::Bf16, vec![m, vocab])?;
-            let lp = self.addr_mut(&mut logits);
-            let s = GeneralGemm {
-                m: vocab,
-                n: m,
-                k: d,
-                transa: true,
-                transb: false,
-                out_f32: false,
-            };
-            // SAFETY: A = W's buffer (column-major [d, vocab], transposed), B = h's rows
-            // (column-major [d, m]), D = logits (column-major [vocab, m]); all live.
-            unsafe { self.general_gemm(op, "gemm lm_head backward", s, (w_p, h_p, lp), 0.0) }?;
+            // SAFETY: hidden is bf16 [n, d] and start + m <= n; the LM head is [vocab, d].
+            let c = unsafe {
+                self.chunk_logits(op, "gemm lm_head backward", (hs, w_p), start, m, d, vocab)
+            }?;
+            let (lp, h_p) = (c.lp, c.h_p);
             let a = args::LogprobBackwardArgs {
                 logits: lp,
                 targets: t_base + (start * 4) as u64,
@@ -428,9 +563,9 @@ impl CudaBackend {
                 block_dim: (threads, 1, 1),
                 shared_mem_bytes: 0,
             };
-            // SAFETY: logits is bf16 [m, vocab] (a fresh, 256-byte aligned buffer, so rows are
-            // 16-byte aligned when vocab % 8 == 0, as the _v8 kernel needs); targets,
-            // d_logprob and status hold rows start..start + m of their n entries.
+            // SAFETY: logits is bf16 [m, vocab] (rows 16-byte aligned for the _v8 kernel:
+            // logprob_kernel); targets, d_logprob and status hold rows start..start + m of
+            // their n entries.
             unsafe { self.gpu.launch(kernel, cfg, &a) }?;
             // lm_head_grad += dlogits^T @ h.
             // SAFETY: h's rows are bf16 [m, d], dlogits bf16 [m, vocab], the grad f32
@@ -451,20 +586,20 @@ impl CudaBackend {
             }
         }
         let status = self.gpu.download_slice(&status, n)?;
-        for (row, &st) in status.iter().enumerate() {
-            match st {
-                0 => {}
-                1 => bail!("{op}: row {row} has a NaN or +inf logit"),
-                2 => bail!("{op}: row {row}: every logit is -inf"),
-                4 => bail!(
-                    "{op}: row {row}: target {} is outside the vocabulary of {vocab}",
-                    targets[row]
-                ),
-                s => bail!("{op}: row {row}: unknown kernel status {s}"),
-            }
-        }
+        Self::check_logprob_status(op, &status, targets, vocab)?;
         Ok(d_hidden)
     }
+}
+
+/// One chunk's logits of the fused log-prob ops ([`CudaBackend::chunk_logits`]): the buffers
+/// are held until the chunk's kernels are queued.
+struct ChunkLogits {
+    /// bf16 `[m, vocab]`, at `lp`.
+    _logits: CudaTensor,
+    lp: u64,
+    /// The chunk's hidden rows: in `hidden` itself, or in `_h_copy`.
+    h_p: u64,
+    _h_copy: Option<CudaTensor>,
 }
 
 #[cfg(test)]
