@@ -33,7 +33,11 @@ __device__ __forceinline__ float ge_bf16_to_f32(ge_bf16 v) {
 // f32 -> bf16, rounded to nearest even (NaN stays NaN), one instruction on sm_80+.
 __device__ __forceinline__ ge_bf16 ge_f32_to_bf16(float f) {
     ge_bf16 r;
+#ifdef GE_KERNEL_EMU
+    r.bits = ge_emu::f32_to_bf16_bits(f);  // tools/kernel-emu: the same rounding on the host
+#else
     asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r.bits) : "f"(f));
+#endif
     return r;
 }
 
@@ -64,6 +68,13 @@ __device__ __forceinline__ void ge_store_bf16x8(ge_bf16* p, const float f[8]) {
     v.w = w[3];
     *reinterpret_cast<uint4*>(p) = v;
 }
+
+// Dynamic shared memory (the launch's shared_mem_bytes) as an array `name` of `type`.
+#ifdef GE_KERNEL_EMU
+#define GE_DYNAMIC_SHARED(type, name) type* name = reinterpret_cast<type*>(ge_emu::dynamic_shared())
+#else
+#define GE_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+#endif
 
 // Element type conversions used by the templated kernels.
 __device__ __forceinline__ float ge_to_f32(ge_bf16 v) { return ge_bf16_to_f32(v); }

@@ -28,7 +28,7 @@ extern "C" __global__ void ge_rms_norm(RmsNormArgs a) {
 // (head_dim / 2 pairs) is computed once into dynamic shared memory (head_dim floats), the
 // angle in f64 as the CPU reference does, then every head of the row is rotated. ----
 extern "C" __global__ void ge_rope(RopeArgs a) {
-    extern __shared__ float table[];  // cos[half] then sin[half]
+    GE_DYNAMIC_SHARED(float, table);  // cos[half] then sin[half]
     const int half = a.head_dim / 2;
     const long long row = blockIdx.x;
     const double pos = static_cast<double>(reinterpret_cast<const unsigned int*>(a.positions)[row]);
@@ -170,7 +170,7 @@ extern "C" __global__ void ge_add_rms_norm(AddRmsNormArgs a) {
 // as in ge_rope (f64 angle); q's and k's pairs are rotated with ge_rope's arithmetic, q
 // written to q_out, k and v to the pools at the row's slot (ge_write_kv_bf16's copy). ----
 extern "C" __global__ void ge_qkv_rope_write_kv(QkvRopeArgs a) {
-    extern __shared__ float table[];  // cos[half] then sin[half]
+    GE_DYNAMIC_SHARED(float, table);  // cos[half] then sin[half]
     const int half = a.head_dim / 2;
     const long long row = blockIdx.x;
     const double pos = static_cast<double>(reinterpret_cast<const unsigned int*>(a.positions)[row]);

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Runs CUDA-core kernels of kernels/ on the CPU: compiles their real source with a host C++
+# compiler and tools/kernel-emu/emu.h (threads for CUDA threads, barriers for __syncthreads
+# and warp shuffles), links tools/kernel-emu/checks.cpp (float64 references) and runs it.
+# No GPU or CUDA toolkit needed; tests/kernel_emu.rs runs this as part of `cargo test`.
+#
+#   tools/kernel-emu.sh [attention|logprobs|swiglu]     (default: every check)
+#
+# Uses $CXX, else g++, else clang++ (C++20: std::barrier). Build products go to
+# ${KERNEL_EMU_DIR:-target/kernel-emu}.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+out=${KERNEL_EMU_DIR:-$root/target/kernel-emu}
+cxx=${CXX:-}
+if [[ -z $cxx ]]; then
+  for c in g++ clang++ c++; do
+    if command -v "$c" >/dev/null; then cxx=$c; break; fi
+  done
+fi
+if [[ -z $cxx ]]; then
+  echo "kernel-emu: no C++ compiler (set CXX, or install g++)" >&2
+  exit 2
+fi
+mkdir -p "$out"
+flags=(-std=c++20 -O2 -ffp-contract=off -pthread -DGE_KERNEL_EMU -Wall -Wno-unused-function -Wno-unknown-pragmas)
+units=(paged_attention train_gemm elementwise backward)
+objs=()
+for u in "${units[@]}"; do
+  obj=$out/$u.o
+  # Rebuilt when the unit, the shared headers or the emulation changed.
+  if [[ ! -f $obj || $root/kernels/$u.cu -nt $obj || $root/kernels/common.cuh -nt $obj ||
+        $root/kernels/args.h -nt $obj || $root/tools/kernel-emu/emu.h -nt $obj ]]; then
+    "$cxx" "${flags[@]}" -include "$root/tools/kernel-emu/emu.h" -x c++ -c "$root/kernels/$u.cu" -o "$obj"
+  fi
+  objs+=("$obj")
+done
+"$cxx" "${flags[@]}" -include "$root/tools/kernel-emu/emu.h" "$root/tools/kernel-emu/checks.cpp" "${objs[@]}" -o "$out/checks"
+"$out/checks" "$@"

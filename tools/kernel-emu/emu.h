@@ -1,0 +1,246 @@
+// A CPU emulation of the small part of CUDA that the CUDA-core kernels of kernels/ use, so that
+// their real source runs on a machine without a GPU (tools/kernel-emu.sh compiles each kernel
+// unit with g++ and this header force-included; tests/kernel_emu.rs runs the result).
+//
+// A launch runs its blocks one after another. Each block runs every one of its threads as an
+// OS thread: __syncthreads is a barrier over the block's live threads, a warp shuffle two
+// barriers over the warp's live threads (each lane publishes its value, then reads its
+// partner's). A thread that returns leaves both barriers, as exited threads do on the GPU.
+// `__shared__` becomes `static`: one instance, which is right while one block runs at a time.
+//
+// What it does not model: timing, occupancy, memory coalescing, the tensor-core (mma) units
+// (attention_tc.cu and attention_backward_tc.cu are not emulated), and the differences between
+// the device's and the host's math functions (expf, logf: a few ulps).
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+struct dim3 {
+    unsigned int x = 1, y = 1, z = 1;
+};
+struct alignas(16) uint4 {
+    unsigned int x, y, z, w;
+};
+struct alignas(8) float2 {
+    float x, y;
+};
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __shared__ static
+#define __align__(n) alignas(n)
+#define __launch_bounds__(...)
+#define __restrict__
+
+namespace ge_emu {
+
+// The running block: its barriers, the warps' shuffle slots and its dynamic shared memory.
+struct Block {
+    std::unique_ptr<std::barrier<>> all;
+    std::vector<std::unique_ptr<std::barrier<>>> warps;
+    std::vector<unsigned long long> slots;  // one per thread
+    std::vector<unsigned char> dynamic_shared;
+};
+
+extern Block* block;
+extern thread_local unsigned int thread_rank;  // linear index in the block
+
+inline unsigned char* dynamic_shared() {
+    // 16-byte aligned, as the device's dynamic shared memory.
+    auto p = reinterpret_cast<std::uintptr_t>(block->dynamic_shared.data());
+    return reinterpret_cast<unsigned char*>((p + 15) & ~std::uintptr_t{15});
+}
+
+inline unsigned int warp_of_thread() { return thread_rank / 32; }
+inline unsigned int lane_of_thread() { return thread_rank % 32; }
+
+// Round to nearest even, NaN kept a (quiet) NaN: PTX cvt.rn.bf16.f32.
+inline unsigned short f32_to_bf16_bits(float f) {
+    unsigned int u;
+    std::memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<unsigned short>((u >> 16) | 0x40);
+    const unsigned int rounding = 0x7fffu + ((u >> 16) & 1u);
+    return static_cast<unsigned short>((u + rounding) >> 16);
+}
+
+template <typename T>
+T shuffle(T v, unsigned int src_lane) {
+    static_assert(sizeof(T) <= 8, "shuffle of a value over 8 bytes");
+    unsigned long long bits = 0;
+    std::memcpy(&bits, &v, sizeof(T));
+    const unsigned int warp = warp_of_thread();
+    block->slots[thread_rank] = bits;
+    block->warps[warp]->arrive_and_wait();
+    const unsigned long long got = block->slots[warp * 32 + (src_lane % 32)];
+    block->warps[warp]->arrive_and_wait();
+    T r;
+    std::memcpy(&r, &got, sizeof(T));
+    return r;
+}
+
+}  // namespace ge_emu
+
+extern thread_local dim3 threadIdx;
+extern thread_local dim3 blockIdx;
+extern dim3 blockDim;
+extern dim3 gridDim;
+
+inline void __syncthreads() { ge_emu::block->all->arrive_and_wait(); }
+
+template <typename T>
+T __shfl_xor_sync(unsigned int, T v, int mask) {
+    return ge_emu::shuffle(v, ge_emu::lane_of_thread() ^ static_cast<unsigned int>(mask));
+}
+template <typename T>
+T __shfl_sync(unsigned int, T v, int src) {
+    return ge_emu::shuffle(v, static_cast<unsigned int>(src));
+}
+template <typename T>
+T __shfl_up_sync(unsigned int, T v, unsigned int delta) {
+    const unsigned int lane = ge_emu::lane_of_thread();
+    const T got = ge_emu::shuffle(v, lane >= delta ? lane - delta : lane);
+    return lane >= delta ? got : v;
+}
+template <typename T>
+T __shfl_down_sync(unsigned int, T v, unsigned int delta) {
+    const unsigned int lane = ge_emu::lane_of_thread();
+    const T got = ge_emu::shuffle(v, lane + delta < 32 ? lane + delta : lane);
+    return lane + delta < 32 ? got : v;
+}
+
+inline float __uint_as_float(unsigned int u) {
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+inline float __int_as_float(int i) {
+    float f;
+    std::memcpy(&f, &i, 4);
+    return f;
+}
+inline unsigned int __float_as_uint(float f) {
+    unsigned int u;
+    std::memcpy(&u, &f, 4);
+    return u;
+}
+inline int __float_as_int(float f) {
+    int i;
+    std::memcpy(&i, &f, 4);
+    return i;
+}
+
+// Explicitly rounded arithmetic: the emulation is built with -ffp-contract=off, so a plain
+// operation is one IEEE operation.
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __fsqrt_rn(float a) { return std::sqrt(a); }
+inline float rsqrtf(float a) { return 1.0f / std::sqrt(a); }
+inline float __expf(float a) { return std::exp(a); }
+
+// CUDA's integer min / max (and their float overloads), for mixed argument types too.
+template <typename A, typename B>
+std::common_type_t<A, B> min(A a, B b) {
+    return b < a ? b : a;
+}
+template <typename A, typename B>
+std::common_type_t<A, B> max(A a, B b) {
+    return a < b ? b : a;
+}
+
+template <typename T>
+T atomic_rmw(T* p, const std::function<T(T)>& f) {
+    std::atomic_ref<T> r(*p);
+    T old = r.load();
+    while (!r.compare_exchange_weak(old, f(old))) {
+    }
+    return old;
+}
+inline int atomicOr(int* p, int v) { return std::atomic_ref<int>(*p).fetch_or(v); }
+inline unsigned int atomicOr(unsigned int* p, unsigned int v) {
+    return std::atomic_ref<unsigned int>(*p).fetch_or(v);
+}
+inline int atomicMax(int* p, int v) {
+    return atomic_rmw<int>(p, [v](int o) { return o > v ? o : v; });
+}
+inline int atomicMin(int* p, int v) {
+    return atomic_rmw<int>(p, [v](int o) { return o < v ? o : v; });
+}
+inline unsigned int atomicMax(unsigned int* p, unsigned int v) {
+    return atomic_rmw<unsigned int>(p, [v](unsigned int o) { return o > v ? o : v; });
+}
+inline unsigned int atomicMin(unsigned int* p, unsigned int v) {
+    return atomic_rmw<unsigned int>(p, [v](unsigned int o) { return o < v ? o : v; });
+}
+inline float atomicAdd(float* p, float v) {
+    return atomic_rmw<float>(p, [v](float o) { return o + v; });
+}
+inline int atomicAdd(int* p, int v) { return std::atomic_ref<int>(*p).fetch_add(v); }
+inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
+    return std::atomic_ref<unsigned long long>(*p).fetch_add(v);
+}
+[[noreturn]] inline void __trap() {
+    std::fprintf(stderr, "emu: __trap() in a kernel\n");
+    std::abort();
+}
+
+// The launch: blocks in order, each block's threads concurrently.
+namespace ge_emu {
+
+template <typename Args>
+void launch(void (*kernel)(Args), dim3 grid, dim3 threads, Args args,
+            std::size_t dynamic_shared_bytes = 0) {
+    const unsigned int n = threads.x * threads.y * threads.z;
+    if (n == 0 || n > 1024) {
+        std::fprintf(stderr, "emu: a block of %u threads\n", n);
+        std::abort();
+    }
+    gridDim = grid;
+    blockDim = threads;
+    for (unsigned int bz = 0; bz < grid.z; ++bz) {
+        for (unsigned int by = 0; by < grid.y; ++by) {
+            for (unsigned int bx = 0; bx < grid.x; ++bx) {
+                Block b;
+                b.all = std::make_unique<std::barrier<>>(n);
+                for (unsigned int w = 0; w < (n + 31) / 32; ++w) {
+                    b.warps.push_back(std::make_unique<std::barrier<>>(std::min(32u, n - 32 * w)));
+                }
+                b.slots.assign(n, 0);
+                b.dynamic_shared.assign(dynamic_shared_bytes + 16, 0xcd);
+                block = &b;
+                std::vector<std::thread> pool;
+                pool.reserve(n);
+                for (unsigned int t = 0; t < n; ++t) {
+                    pool.emplace_back([&, t] {
+                        thread_rank = t;
+                        threadIdx = dim3{t % threads.x, (t / threads.x) % threads.y,
+                                         t / (threads.x * threads.y)};
+                        blockIdx = dim3{bx, by, bz};
+                        kernel(args);
+                        b.warps[t / 32]->arrive_and_drop();
+                        b.all->arrive_and_drop();
+                    });
+                }
+                for (auto& th : pool) th.join();
+                block = nullptr;
+            }
+        }
+    }
+}
+
+}  // namespace ge_emu
