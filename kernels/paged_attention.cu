@@ -58,11 +58,14 @@ extern "C" __global__ void ge_copy_blocks_bf16(CopyBlocksArgs a) {
 // heads (at most GE_PA_MAX_HEADS, all sharing one kv head, so each K/V row is read once for
 // all of them) in shared memory and walks its partition in tiles of GE_PA_TILE positions:
 // 1. the tile's K/V row indices, through the block table, into shared memory;
-// 2. scores: each thread takes a position and its whole K row (16-byte loads), a dot product
-//    per head against the block's queries in shared memory;
+// 2. scores: each thread takes a position and its whole K row (16-byte loads, the next one
+//    in flight while the current one is used), a dot product per head against the block's
+//    queries in shared memory;
 // 3. online softmax per head (one warp per head): new running max, the factor that rescales
 //    the earlier accumulation, exponentials in place of the scores, running sum;
-// 4. values: thread (column d, key half) accumulates p * v[d] for every head in registers.
+// 4. values: thread (column pair, key part) reads two bf16 of a V row as one 4-byte word (a
+//    warp covers 64 columns, 128 bytes) and accumulates p * v for every head in registers;
+//    the key parts' sums meet in shared memory at the end.
 #define GE_PA_THREADS 128
 #define GE_PA_WARPS (GE_PA_THREADS / GE_WARP_SIZE)
 #define GE_PA_TILE 128
@@ -70,8 +73,9 @@ extern "C" __global__ void ge_copy_blocks_bf16(CopyBlocksArgs a) {
 
 template <int HD>
 __device__ __forceinline__ void paged_attention_partition(const PagedAttentionArgs& a) {
-    static_assert(HD % GE_WARP_SIZE == 0 && GE_PA_THREADS % HD == 0, "head_dim");
-    constexpr int KEY_SPLIT = GE_PA_THREADS / HD;
+    static_assert(HD % GE_WARP_SIZE == 0 && GE_PA_THREADS % (HD / 2) == 0, "head_dim");
+    constexpr int PAIRS = HD / 2;                         // column pairs of a V row
+    constexpr int KEY_SPLIT = GE_PA_THREADS / PAIRS;      // threads per column pair
     __shared__ float q_s[GE_PA_MAX_HEADS][HD];
     __shared__ float s_s[GE_PA_MAX_HEADS][GE_PA_TILE];
     __shared__ float corr_s[GE_PA_MAX_HEADS];
@@ -116,11 +120,11 @@ __device__ __forceinline__ void paged_attention_partition(const PagedAttentionAr
         m_s[tid] = GE_NEG_INF;
         l_s[tid] = 0.0f;
     }
-    const int d = tid % HD;
-    const int key_part = tid / HD;
-    float acc[GE_PA_MAX_HEADS];
+    const int pair = tid % PAIRS;  // columns 2 * pair and 2 * pair + 1
+    const int key_part = tid / PAIRS;
+    float acc0[GE_PA_MAX_HEADS], acc1[GE_PA_MAX_HEADS];
 #pragma unroll
-    for (int g = 0; g < GE_PA_MAX_HEADS; ++g) acc[g] = 0.0f;
+    for (int g = 0; g < GE_PA_MAX_HEADS; ++g) acc0[g] = acc1[g] = 0.0f;
 
     for (int t0 = p0; t0 < p1; t0 += GE_PA_TILE) {
         const int tl = min(GE_PA_TILE, p1 - t0);
@@ -141,9 +145,12 @@ __device__ __forceinline__ void paged_attention_partition(const PagedAttentionAr
             float dot[GE_PA_MAX_HEADS];
 #pragma unroll
             for (int g = 0; g < GE_PA_MAX_HEADS; ++g) dot[g] = 0.0f;
+            // The next 16 bytes are loaded while the current ones are multiplied.
+            uint4 next = k4[0];
 #pragma unroll 1
             for (int c = 0; c < HD / 8; ++c) {
-                const uint4 raw = k4[c];
+                const uint4 raw = next;
+                if (c + 1 < HD / 8) next = k4[c + 1];
                 const unsigned int words[4] = {raw.x, raw.y, raw.z, raw.w};
                 float kf[8];
 #pragma unroll
@@ -190,44 +197,68 @@ __device__ __forceinline__ void paged_attention_partition(const PagedAttentionAr
 
 #pragma unroll
         for (int g = 0; g < GE_PA_MAX_HEADS; ++g) {
-            if (g < nh) acc[g] *= corr_s[g];
+            if (g < nh) {
+                acc0[g] *= corr_s[g];
+                acc1[g] *= corr_s[g];
+            }
         }
-#pragma unroll 4
+        // Two columns per thread from one 4-byte word (the pool is 256-byte aligned and rows
+        // and head offsets are even, so the word is aligned).
+        const unsigned int* vp2 = reinterpret_cast<const unsigned int*>(vp) + pair;
+#pragma unroll 8
         for (int t = key_part; t < tl; t += KEY_SPLIT) {
-            const float v = ge_bf16_to_f32(vp[slot_s[t] * kw + d]);
+            const unsigned int word = vp2[slot_s[t] * (kw / 2)];
+            const float v0 = __uint_as_float(word << 16);
+            const float v1 = __uint_as_float(word & 0xffff0000u);
 #pragma unroll
             for (int g = 0; g < GE_PA_MAX_HEADS; ++g) {
-                if (g < nh) acc[g] += s_s[g][t] * v;
+                if (g < nh) {
+                    const float p = s_s[g][t];
+                    acc0[g] += p * v0;
+                    acc1[g] += p * v1;
+                }
             }
         }
         __syncthreads();  // the next tile overwrites slot_s, s_s and corr_s
     }
 
-    if (KEY_SPLIT > 1) {
+    // The key parts' sums, in order of key part, by the threads of key part 0.
 #pragma unroll
-        for (int g = 0; g < GE_PA_MAX_HEADS; ++g) {
-            if (g < nh) red_s[key_part][g][d] = acc[g];
+    for (int g = 0; g < GE_PA_MAX_HEADS; ++g) {
+        if (g < nh) {
+            red_s[key_part][g][2 * pair] = acc0[g];
+            red_s[key_part][g][2 * pair + 1] = acc1[g];
         }
-        __syncthreads();
-        if (key_part != 0) return;
+    }
+    __syncthreads();
+    if (key_part != 0) return;
 #pragma unroll
-        for (int g = 0; g < GE_PA_MAX_HEADS; ++g) {
-            if (g < nh) {
-                for (int s = 1; s < KEY_SPLIT; ++s) acc[g] += red_s[s][g][d];
+    for (int g = 0; g < GE_PA_MAX_HEADS; ++g) {
+        if (g < nh) {
+            for (int s = 1; s < KEY_SPLIT; ++s) {
+                acc0[g] += red_s[s][g][2 * pair];
+                acc1[g] += red_s[s][g][2 * pair + 1];
             }
         }
     }
 #pragma unroll
     for (int g = 0; g < GE_PA_MAX_HEADS; ++g) {
         if (g >= nh) continue;
-        const float o = acc[g] / l_s[g];
+        const float inv = 1.0f / l_s[g];
+        const float o0 = acc0[g] * inv;
+        const float o1 = acc1[g] * inv;
+        const long long col = static_cast<long long>(h0 + g) * HD + 2 * pair;
         if (a.num_partitions == 1) {
-            ge_bf16* out = reinterpret_cast<ge_bf16*>(a.out);
-            out[row * qw + static_cast<long long>(h0 + g) * HD + d] = ge_f32_to_bf16(o);
+            unsigned int* out = reinterpret_cast<unsigned int*>(a.out);
+            out[(row * qw + col) / 2] = static_cast<unsigned int>(ge_f32_to_bf16(o0).bits) |
+                                        (static_cast<unsigned int>(ge_f32_to_bf16(o1).bits) << 16);
         } else {
             const long long idx = (w * a.num_heads + h0 + g) * a.num_partitions + blockIdx.z;
-            reinterpret_cast<float*>(a.part_out)[idx * HD + d] = o;
-            if (d == 0) {
+            float2 o;
+            o.x = o0;
+            o.y = o1;
+            reinterpret_cast<float2*>(a.part_out)[(idx * HD) / 2 + pair] = o;
+            if (pair == 0) {
                 reinterpret_cast<float*>(a.part_max)[idx] = m_s[g];
                 reinterpret_cast<float*>(a.part_sum)[idx] = l_s[g];
             }

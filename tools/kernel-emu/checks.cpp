@@ -81,9 +81,11 @@ struct SeqSpec {
     int context_len;  // positions in its cache, the new ones included
 };
 
+// Contiguous: whole-sequence causal attention over contiguous K/V rows (q_len == context_len
+// for every sequence, K/V row = query row), no block tables.
 void check_paged_attention(const char* name, int head_dim, int num_heads, int num_kv_heads,
                            int block_size, const std::vector<SeqSpec>& specs,
-                           int partition_size, unsigned long long seed) {
+                           int partition_size, unsigned long long seed, bool contiguous = false) {
     Rng rng(seed);
     const int group = num_heads / num_kv_heads;
     const int slices = (group + 7) / 8;
@@ -103,8 +105,8 @@ void check_paged_attention(const char* name, int head_dim, int num_heads, int nu
         const auto& s = specs[si];
         seqs.insert(seqs.end(), {static_cast<unsigned int>(q_rows), static_cast<unsigned int>(s.q_len),
                                  static_cast<unsigned int>(s.context_len),
-                                 static_cast<unsigned int>(tables.size())});
-        for (int b = 0; b < (s.context_len + block_size - 1) / block_size; ++b) {
+                                 static_cast<unsigned int>(contiguous ? q_rows : static_cast<int>(tables.size()))});
+        for (int b = 0; !contiguous && b < (s.context_len + block_size - 1) / block_size; ++b) {
             tables.push_back(free_blocks[next_free++]);
         }
         for (int r = 0; r < s.q_len; ++r) {
@@ -115,7 +117,8 @@ void check_paged_attention(const char* name, int head_dim, int num_heads, int nu
         max_visible = std::max(max_visible, s.context_len);
     }
     const int work_rows = static_cast<int>(work.size() / 2);
-    const int pool_rows = pool_blocks * block_size;
+    const int pool_rows = contiguous ? q_rows : pool_blocks * block_size;
+    if (tables.empty()) tables.push_back(0);  // a valid address, as the backend gives
     const auto q = random_bf16(rng, static_cast<std::size_t>(q_rows) * qw, 1.5f);
     const auto kp = random_bf16(rng, static_cast<std::size_t>(pool_rows) * kw, 1.5f);
     const auto vp = random_bf16(rng, static_cast<std::size_t>(pool_rows) * kw, 1.0f);
@@ -147,7 +150,7 @@ void check_paged_attention(const char* name, int head_dim, int num_heads, int nu
     a.num_partitions = num_partitions;
     a.heads_per_block = heads_per_block;
     a.scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
-    a.contiguous = 0;
+    a.contiguous = contiguous ? 1 : 0;
     auto kernel = head_dim == 64 ? ge_paged_attention_d64 : ge_paged_attention_d128;
     ge_emu::launch(kernel,
                    dim3{static_cast<unsigned int>(work_rows),
@@ -173,6 +176,10 @@ void check_paged_attention(const char* name, int head_dim, int num_heads, int nu
                        dim3{static_cast<unsigned int>(head_dim), 1, 1}, c);
     }
     // float64 reference on the same bf16 inputs.
+    auto slot_of = [&](const unsigned int* sd, int p) -> long long {
+        if (contiguous) return static_cast<long long>(sd[3]) + p;
+        return static_cast<long long>(tables[sd[3] + p / block_size]) * block_size + p % block_size;
+    };
     double err2 = 0.0, ref2 = 0.0, max_abs = 0.0;
     bool finite = true;
     for (int w = 0; w < work_rows; ++w) {
@@ -185,8 +192,7 @@ void check_paged_attention(const char* name, int head_dim, int num_heads, int nu
             std::vector<double> s(visible);
             double mx = -1e300;
             for (int p = 0; p < visible; ++p) {
-                const long long slot =
-                    static_cast<long long>(tables[sd[3] + p / block_size]) * block_size + p % block_size;
+                const long long slot = slot_of(sd, p);
                 double dot = 0.0;
                 for (int d = 0; d < head_dim; ++d) {
                     dot += static_cast<double>(bf16_value(q[static_cast<std::size_t>(row) * qw + h * head_dim + d])) *
@@ -200,8 +206,7 @@ void check_paged_attention(const char* name, int head_dim, int num_heads, int nu
             for (int d = 0; d < head_dim; ++d) {
                 double o = 0.0;
                 for (int p = 0; p < visible; ++p) {
-                    const long long slot =
-                        static_cast<long long>(tables[sd[3] + p / block_size]) * block_size + p % block_size;
+                    const long long slot = slot_of(sd, p);
                     o += s[p] * bf16_value(vp[slot * kw + kvh * head_dim + d]);
                 }
                 o /= total;
@@ -235,6 +240,10 @@ void paged_attention_checks() {
         const std::vector<SeqSpec> longer = {{1, 700}, {1, 256}, {1, 257}, {1, 3}, {2, 520}};
         check_paged_attention("split", hd, 14, 2, 16, longer, 256, 31 + hd);
         check_paged_attention("split", hd, 4, 4, 32, longer, 256, 37 + hd);
+        // Whole-sequence causal attention on contiguous rows (the non-tensor-core path).
+        const std::vector<SeqSpec> whole = {{1, 1}, {37, 37}, {130, 130}, {300, 300}};
+        check_paged_attention("contiguous", hd, 14, 2, 16, whole, 0, 43 + hd, true);
+        check_paged_attention("contiguous split", hd, 4, 2, 16, whole, 256, 47 + hd, true);
     }
 }
 
