@@ -241,9 +241,10 @@ void paged_attention_checks() {
         check_paged_attention("split", hd, 14, 2, 16, longer, 256, 31 + hd);
         check_paged_attention("split", hd, 4, 4, 32, longer, 256, 37 + hd);
         // Whole-sequence causal attention on contiguous rows (the non-tensor-core path).
-        const std::vector<SeqSpec> whole = {{1, 1}, {37, 37}, {130, 130}, {300, 300}};
-        check_paged_attention("contiguous", hd, 14, 2, 16, whole, 0, 43 + hd, true);
-        check_paged_attention("contiguous split", hd, 4, 2, 16, whole, 256, 47 + hd, true);
+        check_paged_attention("contiguous", hd, 14, 2, 16, {{1, 1}, {37, 37}, {130, 130}}, 0,
+                              43 + hd, true);
+        check_paged_attention("contiguous split", hd, 2, 1, 16, {{3, 3}, {260, 260}}, 256, 47 + hd,
+                              true);
     }
 }
 

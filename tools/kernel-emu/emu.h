@@ -199,7 +199,10 @@ inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v)
     std::abort();
 }
 
-// The launch: blocks in order, each block's threads concurrently.
+// The launch: blocks in order, each block's threads concurrently. One OS thread per thread of
+// a block, made once per launch: between blocks they meet the launching thread at two
+// barriers, while it sets up the next block's barriers (the kernel's may have been left by
+// threads that returned early).
 namespace ge_emu {
 
 template <typename Args>
@@ -212,35 +215,47 @@ void launch(void (*kernel)(Args), dim3 grid, dim3 threads, Args args,
     }
     gridDim = grid;
     blockDim = threads;
-    for (unsigned int bz = 0; bz < grid.z; ++bz) {
-        for (unsigned int by = 0; by < grid.y; ++by) {
-            for (unsigned int bx = 0; bx < grid.x; ++bx) {
-                Block b;
-                b.all = std::make_unique<std::barrier<>>(n);
-                for (unsigned int w = 0; w < (n + 31) / 32; ++w) {
-                    b.warps.push_back(std::make_unique<std::barrier<>>(std::min(32u, n - 32 * w)));
-                }
-                b.slots.assign(n, 0);
-                b.dynamic_shared.assign(dynamic_shared_bytes + 16, 0xcd);
-                block = &b;
-                std::vector<std::thread> pool;
-                pool.reserve(n);
-                for (unsigned int t = 0; t < n; ++t) {
-                    pool.emplace_back([&, t] {
-                        thread_rank = t;
-                        threadIdx = dim3{t % threads.x, (t / threads.x) % threads.y,
-                                         t / (threads.x * threads.y)};
-                        blockIdx = dim3{bx, by, bz};
-                        kernel(args);
-                        b.warps[t / 32]->arrive_and_drop();
-                        b.all->arrive_and_drop();
-                    });
-                }
-                for (auto& th : pool) th.join();
-                block = nullptr;
-            }
+    const unsigned long long blocks =
+        static_cast<unsigned long long>(grid.x) * grid.y * grid.z;
+    std::barrier<> start(n + 1), end(n + 1);
+    Block b;
+    dim3 current;
+    auto prepare = [&](unsigned long long i) {
+        b.all = std::make_unique<std::barrier<>>(n);
+        b.warps.clear();
+        for (unsigned int w = 0; w < (n + 31) / 32; ++w) {
+            b.warps.push_back(std::make_unique<std::barrier<>>(std::min(32u, n - 32 * w)));
         }
+        b.slots.assign(n, 0);
+        b.dynamic_shared.assign(dynamic_shared_bytes + 16, 0xcd);
+        current = dim3{static_cast<unsigned int>(i % grid.x),
+                       static_cast<unsigned int>((i / grid.x) % grid.y),
+                       static_cast<unsigned int>(i / (static_cast<unsigned long long>(grid.x) * grid.y))};
+    };
+    block = &b;
+    std::vector<std::thread> pool;
+    pool.reserve(n);
+    for (unsigned int t = 0; t < n; ++t) {
+        pool.emplace_back([&, t] {
+            thread_rank = t;
+            threadIdx = dim3{t % threads.x, (t / threads.x) % threads.y, t / (threads.x * threads.y)};
+            for (unsigned long long i = 0; i < blocks; ++i) {
+                start.arrive_and_wait();
+                blockIdx = current;
+                kernel(args);
+                b.warps[t / 32]->arrive_and_drop();
+                b.all->arrive_and_drop();
+                end.arrive_and_wait();
+            }
+        });
     }
+    for (unsigned long long i = 0; i < blocks; ++i) {
+        prepare(i);
+        start.arrive_and_wait();
+        end.arrive_and_wait();
+    }
+    for (auto& th : pool) th.join();
+    block = nullptr;
 }
 
 }  // namespace ge_emu
