@@ -2,9 +2,9 @@
 //! `kernels/paged_attention.cu`, `train_gemm.cu`, `elementwise.cu` and `backward.cu` with the
 //! host's C++ compiler and a small emulation of CUDA's threads, barriers and warp shuffles
 //! (`tools/kernel-emu/emu.h`), then checks paged attention (decode, prefill chunks, GQA, head
-//! slices, context partitions and their combine), the fused log-prob forward and backward
-//! (status codes included) and SwiGLU against float64 references
-//! (`tools/kernel-emu/checks.cpp`).
+//! slices, context partitions and their combine, contiguous rows), the fused log-prob forward
+//! and backward (status codes included), SwiGLU, and the KV-cache writes with padding rows
+//! (`NO_SLOT`) against float64 or exact references (`tools/kernel-emu/checks.cpp`).
 //!
 //! This runs without a GPU, so kernel logic is checked before device time is spent; it is
 //! not a GPU test (no timing, no tensor cores, host math functions): the `cuda_*` tests stay

@@ -1,7 +1,7 @@
 // Checks of CUDA-core kernels run through the CPU emulation (emu.h) against float64 references
 // written here: paged attention (decode and prefill over block tables, GQA, head slices,
-// context partitions and their combine), the fused log-prob forward and backward, SwiGLU
-// forward and backward. Built and run by tools/kernel-emu.sh; prints one line per check and
+// context partitions and their combine, contiguous rows), the fused log-prob forward and
+// backward, SwiGLU forward and backward, and the KV-cache writes with padding rows. Built and run by tools/kernel-emu.sh; prints one line per check and
 // exits non-zero if any fails. These checks run the kernels' own source, but not on a GPU:
 // the GPU tests (tests/cuda_*.rs) stay the judges of the device.
 #include <cstdarg>
@@ -27,6 +27,8 @@ void ge_target_logprobs_bf16_v8(TargetLogprobArgs a);
 void ge_target_logprobs_backward_bf16(LogprobBackwardArgs a);
 void ge_target_logprobs_backward_bf16_v8(LogprobBackwardArgs a);
 void ge_swiglu(SwigluArgs a);
+void ge_write_kv_bf16(WriteKvArgs a);
+void ge_qkv_rope_write_kv(QkvRopeArgs a);
 void ge_swiglu_backward(SwigluBackwardArgs a);
 }
 
@@ -331,6 +333,7 @@ void logprob_checks() {
 // ---------------------------------------------------------------------------------------
 // SwiGLU forward and backward: the 16-byte path (inner % 8 == 0) and the scalar one, against
 // the same f32 formula on the host (bit for bit: the emulation uses the host's expf).
+// (Below them: the KV-cache writes with padding rows.)
 
 void check_swiglu(int rows, int inner, unsigned long long seed) {
     Rng rng(seed);
@@ -369,6 +372,76 @@ void swiglu_checks() {
     check_swiglu(5, 13, 43);
 }
 
+// ---------------------------------------------------------------------------------------
+// KV-cache writes with padding rows (GE_NO_SLOT, the padded rows of a graph-replayed decode
+// step): write_kv and the fused q/k/v split + RoPE + K/V write leave the pools untouched for
+// them and write every other row's slot exactly; q is written for every row.
+
+void check_kv_writes(unsigned long long seed) {
+    Rng rng(seed);
+    const int rows = 6, heads = 7, kv_heads = 2, hd = 64, half = hd / 2;
+    const int qw = heads * hd, kw = kv_heads * hd, width = qw + 2 * kw, pool_rows = 20;
+    const std::vector<unsigned int> slots = {3, 0xffffffffu, 17, 0, 0xffffffffu, 9};
+    std::vector<unsigned int> positions(rows);
+    for (auto& p : positions) p = rng.below(5000);
+    const auto qkv = random_bf16(rng, static_cast<std::size_t>(rows) * width, 2.0f);
+    std::vector<float> inv_freq(half);
+    for (int i = 0; i < half; ++i) inv_freq[i] = static_cast<float>(std::pow(10000.0, -2.0 * i / hd));
+    const auto pool0 = random_bf16(rng, static_cast<std::size_t>(pool_rows) * kw, 1.0f);
+    auto kp = pool0, vp = pool0;
+    std::vector<unsigned short> q(static_cast<std::size_t>(rows) * qw, BF16_NAN);
+    QkvRopeArgs a{addr(qkv.data()), addr(q.data()), addr(kp.data()), addr(vp.data()),
+                  addr(positions.data()), addr(slots.data()), addr(inv_freq.data()),
+                  rows, qw, kw, hd};
+    ge_emu::launch(ge_qkv_rope_write_kv, dim3{rows, 1, 1}, dim3{128, 1, 1}, a,
+                   static_cast<std::size_t>(hd) * sizeof(float));
+    // Expected: the pools as before but at the real rows' slots.
+    auto want_k = pool0, want_v = pool0;
+    std::vector<unsigned short> want_q(q.size());
+    auto rotate = [&](const unsigned short* h, unsigned short* d, unsigned int pos) {
+        for (int i = 0; i < half; ++i) {
+            double sn, cs;
+            sincos(static_cast<double>(pos) * static_cast<double>(inv_freq[i]), &sn, &cs);
+            const float c = static_cast<float>(cs), s = static_cast<float>(sn);
+            const float lo = bf16_value(h[i]), hi = bf16_value(h[i + half]);
+            d[i] = bf16_bits(lo * c - hi * s);
+            d[i + half] = bf16_bits(hi * c + lo * s);
+        }
+    };
+    for (int r = 0; r < rows; ++r) {
+        const unsigned short* src = &qkv[static_cast<std::size_t>(r) * width];
+        for (int h = 0; h < heads; ++h) rotate(src + h * hd, &want_q[static_cast<std::size_t>(r) * qw + h * hd], positions[r]);
+        if (slots[r] == 0xffffffffu) continue;
+        for (int h = 0; h < kv_heads; ++h) {
+            rotate(src + qw + h * hd, &want_k[static_cast<std::size_t>(slots[r]) * kw + h * hd], positions[r]);
+        }
+        std::copy(src + qw + kw, src + qw + 2 * kw, &want_v[static_cast<std::size_t>(slots[r]) * kw]);
+    }
+    report(q == want_q && kp == want_k && vp == want_v,
+           "q/k/v split + RoPE + K/V write: %d rows, 2 of them padding (no slot): q %s, K pool %s, "
+           "V pool %s", rows, q == want_q ? "exact" : "DIFFERS", kp == want_k ? "exact" : "DIFFERS",
+           vp == want_v ? "exact" : "DIFFERS");
+    // write_kv: the same slots, rows of k and v copied.
+    const auto k = random_bf16(rng, static_cast<std::size_t>(rows) * kw, 1.0f);
+    const auto v = random_bf16(rng, static_cast<std::size_t>(rows) * kw, 1.0f);
+    kp = pool0;
+    vp = pool0;
+    WriteKvArgs w{addr(kp.data()), addr(vp.data()), addr(k.data()), addr(v.data()),
+                  addr(slots.data()), rows, kw};
+    ge_emu::launch(ge_write_kv_bf16, dim3{2, 1, 1}, dim3{96, 1, 1}, w);
+    want_k = pool0;
+    want_v = pool0;
+    for (int r = 0; r < rows; ++r) {
+        if (slots[r] == 0xffffffffu) continue;
+        std::copy(&k[static_cast<std::size_t>(r) * kw], &k[static_cast<std::size_t>(r + 1) * kw],
+                  &want_k[static_cast<std::size_t>(slots[r]) * kw]);
+        std::copy(&v[static_cast<std::size_t>(r) * kw], &v[static_cast<std::size_t>(r + 1) * kw],
+                  &want_v[static_cast<std::size_t>(slots[r]) * kw]);
+    }
+    report(kp == want_k && vp == want_v, "write_kv: %d rows, 2 of them padding (no slot): %s",
+           rows, kp == want_k && vp == want_v ? "pools exact" : "POOLS DIFFER");
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -376,6 +449,7 @@ int main(int argc, char** argv) {
     if (only.empty() || only == "attention") paged_attention_checks();
     if (only.empty() || only == "logprobs") logprob_checks();
     if (only.empty() || only == "swiglu") swiglu_checks();
+    if (only.empty() || only == "kv") check_kv_writes(51);
     std::printf("kernel-emu: %d of %d checks passed\n", checks - failures, checks);
     return failures == 0 ? 0 : 1;
 }
