@@ -93,12 +93,12 @@ fn params(c: &ModelConfig) -> (u64, u64) {
 
 /// Values saved per token and layer for backward (see `transformer::train`): the residual
 /// stream entering the layer and after attention, q, k, v, the attention output, the fused
-/// gate/up projection.
+/// gate/up projection and SwiGLU's output.
 fn saved_per_token_layer(c: &ModelConfig) -> u64 {
     let h = c.hidden_size;
     let q = c.num_heads * c.head_dim;
     let kv = c.num_kv_heads * c.head_dim;
-    (2 * h + q + 2 * kv + q + 2 * c.intermediate_size) as u64
+    (2 * h + q + 2 * kv + q + 3 * c.intermediate_size) as u64
 }
 
 /// [`saved_per_token_layer`] on the GPU, in bf16 values: also the attention's f32

@@ -424,6 +424,8 @@ impl<B: Backend> Transformer<B> {
             let gate_up = be.linear(&xn, &layer.gate_up_proj, None)?;
             let act = be.swiglu(&gate_up)?;
             pending = Some(be.linear(&act, &layer.down_proj, None)?);
+            // Kept for backward (the down projection's weight gradient) unless recomputing.
+            let act = save.as_ref().is_some_and(|s| !s.recompute).then_some(act);
             if let Some(saved) = save.as_deref_mut() {
                 let (Some(x_in), Some(x_mid), Some((q, k, v, attn_stats))) =
                     (x_in, x_mid, qkv_rotated)
@@ -444,6 +446,7 @@ impl<B: Backend> Transformer<B> {
                     attn_stats,
                     x_mid,
                     gate_up,
+                    act,
                 });
             }
         }

@@ -3,11 +3,13 @@
 //! backward ([`Transformer::backward`]), layer by layer in reverse, accumulating into
 //! [`Gradients`]. No autograd: each forward op has its backward op on the [`Backend`].
 //!
-//! What is saved per layer (per token: `4 hidden + 2 kv + q + 2 ffn` floats, ~23 KiB per layer
-//! for the 135M default model): the residual stream entering the layer and after attention,
-//! RoPE'd q and k, v, the attention output and the fused gate/up projection. The norms'
-//! outputs and SwiGLU are recomputed in backward (cheap, row-wise); attention probabilities are
-//! recomputed by the backend's attention backward.
+//! What is saved per layer (per token: `2 hidden + 2 q + 2 kv + 3 ffn` floats, ~28 KiB per
+//! layer for the 135M default model): the residual stream entering the layer and after
+//! attention, RoPE'd q and k, v, the attention output, the fused gate/up projection and
+//! SwiGLU's output. The norms' outputs are recomputed in backward (cheap, row-wise);
+//! attention probabilities are recomputed by the backend's attention backward (from the
+//! forward's softmax statistics where the backend keeps them). Under per-layer recompute only
+//! each layer's input is kept, and backward recomputes the rest, SwiGLU's output included.
 
 use super::params::{LM_HEAD, Param};
 use super::{PackedBatch, Transformer, Weights};
@@ -93,6 +95,9 @@ pub(crate) struct LayerActivations<T> {
     pub(crate) x_mid: T,
     /// The fused gate/up projection (SwiGLU's input).
     pub(crate) gate_up: T,
+    /// SwiGLU's output (the down projection's input), kept by the forward when every layer's
+    /// activations are saved; `None` under per-layer recompute, where backward forms it.
+    pub(crate) act: Option<T>,
 }
 
 /// Filled by [`Transformer::forward_layers`] when training.
@@ -371,8 +376,15 @@ impl<B: Backend> Transformer<B> {
             };
             // MLP block: x_out = x_mid + down(swiglu(gate_up(rms_norm(x_mid)))).
             let xn = be.rms_norm(&saved.x_mid, &layer.post_attention_norm, eps)?;
-            let act = be.swiglu(&saved.gate_up)?;
-            be.accumulate_linear_grad(&mut lg.down_proj, &act, &dx)?;
+            let formed;
+            let act = match &saved.act {
+                Some(a) => a,
+                None => {
+                    formed = be.swiglu(&saved.gate_up)?;
+                    &formed
+                }
+            };
+            be.accumulate_linear_grad(&mut lg.down_proj, act, &dx)?;
             let d_act = be.linear_backward_input(&dx, &layer.down_proj)?;
             let d_gate_up = be.swiglu_backward(&saved.gate_up, &d_act)?;
             be.accumulate_linear_grad(&mut lg.gate_up_proj, &xn, &d_gate_up)?;
@@ -465,6 +477,7 @@ impl<B: Backend> Transformer<B> {
             attn_stats,
             x_mid,
             gate_up,
+            act: None,
         })
     }
 
