@@ -32,7 +32,8 @@
 # (default 64,256,512), GPU_BENCH_MODEL (default random:qwen2.5-0.5b), GPU_PEER=0 (no peer),
 # GPU_ROLLOUT=0 (no rollout benchmarks), GPU_TRAIN=0 (no training benchmarks and run),
 # GPU_TRAIN_PROFILE=1 (also a `bench train` with GENIUS_CUDA_PROFILE=1: GPU time per kernel),
-# GPU_TRAIN_VARIANTS=0 (no `bench train` A/B runs with the attention backward's newer paths off),
+# GPU_TRAIN_VARIANTS=0 (no `bench train` A/B runs: the attention backward's newer paths off,
+# cuBLASLt algorithms timed per shape),
 # GPU_CHECK_BUDGET (seconds: past it, the optional parts above are skipped, each with a line
 # saying so).
 set -uo pipefail
@@ -63,12 +64,13 @@ within_budget() {
   fi
   return 0
 }
-for exe in "$dir"/*; do
-  [[ -f $exe && -x $exe ]] || continue
-  name=$(basename "$exe")
-  log=$logs/$name.log
+# Runs one test executable (with the environment settings given after it), adds its row.
+run_tests() {
+  local exe=$1 name=$2
+  shift 2
+  local log=$logs/$name.log start rc secs result passed failed skipped status
   start=$(date +%s)
-  timeout "${GPU_CHECK_TIMEOUT:-300}" "$exe" --test-threads="${GPU_CHECK_THREADS:-1}" --nocapture >"$log" 2>&1
+  env "$@" timeout "${GPU_CHECK_TIMEOUT:-300}" "$exe" --test-threads="${GPU_CHECK_THREADS:-1}" --nocapture >"$log" 2>&1
   rc=$?
   secs=$(($(date +%s) - start))
   result=$(grep -E '^test result: ' "$log" | tail -n 1)
@@ -84,7 +86,16 @@ for exe in "$dir"/*; do
     if [[ $rc -eq 0 ]]; then status=ok; else status=FAILED; bad=1; fi
   fi
   rows+=("$(printf '%-24s %7s %7s %8s %6ss  %s' "$name" "$passed" "$failed" "$skipped" "$secs" "$status")")
+}
+for exe in "$dir"/*; do
+  [[ -f $exe && -x $exe ]] || continue
+  run_tests "$exe" "$(basename "$exe")"
 done
+# The training GEMMs again with cuBLASLt's algorithms timed per shape (GENIUS_CUDA_GEMM_TUNE=1,
+# opt-in: the tuned choice must still match the CPU).
+if [[ -x $dir/cuda_train_gemm ]] && within_budget "cuda_train_gemm with GENIUS_CUDA_GEMM_TUNE=1"; then
+  run_tests "$dir/cuda_train_gemm" "cuda_train_gemm+tune" GENIUS_CUDA_GEMM_TUNE=1
+fi
 
 [[ ${#rows[@]} -gt 0 ]] || { echo "gpu-check: no executables in $dir" >&2; exit 2; }
 
@@ -128,7 +139,7 @@ if [[ -x $engine && ${GPU_BENCH:-1} != 0 ]]; then
       fi
       if [[ ${GPU_TRAIN_VARIANTS:-1} != 0 ]]; then
         # A/B of the attention backward's newer paths (shorter runs, the same shape).
-        for variant in GENIUS_CUDA_ATTN_BWD_SPLIT=0 GENIUS_CUDA_ATTN_BWD_STATS=0; do
+        for variant in GENIUS_CUDA_ATTN_BWD_SPLIT=0 GENIUS_CUDA_ATTN_BWD_STATS=0 GENIUS_CUDA_GEMM_TUNE=1; do
           within_budget "train variant $variant" || continue
           echo "== train variant $variant"
           env "$variant" timeout 120 "$engine" bench train --device cuda --model "$model" \

@@ -153,7 +153,7 @@ pub struct CudaBackend {
     pub(super) graphs: Mutex<DecodeGraphs>,
     /// Whether `linear` times cuBLASLt's candidate algorithms per shape
     /// ([`CudaOptions::tune_gemms`]).
-    tune_gemms: bool,
+    pub(super) tune_gemms: bool,
 }
 
 impl CudaBackend {

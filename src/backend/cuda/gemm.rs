@@ -27,8 +27,8 @@ use std::sync::Arc;
 const WORKSPACE_BYTES: usize = 32 << 20;
 
 /// Environment variable: `1` times cuBLASLt's top [`TUNE_CANDIDATES`] algorithms for each
-/// shape of [`Gemm::run`] the first time it is used, and keeps the fastest, instead of taking
-/// the heuristic's first choice. Off by default: the choice then depends on timings, so two
+/// shape of [`Gemm::run`] and [`Gemm::run_general`] (the training GEMMs) the first time it is
+/// used, and keeps the fastest, instead of taking the heuristic's first choice. Off by default: the choice then depends on timings, so two
 /// processes may round differently.
 pub const TUNE_ENV: &str = "GENIUS_CUDA_GEMM_TUNE";
 
@@ -37,6 +37,10 @@ pub const TUNE_CANDIDATES: usize = 8;
 
 /// Timed runs per candidate (after one untimed run).
 const TUNE_REPS: usize = 3;
+
+/// Largest scratch output a [`Gemm::run_general`] with `beta != 0` is tuned on (bigger ones,
+/// such as a large vocabulary's f32 LM-head gradient, keep the heuristic's choice).
+pub const TUNE_SCRATCH_MAX_BYTES: usize = 256 << 20;
 
 /// The shape of one GEMM: `rows` = n, `out` = m, `inp` = k; `bias` whether the epilogue adds one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -69,7 +73,8 @@ struct Plan {
     x_layout: sys::cublasLtMatrixLayout_t,
     y_layout: sys::cublasLtMatrixLayout_t,
     algo: sys::cublasLtMatmulAlgo_t,
-    /// Whether `algo` was chosen by timing ([`TUNE_ENV`]) rather than taken from the heuristic.
+    /// Whether tuning ([`TUNE_ENV`]) has run for this plan: `algo` was then chosen by timing,
+    /// or kept from the heuristic where the shape could not be timed.
     tuned: bool,
 }
 
@@ -274,28 +279,29 @@ impl Gemm {
     }
 
     /// The fastest of cuBLASLt's top [`TUNE_CANDIDATES`] algorithms for `plan`, timed on the
-    /// caller's buffers (which the timed runs overwrite with the product, `beta = 0`): each
-    /// once untimed, then [`TUNE_REPS`] times between two events. A candidate that fails to
-    /// launch is skipped; with none timed, the heuristic's first choice.
+    /// caller's buffers `a`, `b` (the plan's A and B) and `d` (its D, which the timed runs
+    /// overwrite with the product, `beta = 0`): each once untimed, then [`TUNE_REPS`] times
+    /// between two events. A candidate that fails to launch is skipped; with none timed, the
+    /// heuristic's first choice.
     ///
     /// # Safety
-    /// As [`Gemm::run`]; the stream must not be capturing a graph (this waits for it).
+    /// As [`Gemm::run`] / [`Gemm::run_general`] with `d` a scratch or output buffer of D's
+    /// layout; the stream must not be capturing a graph (this waits for it).
     unsafe fn tuned_algo(
         &self,
         plan: &Plan,
-        s: GemmShape,
-        x: u64,
-        w: u64,
-        y: u64,
+        what: &str,
+        a: u64,
+        b: u64,
+        d: u64,
     ) -> Result<sys::cublasLtMatmulAlgo_t> {
-        let what = format!("{s:?}");
-        let candidates = self.heuristics(plan, &what, TUNE_CANDIDATES)?;
+        let candidates = self.heuristics(plan, what, TUNE_CANDIDATES)?;
         let ctx = self.stream.context();
         let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
         let mut best: Option<(f32, sys::cublasLtMatmulAlgo_t)> = None;
         for algo in &candidates {
-            // SAFETY: forwarded from the caller; the plan's bias pointer is already set.
-            let launch = || unsafe { self.matmul(plan, algo, x, w, y) };
+            // SAFETY: forwarded from the caller; a plan's bias pointer is already set.
+            let launch = || unsafe { self.matmul(plan, algo, (a, b, d), 0.0) };
             if launch().is_err() {
                 continue;
             }
@@ -317,35 +323,36 @@ impl Gemm {
         Ok(best.map_or(candidates[0], |(_, a)| a))
     }
 
-    /// One `y = x w^T (+ bias)` launch of `plan` with `algo`.
+    /// One `D = alpha op(A) op(B) + beta D` launch of `plan` with `algo` (`alpha = 1`; for a
+    /// [`GemmShape`] plan A is the weight, B the input, D the output).
     ///
     /// # Safety
-    /// As [`Gemm::run`].
+    /// As [`Gemm::run`] / [`Gemm::run_general`]; with `beta = 0`, D's previous contents are
+    /// not read.
     unsafe fn matmul(
         &self,
         plan: &Plan,
         algo: &sys::cublasLtMatmulAlgo_t,
-        x: u64,
-        w: u64,
-        y: u64,
+        (a, b, d): (u64, u64, u64),
+        beta: f32,
     ) -> Result<()> {
         let (ws, _record) = cudarc::driver::DevicePtr::device_ptr(&self.workspace, &self.stream);
-        let (alpha, beta) = (1.0f32, 0.0f32);
-        // SAFETY: the plan's handles are live; the caller vouches for the buffers; beta = 0 so
-        // y's previous contents are not read.
+        let alpha = 1.0f32;
+        // SAFETY: the plan's handles are live; the caller vouches for the buffers (C = D, the
+        // same layout, which cuBLASLt allows in place).
         unsafe {
             result::matmul(
                 self.handle,
                 plan.desc,
                 (&alpha) as *const f32 as *const _,
                 (&beta) as *const f32 as *const _,
-                w as *const _,
+                a as *const _,
                 plan.w_layout,
-                x as *const _,
+                b as *const _,
                 plan.x_layout,
-                y as *const _,
+                d as *const _,
                 plan.y_layout,
-                y as *mut _,
+                d as *mut _,
                 plan.y_layout,
                 algo,
                 ws as *mut _,
@@ -447,7 +454,7 @@ impl Gemm {
         }
         if tune && !plan.tuned {
             // SAFETY: forwarded from the caller.
-            let algo = unsafe { self.tuned_algo(plan, s, x, w, y) }?;
+            let algo = unsafe { self.tuned_algo(plan, &format!("{s:?}"), w, x, y) }?;
             if let Some(p) = self.plans.get_mut(&s) {
                 p.algo = algo;
                 p.tuned = true;
@@ -455,15 +462,19 @@ impl Gemm {
         }
         let plan = &self.plans[&s];
         // SAFETY: forwarded from the caller.
-        unsafe { self.matmul(plan, &plan.algo, x, w, y) }.map_err(|e| anyhow!("{e:#} {s:?}"))
+        unsafe { self.matmul(plan, &plan.algo, (w, x, y), 0.0) }.map_err(|e| anyhow!("{e:#} {s:?}"))
     }
 
     /// `D = op(A) op(B) + beta D` on the stream ([`GeneralGemm`]), with device addresses `a`,
-    /// `b` and `d`.
+    /// `b` and `d`. With `tune`, a shape's first use times cuBLASLt's top algorithms
+    /// ([`TUNE_ENV`]) and keeps the fastest: on `d` itself when `beta = 0` (the real run then
+    /// overwrites it), else on a scratch D (D must be read as it was), skipped for a D over
+    /// [`TUNE_SCRATCH_MAX_BYTES`] (the heuristic's choice is kept).
     ///
     /// # Safety
     /// The addresses must hold live buffers of the shapes and types `s` states until the
-    /// stream has run the GEMM; `d` must not overlap `a` or `b`.
+    /// stream has run the GEMM; `d` must not overlap `a` or `b`; with `tune`, the stream must
+    /// not be capturing a graph.
     pub unsafe fn run_general(
         &mut self,
         s: GeneralGemm,
@@ -471,38 +482,40 @@ impl Gemm {
         b: u64,
         d: u64,
         beta: f32,
+        tune: bool,
     ) -> Result<()> {
-        let handle = self.handle;
-        let stream = self.stream.cu_stream();
         if !self.general_plans.contains_key(&s) {
             let plan = self.build_general(s)?;
             self.general_plans.insert(s, plan);
         }
         let plan = &self.general_plans[&s];
-        let (ws, _record) = cudarc::driver::DevicePtr::device_ptr(&self.workspace, &self.stream);
-        let alpha = 1.0f32;
-        // SAFETY: the plan's handles are live; the caller vouches for the buffers (C = D, the
-        // same layout, which cuBLASLt allows in place).
-        unsafe {
-            result::matmul(
-                handle,
-                plan.desc,
-                (&alpha) as *const f32 as *const _,
-                (&beta) as *const f32 as *const _,
-                a as *const _,
-                plan.w_layout,
-                b as *const _,
-                plan.x_layout,
-                d as *const _,
-                plan.y_layout,
-                d as *mut _,
-                plan.y_layout,
-                &plan.algo,
-                ws as *mut _,
-                WORKSPACE_BYTES,
-                stream as *mut _,
-            )
-            .map_err(|e| blas_err(&format!("GEMM {s:?}"), e))
+        if tune && !plan.tuned {
+            let d_bytes = s.m * s.n * if s.out_f32 { 4 } else { 2 };
+            let what = format!("{s:?}");
+            let algo = if beta == 0.0 {
+                // SAFETY: forwarded from the caller; d is overwritten by the real run.
+                Some(unsafe { self.tuned_algo(plan, &what, a, b, d) }?)
+            } else if d_bytes <= TUNE_SCRATCH_MAX_BYTES {
+                // SAFETY: the scratch is only written (beta = 0 in the timed runs).
+                let mut scratch = unsafe { self.stream.alloc::<u8>(d_bytes.max(1)) }
+                    .map_err(|e| anyhow!("a scratch D to tune {what} ({d_bytes} bytes): {e:?}"))?;
+                let (sp, _record) =
+                    cudarc::driver::DevicePtrMut::device_ptr_mut(&mut scratch, &self.stream);
+                // SAFETY: a and b as the caller vouches; D is the scratch of D's layout.
+                Some(unsafe { self.tuned_algo(plan, &what, a, b, sp) }?)
+            } else {
+                None
+            };
+            if let Some(p) = self.general_plans.get_mut(&s) {
+                if let Some(algo) = algo {
+                    p.algo = algo;
+                }
+                p.tuned = true;
+            }
         }
+        let plan = &self.general_plans[&s];
+        // SAFETY: forwarded from the caller.
+        unsafe { self.matmul(plan, &plan.algo, (a, b, d), beta) }
+            .map_err(|e| anyhow!("{e:#} {s:?}"))
     }
 }

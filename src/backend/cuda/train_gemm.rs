@@ -104,9 +104,10 @@ impl CudaBackend {
             .lock()
             .map_err(|_| anyhow!("{op}: the cuBLASLt handle's lock is poisoned"))?;
         self.gpu.ctx.bind_to_thread()?;
+        let tune = self.tune_gemms && !self.gpu.capturing();
         let timing = self.gpu.profile_start()?;
-        // SAFETY: the caller vouches for the buffers.
-        let done = unsafe { gemm.run_general(s, a, b, d, beta) };
+        // SAFETY: the caller vouches for the buffers; no graph is being captured when tuning.
+        let done = unsafe { gemm.run_general(s, a, b, d, beta, tune) };
         self.gpu.profile_end(timing, name)?;
         done.map_err(|e| anyhow!("{op}: {e:#}"))?;
         if self.gpu.sync_after_launch {
