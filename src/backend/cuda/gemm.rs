@@ -26,14 +26,18 @@ use std::sync::Arc;
 /// cuBLASLt's workspace on Hopper, as NVIDIA recommends (32 MiB).
 const WORKSPACE_BYTES: usize = 32 << 20;
 
-/// Environment variable: `1` times cuBLASLt's top [`TUNE_CANDIDATES`] algorithms for each
-/// shape of [`Gemm::run`] and [`Gemm::run_general`] (the training GEMMs) the first time it is
-/// used, and keeps the fastest, instead of taking the heuristic's first choice. Off by default: the choice then depends on timings, so two
+/// Environment variable: `1` times cuBLASLt's top [`TUNE_CANDIDATES`] algorithms (and split-K
+/// forms of the first [`SPLIT_K_BASES`], where supported) for each shape of [`Gemm::run`] and
+/// [`Gemm::run_general`] (the training GEMMs) the first time it is used, and keeps the fastest, instead of taking the heuristic's first choice. Off by default: the choice then depends on timings, so two
 /// processes may round differently.
 pub const TUNE_ENV: &str = "GENIUS_CUDA_GEMM_TUNE";
 
 /// Algorithms timed per shape when tuning.
 pub const TUNE_CANDIDATES: usize = 8;
+
+/// Heuristic picks whose split-K forms are also timed when tuning, and the K splits tried.
+const SPLIT_K_BASES: usize = 2;
+const SPLIT_K_PARTS: [u32; 4] = [2, 4, 8, 16];
 
 /// Timed runs per candidate (after one untimed run).
 const TUNE_REPS: usize = 3;
@@ -295,7 +299,15 @@ impl Gemm {
         b: u64,
         d: u64,
     ) -> Result<sys::cublasLtMatmulAlgo_t> {
-        let candidates = self.heuristics(plan, what, TUNE_CANDIDATES)?;
+        let mut candidates = self.heuristics(plan, what, TUNE_CANDIDATES)?;
+        // Split-K forms of the heuristic's first picks: skinny GEMMs (decode's few rows, a
+        // long K) have fewer output tiles than SMs without them.
+        let splits: Vec<_> = candidates
+            .iter()
+            .take(SPLIT_K_BASES)
+            .flat_map(|a| self.split_k_variants(plan, a))
+            .collect();
+        candidates.extend(splits);
         let ctx = self.stream.context();
         let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
         let mut best: Option<(f32, sys::cublasLtMatmulAlgo_t)> = None;
@@ -321,6 +333,88 @@ impl Gemm {
             }
         }
         Ok(best.map_or(candidates[0], |(_, a)| a))
+    }
+
+    /// `algo` with its K dimension split into each of [`SPLIT_K_PARTS`] parts, reduced in the
+    /// compute type (f32 partial sums in the workspace), where cuBLASLt says the algorithm
+    /// supports split-K and the variant suits `plan` within the workspace
+    /// (`cublasLtMatmulAlgoCheck`). None where it does not (many Hopper kernels).
+    fn split_k_variants(
+        &self,
+        plan: &Plan,
+        algo: &sys::cublasLtMatmulAlgo_t,
+    ) -> Vec<sys::cublasLtMatmulAlgo_t> {
+        let mut supported: i32 = 0;
+        let mut schemes: u32 = 0;
+        let mut written = 0usize;
+        // SAFETY: the algorithm is plain data; each query writes at most the size given.
+        let caps = unsafe {
+            sys::cublasLtMatmulAlgoCapGetAttribute(
+                algo,
+                sys::cublasLtMatmulAlgoCapAttributes_t::CUBLASLT_ALGO_CAP_SPLITK_SUPPORT,
+                (&mut supported) as *mut i32 as *mut _,
+                size_of::<i32>(),
+                &mut written,
+            )
+            .result()
+            .and_then(|_| {
+                sys::cublasLtMatmulAlgoCapGetAttribute(
+                    algo,
+                    sys::cublasLtMatmulAlgoCapAttributes_t::CUBLASLT_ALGO_CAP_REDUCTION_SCHEME_MASK,
+                    (&mut schemes) as *mut u32 as *mut _,
+                    size_of::<u32>(),
+                    &mut written,
+                )
+                .result()
+            })
+        };
+        let scheme = sys::cublasLtReductionScheme_t::CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE as u32;
+        if caps.is_err() || supported == 0 || schemes & scheme == 0 {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        for parts in SPLIT_K_PARTS {
+            let mut variant = *algo;
+            // SAFETY: the variant is a copy of a valid algorithm; each attribute is given a
+            // pointer to a u32; the check only reads the plan's live handles.
+            let ok = unsafe {
+                sys::cublasLtMatmulAlgoConfigSetAttribute(
+                    &mut variant,
+                    sys::cublasLtMatmulAlgoConfigAttributes_t::CUBLASLT_ALGO_CONFIG_SPLITK_NUM,
+                    (&parts) as *const u32 as *const _,
+                    size_of::<u32>(),
+                )
+                .result()
+                .and_then(|_| {
+                    sys::cublasLtMatmulAlgoConfigSetAttribute(
+                        &mut variant,
+                        sys::cublasLtMatmulAlgoConfigAttributes_t::CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME,
+                        (&scheme) as *const u32 as *const _,
+                        size_of::<u32>(),
+                    )
+                    .result()
+                })
+                .and_then(|_| {
+                    let mut check: sys::cublasLtMatmulHeuristicResult_t = std::mem::zeroed();
+                    sys::cublasLtMatmulAlgoCheck(
+                        self.handle,
+                        plan.desc,
+                        plan.w_layout,
+                        plan.x_layout,
+                        plan.y_layout,
+                        plan.y_layout,
+                        &variant,
+                        &mut check,
+                    )
+                    .result()
+                    .map(|_| check.workspaceSize <= WORKSPACE_BYTES)
+                })
+            };
+            if ok == Ok(true) {
+                out.push(variant);
+            }
+        }
+        out
     }
 
     /// One `D = alpha op(A) op(B) + beta D` launch of `plan` with `algo` (`alpha = 1`; for a
