@@ -31,16 +31,25 @@
 // c += A B on one m16n8k16 tile.
 __device__ __forceinline__ void ge_abt_mma(float (&c)[4], const unsigned int (&a)[4], unsigned int b0,
                                            unsigned int b1) {
+#ifdef GE_KERNEL_EMU
+    ge_emu::mma_m16n8k16_bf16(c, a, b0, b1);  // tools/kernel-emu: the same on the host
+#else
     asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
         "{%8, %9}, {%0, %1, %2, %3};"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
 }
 
 // Two f32 values as one bf16 pair (`lo` in the low half), rounded to nearest even.
 __device__ __forceinline__ unsigned int ge_abt_pack(float lo, float hi) {
     unsigned int r;
+#ifdef GE_KERNEL_EMU
+    r = static_cast<unsigned int>(ge_emu::f32_to_bf16_bits(lo)) |
+        (static_cast<unsigned int>(ge_emu::f32_to_bf16_bits(hi)) << 16);
+#else
     asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+#endif
     return r;
 }
 

@@ -31,11 +31,15 @@
 
 __device__ __forceinline__ void ge_at_mma(float (&d)[4], const unsigned int (&a)[4],
                                           unsigned int b0, unsigned int b1) {
+#ifdef GE_KERNEL_EMU
+    ge_emu::mma_m16n8k16_bf16(d, a, b0, b1);  // tools/kernel-emu: the same on the host
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
         "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
 }
 
 // Two f32 as bf16x2: `lo` in the low 16 bits (the lower column / row index).

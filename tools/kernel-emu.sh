@@ -4,7 +4,7 @@
 # and warp shuffles), links tools/kernel-emu/checks.cpp (float64 references) and runs it.
 # No GPU or CUDA toolkit needed; tests/kernel_emu.rs runs this as part of `cargo test`.
 #
-#   tools/kernel-emu.sh [attention|logprobs|swiglu|kv]     (default: every check)
+#   tools/kernel-emu.sh [attention|logprobs|swiglu|kv|training-attention]     (default: every check)
 #
 # Uses $CXX, else g++, else clang++ (C++20: std::barrier). Build products go to
 # ${KERNEL_EMU_DIR:-target/kernel-emu}.
@@ -23,7 +23,7 @@ if [[ -z $cxx ]]; then
 fi
 mkdir -p "$out"
 flags=(-std=c++20 -O2 -ffp-contract=off -pthread -DGE_KERNEL_EMU -Wall -Wno-unused-function -Wno-unknown-pragmas)
-units=(paged_attention train_gemm elementwise backward)
+units=(paged_attention train_gemm elementwise backward attention_tc attention_backward_tc attention_backward)
 objs=()
 for u in "${units[@]}"; do
   obj=$out/$u.o

@@ -28,6 +28,18 @@ void ge_target_logprobs_backward_bf16(LogprobBackwardArgs a);
 void ge_target_logprobs_backward_bf16_v8(LogprobBackwardArgs a);
 void ge_swiglu(SwigluArgs a);
 void ge_write_kv_bf16(WriteKvArgs a);
+void ge_attention_tc_fwd_d64(AttentionTcArgs a);
+void ge_attention_tc_fwd_d128(AttentionTcArgs a);
+void ge_attention_backward_tc_dq_d64(AttentionBackwardArgs a);
+void ge_attention_backward_tc_dq_d128(AttentionBackwardArgs a);
+void ge_attention_backward_tc_dkv_d64(AttentionBackwardArgs a);
+void ge_attention_backward_tc_dkv_d128(AttentionBackwardArgs a);
+void ge_attention_dkv_reduce(AttentionDkvReduceArgs a);
+void ge_attention_delta(AttentionDeltaArgs a);
+void ge_attention_backward_dq_d64(AttentionBackwardArgs a);
+void ge_attention_backward_dq_d128(AttentionBackwardArgs a);
+void ge_attention_backward_dkv_d64(AttentionBackwardArgs a);
+void ge_attention_backward_dkv_d128(AttentionBackwardArgs a);
 void ge_qkv_rope_write_kv(QkvRopeArgs a);
 void ge_swiglu_backward(SwigluBackwardArgs a);
 }
@@ -442,6 +454,228 @@ void check_kv_writes(unsigned long long seed) {
            rows, kp == want_k && vp == want_v ? "pools exact" : "POOLS DIFFER");
 }
 
+// ---------------------------------------------------------------------------------------
+// Causal attention over packed sequences for training, forward and backward: the tensor-core
+// forward (out and its log-sum-exp), the tensor-core backward in its three forms (statistics
+// computed by the dq kernel or taken from the forward with ge_attention_delta; dk/dv in one
+// block per kv head or split over the group's query heads and summed by
+// ge_attention_dkv_reduce), and the CUDA-core backward, each against a float64 reference.
+// The launches mirror src/backend/cuda/attention_tc.rs and attention_backward.rs.
+
+struct Span {
+    int start, len;
+};
+
+// Tiles of `rows` positions of every sequence, three u32s each (start, len, tile start), in
+// sequence order (the backend orders them heaviest first; the order does not change results).
+std::vector<unsigned int> tiles_of(const std::vector<Span>& seqs, int rows) {
+    std::vector<unsigned int> t;
+    for (const auto& s : seqs) {
+        for (int p = 0; p < s.len; p += rows) {
+            t.insert(t.end(), {static_cast<unsigned int>(s.start), static_cast<unsigned int>(s.len),
+                               static_cast<unsigned int>(p)});
+        }
+    }
+    return t;
+}
+
+struct AttnRef {
+    std::vector<double> out, lse, dq, dk, dv;
+};
+
+AttnRef attention_reference(const std::vector<Span>& seqs, int n, int heads, int kv_heads, int hd,
+                            const std::vector<unsigned short>& q, const std::vector<unsigned short>& k,
+                            const std::vector<unsigned short>& v,
+                            const std::vector<unsigned short>& dout) {
+    const int qw = heads * hd, kw = kv_heads * hd, group = heads / kv_heads;
+    const double scale = 1.0 / std::sqrt(static_cast<double>(hd));
+    AttnRef r;
+    r.out.assign(static_cast<std::size_t>(n) * qw, 0.0);
+    r.lse.assign(static_cast<std::size_t>(n) * heads, 0.0);
+    r.dq.assign(static_cast<std::size_t>(n) * qw, 0.0);
+    r.dk.assign(static_cast<std::size_t>(n) * kw, 0.0);
+    r.dv.assign(static_cast<std::size_t>(n) * kw, 0.0);
+    auto at = [](const std::vector<unsigned short>& m, int row, int width, int col) {
+        return static_cast<double>(bf16_value(m[static_cast<std::size_t>(row) * width + col]));
+    };
+    for (const auto& s : seqs) {
+        for (int h = 0; h < heads; ++h) {
+            const int kvh = h / group;
+            for (int i = 0; i < s.len; ++i) {
+                const int ri = s.start + i;
+                std::vector<double> p(i + 1), dp(i + 1);
+                double mx = -1e300;
+                for (int j = 0; j <= i; ++j) {
+                    double d = 0.0;
+                    for (int c = 0; c < hd; ++c) d += at(q, ri, qw, h * hd + c) * at(k, s.start + j, kw, kvh * hd + c);
+                    p[j] = d * scale;
+                    mx = std::max(mx, p[j]);
+                }
+                double z = 0.0;
+                for (double& x : p) z += (x = std::exp(x - mx));
+                r.lse[static_cast<std::size_t>(ri) * heads + h] = mx + std::log(z);
+                for (double& x : p) x /= z;
+                double delta = 0.0;
+                for (int j = 0; j <= i; ++j) {
+                    double d = 0.0;
+                    for (int c = 0; c < hd; ++c) d += at(dout, ri, qw, h * hd + c) * at(v, s.start + j, kw, kvh * hd + c);
+                    dp[j] = d;
+                    delta += p[j] * d;
+                }
+                for (int c = 0; c < hd; ++c) {
+                    double o = 0.0;
+                    for (int j = 0; j <= i; ++j) o += p[j] * at(v, s.start + j, kw, kvh * hd + c);
+                    r.out[static_cast<std::size_t>(ri) * qw + h * hd + c] = o;
+                }
+                for (int j = 0; j <= i; ++j) {
+                    const double ds = p[j] * (dp[j] - delta);
+                    const int rj = s.start + j;
+                    for (int c = 0; c < hd; ++c) {
+                        r.dq[static_cast<std::size_t>(ri) * qw + h * hd + c] += scale * ds * at(k, rj, kw, kvh * hd + c);
+                        r.dk[static_cast<std::size_t>(rj) * kw + kvh * hd + c] += scale * ds * at(q, ri, qw, h * hd + c);
+                        r.dv[static_cast<std::size_t>(rj) * kw + kvh * hd + c] += p[j] * at(dout, ri, qw, h * hd + c);
+                    }
+                }
+            }
+        }
+    }
+    return r;
+}
+
+// Relative L2 error of bf16 `got` against `want` over the sequences' rows (`width` columns);
+// `finite` false if any of those is NaN (unwritten: the outputs start as NaN).
+double rel_l2_rows(const std::vector<unsigned short>& got, const std::vector<double>& want,
+                   const std::vector<Span>& seqs, int width, bool& finite) {
+    double e2 = 0.0, r2 = 0.0;
+    for (const auto& s : seqs) {
+        for (int r = s.start; r < s.start + s.len; ++r) {
+            for (int c = 0; c < width; ++c) {
+                const std::size_t i = static_cast<std::size_t>(r) * width + c;
+                const double g = bf16_value(got[i]);
+                if (!std::isfinite(g)) finite = false;
+                e2 += (g - want[i]) * (g - want[i]);
+                r2 += want[i] * want[i];
+            }
+        }
+    }
+    return std::sqrt(e2 / std::max(r2, 1e-30));
+}
+
+void check_training_attention(int hd, int heads, int kv_heads, const std::vector<Span>& seqs, int n,
+                              unsigned long long seed) {
+    Rng rng(seed);
+    const int qw = heads * hd, kw = kv_heads * hd, group = heads / kv_heads;
+    const auto q = random_bf16(rng, static_cast<std::size_t>(n) * qw, 1.5f);
+    const auto k = random_bf16(rng, static_cast<std::size_t>(n) * kw, 1.5f);
+    const auto v = random_bf16(rng, static_cast<std::size_t>(n) * kw, 1.0f);
+    const auto dout = random_bf16(rng, static_cast<std::size_t>(n) * qw, 1.0f);
+    const AttnRef ref = attention_reference(seqs, n, heads, kv_heads, hd, q, k, v, dout);
+    const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+    char what[96];
+    std::snprintf(what, sizeof what, "head_dim %d, heads %d/%d, %zu sequences in %d rows", hd, heads,
+                  kv_heads, seqs.size(), n);
+
+    // Forward on tensor cores: out and the log-sum-exp.
+    std::vector<unsigned short> out(static_cast<std::size_t>(n) * qw, BF16_NAN);
+    std::vector<float> lse(static_cast<std::size_t>(n) * heads, F32_POISON);
+    auto fwd_tiles = tiles_of(seqs, 64);
+    AttentionTcArgs fa{addr(q.data()), addr(k.data()), addr(v.data()), addr(out.data()), addr(lse.data()),
+                       addr(fwd_tiles.data()), static_cast<int>(fwd_tiles.size() / 3), heads, kv_heads, hd,
+                       64, scale};
+    ge_emu::launch(hd == 64 ? ge_attention_tc_fwd_d64 : ge_attention_tc_fwd_d128,
+                   dim3{static_cast<unsigned int>(fwd_tiles.size() / 3), static_cast<unsigned int>(heads), 1},
+                   dim3{128, 1, 1}, fa);
+    bool finite = true;
+    const double out_err = rel_l2_rows(out, ref.out, seqs, qw, finite);
+    double lse_err = 0.0;
+    for (const auto& s : seqs) {
+        for (int r = s.start; r < s.start + s.len; ++r) {
+            for (int h = 0; h < heads; ++h) {
+                const std::size_t i = static_cast<std::size_t>(r) * heads + h;
+                lse_err = std::max(lse_err, std::fabs(lse[i] - ref.lse[i]));
+            }
+        }
+    }
+    report(finite && out_err <= 1e-2 && lse_err <= 1e-3,
+           "attention forward (tensor cores): %s: out relative L2 %.2e, log-sum-exp max abs %.2e%s",
+           what, out_err, lse_err, finite ? "" : ", UNWRITTEN OR NON-FINITE OUTPUT");
+
+    // Backward, each form.
+    struct Form {
+        const char* name;
+        bool tc, stats_given, split;
+    };
+    const Form forms[] = {{"tensor cores, statistics computed, dk/dv per kv head", true, false, false},
+                          {"tensor cores, forward's statistics, dk/dv split over query heads", true, true, true},
+                          {"tensor cores, forward's statistics, dk/dv per kv head", true, true, false},
+                          {"CUDA cores", false, false, false}};
+    for (const Form& f : forms) {
+        if (f.split && group == 1) continue;  // the backend splits only shared kv heads
+        const int q_rows = f.tc ? 64 : 32;
+        const int k_rows = f.tc ? 64 : (hd == 64 ? 64 : 32);
+        const unsigned int threads = f.tc ? 128 : 256;
+        std::vector<unsigned short> dq(static_cast<std::size_t>(n) * qw, BF16_NAN);
+        std::vector<unsigned short> dk(static_cast<std::size_t>(n) * kw, BF16_NAN);
+        std::vector<unsigned short> dv(static_cast<std::size_t>(n) * kw, BF16_NAN);
+        std::vector<float> blse = f.stats_given ? lse : std::vector<float>(lse.size(), F32_POISON);
+        std::vector<float> delta(static_cast<std::size_t>(n) * heads, F32_POISON);
+        if (f.stats_given) {
+            AttentionDeltaArgs da{addr(out.data()), addr(dout.data()), addr(delta.data()),
+                                  static_cast<long long>(n), heads, hd};
+            ge_emu::launch(ge_attention_delta, dim3{3, 1, 1}, dim3{256, 1, 1}, da);
+        }
+        auto qt = tiles_of(seqs, q_rows);
+        auto kt = tiles_of(seqs, k_rows);
+        AttentionBackwardArgs a{addr(q.data()), addr(k.data()), addr(v.data()), addr(dout.data()),
+                                addr(dq.data()), addr(dk.data()), addr(dv.data()), addr(blse.data()),
+                                addr(delta.data()), addr(qt.data()), static_cast<int>(qt.size() / 3),
+                                heads, kv_heads, hd, q_rows, scale, 0, f.stats_given ? 1 : 0};
+        auto dq_kernel = f.tc ? (hd == 64 ? ge_attention_backward_tc_dq_d64 : ge_attention_backward_tc_dq_d128)
+                              : (hd == 64 ? ge_attention_backward_dq_d64 : ge_attention_backward_dq_d128);
+        auto dkv_kernel = f.tc ? (hd == 64 ? ge_attention_backward_tc_dkv_d64 : ge_attention_backward_tc_dkv_d128)
+                               : (hd == 64 ? ge_attention_backward_dkv_d64 : ge_attention_backward_dkv_d128);
+        ge_emu::launch(dq_kernel, dim3{static_cast<unsigned int>(qt.size() / 3), static_cast<unsigned int>(heads), 1},
+                       dim3{threads, 1, 1}, a);
+        a.tiles = addr(kt.data());
+        a.num_tiles = static_cast<int>(kt.size() / 3);
+        a.tile_rows = k_rows;
+        if (f.split) {
+            std::vector<float> dk_part(static_cast<std::size_t>(n) * qw, std::nanf(""));
+            std::vector<float> dv_part(static_cast<std::size_t>(n) * qw, std::nanf(""));
+            a.dk = addr(dk_part.data());
+            a.dv = addr(dv_part.data());
+            a.split_heads = 1;
+            ge_emu::launch(dkv_kernel,
+                           dim3{static_cast<unsigned int>(kt.size() / 3), static_cast<unsigned int>(kv_heads),
+                                static_cast<unsigned int>(group)},
+                           dim3{threads, 1, 1}, a);
+            AttentionDkvReduceArgs r{addr(dk_part.data()), addr(dv_part.data()), addr(dk.data()), addr(dv.data()),
+                                     static_cast<long long>(n), heads, kv_heads, hd, scale};
+            ge_emu::launch(ge_attention_dkv_reduce, dim3{2, 1, 1}, dim3{256, 1, 1}, r);
+        } else {
+            ge_emu::launch(dkv_kernel,
+                           dim3{static_cast<unsigned int>(kt.size() / 3), static_cast<unsigned int>(kv_heads), 1},
+                           dim3{threads, 1, 1}, a);
+        }
+        bool ok_finite = true;
+        const double eq = rel_l2_rows(dq, ref.dq, seqs, qw, ok_finite);
+        const double ek = rel_l2_rows(dk, ref.dk, seqs, kw, ok_finite);
+        const double ev = rel_l2_rows(dv, ref.dv, seqs, kw, ok_finite);
+        report(ok_finite && eq <= 1e-2 && ek <= 1e-2 && ev <= 1e-2,
+               "attention backward (%s): %s: dq / dk / dv relative L2 %.2e / %.2e / %.2e%s", f.name, what,
+               eq, ek, ev, ok_finite ? "" : ", UNWRITTEN OR NON-FINITE OUTPUT");
+    }
+}
+
+void training_attention_checks() {
+    // Packed sequences: odd lengths, a partial tile, a gap row (row 0) and a one-token one.
+    const std::vector<Span> seqs = {{1, 1}, {2, 37}, {39, 70}, {109, 20}};
+    check_training_attention(64, 4, 2, seqs, 129, 61);
+    check_training_attention(64, 7, 1, seqs, 129, 62);
+    check_training_attention(128, 4, 4, {{0, 19}, {20, 66}}, 86, 63);
+    check_training_attention(128, 6, 2, {{0, 19}, {20, 66}}, 86, 64);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -450,6 +684,7 @@ int main(int argc, char** argv) {
     if (only.empty() || only == "logprobs") logprob_checks();
     if (only.empty() || only == "swiglu") swiglu_checks();
     if (only.empty() || only == "kv") check_kv_writes(51);
+    if (only.empty() || only == "training-attention") training_attention_checks();
     std::printf("kernel-emu: %d of %d checks passed\n", checks - failures, checks);
     return failures == 0 ? 0 : 1;
 }

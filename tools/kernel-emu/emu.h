@@ -8,12 +8,17 @@
 // partner's). A thread that returns leaves both barriers, as exited threads do on the GPU.
 // `__shared__` becomes `static`: one instance, which is right while one block runs at a time.
 //
-// What it does not model: timing, occupancy, memory coalescing, the tensor-core (mma) units
-// (attention_tc.cu and attention_backward_tc.cu are not emulated), and the differences between
-// the device's and the host's math functions (expf, logf: a few ulps).
+// The tensor-core instruction the attention kernels use (mma.sync m16n8k16, bf16 in, f32
+// accumulate) is emulated per warp from the PTX ISA's fragment layout; the kernels call it
+// instead of their inline PTX when built with GE_KERNEL_EMU.
+//
+// What it does not model: timing, occupancy, memory coalescing, the tensor cores' internal
+// accumulation order, and the differences between the device's and the host's math functions
+// (expf, logf: a few ulps).
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <barrier>
 #include <cmath>
@@ -42,7 +47,7 @@ struct alignas(8) float2 {
 #define __host__
 #define __forceinline__ inline
 #define __shared__ static
-#define __align__(n) alignas(n)
+#define __align__(n) __attribute__((aligned(n)))
 #define __launch_bounds__(...)
 #define __restrict__
 
@@ -53,6 +58,7 @@ struct Block {
     std::unique_ptr<std::barrier<>> all;
     std::vector<std::unique_ptr<std::barrier<>>> warps;
     std::vector<unsigned long long> slots;  // one per thread
+    std::vector<std::array<unsigned int, 6>> mma;  // one per thread: a0..a3, b0, b1
     std::vector<unsigned char> dynamic_shared;
 };
 
@@ -143,6 +149,53 @@ inline int __float_as_int(float f) {
     return i;
 }
 
+namespace ge_emu {
+
+// `mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32` for the calling warp: every lane
+// publishes its A and B fragments (PTX ISA layout, lane = 4 gid + tig: a0 = A[gid][2tig, +1],
+// a1 = A[gid + 8][same], a2 = A[gid][2tig + 8, +9], a3 = A[gid + 8][same]; b0 = B[2tig, +1][gid],
+// b1 = B[2tig + 8, +9][gid]; the lower index in the low 16 bits), the matrices are rebuilt
+// from all 32, and each lane adds its C elements (c0, c1 = C[gid][2tig, +1], c2, c3 =
+// C[gid + 8][same]), summing the 16 products in f32 in k order (the hardware's order and
+// internal precision are its own: results agree to f32 rounding, not bit for bit).
+inline void mma_m16n8k16_bf16(float (&c)[4], const unsigned int (&a)[4], unsigned int b0,
+                              unsigned int b1) {
+    const unsigned int warp = warp_of_thread();
+    const unsigned int lane = lane_of_thread();
+    block->mma[thread_rank] = {a[0], a[1], a[2], a[3], b0, b1};
+    block->warps[warp]->arrive_and_wait();
+    auto lo = [](unsigned int w) { return __uint_as_float(w << 16); };
+    auto hi = [](unsigned int w) { return __uint_as_float(w & 0xffff0000u); };
+    float A[16][16], B[16][8];
+    for (unsigned int l = 0; l < 32; ++l) {
+        const auto& f = block->mma[warp * 32 + l];
+        const unsigned int g = l / 4, t = l % 4;
+        A[g][2 * t] = lo(f[0]);
+        A[g][2 * t + 1] = hi(f[0]);
+        A[g + 8][2 * t] = lo(f[1]);
+        A[g + 8][2 * t + 1] = hi(f[1]);
+        A[g][2 * t + 8] = lo(f[2]);
+        A[g][2 * t + 9] = hi(f[2]);
+        A[g + 8][2 * t + 8] = lo(f[3]);
+        A[g + 8][2 * t + 9] = hi(f[3]);
+        B[2 * t][g] = lo(f[4]);
+        B[2 * t + 1][g] = hi(f[4]);
+        B[2 * t + 8][g] = lo(f[5]);
+        B[2 * t + 9][g] = hi(f[5]);
+    }
+    block->warps[warp]->arrive_and_wait();
+    const unsigned int g = lane / 4, t = lane % 4;
+    const unsigned int rows[4] = {g, g, g + 8, g + 8};
+    const unsigned int cols[4] = {2 * t, 2 * t + 1, 2 * t, 2 * t + 1};
+    for (int e = 0; e < 4; ++e) {
+        float acc = c[e];
+        for (int k = 0; k < 16; ++k) acc += A[rows[e]][k] * B[k][cols[e]];
+        c[e] = acc;
+    }
+}
+
+}  // namespace ge_emu
+
 // Explicitly rounded arithmetic: the emulation is built with -ffp-contract=off, so a plain
 // operation is one IEEE operation.
 inline float __fmul_rn(float a, float b) { return a * b; }
@@ -152,6 +205,9 @@ inline float __fdiv_rn(float a, float b) { return a / b; }
 inline float __fsqrt_rn(float a) { return std::sqrt(a); }
 inline float rsqrtf(float a) { return 1.0f / std::sqrt(a); }
 inline float __expf(float a) { return std::exp(a); }
+// glibc declares an internal __log2f without exporting it: the device intrinsic under a macro.
+inline float ge_emu_log2f(float a) { return std::log2(a); }
+#define __log2f ge_emu_log2f
 
 // CUDA's integer min / max (and their float overloads), for mixed argument types too.
 template <typename A, typename B>
@@ -227,6 +283,7 @@ void launch(void (*kernel)(Args), dim3 grid, dim3 threads, Args args,
             b.warps.push_back(std::make_unique<std::barrier<>>(std::min(32u, n - 32 * w)));
         }
         b.slots.assign(n, 0);
+        b.mma.assign(n, {});
         b.dynamic_shared.assign(dynamic_shared_bytes + 16, 0xcd);
         current = dim3{static_cast<unsigned int>(i % grid.x),
                        static_cast<unsigned int>((i / grid.x) % grid.y),

@@ -573,7 +573,7 @@ impl CudaBackend {
         ensure!(block_size > 0, "{OP}: block_size 0");
         Self::check_heads(OP, shape)?;
         let pool_blocks = pool_rows / block_size;
-        let fixed_width = self.gpu.capture_table_width();
+        let fixed_width = self.gpu.fixed_table_width();
         let (work, tables) = paged_work(n, seqs, block_size, pool_blocks, fixed_width)?;
         let mut out = self.attn_output(n, qw, work.covers_all)?;
         self.attn_launch(

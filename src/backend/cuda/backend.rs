@@ -126,7 +126,6 @@ pub(super) fn int(v: usize, op: &str, what: &str) -> Result<i32> {
 
 /// The CUDA backend: one device, one stream, the kernels of `kernels/` and a cuBLASLt handle.
 pub struct CudaBackend {
-    pub(super) gpu: GpuContext,
     /// cuBLASLt handle (and its workspace), used by one thread at a time.
     pub(super) gemm: Mutex<Gemm>,
     poison: bool,
@@ -151,9 +150,12 @@ pub struct CudaBackend {
     attn_fwd_tc: std::sync::atomic::AtomicBool,
     /// Decode steps captured into CUDA graphs ([`super::graphs`]).
     pub(super) graphs: Mutex<DecodeGraphs>,
-    /// Whether `linear` times cuBLASLt's candidate algorithms per shape
-    /// ([`CudaOptions::tune_gemms`]).
+    /// Whether `linear` and the training GEMMs time cuBLASLt's candidate algorithms per
+    /// shape ([`CudaOptions::tune_gemms`]).
     pub(super) tune_gemms: bool,
+    /// The device, its stream and kernels. Last, so that it is dropped last: the graphs and
+    /// plans above are destroyed while the kernel modules they use are still loaded.
+    pub(super) gpu: GpuContext,
 }
 
 impl CudaBackend {

@@ -374,6 +374,9 @@ pub struct GpuContext {
     pub(crate) profile: Option<Mutex<Profile>>,
     /// The staged inputs of the decode step being captured, if one is.
     capture: Mutex<Option<CaptureInputs>>,
+    /// The block-table width of an eager step run for a graph's shape (its warm-up), so that
+    /// it plans attention as the graph will; 0 when none ([`GpuContext::fixed_table_width`]).
+    warmup_table_width: std::sync::atomic::AtomicUsize,
 }
 
 impl GpuContext {
@@ -419,6 +422,7 @@ impl GpuContext {
                 .is_ok_and(|v| v == "1")
                 .then(|| Mutex::new(Profile::default())),
             capture: Mutex::new(None),
+            warmup_table_width: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -494,9 +498,27 @@ impl GpuContext {
         self.capture.lock().map(|c| c.is_some()).unwrap_or(false)
     }
 
-    /// During a capture: the fixed block-table width of the step.
-    pub(crate) fn capture_table_width(&self) -> Option<usize> {
-        self.capture.lock().ok()?.as_ref().map(|c| c.table_width)
+    /// The fixed block-table width of the step being captured, or of the eager warm-up step
+    /// of a graph's shape ([`GpuContext::set_warmup_table_width`]): paged attention pads its
+    /// tables to it and plans for it, so the warm-up computes exactly what the graph's
+    /// replays will.
+    pub(crate) fn fixed_table_width(&self) -> Option<usize> {
+        if let Some(w) = self.capture.lock().ok()?.as_ref().map(|c| c.table_width) {
+            return Some(w);
+        }
+        match self
+            .warmup_table_width
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            0 => None,
+            w => Some(w),
+        }
+    }
+
+    /// Sets (or with `None` clears) the table width of an eager warm-up step.
+    pub(crate) fn set_warmup_table_width(&self, width: Option<usize>) {
+        self.warmup_table_width
+            .store(width.unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
     }
 
     /// During a capture: where the sampling kernel writes its output.

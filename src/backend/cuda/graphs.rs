@@ -426,6 +426,8 @@ impl CudaBackend {
                 graphs.clear();
                 self.trim_graph_memory()?;
             }
+            // New weights, pools or RoPE table: every shape warms up again before its capture.
+            graphs.warmed.clear();
             graphs.fingerprint = fp;
         }
         let key = (bucket, width);
@@ -436,7 +438,11 @@ impl CudaBackend {
             graphs.stats.eager_steps += 1;
             graphs.stats.padding_rows += (bucket - n) as u64;
             drop(graphs);
-            let mut tokens = run(&padded, &padded_rows, cache)?;
+            // With the graph's table width, so that this step's results are the replays'.
+            self.gpu.set_warmup_table_width(Some(width));
+            let ran = run(&padded, &padded_rows, cache);
+            self.gpu.set_warmup_table_width(None);
+            let mut tokens = ran?;
             tokens.truncate(n);
             return Ok(tokens);
         }
@@ -518,7 +524,18 @@ impl CudaBackend {
             table_width,
             sample_out: self.gpu.ptr_mut(&mut out),
         })?;
+        // Ends the capture if `run` panics, so the stream is not left capturing.
+        struct EndOnUnwind<'a>(&'a super::context::GpuContext);
+        impl Drop for EndOnUnwind<'_> {
+            fn drop(&mut self) {
+                if std::thread::panicking() {
+                    let _ = self.0.end_capture();
+                }
+            }
+        }
+        let guard = EndOnUnwind(&self.gpu);
         let stepped = run(padded, padded_rows, cache);
+        std::mem::forget(guard);
         let graph = self.gpu.end_capture();
         stepped.context("the decode step under capture")?;
         let graph = graph?;
