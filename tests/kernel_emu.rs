@@ -1,15 +1,20 @@
-//! The CUDA-core kernels' own source, run on the CPU: `tools/kernel-emu.sh` compiles
-//! `kernels/paged_attention.cu`, `train_gemm.cu`, `elementwise.cu` and `backward.cu` with the
-//! host's C++ compiler and a small emulation of CUDA's threads, barriers and warp shuffles
-//! (`tools/kernel-emu/emu.h`), then checks paged attention (decode, prefill chunks, GQA, head
-//! slices, context partitions and their combine, contiguous rows), the fused log-prob forward
-//! and backward (status codes included), SwiGLU, and the KV-cache writes with padding rows
-//! (`NO_SLOT`) against float64 or exact references (`tools/kernel-emu/checks.cpp`).
+//! The kernels' own source, run on the CPU: `tools/kernel-emu.sh` compiles
+//! `kernels/paged_attention.cu`, `train_gemm.cu`, `elementwise.cu`, `backward.cu` and the
+//! three attention units (`attention_tc.cu`, `attention_backward_tc.cu`,
+//! `attention_backward.cu`) with the host's C++ compiler and a small emulation of CUDA's
+//! threads, barriers, warp shuffles and the tensor-core `mma.sync` instruction
+//! (`tools/kernel-emu/emu.h`), then checks against float64 or exact references
+//! (`tools/kernel-emu/checks.cpp`): paged attention (decode, prefill chunks, GQA, head slices,
+//! context partitions and their combine, contiguous rows), the fused log-prob forward and
+//! backward (status codes included), SwiGLU, the KV-cache writes with padding rows
+//! (`NO_SLOT`), and training attention: the tensor-core forward with its log-sum-exp and the
+//! backward in every form (statistics computed or taken from the forward, dk/dv per kv head
+//! or split over query heads and reduced, the CUDA-core kernels).
 //!
 //! This runs without a GPU, so kernel logic is checked before device time is spent; it is
-//! not a GPU test (no timing, no tensor cores, host math functions): the `cuda_*` tests stay
-//! the judges of the device. It needs a C++20 compiler (`$CXX`, g++ or clang++) and fails,
-//! saying so, without one.
+//! not a GPU test (no timing, host math functions, the tensor cores' accumulation order
+//! approximated): the `cuda_*` tests stay the judges of the device. It needs a C++20
+//! compiler (`$CXX`, g++ or clang++) and fails, saying so, without one.
 
 use std::path::Path;
 use std::process::Command;
