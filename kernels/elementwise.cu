@@ -5,23 +5,70 @@
 // kernel's requirements next to its launch.
 #include "common.cuh"
 
-// ---- RMSNorm: one block per row; block size a multiple of 32. ----
-extern "C" __global__ void ge_rms_norm(RmsNormArgs a) {
-    __shared__ float scratch[GE_WARP_SIZE];
-    const long long row = blockIdx.x;
-    const ge_bf16* x = reinterpret_cast<const ge_bf16*>(a.x) + row * a.dim;
-    const ge_bf16* w = reinterpret_cast<const ge_bf16*>(a.weight);
-    ge_bf16* out = reinterpret_cast<ge_bf16*>(a.out) + row * a.dim;
+// ---- RMSNorm, one warp per row: GE_NORM_ROWS rows per block of 32 * GE_NORM_ROWS threads,
+// row blockIdx.x * GE_NORM_ROWS + warp (a warp past the last row returns; no block-wide
+// barrier). Lane l takes the row's 16-byte vectors l, l + 32, ... when dim % 8 == 0, else its
+// elements l, l + 32, ...; it sums their squares in that order, then the warp's xor-shuffle
+// tree. With ADD, x = bf16(x + y) is stored first and the squares are those of the stored
+// values; ge_rms_norm and ge_add_rms_norm run this same code, so the fused op gives the bits
+// of ge_add_assign_bf16 followed by ge_rms_norm. Each lane reads back only what it wrote. ----
+#define GE_NORM_ROWS 8
+
+template <bool ADD>
+__device__ __forceinline__ void ge_norm_row(ge_bf16* x, const ge_bf16* y, const ge_bf16* w,
+                                            ge_bf16* out, int dim, float eps) {
+    const int lane = threadIdx.x % GE_WARP_SIZE;
     float ss = 0.0f;
-    for (int i = threadIdx.x; i < a.dim; i += blockDim.x) {
-        const float v = ge_bf16_to_f32(x[i]);
-        ss += v * v;
+    if ((dim & 7) == 0) {
+        for (int j = lane; j < dim / 8; j += GE_WARP_SIZE) {
+            float v[8];
+            ge_load_bf16x8(x + 8 * j, v);
+            if (ADD) {
+                float u[8];
+                ge_load_bf16x8(y + 8 * j, u);
+#pragma unroll
+                for (int k = 0; k < 8; ++k) v[k] = ge_bf16_to_f32(ge_f32_to_bf16(v[k] + u[k]));
+                ge_store_bf16x8(x + 8 * j, v);  // already bf16 values: stored exactly
+            }
+#pragma unroll
+            for (int k = 0; k < 8; ++k) ss += v[k] * v[k];
+        }
+    } else {
+        for (int i = lane; i < dim; i += GE_WARP_SIZE) {
+            float v = ge_bf16_to_f32(x[i]);
+            if (ADD) {
+                const ge_bf16 sum = ge_f32_to_bf16(v + ge_bf16_to_f32(y[i]));
+                x[i] = sum;
+                v = ge_bf16_to_f32(sum);
+            }
+            ss += v * v;
+        }
     }
-    ss = ge_block_sum(ss, scratch);
-    const float scale = rsqrtf(ss / static_cast<float>(a.dim) + a.eps);
-    for (int i = threadIdx.x; i < a.dim; i += blockDim.x) {
-        out[i] = ge_f32_to_bf16(ge_bf16_to_f32(x[i]) * scale * ge_bf16_to_f32(w[i]));
+    ss = ge_warp_sum(ss);
+    const float scale = rsqrtf(ss / static_cast<float>(dim) + eps);
+    if ((dim & 7) == 0) {
+        for (int j = lane; j < dim / 8; j += GE_WARP_SIZE) {
+            float v[8], g[8], o[8];
+            ge_load_bf16x8(x + 8 * j, v);
+            ge_load_bf16x8(w + 8 * j, g);
+#pragma unroll
+            for (int k = 0; k < 8; ++k) o[k] = v[k] * scale * g[k];
+            ge_store_bf16x8(out + 8 * j, o);
+        }
+    } else {
+        for (int i = lane; i < dim; i += GE_WARP_SIZE) {
+            out[i] = ge_f32_to_bf16(ge_bf16_to_f32(x[i]) * scale * ge_bf16_to_f32(w[i]));
+        }
     }
+}
+
+extern "C" __global__ void ge_rms_norm(RmsNormArgs a) {
+    const long long row =
+        static_cast<long long>(blockIdx.x) * GE_NORM_ROWS + threadIdx.x / GE_WARP_SIZE;
+    if (row >= a.rows) return;
+    ge_bf16* x = const_cast<ge_bf16*>(reinterpret_cast<const ge_bf16*>(a.x)) + row * a.dim;
+    ge_norm_row<false>(x, nullptr, reinterpret_cast<const ge_bf16*>(a.weight),
+                       reinterpret_cast<ge_bf16*>(a.out) + row * a.dim, a.dim, a.eps);
 }
 
 // ---- RoPE (rotate-half), in place: one block per row. The row's cos/sin table
@@ -140,30 +187,16 @@ template <typename T> __device__ void gather_rows(const GatherRowsArgs& a) {
 extern "C" __global__ void ge_gather_rows_bf16(GatherRowsArgs a) { gather_rows<unsigned short>(a); }
 extern "C" __global__ void ge_gather_rows_f32(GatherRowsArgs a) { gather_rows<unsigned int>(a); }
 
-// ---- The residual add fused with RMSNorm: one block per row, the same arithmetic as
-// ge_add_assign_bf16 then ge_rms_norm (the sum rounded to bf16 and stored, the norm taken of
-// the stored values, the same per-thread order and block reduction), so the result is the
-// same bits. ----
+// ---- The residual add fused with RMSNorm (x += y, then out = rms_norm(x)): ge_norm_row's
+// layout and arithmetic (above), the same bits as the two ops it replaces. ----
 extern "C" __global__ void ge_add_rms_norm(AddRmsNormArgs a) {
-    __shared__ float scratch[GE_WARP_SIZE];
-    const long long row = blockIdx.x;
-    ge_bf16* x = reinterpret_cast<ge_bf16*>(a.x) + row * a.dim;
-    const ge_bf16* y = reinterpret_cast<const ge_bf16*>(a.y) + row * a.dim;
-    const ge_bf16* w = reinterpret_cast<const ge_bf16*>(a.weight);
-    ge_bf16* out = reinterpret_cast<ge_bf16*>(a.out) + row * a.dim;
-    float ss = 0.0f;
-    for (int i = threadIdx.x; i < a.dim; i += blockDim.x) {
-        const ge_bf16 sum = ge_f32_to_bf16(ge_bf16_to_f32(x[i]) + ge_bf16_to_f32(y[i]));
-        x[i] = sum;
-        const float v = ge_bf16_to_f32(sum);
-        ss += v * v;
-    }
-    ss = ge_block_sum(ss, scratch);
-    const float scale = rsqrtf(ss / static_cast<float>(a.dim) + a.eps);
-    // Each thread reads back only the elements it wrote above.
-    for (int i = threadIdx.x; i < a.dim; i += blockDim.x) {
-        out[i] = ge_f32_to_bf16(ge_bf16_to_f32(x[i]) * scale * ge_bf16_to_f32(w[i]));
-    }
+    const long long row =
+        static_cast<long long>(blockIdx.x) * GE_NORM_ROWS + threadIdx.x / GE_WARP_SIZE;
+    if (row >= a.rows) return;
+    ge_norm_row<true>(reinterpret_cast<ge_bf16*>(a.x) + row * a.dim,
+                      reinterpret_cast<const ge_bf16*>(a.y) + row * a.dim,
+                      reinterpret_cast<const ge_bf16*>(a.weight),
+                      reinterpret_cast<ge_bf16*>(a.out) + row * a.dim, a.dim, a.eps);
 }
 
 // ---- The paged layer prologue: one block per row. The row's cos/sin table is computed once

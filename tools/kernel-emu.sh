@@ -4,7 +4,7 @@
 # and warp shuffles), links tools/kernel-emu/checks.cpp (float64 references) and runs it.
 # No GPU or CUDA toolkit needed; tests/kernel_emu.rs runs this as part of `cargo test`.
 #
-#   tools/kernel-emu.sh [attention|logprobs|swiglu|kv|training-attention]     (default: every check)
+#   tools/kernel-emu.sh [attention|logprobs|swiglu|kv|norm|training-attention]     (default: every check)
 #
 # Uses $CXX, else g++, else clang++ (C++20: std::barrier). Build products go to
 # ${KERNEL_EMU_DIR:-target/kernel-emu}.

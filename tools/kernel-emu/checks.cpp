@@ -28,6 +28,9 @@ void ge_target_logprobs_backward_bf16(LogprobBackwardArgs a);
 void ge_target_logprobs_backward_bf16_v8(LogprobBackwardArgs a);
 void ge_swiglu(SwigluArgs a);
 void ge_write_kv_bf16(WriteKvArgs a);
+void ge_rms_norm(RmsNormArgs a);
+void ge_add_rms_norm(AddRmsNormArgs a);
+void ge_add_assign_bf16(AddAssignArgs a);
 void ge_attention_tc_fwd_d64(AttentionTcArgs a);
 void ge_attention_tc_fwd_d128(AttentionTcArgs a);
 void ge_attention_backward_tc_dq_d64(AttentionBackwardArgs a);
@@ -676,6 +679,53 @@ void training_attention_checks() {
     check_training_attention(128, 6, 2, {{0, 19}, {20, 66}}, 86, 64);
 }
 
+// ---------------------------------------------------------------------------------------
+// RMSNorm (one warp per row, 8 rows per block: row counts that leave warps idle) against
+// float64, and the fused residual add + RMSNorm bit for bit against the add then the norm.
+
+void check_norms(int rows, int dim, unsigned long long seed) {
+    Rng rng(seed);
+    const auto x0 = random_bf16(rng, static_cast<std::size_t>(rows) * dim, 3.0f);
+    const auto y = random_bf16(rng, static_cast<std::size_t>(rows) * dim, 3.0f);
+    const auto w = random_bf16(rng, dim, 1.5f);
+    const float eps = 1e-6f;
+    const unsigned int blocks = static_cast<unsigned int>((rows + 7) / 8);
+    // Plain norm against float64.
+    std::vector<unsigned short> out(x0.size(), BF16_NAN);
+    RmsNormArgs na{addr(x0.data()), addr(w.data()), addr(out.data()), rows, dim, eps};
+    ge_emu::launch(ge_rms_norm, dim3{blocks, 1, 1}, dim3{256, 1, 1}, na);
+    double worst = 0.0;
+    bool finite = true;
+    for (int r = 0; r < rows; ++r) {
+        double ss = 0.0;
+        for (int i = 0; i < dim; ++i) {
+            const double v = bf16_value(x0[static_cast<std::size_t>(r) * dim + i]);
+            ss += v * v;
+        }
+        const double scale = 1.0 / std::sqrt(ss / dim + eps);
+        for (int i = 0; i < dim; ++i) {
+            const std::size_t k = static_cast<std::size_t>(r) * dim + i;
+            const double want = bf16_value(x0[k]) * scale * bf16_value(w[i]);
+            const double got = bf16_value(out[k]);
+            if (!std::isfinite(got)) finite = false;
+            worst = std::max(worst, std::fabs(got - want) / (1e-3 + std::fabs(want)));
+        }
+    }
+    report(finite && worst <= 8e-3, "rms_norm: %d rows, dim %d%s: max relative error %.2e%s", rows,
+           dim, dim % 8 == 0 ? " (16-byte path)" : "", worst, finite ? "" : ", UNWRITTEN OUTPUT");
+    // Fused against composed, bit for bit (x updated in place by both).
+    auto xf = x0, xc = x0;
+    std::vector<unsigned short> of(x0.size(), BF16_NAN), oc(x0.size(), BF16_NAN);
+    AddRmsNormArgs fa{addr(xf.data()), addr(y.data()), addr(w.data()), addr(of.data()), rows, dim, eps};
+    ge_emu::launch(ge_add_rms_norm, dim3{blocks, 1, 1}, dim3{256, 1, 1}, fa);
+    AddAssignArgs aa{addr(xc.data()), addr(y.data()), static_cast<long long>(x0.size())};
+    ge_emu::launch(ge_add_assign_bf16, dim3{3, 1, 1}, dim3{256, 1, 1}, aa);
+    RmsNormArgs ca{addr(xc.data()), addr(w.data()), addr(oc.data()), rows, dim, eps};
+    ge_emu::launch(ge_rms_norm, dim3{blocks, 1, 1}, dim3{256, 1, 1}, ca);
+    report(xf == xc && of == oc, "add_rms_norm: %d rows, dim %d: %s", rows, dim,
+           xf == xc && of == oc ? "the bits of add_assign then rms_norm" : "DIFFERS from add_assign then rms_norm");
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -684,6 +734,11 @@ int main(int argc, char** argv) {
     if (only.empty() || only == "logprobs") logprob_checks();
     if (only.empty() || only == "swiglu") swiglu_checks();
     if (only.empty() || only == "kv") check_kv_writes(51);
+    if (only.empty() || only == "norm") {
+        check_norms(11, 896, 71);
+        check_norms(3, 13, 72);
+        check_norms(9, 64, 73);
+    }
     if (only.empty() || only == "training-attention") training_attention_checks();
     std::printf("kernel-emu: %d of %d checks passed\n", checks - failures, checks);
     return failures == 0 ? 0 : 1;

@@ -124,6 +124,18 @@ pub(super) fn int(v: usize, op: &str, what: &str) -> Result<i32> {
     i32::try_from(v).map_err(|_| anyhow!("{op}: {what} = {v} is over the kernels' 2^31 - 1 limit"))
 }
 
+/// Rows per block of the RMSNorm kernels (`GE_NORM_ROWS`: one warp per row).
+const NORM_ROWS_PER_BLOCK: usize = 8;
+
+/// The launch of `ge_rms_norm` / `ge_add_rms_norm` over `rows` rows.
+fn norm_rows_config(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows.div_ceil(NORM_ROWS_PER_BLOCK) as u32, 1, 1),
+        block_dim: (32 * NORM_ROWS_PER_BLOCK as u32, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 /// The CUDA backend: one device, one stream, the kernels of `kernels/` and a cuBLASLt handle.
 pub struct CudaBackend {
     /// cuBLASLt handle (and its workspace), used by one thread at a time.
@@ -484,14 +496,9 @@ impl Backend for CudaBackend {
             dim: int(dim, "rms_norm", "dim")?,
             eps,
         };
-        let cfg = LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
-            block_dim: (row_block_threads(dim), 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: x and out are [rows, dim] bf16, weight is [dim] bf16; one block per row,
-        // block size a multiple of 32 as ge_block_sum needs.
-        unsafe { self.gpu.launch("ge_rms_norm", cfg, &a) }?;
+        // SAFETY: x and out are [rows, dim] bf16 (whole buffers, so 16-byte aligned rows
+        // when dim % 8 == 0), weight is [dim] bf16; one warp per row.
+        unsafe { self.gpu.launch("ge_rms_norm", norm_rows_config(rows), &a) }?;
         Ok(out)
     }
 
@@ -532,15 +539,13 @@ impl Backend for CudaBackend {
             dim: int(dim, "add_rms_norm", "dim")?,
             eps,
         };
-        let cfg = LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
-            block_dim: (row_block_threads(dim), 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: x, y and out are [rows, dim] bf16 (x written in place, out separate),
-        // weight is [dim] bf16; one block per row, block size a multiple of 32 as
-        // ge_block_sum needs (the same as ge_rms_norm's, so the sums match).
-        unsafe { self.gpu.launch("ge_add_rms_norm", cfg, &a) }?;
+        // SAFETY: x, y and out are [rows, dim] bf16 whole buffers (x written in place, out
+        // separate), weight is [dim] bf16; one warp per row, as ge_rms_norm (so the sums
+        // match).
+        unsafe {
+            self.gpu
+                .launch("ge_add_rms_norm", norm_rows_config(rows), &a)
+        }?;
         Ok(out)
     }
 
