@@ -156,6 +156,14 @@ if [[ -x $engine && ${GPU_BENCH:-1} != 0 ]]; then
       echo "== bench logprobs"
       timeout 120 "$engine" bench logprobs --device cuda --model "$model" --batches 1024,4096,16384 --iters 5
       echo "rc-logprobs $?"
+      # A/B: the chunks' softmax passes on the main stream; cuBLASLt algorithms timed.
+      for variant in GENIUS_CUDA_LOGPROB_OVERLAP=0 GENIUS_CUDA_GEMM_TUNE=1; do
+        within_budget "logprobs variant $variant" || continue
+        echo "== logprobs variant $variant"
+        env "$variant" timeout 90 "$engine" bench logprobs --device cuda --model "$model" \
+          --batches 4096,16384 --iters 5
+        echo "rc-logprobs-variant $?"
+      done
       echo "== run"
       rm -rf "$GENIUS_HOME/run"
       timeout "${GPU_TRAIN_TIMEOUT:-180}" "$engine" run --device cuda --model "$model" --rounds 2 \
@@ -278,6 +286,11 @@ if lp:
         pct = f" ({100 * r['forward_gb_s'] / ceiling:.0f}% / {100 * r['backward_gb_s'] / ceiling:.0f}% of copy)" if ceiling else ""
         mem = f", {r['device_memory_used_bytes'] / 2**30:.2f} GiB in use" if r.get("device_memory_used_bytes") else ""
         out.append(f"log-probs {r['rows']} rows x {lp['vocab']}: fwd {r['forward_ms']:.2f} ms {r['forward_gb_s']:.0f} GB/s, bwd {r['backward_ms']:.2f} ms {r['backward_gb_s']:.0f} GB/s{pct}{mem}")
+for h, objs in tsecs:
+    if h.startswith("logprobs variant "):
+        lv = next((o for o in objs if o.get("bench") == "logprobs"), None)
+        res = ", ".join(f"{r['rows']} rows fwd {r['forward_ms']:.2f} ms / bwd {r['backward_ms']:.2f} ms" for r in lv["results"]) if lv else "no result"
+        out.append(f"log-probs {h[len('logprobs variant '):]}: {res}")
 if tpeer:
     ratio = f" -> engine {train['median_tokens_per_s'] / tpeer['tokens_per_s']:.2f}x torch" if train else ""
     out.append(f"torch peer train step: {tpeer['tokens_per_s']:.0f} tokens/s, peak {tpeer['peak_gib']:.1f} GiB{ratio}")

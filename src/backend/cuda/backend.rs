@@ -165,6 +165,8 @@ pub struct CudaBackend {
     /// Whether `linear` and the training GEMMs time cuBLASLt's candidate algorithms per
     /// shape ([`CudaOptions::tune_gemms`]).
     pub(super) tune_gemms: bool,
+    /// [`CudaOptions::logprob_overlap`].
+    pub(super) logprob_overlap: bool,
     /// The device, its stream and kernels. Last, so that it is dropped last: the graphs and
     /// plans above are destroyed while the kernel modules they use are still loaded.
     pub(super) gpu: GpuContext,
@@ -194,6 +196,7 @@ impl CudaBackend {
             ),
             attn_fwd_tc: std::sync::atomic::AtomicBool::new(options.attention_forward_tensor_cores),
             tune_gemms: options.tune_gemms,
+            logprob_overlap: options.logprob_overlap,
             graphs: Mutex::new(DecodeGraphs::new(
                 options.decode_graphs,
                 gpu.profile.is_some(),

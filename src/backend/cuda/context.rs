@@ -93,6 +93,11 @@ pub struct CudaOptions {
     /// fastest, rather than the heuristic's first choice; default off, `$GENIUS_CUDA_GEMM_TUNE=1`
     /// turns it on (see [`super::gemm::TUNE_ENV`]).
     pub tune_gemms: bool,
+    /// Run the fused log-prob forward's softmax pass of one chunk on a second stream while
+    /// the next chunk's LM-head GEMM runs ([`super::train_gemm`]); default on,
+    /// `$GENIUS_CUDA_LOGPROB_OVERLAP=0` turns it off. Profiling and per-launch waits also turn
+    /// it off.
+    pub logprob_overlap: bool,
 }
 
 impl Default for CudaOptions {
@@ -109,6 +114,7 @@ impl Default for CudaOptions {
             tune_gemms: false,
             attention_backward_split_heads: true,
             attention_backward_forward_stats: true,
+            logprob_overlap: true,
         }
     }
 }
@@ -117,7 +123,8 @@ impl CudaOptions {
     /// Options from the environment: `$GENIUS_CUDA_DEVICE`, `$GENIUS_CUDA_KERNELS`,
     /// `$GENIUS_CUDA_SYNC`, `$GENIUS_CUDA_ATTN_TC`, `$GENIUS_CUDA_ATTN_FWD_TC`,
     /// `$GENIUS_CUDA_GRAPHS`, `$GENIUS_CUDA_GEMM_TUNE`, `$GENIUS_CUDA_ATTN_BWD_SPLIT`,
-    /// `$GENIUS_CUDA_ATTN_BWD_STATS`, and the kernel cache under `$GENIUS_HOME`.
+    /// `$GENIUS_CUDA_ATTN_BWD_STATS`, `$GENIUS_CUDA_LOGPROB_OVERLAP`, and the kernel cache
+    /// under `$GENIUS_HOME`.
     pub fn from_env() -> Result<Self> {
         let ordinal = match std::env::var(DEVICE_ENV) {
             Ok(v) => v
@@ -141,6 +148,8 @@ impl CudaOptions {
             attention_backward_split_heads: std::env::var("GENIUS_CUDA_ATTN_BWD_SPLIT")
                 .map_or(true, |v| v.trim() != "0"),
             attention_backward_forward_stats: std::env::var("GENIUS_CUDA_ATTN_BWD_STATS")
+                .map_or(true, |v| v.trim() != "0"),
+            logprob_overlap: std::env::var("GENIUS_CUDA_LOGPROB_OVERLAP")
                 .map_or(true, |v| v.trim() != "0"),
         })
     }
@@ -377,6 +386,9 @@ pub struct GpuContext {
     /// The block-table width of an eager step run for a graph's shape (its warm-up), so that
     /// it plans attention as the graph will; 0 when none ([`GpuContext::fixed_table_width`]).
     warmup_table_width: std::sync::atomic::AtomicUsize,
+    /// A second stream, made on first use ([`GpuContext::aux_stream`]), for work that may
+    /// overlap the main stream's; ordered against it by events only.
+    aux: std::sync::OnceLock<Arc<CudaStream>>,
 }
 
 impl GpuContext {
@@ -423,7 +435,56 @@ impl GpuContext {
                 .then(|| Mutex::new(Profile::default())),
             capture: Mutex::new(None),
             warmup_table_width: std::sync::atomic::AtomicUsize::new(0),
+            aux: std::sync::OnceLock::new(),
         })
+    }
+
+    /// The second stream (made on first use). Nothing orders it against the main stream but
+    /// the events its users record and wait for; buffers it uses must outlive that use on the
+    /// main stream's side (freed there only after waiting for an event recorded after it).
+    pub(crate) fn aux_stream(&self) -> Result<&Arc<CudaStream>> {
+        if let Some(s) = self.aux.get() {
+            return Ok(s);
+        }
+        let s = self
+            .ctx
+            .new_stream()
+            .context("creating a second CUDA stream")?;
+        Ok(self.aux.get_or_init(|| s))
+    }
+
+    /// An event (no timing) recorded on `stream` now.
+    pub(crate) fn record_on(&self, stream: &CudaStream) -> Result<CudaEvent> {
+        stream
+            .record_event(Some(
+                cudarc::driver::sys::CUevent_flags::CU_EVENT_DISABLE_TIMING,
+            ))
+            .context("recording a CUDA event")
+    }
+
+    /// [`GpuContext::launch`] on another stream of this context (not profiled).
+    ///
+    /// # Safety
+    /// As [`GpuContext::launch`], and every buffer the kernel touches must be ordered against
+    /// the main stream by events (see [`GpuContext::aux_stream`]).
+    pub(crate) unsafe fn launch_on<A: DeviceRepr>(
+        &self,
+        stream: &Arc<CudaStream>,
+        name: &str,
+        cfg: LaunchConfig,
+        args: &A,
+    ) -> Result<()> {
+        let f = self.registry.get(name)?;
+        let mut builder = stream.launch_builder(f);
+        builder.arg(args);
+        // SAFETY: forwarded to the caller.
+        unsafe { builder.launch(cfg) }.with_context(|| {
+            format!(
+                "launching {name} on the second stream (grid {:?}, block {:?})",
+                cfg.grid_dim, cfg.block_dim
+            )
+        })?;
+        Ok(())
     }
 
     /// Starts capturing the stream's work into a graph, with `inputs` answering the uploads

@@ -17,7 +17,9 @@
 //! The fused log-prob forward ([`Backend::target_logprobs`]) runs per chunk of rows: `logits =
 //! h @ W^T` (bf16), then one pass of `ge_target_logprobs_bf16[_v8]` (online max and sum of
 //! exponentials) writes each row's log-prob; the results stay on the device until the last
-//! chunk. The backward runs per chunk of rows too: the same GEMM,
+//! chunk. With several chunks that pass runs on a second stream, ordered by events, so that
+//! it (memory-bound) overlaps the next chunk's GEMM (compute-bound); two chunks' logits are
+//! alive at most (`GENIUS_CUDA_LOGPROB_OVERLAP=0`: all on the main stream). The backward runs per chunk of rows too: the same GEMM,
 //! `ge_target_logprobs_backward_bf16[_v8]` turns the logits in place into
 //! `dlogits = g (onehot - softmax)` (one online max/sum pass and one read-write pass over each
 //! row), then `d_hidden = dlogits @ W` and `lm_head_grad += dlogits^T @ h`. Row offsets into
@@ -460,8 +462,28 @@ impl CudaBackend {
             "ge_target_logprobs_bf16",
             "ge_target_logprobs_bf16_v8",
         );
+        // With several chunks, each chunk's softmax pass runs on the second stream while the
+        // main stream computes the next chunk's logits (memory-bound beside compute-bound);
+        // at most two chunks' logits are alive at once.
+        let aux = if self.logprob_overlap
+            && n > chunk
+            && self.gpu.profile.is_none()
+            && !self.gpu.sync_after_launch
+            && !self.gpu.capturing()
+        {
+            Some(self.gpu.aux_stream()?.clone())
+        } else {
+            None
+        };
+        let mut in_flight = InFlight {
+            stream: &self.gpu.stream,
+            chunks: std::collections::VecDeque::new(),
+        };
         for start in (0..n).step_by(chunk) {
             let m = chunk.min(n - start);
+            if in_flight.chunks.len() >= 2 {
+                in_flight.retire_oldest()?;
+            }
             // SAFETY: hidden is bf16 [n, d] and start + m <= n; the LM head is [vocab, d].
             let c =
                 unsafe { self.chunk_logits(op, "gemm lm_head", (hs, w_p), start, m, d, vocab) }?;
@@ -478,11 +500,28 @@ impl CudaBackend {
                 block_dim: (threads, 1, 1),
                 shared_mem_bytes: 0,
             };
-            // SAFETY: logits is bf16 [m, vocab] (rows 16-byte aligned for the _v8 kernel:
-            // logprob_kernel); targets, out and status hold rows start..start + m of their n
-            // entries; one block per row writes its row's out and status.
-            unsafe { self.gpu.launch(kernel, cfg, &a) }?;
+            match &aux {
+                Some(aux) => {
+                    let logits_ready = self.gpu.record_on(&self.gpu.stream)?;
+                    aux.wait(&logits_ready)
+                        .context("ordering a log-prob chunk after its logits")?;
+                    // SAFETY: as below; the second stream runs it after the logits GEMM (the
+                    // event), and every buffer it touches (logits, targets, out, status) is
+                    // freed on the main stream only after waiting for `done`.
+                    unsafe { self.gpu.launch_on(aux, kernel, cfg, &a) }?;
+                    let done = self.gpu.record_on(aux)?;
+                    in_flight.chunks.push_back((c, done));
+                }
+                // SAFETY: logits is bf16 [m, vocab] (rows 16-byte aligned for the _v8 kernel:
+                // logprob_kernel); targets, out and status hold rows start..start + m of their
+                // n entries; one block per row writes its row's out and status.
+                None => unsafe { self.gpu.launch(kernel, cfg, &a) }?,
+            }
         }
+        while !in_flight.chunks.is_empty() {
+            in_flight.retire_oldest()?;
+        }
+        drop(in_flight);
         let lp = self.gpu.download_slice(&out, n)?;
         let status = self.gpu.download_slice(&status, n)?;
         Self::check_logprob_status(op, &status, targets, vocab)?;
@@ -589,6 +628,37 @@ impl CudaBackend {
         let status = self.gpu.download_slice(&status, n)?;
         Self::check_logprob_status(op, &status, targets, vocab)?;
         Ok(d_hidden)
+    }
+}
+
+/// Chunks whose softmax pass was queued on the second stream, oldest first, each with the
+/// event recorded after it. A chunk's buffers are freed (on the main stream) only after the
+/// main stream waits for its event, also when an error ends the loop early (`Drop`).
+struct InFlight<'a> {
+    stream: &'a cudarc::driver::CudaStream,
+    chunks: std::collections::VecDeque<(ChunkLogits, cudarc::driver::CudaEvent)>,
+}
+
+impl InFlight<'_> {
+    /// Orders the main stream after the oldest chunk's softmax pass and frees its buffers.
+    fn retire_oldest(&mut self) -> Result<()> {
+        if let Some((chunk, done)) = self.chunks.pop_front() {
+            let waited = self.stream.wait(&done);
+            if waited.is_err() {
+                // Not freed: the second stream may still read it (leaked instead).
+                std::mem::forget(chunk);
+            }
+            waited.context("waiting for a log-prob chunk")?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        while !self.chunks.is_empty() {
+            let _ = self.retire_oldest();
+        }
     }
 }
 
