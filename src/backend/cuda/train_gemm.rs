@@ -387,6 +387,8 @@ impl CudaBackend {
             lp,
             h_p,
             _h_copy: h_copy.map(|(c, _)| c),
+            start,
+            rows: m,
         })
     }
 
@@ -582,6 +584,44 @@ impl CudaBackend {
             "ge_target_logprobs_backward_bf16",
             "ge_target_logprobs_backward_bf16_v8",
         );
+        // The two gradient GEMMs of a chunk after its softmax-gradient pass: d_hidden rows =
+        // dlogits @ W (in place when aligned, else through a copy), lm_head_grad += dlogits^T @ h.
+        let gradient_gemms = |c: &ChunkLogits| -> Result<()> {
+            let (lp, h_p, start, m) = (c.lp, c.h_p, c.start, c.rows);
+            // SAFETY: h's rows are bf16 [m, d], dlogits bf16 [m, vocab], the grad f32
+            // [vocab, d]; all live.
+            unsafe { self.weight_grad_gemm(op, (h_p, lp, grad_p), m, vocab, d) }?;
+            let dh_at = dh_base + (start * row_bytes) as u64;
+            if aligned(dh_at) {
+                // SAFETY: dlogits is bf16 [m, vocab], W [vocab, d], d_hidden's rows
+                // start..start + m are [m, d]; all live.
+                unsafe { self.input_grad_gemm(op, (lp, w_p, dh_at), m, vocab, d) }?;
+            } else {
+                let mut copy = self.output(DType::Bf16, vec![m, d])?;
+                let cp = self.addr_mut(&mut copy);
+                // SAFETY: as above, into the [m, d] copy.
+                unsafe { self.input_grad_gemm(op, (lp, w_p, cp), m, vocab, d) }?;
+                self.copy_bytes(dh_at, cp, m * row_bytes)?;
+            }
+            Ok(())
+        };
+        // With several chunks, a chunk's softmax-gradient pass runs on the second stream while
+        // the main stream computes the next chunk's logits; the main stream then waits for it
+        // and runs its two GEMMs. Two chunks' logits are alive at most.
+        let aux = if self.logprob_overlap
+            && n > chunk
+            && self.gpu.profile.is_none()
+            && !self.gpu.sync_after_launch
+            && !self.gpu.capturing()
+        {
+            Some(self.gpu.aux_stream()?.clone())
+        } else {
+            None
+        };
+        let mut in_flight = InFlight {
+            stream: &self.gpu.stream,
+            chunks: std::collections::VecDeque::new(),
+        };
         for start in (0..n).step_by(chunk) {
             let m = chunk.min(n - start);
             // logits = h @ W^T, bf16 [m, vocab], turned into dlogits in place.
@@ -589,9 +629,8 @@ impl CudaBackend {
             let c = unsafe {
                 self.chunk_logits(op, "gemm lm_head backward", (hs, w_p), start, m, d, vocab)
             }?;
-            let (lp, h_p) = (c.lp, c.h_p);
             let a = args::LogprobBackwardArgs {
-                logits: lp,
+                logits: c.lp,
                 targets: t_base + (start * 4) as u64,
                 d_logprob: g_base + (start * 4) as u64,
                 status: status_base + (start * 4) as u64,
@@ -603,28 +642,37 @@ impl CudaBackend {
                 block_dim: (threads, 1, 1),
                 shared_mem_bytes: 0,
             };
-            // SAFETY: logits is bf16 [m, vocab] (rows 16-byte aligned for the _v8 kernel:
-            // logprob_kernel); targets, d_logprob and status hold rows start..start + m of
-            // their n entries.
-            unsafe { self.gpu.launch(kernel, cfg, &a) }?;
-            // lm_head_grad += dlogits^T @ h.
-            // SAFETY: h's rows are bf16 [m, d], dlogits bf16 [m, vocab], the grad f32
-            // [vocab, d]; all live.
-            unsafe { self.weight_grad_gemm(op, (h_p, lp, grad_p), m, vocab, d) }?;
-            // d_hidden rows = dlogits @ W: in place when aligned, else through a copy.
-            let dh_at = dh_base + (start * row_bytes) as u64;
-            if aligned(dh_at) {
-                // SAFETY: dlogits is bf16 [m, vocab], W [vocab, d], d_hidden's rows
-                // start..start + m are [m, d]; all live.
-                unsafe { self.input_grad_gemm(op, (lp, w_p, dh_at), m, vocab, d) }?;
-            } else {
-                let mut c = self.output(DType::Bf16, vec![m, d])?;
-                let cp = self.addr_mut(&mut c);
-                // SAFETY: as above, into the [m, d] copy.
-                unsafe { self.input_grad_gemm(op, (lp, w_p, cp), m, vocab, d) }?;
-                self.copy_bytes(dh_at, cp, m * row_bytes)?;
+            match &aux {
+                Some(aux) => {
+                    let logits_ready = self.gpu.record_on(&self.gpu.stream)?;
+                    aux.wait(&logits_ready)
+                        .context("ordering a log-prob chunk after its logits")?;
+                    // SAFETY: as below; the second stream runs it after the logits GEMM (the
+                    // event); the main stream waits for `done` before the chunk's GEMMs and
+                    // before any of its buffers is freed.
+                    unsafe { self.gpu.launch_on(aux, kernel, cfg, &a) }?;
+                    let done = self.gpu.record_on(aux)?;
+                    in_flight.chunks.push_back((c, done));
+                    // The previous chunk: its pass ran beside this chunk's logits GEMM.
+                    while in_flight.chunks.len() > 1 {
+                        let prev = in_flight.retire_oldest_keep()?;
+                        gradient_gemms(&prev)?;
+                    }
+                }
+                None => {
+                    // SAFETY: logits is bf16 [m, vocab] (rows 16-byte aligned for the _v8
+                    // kernel: logprob_kernel); targets, d_logprob and status hold rows
+                    // start..start + m of their n entries.
+                    unsafe { self.gpu.launch(kernel, cfg, &a) }?;
+                    gradient_gemms(&c)?;
+                }
             }
         }
+        while !in_flight.chunks.is_empty() {
+            let last = in_flight.retire_oldest_keep()?;
+            gradient_gemms(&last)?;
+        }
+        drop(in_flight);
         let status = self.gpu.download_slice(&status, n)?;
         Self::check_logprob_status(op, &status, targets, vocab)?;
         Ok(d_hidden)
@@ -640,17 +688,27 @@ struct InFlight<'a> {
 }
 
 impl InFlight<'_> {
-    /// Orders the main stream after the oldest chunk's softmax pass and frees its buffers.
+    /// Orders the main stream after the oldest chunk's pass and frees its buffers.
     fn retire_oldest(&mut self) -> Result<()> {
-        if let Some((chunk, done)) = self.chunks.pop_front() {
-            let waited = self.stream.wait(&done);
-            if waited.is_err() {
-                // Not freed: the second stream may still read it (leaked instead).
-                std::mem::forget(chunk);
-            }
-            waited.context("waiting for a log-prob chunk")?;
+        if !self.chunks.is_empty() {
+            drop(self.retire_oldest_keep()?);
         }
         Ok(())
+    }
+
+    /// Orders the main stream after the oldest chunk's pass and hands the chunk over (its
+    /// buffers may then be used and freed on the main stream). Called with a chunk queued.
+    fn retire_oldest_keep(&mut self) -> Result<ChunkLogits> {
+        let (chunk, done) = self
+            .chunks
+            .pop_front()
+            .ok_or_else(|| anyhow!("internal: no log-prob chunk in flight"))?;
+        if let Err(e) = self.stream.wait(&done) {
+            // Not freed: the second stream may still read it (leaked instead).
+            std::mem::forget(chunk);
+            return Err(e).context("waiting for a log-prob chunk");
+        }
+        Ok(chunk)
     }
 }
 
@@ -671,6 +729,9 @@ struct ChunkLogits {
     /// The chunk's hidden rows: in `hidden` itself, or in `_h_copy`.
     h_p: u64,
     _h_copy: Option<CudaTensor>,
+    /// The chunk's first row and its row count.
+    start: usize,
+    rows: usize,
 }
 
 #[cfg(test)]
