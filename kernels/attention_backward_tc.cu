@@ -20,9 +20,11 @@
 // A fragment of k-step j of the next product, so P and dS never go through shared memory.
 //
 // Shared tiles are bf16 rows of HD elements stored as 32-bit words with a row stride of
-// HD / 2 + 4 words (144 or 272 bytes: 16-byte aligned rows for vector stores, and a stride of
-// 4 banks mod 32, so the 8 rows x 4 words of a fragment load hit 32 different banks; the
-// transposed loads, two 16-bit loads per register, hit 16 banks with pairs sharing a word).
+// HD / 2 + 4 words (144 or 272 bytes: 16-byte aligned rows for vector stores and ldmatrix, and
+// a stride of 4 banks mod 32, so the 8 rows x 16 bytes of each 8 x 8 matrix an ldmatrix reads
+// hit 32 different banks). Fragments come from shared memory by ldmatrix: x4 for an A
+// fragment, x2 for a B fragment, x2.trans for a B fragment whose k index runs down the tile's
+// rows.
 #include "common.cuh"
 
 #define GE_ABT_THREADS 128
@@ -70,33 +72,75 @@ __device__ __forceinline__ void ge_abt_load(unsigned int* dst, const ge_bf16* sr
     }
 }
 
-// The A fragment of rows r0 .. r0 + 15, columns kk .. kk + 15 of a shared tile.
+// `ldmatrix.sync.aligned.m8n8.x{2,4}[.trans].shared.b16`: COUNT 8 x 8 bf16 matrices from
+// shared memory, lane i giving the address of row i % 8 of matrix i / 8 (16-byte aligned);
+// register j of lane l gets matrix j's pair (row l / 4, columns 2 (l % 4), + 1), or with
+// TRANS the pair (rows 2 (l % 4), + 1, column l / 4): exactly the mma fragments below. The
+// whole warp must call it.
+template <int COUNT, bool TRANS>
+__device__ __forceinline__ void ge_abt_ldsm(unsigned int (&r)[COUNT], const void* row) {
+#ifdef GE_KERNEL_EMU
+    ge_emu::ldmatrix(r, COUNT, row, TRANS);  // tools/kernel-emu: the same on the host
+#else
+    unsigned int addr;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(addr) : "l"(row));
+    if (COUNT == 4 && !TRANS) {
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(addr));
+    } else if (COUNT == 2 && !TRANS) {
+        asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];"
+                     : "=r"(r[0]), "=r"(r[1])
+                     : "r"(addr));
+    } else if (COUNT == 2 && TRANS) {
+        asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];"
+                     : "=r"(r[0]), "=r"(r[1])
+                     : "r"(addr));
+    } else {
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(addr));
+    }
+#endif
+}
+
+// The A fragment of rows r0 .. r0 + 15, columns kk .. kk + 15 of a shared tile: one ldmatrix
+// of four 8 x 8 matrices (rows r0 / r0 + 8, columns kk / kk + 8, in a0..a3's order).
 template <int W>
 __device__ __forceinline__ void ge_abt_frag_a(unsigned int (&a)[4], const unsigned int* m, int r0,
-                                              int kk, int gid, int tig) {
-    const unsigned int* p = m + (r0 + gid) * W + kk / 2 + tig;
-    a[0] = p[0];
-    a[1] = p[8 * W];
-    a[2] = p[4];
-    a[3] = p[8 * W + 4];
+                                              int kk, int, int) {
+    const int lane = threadIdx.x % GE_WARP_SIZE;
+    const int j = lane / 8;
+    const unsigned int* row = m + (r0 + lane % 8 + 8 * (j & 1)) * W + kk / 2 + 4 * (j >> 1);
+    ge_abt_ldsm<4, false>(a, row);
 }
 
-// The B fragment B[k][n] = M[n0 + n][kk + k] (rows of M are B's columns).
+// The B fragment B[k][n] = M[n0 + n][kk + k] (rows of M are B's columns): rows n0 .. n0 + 7,
+// columns kk / kk + 8 (lanes 16..31 give the same addresses as 0..15, unused).
 template <int W>
 __device__ __forceinline__ void ge_abt_frag_b(unsigned int& b0, unsigned int& b1, const unsigned int* m,
-                                              int n0, int kk, int gid, int tig) {
-    const unsigned int* p = m + (n0 + gid) * W + kk / 2 + tig;
-    b0 = p[0];
-    b1 = p[4];
+                                              int n0, int kk, int, int) {
+    const int lane = threadIdx.x % GE_WARP_SIZE;
+    const int j = (lane / 8) & 1;
+    unsigned int r[2];
+    ge_abt_ldsm<2, false>(r, m + (n0 + lane % 8) * W + kk / 2 + 4 * j);
+    b0 = r[0];
+    b1 = r[1];
 }
 
-// The B fragment B[k][n] = M[kk + k][n0 + n] (rows of M are B's rows): two 16-bit loads each.
+// The B fragment B[k][n] = M[kk + k][n0 + n] (rows of M are B's rows): transposed loads of
+// rows kk .. kk + 7 and kk + 8 .. kk + 15, columns n0 .. n0 + 7.
 template <int W>
 __device__ __forceinline__ void ge_abt_frag_bt(unsigned int& b0, unsigned int& b1, const unsigned int* m,
-                                               int kk, int n0, int gid, int tig) {
-    const unsigned short* h = reinterpret_cast<const unsigned short*>(m) + (kk + 2 * tig) * (2 * W) + n0 + gid;
-    b0 = static_cast<unsigned int>(h[0]) | (static_cast<unsigned int>(h[2 * W]) << 16);
-    b1 = static_cast<unsigned int>(h[16 * W]) | (static_cast<unsigned int>(h[18 * W]) << 16);
+                                               int kk, int n0, int, int) {
+    const int lane = threadIdx.x % GE_WARP_SIZE;
+    const int j = (lane / 8) & 1;
+    const unsigned short* row =
+        reinterpret_cast<const unsigned short*>(m) + (kk + lane % 8 + 8 * j) * (2 * W) + n0;
+    unsigned int r[2];
+    ge_abt_ldsm<2, true>(r, row);
+    b0 = r[0];
+    b1 = r[1];
 }
 
 // acc[j] = A[r0 .. r0 + 15] . M[8 j .. 8 j + 7]^T over the head dimension: a 16 x (8 NT)

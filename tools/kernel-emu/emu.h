@@ -8,9 +8,10 @@
 // partner's). A thread that returns leaves both barriers, as exited threads do on the GPU.
 // `__shared__` becomes `static`: one instance, which is right while one block runs at a time.
 //
-// The tensor-core instruction the attention kernels use (mma.sync m16n8k16, bf16 in, f32
-// accumulate) is emulated per warp from the PTX ISA's fragment layout; the kernels call it
-// instead of their inline PTX when built with GE_KERNEL_EMU.
+// The tensor-core instructions the attention kernels use (mma.sync m16n8k16, bf16 in, f32
+// accumulate; ldmatrix, plain and transposed) are emulated per warp from the PTX ISA's
+// fragment layouts; the kernels call them instead of their inline PTX when built with
+// GE_KERNEL_EMU.
 //
 // What it does not model: timing, occupancy, memory coalescing, the tensor cores' internal
 // accumulation order, and the differences between the device's and the host's math functions
@@ -192,6 +193,33 @@ inline void mma_m16n8k16_bf16(float (&c)[4], const unsigned int (&a)[4], unsigne
         for (int k = 0; k < 16; ++k) acc += A[rows[e]][k] * B[k][cols[e]];
         c[e] = acc;
     }
+}
+
+// `ldmatrix.sync.aligned.m8n8.x{count}[.trans].shared.b16` for the calling warp: lane i gives
+// the address of row i % 8 of matrix i / 8 (8 bf16, 16 bytes); lane l receives, per matrix
+// j, register j = the pair (row l / 4, columns 2 (l % 4) and + 1), or with `trans` the pair
+// (rows 2 (l % 4) and + 1, column l / 4); the lower index in the low 16 bits.
+inline void ldmatrix(unsigned int* r, int count, const void* row, bool trans) {
+    const unsigned int warp = warp_of_thread();
+    const unsigned int lane = lane_of_thread();
+    block->slots[thread_rank] = reinterpret_cast<unsigned long long>(row);
+    block->warps[warp]->arrive_and_wait();
+    auto row_of = [&](int m, unsigned int i) {
+        return reinterpret_cast<const unsigned short*>(block->slots[warp * 32 + 8 * m + i]);
+    };
+    for (int m = 0; m < count; ++m) {
+        unsigned short lo, hi;
+        if (!trans) {
+            const unsigned short* p = row_of(m, lane / 4);
+            lo = p[2 * (lane % 4)];
+            hi = p[2 * (lane % 4) + 1];
+        } else {
+            lo = row_of(m, 2 * (lane % 4))[lane / 4];
+            hi = row_of(m, 2 * (lane % 4) + 1)[lane / 4];
+        }
+        r[m] = static_cast<unsigned int>(lo) | (static_cast<unsigned int>(hi) << 16);
+    }
+    block->warps[warp]->arrive_and_wait();
 }
 
 }  // namespace ge_emu
