@@ -317,6 +317,18 @@ fn device_flags_are_checked() {
         assert_eq!(code, 0, "{err}");
         assert_mentions(&err, &["on cpu"]);
     }
+    // `bench gemm` times the CUDA backend only: on the CPU it says so.
+    let (code, err) = run_bin(&[
+        "bench",
+        "gemm",
+        "--model",
+        "random:llama-tiny",
+        "--device",
+        "cpu",
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert_mentions(&err, &["bench gemm", "--device cuda"]);
     // The memory fraction must be a share.
     for bad in ["0", "1.5", "-0.2", "nan"] {
         let (code, err) = run_bin(&[

@@ -15,7 +15,8 @@
 # Then, when DIR/bin/genius-engine is there (tools/gpu-prepare.sh puts it there), the
 # benchmarks: `bench rollout --device cuda` on random weights of Qwen2.5-0.5B's shape (prompt
 # 128, 256 new tokens, 64 / 256 / 512 sequences, and one prompt forked 8 ways), `bench
-# forward`, and right after them the HF transformers peer (tools/peer_hf_generate.py), which
+# forward`, `bench gemm` (the layer GEMMs' device time, heuristic and tuned algorithms), and
+# right after them the HF transformers peer (tools/peer_hf_generate.py), which
 # also measures the device copy ceiling; their logs go beside the tests' and a throughput
 # table (tokens/s, ratio to the peer, achieved GB/s against the ceiling) is printed last.
 #
@@ -123,6 +124,14 @@ if [[ -x $engine && ${GPU_BENCH:-1} != 0 ]]; then
         echo "rc $?"
       done
     fi
+    # The layer GEMMs alone (device time per call), with the heuristic's and the tuned
+    # algorithms: what decode and training get from cuBLASLt at their row counts.
+    for variant in BASELINE=heuristic GENIUS_CUDA_GEMM_TUNE=1; do
+      within_budget "bench gemm $variant" || continue
+      echo "== bench gemm $variant"
+      env "$variant" timeout 90 "$engine" bench gemm --device cuda --model "$model" --iters 50
+      echo "rc-gemm $?"
+    done
   } >"$logs/bench.log" 2>&1
   [[ ${GPU_ROLLOUT:-1} == 0 ]] || grep -q '^rc 0' "$logs/bench.log" || bad=1
   if [[ ${GPU_TRAIN:-1} != 0 ]]; then
@@ -241,6 +250,20 @@ else:
         out.append(f"foresight: {f['forks']} forks of {f['prompt_tokens']} tokens: {f['blocks_used']} KV blocks used, {f['blocks_shared']} shared ({f['blocks_without_sharing']} without sharing), {f['seconds']:.2f}s")
 if fwd:
     out.append(f"prefill {fwd['tokens']} tokens: {fwd['tokens_per_s']:.0f} tokens/s")
+for h, objs in secs:
+    if h.startswith("bench gemm "):
+        g = next((o for o in objs if o.get("bench") == "gemm"), None)
+        if not g:
+            out.append(f"{h}: no result")
+            continue
+        by_rows = {}
+        for r in g["results"]:
+            by_rows.setdefault(r["rows"], []).append(r)
+        for n, rs in sorted(by_rows.items()):
+            layer = [r for r in rs if r["gemm"] != "lm_head"]
+            us = sum(r["us_per_call"] for r in layer)
+            parts = ", ".join(f"{r['gemm']} {r['us_per_call']:.1f} us ({r['gb_s']:.0f} GB/s, {r['tflop_s']:.0f} TF/s)" for r in rs)
+            out.append(f"gemm {h[len('bench gemm '):]} {n} rows: layer {us:.1f} us; {parts}")
 for h, v in variants:
     if v:
         rates = ", ".join(f"{b['sequences']}: {b['decode_tokens_per_s']:.0f} tok/s ({b['decode_step_ms']:.2f} ms/step)" for b in v["batches"])

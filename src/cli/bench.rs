@@ -4,11 +4,12 @@
 use super::ModelArgs;
 use crate::backend::Backend;
 use crate::backend::cpu::PackedMatrix;
+use crate::backend::cuda::{CudaLinear, CudaTensor};
 use crate::engine::sampler::SamplingParams;
 use crate::engine::{Engine, EngineConfig, Request, StopRules};
 use crate::model::{LoadedModel, ModelConfig};
 use crate::transformer::{PackedBatch, Transformer};
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use clap::ValueEnum;
 use std::time::Instant;
 
@@ -28,6 +29,10 @@ pub enum BenchKind {
     /// forward and backward over `--batches` row counts, achieved bandwidth on the logits it
     /// writes and reads, and device memory held.
     Logprobs,
+    /// The CUDA backend's GEMMs (`linear`, cuBLASLt) on the model's layer shapes at
+    /// `--batches` row counts (default 64, 256, 512 as in decode, and 8192 as in training):
+    /// device time per call, GB/s of weights and activations, TFLOP/s.
+    Gemm,
 }
 
 /// `bench`'s flags.
@@ -114,7 +119,86 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         BenchKind::Train => train(args),
         BenchKind::Eval => eval(args),
         BenchKind::Logprobs => logprobs(args),
+        BenchKind::Gemm => gemm(args),
     }
+}
+
+/// `bench gemm`: layer 0's fused projections and the LM head through the CUDA backend's
+/// `linear` (cuBLASLt; `GENIUS_CUDA_GEMM_TUNE=1` times its candidate algorithms first), for
+/// each `--batches` entry as a row count; device time per call from events over `--iters`
+/// calls queued back to back (at least 20). Bytes counted: the weight, the input rows and the
+/// output rows, once each (bf16).
+fn gemm(args: &BenchArgs) -> Result<()> {
+    let (model, any) = super::load_transformer(&args.model)?;
+    let t = match any {
+        super::AnyTransformer::Cuda(t) => t,
+        super::AnyTransformer::Cpu(_) => bail!(
+            "bench gemm times the CUDA backend's cuBLASLt GEMMs: run it with --device cuda (on the CPU, bench forward prints a GEMM table)"
+        ),
+    };
+    let rows: Vec<usize> = if args.batches == [1, 8, 32, 64] {
+        vec![64, 256, 512, 8192]
+    } else {
+        args.batches.clone()
+    };
+    let be = &t.backend;
+    let c = &model.config;
+    let layer = t
+        .weights
+        .layers
+        .first()
+        .context("bench gemm: the model has no layers")?;
+    let reps = args.iters.max(20);
+    println!("device        {}", t.backend_name());
+    println!(
+        "model         {} (hidden {}, ffn {})",
+        model.name, c.hidden_size, c.intermediate_size
+    );
+    println!("     rows   gemm           out x in        us/call     GB/s   TFLOP/s");
+    let mut results = Vec::new();
+    for &n in &rows {
+        let shapes: [(&str, &CudaLinear, Option<&CudaTensor>); 5] = [
+            ("qkv_proj", &layer.qkv_proj, layer.qkv_bias.as_ref()),
+            ("o_proj", &layer.o_proj, None),
+            ("gate_up_proj", &layer.gate_up_proj, None),
+            ("down_proj", &layer.down_proj, None),
+            ("lm_head", t.lm_head(), None),
+        ];
+        for (name, w, bias) in shapes {
+            let (out, inp) = (w.out_features, w.in_features);
+            let x = be.upload(&crate::model::HostTensor::new(
+                vec![n, inp],
+                (0..n * inp)
+                    .map(|i| ((i * 2654435761usize % 1000) as f32 / 1000.0 - 0.5) * 0.5)
+                    .collect(),
+            ))?;
+            // One call first: plans (and, when tuning, the timed choice) are made there.
+            be.linear(&x, w, bias)?;
+            let secs = be.device_seconds_per_call(reps, || be.linear(&x, w, bias).map(drop))?;
+            let bytes = 2.0 * (out * inp + n * inp + n * out) as f64;
+            let flops = 2.0 * (n * out * inp) as f64;
+            println!(
+                "{n:>9}   {name:<12} {:>13}   {:>10.2}   {:>6.0}   {:>7.1}",
+                format!("{out} x {inp}"),
+                secs * 1e6,
+                bytes / secs / 1e9,
+                flops / secs / 1e12
+            );
+            results.push(serde_json::json!({
+                "rows": n, "gemm": name, "out": out, "in": inp, "us_per_call": secs * 1e6,
+                "gb_s": bytes / secs / 1e9, "tflop_s": flops / secs / 1e12,
+            }));
+        }
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "gemm", "device": t.backend_name(), "model": model.name,
+            "tuned": std::env::var(crate::backend::cuda::gemm::TUNE_ENV).is_ok_and(|v| v.trim() == "1"),
+            "results": results,
+        })
+    );
+    Ok(())
 }
 
 /// A fixed pseudo-random prompt of real token ids (`salt` picks one of many).

@@ -249,6 +249,32 @@ impl CudaBackend {
         self.gpu.sync("the queued work")
     }
 
+    /// Device seconds per call of `f` (which queues device work), over `reps` calls back to
+    /// back: the calls are queued behind ~1 ms of memsets, so the host's launch overhead does
+    /// not leave the device idle between them, and timed by two events (for `bench gemm`).
+    pub fn device_seconds_per_call(
+        &self,
+        reps: usize,
+        mut f: impl FnMut() -> Result<()>,
+    ) -> Result<f64> {
+        let reps = reps.max(1);
+        const DELAY_BYTES: usize = 1 << 30;
+        let mut scratch = self.gpu.alloc::<u32>(DELAY_BYTES / 4)?;
+        let p = self.gpu.ptr_mut(&mut scratch);
+        self.synchronize()?;
+        for _ in 0..3 {
+            self.gpu.memset_u32(p, 0, DELAY_BYTES / 4)?;
+        }
+        let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let start = self.gpu.stream.record_event(flags)?;
+        for _ in 0..reps {
+            f()?;
+        }
+        let end = self.gpu.stream.record_event(flags)?;
+        self.synchronize()?;
+        Ok(start.elapsed_ms(&end)? as f64 / 1e3 / reps as f64)
+    }
+
     /// Uploads `t` as an f32 device tensor (no rounding): for what must stay f32.
     pub fn upload_f32(&self, t: &HostTensor) -> Result<CudaTensor> {
         let s = self.gpu.upload_slice(&t.data)?;
