@@ -20,7 +20,7 @@ use common::cuda::{assert_close, rand_bf16, rel_err_or_inf as rel_err, shared_gp
 use genius_engine::backend::Backend;
 use genius_engine::backend::cpu::CpuBackend;
 use genius_engine::backend::cuda::tensor::round_to_bf16;
-use genius_engine::backend::cuda::{CudaBackend, DType};
+use genius_engine::backend::cuda::{CudaBackend, CudaOptions, DType};
 use genius_engine::model::HostTensor;
 
 /// Relative error bound for GEMM-based results (bf16 operands).
@@ -405,6 +405,55 @@ fn target_logprobs_backward_reports_bad_rows_and_targets() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("f32"), "{err}");
+}
+
+/// The log-prob ops with several chunks on a backend that does not wait after each launch,
+/// so that each chunk's softmax pass runs on the second stream beside the next chunk's GEMM
+/// (the op tests' shared backend waits after every launch, which keeps one stream): the
+/// forward against the one-stream forward of the same backend, the backward against the CPU,
+/// and the outputs the same over reruns.
+#[test]
+#[cfg_attr(
+    not(genius_gpu_tests),
+    ignore = "needs a CUDA GPU: built by tools/gpu-prepare.sh (GENIUS_GPU_TESTS=1), run by tools/gpu-check.sh"
+)]
+fn logprob_chunks_overlapped_on_two_streams_match() {
+    // Heuristic GEMM algorithms in both (tuned choices could differ between the two).
+    let Some(be) = common::cuda::gpu_with(|o| CudaOptions {
+        sync_after_launch: false,
+        logprob_overlap: true,
+        tune_gemms: false,
+        ..o
+    }) else {
+        return;
+    };
+    let one_stream = common::cuda::gpu_with(|o| CudaOptions {
+        sync_after_launch: false,
+        logprob_overlap: false,
+        tune_gemms: false,
+        ..o
+    })
+    .expect("a second backend on the same device");
+    let mut rng = Rng::new(109);
+    let (n, d, vocab) = (301, 128, 4096);
+    let h = rand_bf16(&mut rng, &[n, d], 1.0);
+    let wh = rand_bf16(&mut rng, &[vocab, d], 0.3);
+    let targets: Vec<u32> = (0..n).map(|_| rng.below(vocab) as u32).collect();
+    let forward = |b: &CudaBackend| {
+        let (gh, gw) = (b.upload(&h).unwrap(), b.upload_linear(&wh).unwrap());
+        b.set_logprob_chunk_rows(16); // 19 chunks, the last partial
+        let lp = b.target_logprobs(&gh, &gw, &targets).unwrap();
+        b.set_logprob_chunk_rows(0);
+        lp
+    };
+    let two = forward(&be);
+    assert_eq!(two, forward(&be), "overlapped forward reruns differ");
+    let one = forward(&one_stream);
+    // The same kernels and GEMM shapes: the same bits whichever stream ran the passes.
+    assert_eq!(two, one, "overlapped and one-stream forwards differ");
+    // The backward with overlap against the CPU (as target_logprobs_backward_matches_cpu_in_chunks).
+    check_logprobs_backward(&be, &mut rng, 301, 128, 4096, 16);
+    check_logprobs_backward(&be, &mut rng, 130, 96, 1000, 7);
 }
 
 /// The forward with forced small chunks (the same chunk-size setting) still matches one chunk.

@@ -136,7 +136,8 @@ fn norm_rows_config(rows: usize) -> LaunchConfig {
     }
 }
 
-/// The CUDA backend: one device, one stream, the kernels of `kernels/` and a cuBLASLt handle.
+/// The CUDA backend: one device, its main stream (and a second one for the fused log-prob
+/// ops' overlap), the kernels of `kernels/` and a cuBLASLt handle.
 pub struct CudaBackend {
     /// cuBLASLt handle (and its workspace), used by one thread at a time.
     pub(super) gemm: Mutex<Gemm>,
@@ -250,29 +251,43 @@ impl CudaBackend {
     }
 
     /// Device seconds per call of `f` (which queues device work), over `reps` calls back to
-    /// back: the calls are queued behind ~1 ms of memsets, so the host's launch overhead does
-    /// not leave the device idle between them, and timed by two events (for `bench gemm`).
+    /// back, timed by two events: the calls are queued behind memsets that keep the device
+    /// busy while the host queues them, so the host's launch overhead leaves no idle gaps.
+    /// If the device got to the first call before the host had queued the last (the delay
+    /// was too short), the measurement is repeated with twice the delay, up to 4 times; then
+    /// it is an error (for `bench gemm`).
     pub fn device_seconds_per_call(
         &self,
         reps: usize,
         mut f: impl FnMut() -> Result<()>,
     ) -> Result<f64> {
         let reps = reps.max(1);
-        const DELAY_BYTES: usize = 1 << 30;
-        let mut scratch = self.gpu.alloc::<u32>(DELAY_BYTES / 4)?;
+        const SCRATCH_BYTES: usize = 256 << 20;
+        let mut scratch = self.gpu.alloc::<u32>(SCRATCH_BYTES / 4)?;
         let p = self.gpu.ptr_mut(&mut scratch);
-        self.synchronize()?;
-        for _ in 0..3 {
-            self.gpu.memset_u32(p, 0, DELAY_BYTES / 4)?;
-        }
         let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
-        let start = self.gpu.stream.record_event(flags)?;
-        for _ in 0..reps {
-            f()?;
+        let mut memsets = 4; // ~0.3 ms at 3 TB/s
+        for _ in 0..5 {
+            self.synchronize()?;
+            for _ in 0..memsets {
+                self.gpu.memset_u32(p, 0, SCRATCH_BYTES / 4)?;
+            }
+            let start = self.gpu.stream.record_event(flags)?;
+            for _ in 0..reps {
+                f()?;
+            }
+            let end = self.gpu.stream.record_event(flags)?;
+            let queued_in_time = !start.try_is_complete()?;
+            self.synchronize()?;
+            if queued_in_time {
+                return Ok(start.elapsed_ms(&end)? as f64 / 1e3 / reps as f64);
+            }
+            memsets *= 2;
         }
-        let end = self.gpu.stream.record_event(flags)?;
-        self.synchronize()?;
-        Ok(start.elapsed_ms(&end)? as f64 / 1e3 / reps as f64)
+        bail!(
+            "device_seconds_per_call: the host could not queue {reps} calls within {memsets} \
+             memsets of {SCRATCH_BYTES} bytes; the device would have idled between them"
+        )
     }
 
     /// Uploads `t` as an f32 device tensor (no rounding): for what must stay f32.

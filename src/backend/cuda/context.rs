@@ -1,7 +1,9 @@
-//! The device side of the CUDA backend: [`GpuContext`] picks the device, owns the one stream
-//! every launch and copy goes through, and holds the [`KernelRegistry`] (every unit of
-//! `kernels/` loaded once; kernels looked up by name, with errors that name the kernel).
-//! [`GpuContext::launch`] is the single place kernels are launched from.
+//! The device side of the CUDA backend: [`GpuContext`] picks the device, owns the main stream
+//! every allocation, copy and launch goes through (and a second stream that only the fused
+//! log-prob ops use, ordered against the main one by events: [`GpuContext::aux_stream`]), and
+//! holds the [`KernelRegistry`] (every unit of `kernels/` loaded once; kernels looked up by
+//! name, with errors that name the kernel). [`GpuContext::launch`] and
+//! [`GpuContext::launch_on`] are the only places kernels are launched from.
 
 use super::args;
 use super::kernels::{self, CacheOutcome, ImageChoice, KERNEL_UNITS, KernelSourcePolicy};
@@ -365,7 +367,8 @@ pub(crate) struct CaptureInputs {
     pub(crate) sample_out: u64,
 }
 
-/// A CUDA device in use: context, the backend's one stream, and the kernels.
+/// A CUDA device in use: context, the backend's main stream (and, once used, a second one),
+/// and the kernels.
 pub struct GpuContext {
     pub(crate) ctx: Arc<CudaContext>,
     pub(crate) stream: Arc<CudaStream>,
@@ -405,9 +408,13 @@ impl GpuContext {
         };
         let ctx = CudaContext::new(options.ordinal)
             .with_context(|| format!("creating a CUDA context on device {}", options.ordinal))?;
-        // SAFETY: the backend uses exactly one stream (below) for every allocation, copy and
-        // launch, so stream-ordered execution already orders every use of every buffer and
-        // cudarc's per-buffer events are not needed. No buffer exists yet.
+        // SAFETY: the backend allocates, copies and frees on one stream (below), so
+        // stream-ordered execution orders every use of every buffer there and cudarc's
+        // per-buffer events are not needed. The one other user, the second stream of the
+        // fused log-prob ops, reads and writes buffers only after waiting for an event
+        // recorded on the main stream after they were made, and the main stream waits for an
+        // event recorded after that work (or the host waits for the second stream) before
+        // any of them is freed. No buffer exists yet.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().context("creating a CUDA stream")?;
         keep_pool_memory(&ctx)?;
@@ -451,6 +458,15 @@ impl GpuContext {
             .new_stream()
             .context("creating a second CUDA stream")?;
         Ok(self.aux.get_or_init(|| s))
+    }
+
+    /// Waits on the host for everything queued on the second stream, if it exists.
+    pub(crate) fn sync_aux(&self) -> Result<()> {
+        if let Some(aux) = self.aux.get() {
+            aux.synchronize()
+                .context("waiting for the second CUDA stream")?;
+        }
+        Ok(())
     }
 
     /// An event (no timing) recorded on `stream` now.
@@ -820,7 +836,7 @@ impl GpuContext {
     /// The device address of a buffer, for an argument struct.
     pub(crate) fn ptr<T>(&self, s: &CudaSlice<T>) -> u64 {
         // The returned guard only records a cudarc event, which this backend has turned off
-        // (one stream, see `new`), so it can be dropped at once.
+        // (see `new`), so it can be dropped at once.
         let (p, _guard) = s.device_ptr(&self.stream);
         p
     }

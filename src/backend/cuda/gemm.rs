@@ -559,6 +559,11 @@ impl Gemm {
         unsafe { self.matmul(plan, &plan.algo, (w, x, y), 0.0) }.map_err(|e| anyhow!("{e:#} {s:?}"))
     }
 
+    /// Whether tuning has run for the [`GeneralGemm`] shape `s` (false before its first use).
+    pub fn general_tuned(&self, s: &GeneralGemm) -> bool {
+        self.general_plans.get(s).is_some_and(|p| p.tuned)
+    }
+
     /// `D = op(A) op(B) + beta D` on the stream ([`GeneralGemm`]), with device addresses `a`,
     /// `b` and `d`. With `tune`, a shape's first use times cuBLASLt's top algorithms
     /// ([`TUNE_ENV`]) and keeps the fastest: on `d` itself when `beta = 0` (the real run then
@@ -589,15 +594,16 @@ impl Gemm {
             let algo = if beta == 0.0 {
                 // SAFETY: forwarded from the caller; d is overwritten by the real run.
                 Some(unsafe { self.tuned_algo(plan, &what, a, b, d) }?)
-            } else if d_bytes <= TUNE_SCRATCH_MAX_BYTES {
+            } else if d_bytes <= TUNE_SCRATCH_MAX_BYTES
                 // SAFETY: the scratch is only written (beta = 0 in the timed runs).
-                let mut scratch = unsafe { self.stream.alloc::<u8>(d_bytes.max(1)) }
-                    .map_err(|e| anyhow!("a scratch D to tune {what} ({d_bytes} bytes): {e:?}"))?;
+                && let Ok(mut scratch) = unsafe { self.stream.alloc::<u8>(d_bytes.max(1)) }
+            {
                 let (sp, _record) =
                     cudarc::driver::DevicePtrMut::device_ptr_mut(&mut scratch, &self.stream);
                 // SAFETY: a and b as the caller vouches; D is the scratch of D's layout.
                 Some(unsafe { self.tuned_algo(plan, &what, a, b, sp) }?)
             } else {
+                // Too large a D, or no memory for the scratch: the heuristic's choice stays.
                 None
             };
             if let Some(p) = self.general_plans.get_mut(&s) {

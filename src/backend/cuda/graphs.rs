@@ -438,10 +438,18 @@ impl CudaBackend {
             graphs.stats.eager_steps += 1;
             graphs.stats.padding_rows += (bucket - n) as u64;
             drop(graphs);
-            // With the graph's table width, so that this step's results are the replays'.
+            // With the graph's table width, so that this step's results are the replays'
+            // (cleared again however the step ends, a panic included).
+            struct ClearWidth<'a>(&'a super::context::GpuContext);
+            impl Drop for ClearWidth<'_> {
+                fn drop(&mut self) {
+                    self.0.set_warmup_table_width(None);
+                }
+            }
             self.gpu.set_warmup_table_width(Some(width));
+            let clear = ClearWidth(&self.gpu);
             let ran = run(&padded, &padded_rows, cache);
-            self.gpu.set_warmup_table_width(None);
+            drop(clear);
             let mut tokens = ran?;
             tokens.truncate(n);
             return Ok(tokens);

@@ -7,7 +7,8 @@
 //!   the CPU.
 //! - [`args`]: the kernels' argument structs, generated from `kernels/args.h` by bindgen.
 //! - [`gemm`]: bf16 GEMMs through cuBLASLt with plans cached per shape.
-//! - [`context`]: device selection, the backend's one stream, the kernel registry, launches.
+//! - [`context`]: device selection, the backend's streams (the main one; a second one for
+//!   the fused log-prob ops' overlap), the kernel registry, launches.
 //! - [`sampling`]: greedy, unfiltered and top-k / top-p token sampling on the GPU
 //!   ([`CudaBackend::sample_rows_kernel`], what the backend's `sample_rows` runs).
 //! - [`tensor`]: [`CudaTensor`] (bf16 or f32 device buffers) and [`CudaLinear`] (bf16 weights).

@@ -107,6 +107,10 @@ impl CudaBackend {
             .map_err(|_| anyhow!("{op}: the cuBLASLt handle's lock is poisoned"))?;
         self.gpu.ctx.bind_to_thread()?;
         let tune = self.tune_gemms && !self.gpu.capturing();
+        if tune && !gemm.general_tuned(&s) {
+            // Time the candidates alone: nothing may run beside them on the second stream.
+            self.gpu.sync_aux()?;
+        }
         let timing = self.gpu.profile_start()?;
         // SAFETY: the caller vouches for the buffers; no graph is being captured when tuning.
         let done = unsafe { gemm.run_general(s, a, b, d, beta, tune) };
@@ -479,6 +483,7 @@ impl CudaBackend {
         };
         let mut in_flight = InFlight {
             stream: &self.gpu.stream,
+            aux: aux.clone(),
             chunks: std::collections::VecDeque::new(),
         };
         for start in (0..n).step_by(chunk) {
@@ -507,12 +512,16 @@ impl CudaBackend {
                     let logits_ready = self.gpu.record_on(&self.gpu.stream)?;
                     aux.wait(&logits_ready)
                         .context("ordering a log-prob chunk after its logits")?;
+                    in_flight.chunks.push_back((c, None));
                     // SAFETY: as below; the second stream runs it after the logits GEMM (the
                     // event), and every buffer it touches (logits, targets, out, status) is
-                    // freed on the main stream only after waiting for `done`.
+                    // freed on the main stream only after waiting for `done` (or, on an
+                    // error, after the host waits for the second stream: InFlight's Drop).
                     unsafe { self.gpu.launch_on(aux, kernel, cfg, &a) }?;
                     let done = self.gpu.record_on(aux)?;
-                    in_flight.chunks.push_back((c, done));
+                    if let Some(last) = in_flight.chunks.back_mut() {
+                        last.1 = Some(done);
+                    }
                 }
                 // SAFETY: logits is bf16 [m, vocab] (rows 16-byte aligned for the _v8 kernel:
                 // logprob_kernel); targets, out and status hold rows start..start + m of their
@@ -620,6 +629,7 @@ impl CudaBackend {
         };
         let mut in_flight = InFlight {
             stream: &self.gpu.stream,
+            aux: aux.clone(),
             chunks: std::collections::VecDeque::new(),
         };
         for start in (0..n).step_by(chunk) {
@@ -647,12 +657,16 @@ impl CudaBackend {
                     let logits_ready = self.gpu.record_on(&self.gpu.stream)?;
                     aux.wait(&logits_ready)
                         .context("ordering a log-prob chunk after its logits")?;
+                    in_flight.chunks.push_back((c, None));
                     // SAFETY: as below; the second stream runs it after the logits GEMM (the
                     // event); the main stream waits for `done` before the chunk's GEMMs and
-                    // before any of its buffers is freed.
+                    // before any of its buffers is freed (on an error, InFlight's Drop waits
+                    // for the second stream on the host first).
                     unsafe { self.gpu.launch_on(aux, kernel, cfg, &a) }?;
                     let done = self.gpu.record_on(aux)?;
-                    in_flight.chunks.push_back((c, done));
+                    if let Some(last) = in_flight.chunks.back_mut() {
+                        last.1 = Some(done);
+                    }
                     // The previous chunk: its pass ran beside this chunk's logits GEMM.
                     while in_flight.chunks.len() > 1 {
                         let prev = in_flight.retire_oldest_keep()?;
@@ -680,11 +694,14 @@ impl CudaBackend {
 }
 
 /// Chunks whose softmax pass was queued on the second stream, oldest first, each with the
-/// event recorded after it. A chunk's buffers are freed (on the main stream) only after the
-/// main stream waits for its event, also when an error ends the loop early (`Drop`).
+/// event recorded after it (`None` until recorded). A chunk's buffers are freed (on the main
+/// stream) only after the main stream waits for its event. When that cannot be done (an
+/// error between the launch and the event, a failed wait, or an early return), `Drop` waits
+/// on the host for the whole second stream first, so nothing it may still read is freed.
 struct InFlight<'a> {
     stream: &'a cudarc::driver::CudaStream,
-    chunks: std::collections::VecDeque<(ChunkLogits, cudarc::driver::CudaEvent)>,
+    aux: Option<std::sync::Arc<cudarc::driver::CudaStream>>,
+    chunks: std::collections::VecDeque<(ChunkLogits, Option<cudarc::driver::CudaEvent>)>,
 }
 
 impl InFlight<'_> {
@@ -699,24 +716,37 @@ impl InFlight<'_> {
     /// Orders the main stream after the oldest chunk's pass and hands the chunk over (its
     /// buffers may then be used and freed on the main stream). Called with a chunk queued.
     fn retire_oldest_keep(&mut self) -> Result<ChunkLogits> {
-        let (chunk, done) = self
+        let waited = match self.chunks.front() {
+            None => bail!("internal: no log-prob chunk in flight"),
+            Some((_, Some(done))) => self.stream.wait(done).map_err(anyhow::Error::from),
+            Some((_, None)) => Err(anyhow!("a log-prob chunk was queued without its event")),
+        };
+        // On failure the chunk stays queued, for `Drop`.
+        waited.context("waiting for a log-prob chunk")?;
+        let (chunk, _) = self
             .chunks
             .pop_front()
             .ok_or_else(|| anyhow!("internal: no log-prob chunk in flight"))?;
-        if let Err(e) = self.stream.wait(&done) {
-            // Not freed: the second stream may still read it (leaked instead).
-            std::mem::forget(chunk);
-            return Err(e).context("waiting for a log-prob chunk");
-        }
         Ok(chunk)
     }
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        while !self.chunks.is_empty() {
-            let _ = self.retire_oldest();
+        if self.chunks.is_empty() {
+            return;
         }
+        // Early exit with chunks queued: the host waits for the second stream, after which
+        // freeing their buffers (and the caller's) on the main stream is safe.
+        if let Some(aux) = &self.aux
+            && aux.synchronize().is_err()
+        {
+            // The device is in error; leak rather than free what it may still read.
+            for (chunk, _) in self.chunks.drain(..) {
+                std::mem::forget(chunk);
+            }
+        }
+        self.chunks.clear();
     }
 }
 
