@@ -72,38 +72,6 @@ __device__ __forceinline__ void ge_abt_load(unsigned int* dst, const ge_bf16* sr
     }
 }
 
-// `ldmatrix.sync.aligned.m8n8.x{2,4}[.trans].shared.b16`: COUNT 8 x 8 bf16 matrices from
-// shared memory, lane i giving the address of row i % 8 of matrix i / 8 (16-byte aligned);
-// register j of lane l gets matrix j's pair (row l / 4, columns 2 (l % 4), + 1), or with
-// TRANS the pair (rows 2 (l % 4), + 1, column l / 4): exactly the mma fragments below. The
-// whole warp must call it.
-template <int COUNT, bool TRANS>
-__device__ __forceinline__ void ge_abt_ldsm(unsigned int (&r)[COUNT], const void* row) {
-#ifdef GE_KERNEL_EMU
-    ge_emu::ldmatrix(r, COUNT, row, TRANS);  // tools/kernel-emu: the same on the host
-#else
-    unsigned int addr;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(addr) : "l"(row));
-    if (COUNT == 4 && !TRANS) {
-        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
-                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                     : "r"(addr));
-    } else if (COUNT == 2 && !TRANS) {
-        asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];"
-                     : "=r"(r[0]), "=r"(r[1])
-                     : "r"(addr));
-    } else if (COUNT == 2 && TRANS) {
-        asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];"
-                     : "=r"(r[0]), "=r"(r[1])
-                     : "r"(addr));
-    } else {
-        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
-                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                     : "r"(addr));
-    }
-#endif
-}
-
 // The A fragment of rows r0 .. r0 + 15, columns kk .. kk + 15 of a shared tile: one ldmatrix
 // of four 8 x 8 matrices (rows r0 / r0 + 8, columns kk / kk + 8, in a0..a3's order).
 template <int W>
@@ -112,7 +80,7 @@ __device__ __forceinline__ void ge_abt_frag_a(unsigned int (&a)[4], const unsign
     const int lane = threadIdx.x % GE_WARP_SIZE;
     const int j = lane / 8;
     const unsigned int* row = m + (r0 + lane % 8 + 8 * (j & 1)) * W + kk / 2 + 4 * (j >> 1);
-    ge_abt_ldsm<4, false>(a, row);
+    ge_ldsm<4, false>(a, row);
 }
 
 // The B fragment B[k][n] = M[n0 + n][kk + k] (rows of M are B's columns): rows n0 .. n0 + 7,
@@ -123,7 +91,7 @@ __device__ __forceinline__ void ge_abt_frag_b(unsigned int& b0, unsigned int& b1
     const int lane = threadIdx.x % GE_WARP_SIZE;
     const int j = (lane / 8) & 1;
     unsigned int r[2];
-    ge_abt_ldsm<2, false>(r, m + (n0 + lane % 8) * W + kk / 2 + 4 * j);
+    ge_ldsm<2, false>(r, m + (n0 + lane % 8) * W + kk / 2 + 4 * j);
     b0 = r[0];
     b1 = r[1];
 }
@@ -138,7 +106,7 @@ __device__ __forceinline__ void ge_abt_frag_bt(unsigned int& b0, unsigned int& b
     const unsigned short* row =
         reinterpret_cast<const unsigned short*>(m) + (kk + lane % 8 + 8 * j) * (2 * W) + n0;
     unsigned int r[2];
-    ge_abt_ldsm<2, true>(r, row);
+    ge_ldsm<2, true>(r, row);
     b0 = r[0];
     b1 = r[1];
 }

@@ -206,16 +206,16 @@ __device__ __forceinline__ void ge_attention_tc_fwd(const AttentionTcArgs& a) {
             pf[1] = ge_at_pack(s[2 * kk][2], s[2 * kk][3]);
             pf[2] = ge_at_pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
             pf[3] = ge_at_pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-            const unsigned short* v0 = vh + (kk * 16 + 2 * t) * LDS;  // key rows 2t, 2t+1
-            const unsigned short* v1 = v0 + 8 * LDS;                  // key rows 2t+8, 2t+9
+            // B[k][n] = V[16 kk + k][8 j + n]: transposed ldmatrix of key rows 16 kk .. + 7
+            // and + 8 .. + 15, for the column slices 8 j and 8 (j + 1) at once.
+            const int mat = lane / 8;
+            const unsigned short* vrow = vh + (kk * 16 + lane % 8 + 8 * (mat & 1)) * LDS + 8 * (mat >> 1);
 #pragma unroll
-            for (int j = 0; j < ONT; ++j) {
-                const int col = j * 8 + g;
-                const unsigned int bb0 = static_cast<unsigned int>(v0[col]) |
-                                         (static_cast<unsigned int>(v0[LDS + col]) << 16);
-                const unsigned int bb1 = static_cast<unsigned int>(v1[col]) |
-                                         (static_cast<unsigned int>(v1[LDS + col]) << 16);
-                ge_at_mma(o[j], pf, bb0, bb1);
+            for (int j = 0; j < ONT; j += 2) {
+                unsigned int b[4];
+                ge_ldsm<4, true>(b, vrow + 8 * j);
+                ge_at_mma(o[j], pf, b[0], b[1]);
+                ge_at_mma(o[j + 1], pf, b[2], b[3]);
             }
         }
     }

@@ -76,6 +76,38 @@ __device__ __forceinline__ void ge_store_bf16x8(ge_bf16* p, const float f[8]) {
 #define GE_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
 #endif
 
+// `ldmatrix.sync.aligned.m8n8.x{2,4}[.trans].shared.b16`: COUNT 8 x 8 bf16 matrices from
+// shared memory, lane i giving the address of row i % 8 of matrix i / 8 (16-byte aligned);
+// register j of lane l gets matrix j's pair (row l / 4, columns 2 (l % 4), + 1), or with
+// TRANS the pair (rows 2 (l % 4), + 1, column l / 4): the register layout of mma.sync's
+// m16n8k16 fragments. The whole warp must call it (the tensor-core attention kernels).
+template <int COUNT, bool TRANS>
+__device__ __forceinline__ void ge_ldsm(unsigned int (&r)[COUNT], const void* row) {
+#ifdef GE_KERNEL_EMU
+    ge_emu::ldmatrix(r, COUNT, row, TRANS);  // tools/kernel-emu: the same on the host
+#else
+    unsigned int addr;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(addr) : "l"(row));
+    if (COUNT == 4 && !TRANS) {
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(addr));
+    } else if (COUNT == 2 && !TRANS) {
+        asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];"
+                     : "=r"(r[0]), "=r"(r[1])
+                     : "r"(addr));
+    } else if (COUNT == 2 && TRANS) {
+        asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];"
+                     : "=r"(r[0]), "=r"(r[1])
+                     : "r"(addr));
+    } else {
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                     : "r"(addr));
+    }
+#endif
+}
+
 // Element type conversions used by the templated kernels.
 __device__ __forceinline__ float ge_to_f32(ge_bf16 v) { return ge_bf16_to_f32(v); }
 __device__ __forceinline__ float ge_to_f32(float v) { return v; }
