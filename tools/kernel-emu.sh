@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Runs CUDA-core kernels of kernels/ on the CPU: compiles their real source with a host C++
-# compiler and tools/kernel-emu/emu.h (threads for CUDA threads, barriers for __syncthreads
-# and warp shuffles), links tools/kernel-emu/checks.cpp (float64 references) and runs it.
-# No GPU or CUDA toolkit needed; tests/kernel_emu.rs runs this as part of `cargo test`.
+# Runs the kernels of kernels/ on the CPU: compiles their real source with a host C++ compiler
+# and tools/kernel-emu/emu.h (threads for CUDA threads, barriers for __syncthreads and warp
+# shuffles, the tensor-core mma.sync and ldmatrix emulated per warp), links
+# tools/kernel-emu/checks.cpp (float64 references) and runs it. No GPU or CUDA toolkit needed;
+# tests/kernel_emu.rs runs this as part of `cargo test`. Not emulated: sampling.cu, optim.cu,
+# loss.cu (their GPU tests and host emulations cover them).
 #
-#   tools/kernel-emu.sh [attention|logprobs|swiglu|kv|norm|training-attention]     (default: every check)
+#   tools/kernel-emu.sh [attention|logprobs|swiglu|kv|norm|training-attention]
+#                                        (default: every check)
 #
 # Uses $CXX, else g++, else clang++ (C++20: std::barrier). Build products go to
 # ${KERNEL_EMU_DIR:-target/kernel-emu}.

@@ -1,9 +1,12 @@
-// Checks of CUDA-core kernels run through the CPU emulation (emu.h) against float64 references
-// written here: paged attention (decode and prefill over block tables, GQA, head slices,
-// context partitions and their combine, contiguous rows), the fused log-prob forward and
-// backward, SwiGLU forward and backward, and the KV-cache writes with padding rows. Built and run by tools/kernel-emu.sh; prints one line per check and
-// exits non-zero if any fails. These checks run the kernels' own source, but not on a GPU:
-// the GPU tests (tests/cuda_*.rs) stay the judges of the device.
+// Checks of the kernels run through the CPU emulation (emu.h) against float64 (or exact)
+// references written here: paged attention (decode and prefill over block tables, GQA, head
+// slices, context partitions and their combine, contiguous rows), the fused log-prob forward
+// and backward, SwiGLU forward and backward, the KV-cache writes with padding rows, RMSNorm
+// and the fused residual add + RMSNorm, and training attention (the tensor-core forward and
+// every form of the backward, tensor-core and CUDA-core). Built and run by
+// tools/kernel-emu.sh; prints one line per check and exits non-zero if any fails. These checks
+// run the kernels' own source, but not on a GPU: the GPU tests (tests/cuda_*.rs) stay the
+// judges of the device.
 #include <cstdarg>
 #include <string>
 
