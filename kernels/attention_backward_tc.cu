@@ -76,7 +76,7 @@ __device__ __forceinline__ void ge_abt_load(unsigned int* dst, const ge_bf16* sr
 // of four 8 x 8 matrices (rows r0 / r0 + 8, columns kk / kk + 8, in a0..a3's order).
 template <int W>
 __device__ __forceinline__ void ge_abt_frag_a(unsigned int (&a)[4], const unsigned int* m, int r0,
-                                              int kk, int, int) {
+                                              int kk) {
     const int lane = threadIdx.x % GE_WARP_SIZE;
     const int j = lane / 8;
     const unsigned int* row = m + (r0 + lane % 8 + 8 * (j & 1)) * W + kk / 2 + 4 * (j >> 1);
@@ -87,7 +87,7 @@ __device__ __forceinline__ void ge_abt_frag_a(unsigned int (&a)[4], const unsign
 // columns kk / kk + 8 (lanes 16..31 give the same addresses as 0..15, unused).
 template <int W>
 __device__ __forceinline__ void ge_abt_frag_b(unsigned int& b0, unsigned int& b1, const unsigned int* m,
-                                              int n0, int kk, int, int) {
+                                              int n0, int kk) {
     const int lane = threadIdx.x % GE_WARP_SIZE;
     const int j = (lane / 8) & 1;
     unsigned int r[2];
@@ -100,7 +100,7 @@ __device__ __forceinline__ void ge_abt_frag_b(unsigned int& b0, unsigned int& b1
 // rows kk .. kk + 7 and kk + 8 .. kk + 15, columns n0 .. n0 + 7.
 template <int W>
 __device__ __forceinline__ void ge_abt_frag_bt(unsigned int& b0, unsigned int& b1, const unsigned int* m,
-                                               int kk, int n0, int, int) {
+                                               int kk, int n0) {
     const int lane = threadIdx.x % GE_WARP_SIZE;
     const int j = (lane / 8) & 1;
     const unsigned short* row =
@@ -115,18 +115,18 @@ __device__ __forceinline__ void ge_abt_frag_bt(unsigned int& b0, unsigned int& b
 // score tile of one warp, rows from shared tile `A`, columns from rows of shared tile `M`.
 template <int HD, int NT>
 __device__ __forceinline__ void ge_abt_scores(float (&acc)[NT][4], const unsigned int* A,
-                                              const unsigned int* M, int r0, int gid, int tig) {
+                                              const unsigned int* M, int r0) {
     constexpr int W = HD / 2 + 4;
 #pragma unroll
     for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
 #pragma unroll
     for (int kk = 0; kk < HD; kk += 16) {
         unsigned int a[4];
-        ge_abt_frag_a<W>(a, A, r0, kk, gid, tig);
+        ge_abt_frag_a<W>(a, A, r0, kk);
 #pragma unroll
         for (int j = 0; j < NT; ++j) {
             unsigned int b0, b1;
-            ge_abt_frag_b<W>(b0, b1, M, 8 * j, kk, gid, tig);
+            ge_abt_frag_b<W>(b0, b1, M, 8 * j, kk);
             ge_abt_mma(acc[j], a, b0, b1);
         }
     }
@@ -148,14 +148,14 @@ __device__ __forceinline__ void ge_abt_c_to_a(unsigned int (&a)[NT / 2][4], cons
 // head dimension, M a shared tile whose rows are the k index.
 template <int HD, int KS>
 __device__ __forceinline__ void ge_abt_accumulate(float (&acc)[HD / 8][4], const unsigned int (&a)[KS][4],
-                                                  const unsigned int* M, int gid, int tig) {
+                                                  const unsigned int* M) {
     constexpr int W = HD / 2 + 4;
 #pragma unroll
     for (int n = 0; n < HD / 8; ++n) {
 #pragma unroll
         for (int s = 0; s < KS; ++s) {
             unsigned int b0, b1;
-            ge_abt_frag_bt<W>(b0, b1, M, 16 * s, 8 * n, gid, tig);
+            ge_abt_frag_bt<W>(b0, b1, M, 16 * s, 8 * n);
             ge_abt_mma(acc[n], a[s], b0, b1);
         }
     }
@@ -227,8 +227,8 @@ __device__ __forceinline__ void ge_attention_backward_dq_tc(const AttentionBackw
             ge_abt_load<HD, BK>(v_s, v, kw, seq0 + k0, nk);
             __syncthreads();
             float s[NT][4], dp[NT][4];
-            ge_abt_scores<HD, NT>(s, q_s, k_s, r0, gid, tig);
-            ge_abt_scores<HD, NT>(dp, do_s, v_s, r0, gid, tig);
+            ge_abt_scores<HD, NT>(s, q_s, k_s, r0);
+            ge_abt_scores<HD, NT>(dp, do_s, v_s, r0);
 #pragma unroll
             for (int hr = 0; hr < 2; ++hr) {
                 const int r = r0 + gid + 8 * hr;
@@ -299,8 +299,8 @@ __device__ __forceinline__ void ge_attention_backward_dq_tc(const AttentionBackw
         ge_abt_load<HD, BK>(v_s, v, kw, seq0 + k0, nk);
         __syncthreads();
         float s[NT][4], dp[NT][4];
-        ge_abt_scores<HD, NT>(s, q_s, k_s, r0, gid, tig);
-        ge_abt_scores<HD, NT>(dp, do_s, v_s, r0, gid, tig);
+        ge_abt_scores<HD, NT>(s, q_s, k_s, r0);
+        ge_abt_scores<HD, NT>(dp, do_s, v_s, r0);
 #pragma unroll
         for (int j = 0; j < NT; ++j) {
 #pragma unroll
@@ -318,7 +318,7 @@ __device__ __forceinline__ void ge_attention_backward_dq_tc(const AttentionBackw
         }
         unsigned int ds_a[NT / 2][4];
         ge_abt_c_to_a<NT>(ds_a, s);
-        ge_abt_accumulate<HD, NT / 2>(dq, ds_a, k_s, gid, tig);
+        ge_abt_accumulate<HD, NT / 2>(dq, ds_a, k_s);
     }
     unsigned int* dqo = reinterpret_cast<unsigned int*>(a.dq);
 #pragma unroll
@@ -407,8 +407,8 @@ __device__ __forceinline__ void ge_attention_backward_dkv_tc(const AttentionBack
             // The warp's keys all past the tile's queries, or past the sequence: nothing to add.
             if (r0 >= nk || k0 + r0 > q0 + nq - 1) continue;
             float st[NT][4], dpt[NT][4];
-            ge_abt_scores<HD, NT>(st, k_s, q_s, r0, gid, tig);
-            ge_abt_scores<HD, NT>(dpt, v_s, do_s, r0, gid, tig);
+            ge_abt_scores<HD, NT>(st, k_s, q_s, r0);
+            ge_abt_scores<HD, NT>(dpt, v_s, do_s, r0);
 #pragma unroll
             for (int j = 0; j < NT; ++j) {
 #pragma unroll
@@ -424,8 +424,8 @@ __device__ __forceinline__ void ge_attention_backward_dkv_tc(const AttentionBack
             unsigned int pa[NT / 2][4], dsa[NT / 2][4];
             ge_abt_c_to_a<NT>(pa, st);
             ge_abt_c_to_a<NT>(dsa, dpt);
-            ge_abt_accumulate<HD, NT / 2>(dv, pa, do_s, gid, tig);
-            ge_abt_accumulate<HD, NT / 2>(dk, dsa, q_s, gid, tig);
+            ge_abt_accumulate<HD, NT / 2>(dv, pa, do_s);
+            ge_abt_accumulate<HD, NT / 2>(dk, dsa, q_s);
         }
     }
     if (a.split_heads) {
