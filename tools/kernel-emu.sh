@@ -3,11 +3,12 @@
 # and tools/kernel-emu/emu.h (threads for CUDA threads, barriers for __syncthreads and warp
 # shuffles, the tensor-core mma.sync and ldmatrix emulated per warp), links
 # tools/kernel-emu/checks.cpp (float64 references) and runs it. No GPU or CUDA toolkit needed;
-# tests/kernel_emu.rs runs this as part of `cargo test`. Not emulated: sampling.cu, optim.cu,
-# loss.cu (their GPU tests and host emulations cover them).
+# tests/kernel_emu.rs runs this as part of `cargo test`. Not emulated: sampling.cu, optim.cu
+# (their GPU tests and host emulations cover them).
 #
 #   tools/kernel-emu.sh [attention|logprobs|swiglu|kv|norm|training-attention]
 #                                        (default: every check)
+#   tools/kernel-emu.sh pair-losses IN OUT   the loss kernel on IN's inputs (tests/kernel_emu.rs)
 #
 # Uses $CXX, else g++, else clang++ (C++20: std::barrier). Build products go to
 # ${KERNEL_EMU_DIR:-target/kernel-emu}.
@@ -26,7 +27,7 @@ if [[ -z $cxx ]]; then
 fi
 mkdir -p "$out"
 flags=(-std=c++20 -O2 -ffp-contract=off -pthread -DGE_KERNEL_EMU -Wall -Wno-unused-function -Wno-unknown-pragmas)
-units=(paged_attention train_gemm elementwise backward attention_tc attention_backward_tc attention_backward)
+units=(paged_attention train_gemm elementwise backward attention_tc attention_backward_tc attention_backward loss)
 objs=()
 for u in "${units[@]}"; do
   obj=$out/$u.o

@@ -3,7 +3,8 @@
 // slices, context partitions and their combine, contiguous rows), the fused log-prob forward
 // and backward, SwiGLU forward and backward, the KV-cache writes with padding rows, RMSNorm
 // and the fused residual add + RMSNorm, and training attention (the tensor-core forward and
-// every form of the backward, tensor-core and CUDA-core). Built and run by
+// every form of the backward, tensor-core and CUDA-core). `checks pair-losses IN OUT` runs
+// the loss kernel for tests/kernel_emu.rs, which compares it with the host definition. Built and run by
 // tools/kernel-emu.sh; prints one line per check and exits non-zero if any fails. These checks
 // run the kernels' own source, but not on a GPU: the GPU tests (tests/cuda_*.rs) stay the
 // judges of the device.
@@ -48,6 +49,7 @@ void ge_attention_backward_dkv_d64(AttentionBackwardArgs a);
 void ge_attention_backward_dkv_d128(AttentionBackwardArgs a);
 void ge_qkv_rope_write_kv(QkvRopeArgs a);
 void ge_swiglu_backward(SwigluBackwardArgs a);
+void ge_pair_losses(PairLossArgs a);
 }
 
 namespace {
@@ -729,10 +731,92 @@ void check_norms(int rows, int dim, unsigned long long seed) {
            xf == xc && of == oc ? "the bits of add_assign then rms_norm" : "DIFFERS from add_assign then rms_norm");
 }
 
+// ---------------------------------------------------------------------------------------
+// `checks pair-losses IN OUT`: runs ge_pair_losses on the inputs in file IN and writes its
+// outputs to OUT, for tests/kernel_emu.rs to compare with the host definition
+// (genius::loss::pair_losses_host). Every number is its IEEE bits in hexadecimal.
+//   IN:  kind clip_max beta alpha gamma tau      (kind, clip_max decimal; the rest f64 bits)
+//        rows, then rows f32 bits
+//        pairs, then per pair: 4 u32 (chosen start, end, rejected start, end), 6 f64 bits
+//        (reference sums, token counts, advantages: chosen then rejected each)
+//   OUT: per pair, GE_PAIR_LOSS_OUTPUTS f64 bits
+
+double f64_of(const char* hex) {
+    const unsigned long long bits = std::strtoull(hex, nullptr, 16);
+    double d;
+    std::memcpy(&d, &bits, 8);
+    return d;
+}
+
+int run_pair_losses(const char* in_path, const char* out_path) {
+    FILE* in = std::fopen(in_path, "r");
+    if (!in) {
+        std::fprintf(stderr, "pair-losses: cannot read %s\n", in_path);
+        return 2;
+    }
+    char b[6][32];
+    int kind = 0, clip = 0;
+    if (std::fscanf(in, "%d %d %31s %31s %31s %31s", &kind, &clip, b[0], b[1], b[2], b[3]) != 6) {
+        std::fprintf(stderr, "pair-losses: bad header in %s\n", in_path);
+        return 2;
+    }
+    std::size_t rows = 0, pairs = 0;
+    if (std::fscanf(in, "%zu", &rows) != 1) return 2;
+    std::vector<float> lp(rows + 1);
+    for (std::size_t i = 0; i < rows; ++i) {
+        unsigned int bits = 0;
+        if (std::fscanf(in, "%x", &bits) != 1) return 2;
+        std::memcpy(&lp[i], &bits, 4);
+    }
+    if (std::fscanf(in, "%zu", &pairs) != 1) return 2;
+    std::vector<unsigned int> seg(4 * pairs + 1);
+    std::vector<double> inputs(6 * pairs + 1);
+    for (std::size_t p = 0; p < pairs; ++p) {
+        for (int k = 0; k < 4; ++k) {
+            if (std::fscanf(in, "%u", &seg[4 * p + k]) != 1) return 2;
+        }
+        for (int k = 0; k < 6; ++k) {
+            if (std::fscanf(in, "%31s", b[4]) != 1) return 2;
+            inputs[6 * p + k] = f64_of(b[4]);
+        }
+    }
+    std::fclose(in);
+    std::vector<double> out(GE_PAIR_LOSS_OUTPUTS * pairs + 1, std::nan(""));
+    PairLossArgs a{};
+    a.row_logprobs = addr(lp.data());
+    a.segments = addr(seg.data());
+    a.inputs = addr(inputs.data());
+    a.outputs = addr(out.data());
+    a.pairs = static_cast<int>(pairs);
+    a.kind = kind;
+    a.clip_max = clip;
+    a.beta = f64_of(b[0]);
+    a.alpha = f64_of(b[1]);
+    a.gamma = f64_of(b[2]);
+    a.tau = f64_of(b[3]);
+    ge_emu::launch(ge_pair_losses, dim3{static_cast<unsigned int>(pairs), 1, 1}, dim3{256, 1, 1}, a);
+    FILE* o = std::fopen(out_path, "w");
+    if (!o) return 2;
+    for (std::size_t i = 0; i < GE_PAIR_LOSS_OUTPUTS * pairs; ++i) {
+        unsigned long long bits;
+        std::memcpy(&bits, &out[i], 8);
+        std::fprintf(o, "%016llx\n", bits);
+    }
+    std::fclose(o);
+    return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
     const std::string only = argc > 1 ? argv[1] : "";
+    if (only == "pair-losses") {
+        if (argc != 4) {
+            std::fprintf(stderr, "usage: checks pair-losses IN OUT\n");
+            return 2;
+        }
+        return run_pair_losses(argv[2], argv[3]);
+    }
     if (only.empty() || only == "attention") paged_attention_checks();
     if (only.empty() || only == "logprobs") logprob_checks();
     if (only.empty() || only == "swiglu") swiglu_checks();

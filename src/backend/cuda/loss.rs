@@ -15,8 +15,9 @@ use std::ops::Range;
 // the args layout test.
 unsafe impl DeviceRepr for args::PairLossArgs {}
 
-/// `GE_LOSS_*` of kernels/args.h.
-fn kind_code(kind: LossKind) -> (i32, i32, f64, f64, f64) {
+/// The loss kernel's `(kind, clip_max, alpha, gamma, tau)` for `kind` (`GE_LOSS_*` of
+/// kernels/args.h); also used by the CPU emulation's test of the kernel (`tests/kernel_emu.rs`).
+pub fn kind_code(kind: LossKind) -> (i32, i32, f64, f64, f64) {
     match kind {
         LossKind::Aco { clip, alpha } => (0, i32::from(clip == AcoClip::Max), alpha, 0.0, 1.0),
         LossKind::Dpo => (1, 0, f64::INFINITY, 0.0, 1.0),
