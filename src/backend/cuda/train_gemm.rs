@@ -37,7 +37,7 @@ use super::gemm::GeneralGemm;
 use super::tensor::{CudaLinear, CudaTensor, DType};
 use crate::backend::Backend;
 use anyhow::{Context, Result, anyhow, bail, ensure};
-use cudarc::driver::LaunchConfig;
+use cudarc::driver::{DeviceRepr, LaunchConfig};
 use std::sync::atomic::Ordering;
 
 /// Environment variable forcing the rows per chunk of the log-prob ops (tests; unset or 0:
@@ -471,21 +471,7 @@ impl CudaBackend {
         // With several chunks, each chunk's softmax pass runs on the second stream while the
         // main stream computes the next chunk's logits (memory-bound beside compute-bound);
         // at most two chunks' logits are alive at once.
-        let aux = if self.logprob_overlap
-            && n > chunk
-            && self.gpu.profile.is_none()
-            && !self.gpu.sync_after_launch
-            && !self.gpu.capturing()
-        {
-            Some(self.gpu.aux_stream()?.clone())
-        } else {
-            None
-        };
-        let mut in_flight = InFlight {
-            stream: &self.gpu.stream,
-            aux: aux.clone(),
-            chunks: std::collections::VecDeque::new(),
-        };
+        let mut in_flight = self.logprob_in_flight(n, chunk)?;
         for start in (0..n).step_by(chunk) {
             let m = chunk.min(n - start);
             if in_flight.chunks.len() >= 2 {
@@ -507,27 +493,11 @@ impl CudaBackend {
                 block_dim: (threads, 1, 1),
                 shared_mem_bytes: 0,
             };
-            match &aux {
-                Some(aux) => {
-                    let logits_ready = self.gpu.record_on(&self.gpu.stream)?;
-                    aux.wait(&logits_ready)
-                        .context("ordering a log-prob chunk after its logits")?;
-                    in_flight.chunks.push_back((c, None));
-                    // SAFETY: as below; the second stream runs it after the logits GEMM (the
-                    // event), and every buffer it touches (logits, targets, out, status) is
-                    // freed on the main stream only after waiting for `done` (or, on an
-                    // error, after the host waits for the second stream: InFlight's Drop).
-                    unsafe { self.gpu.launch_on(aux, kernel, cfg, &a) }?;
-                    let done = self.gpu.record_on(aux)?;
-                    if let Some(last) = in_flight.chunks.back_mut() {
-                        last.1 = Some(done);
-                    }
-                }
-                // SAFETY: logits is bf16 [m, vocab] (rows 16-byte aligned for the _v8 kernel:
-                // logprob_kernel); targets, out and status hold rows start..start + m of their
-                // n entries; one block per row writes its row's out and status.
-                None => unsafe { self.gpu.launch(kernel, cfg, &a) }?,
-            }
+            // SAFETY: logits is bf16 [m, vocab] (rows 16-byte aligned for the _v8 kernel:
+            // logprob_kernel); targets, out and status hold rows start..start + m of their n
+            // entries; one block per row writes its row's out and status. Run on the main
+            // stream, the chunk comes back and is freed here.
+            drop(unsafe { self.launch_logprob_pass(&mut in_flight, c, kernel, cfg, &a) }?);
         }
         while !in_flight.chunks.is_empty() {
             in_flight.retire_oldest()?;
@@ -617,21 +587,7 @@ impl CudaBackend {
         // With several chunks, a chunk's softmax-gradient pass runs on the second stream while
         // the main stream computes the next chunk's logits; the main stream then waits for it
         // and runs its two GEMMs. Two chunks' logits are alive at most.
-        let aux = if self.logprob_overlap
-            && n > chunk
-            && self.gpu.profile.is_none()
-            && !self.gpu.sync_after_launch
-            && !self.gpu.capturing()
-        {
-            Some(self.gpu.aux_stream()?.clone())
-        } else {
-            None
-        };
-        let mut in_flight = InFlight {
-            stream: &self.gpu.stream,
-            aux: aux.clone(),
-            chunks: std::collections::VecDeque::new(),
-        };
+        let mut in_flight = self.logprob_in_flight(n, chunk)?;
         for start in (0..n).step_by(chunk) {
             let m = chunk.min(n - start);
             // logits = h @ W^T, bf16 [m, vocab], turned into dlogits in place.
@@ -652,33 +608,19 @@ impl CudaBackend {
                 block_dim: (threads, 1, 1),
                 shared_mem_bytes: 0,
             };
-            match &aux {
-                Some(aux) => {
-                    let logits_ready = self.gpu.record_on(&self.gpu.stream)?;
-                    aux.wait(&logits_ready)
-                        .context("ordering a log-prob chunk after its logits")?;
-                    in_flight.chunks.push_back((c, None));
-                    // SAFETY: as below; the second stream runs it after the logits GEMM (the
-                    // event); the main stream waits for `done` before the chunk's GEMMs and
-                    // before any of its buffers is freed (on an error, InFlight's Drop waits
-                    // for the second stream on the host first).
-                    unsafe { self.gpu.launch_on(aux, kernel, cfg, &a) }?;
-                    let done = self.gpu.record_on(aux)?;
-                    if let Some(last) = in_flight.chunks.back_mut() {
-                        last.1 = Some(done);
-                    }
-                    // The previous chunk: its pass ran beside this chunk's logits GEMM.
+            // SAFETY: logits is bf16 [m, vocab] (rows 16-byte aligned for the _v8 kernel:
+            // logprob_kernel); targets, d_logprob and status hold rows start..start + m of
+            // their n entries.
+            match unsafe { self.launch_logprob_pass(&mut in_flight, c, kernel, cfg, &a) }? {
+                // Ran on the main stream: its GEMMs follow at once.
+                Some(c) => gradient_gemms(&c)?,
+                // Queued on the second stream: the previous chunk's pass ran beside this
+                // chunk's logits GEMM; its GEMMs now.
+                None => {
                     while in_flight.chunks.len() > 1 {
                         let prev = in_flight.retire_oldest_keep()?;
                         gradient_gemms(&prev)?;
                     }
-                }
-                None => {
-                    // SAFETY: logits is bf16 [m, vocab] (rows 16-byte aligned for the _v8
-                    // kernel: logprob_kernel); targets, d_logprob and status hold rows
-                    // start..start + m of their n entries.
-                    unsafe { self.gpu.launch(kernel, cfg, &a) }?;
-                    gradient_gemms(&c)?;
                 }
             }
         }
@@ -690,6 +632,64 @@ impl CudaBackend {
         let status = self.gpu.download_slice(&status, n)?;
         Self::check_logprob_status(op, &status, targets, vocab)?;
         Ok(d_hidden)
+    }
+
+    /// The chunks in flight of a fused log-prob op over `n` rows in chunks of `chunk`: with
+    /// the second stream when there are several chunks and the overlap is on (not while
+    /// profiling, waiting after each launch or capturing a graph), else without (every pass
+    /// then runs on the main stream).
+    fn logprob_in_flight(&self, n: usize, chunk: usize) -> Result<InFlight<'_>> {
+        let aux = if self.logprob_overlap
+            && n > chunk
+            && self.gpu.profile.is_none()
+            && !self.gpu.sync_after_launch
+            && !self.gpu.capturing()
+        {
+            Some(self.gpu.aux_stream()?.clone())
+        } else {
+            None
+        };
+        Ok(InFlight {
+            stream: &self.gpu.stream,
+            aux,
+            chunks: std::collections::VecDeque::new(),
+        })
+    }
+
+    /// Launches a chunk's row-wise pass `kernel` over its logits. With a second stream in
+    /// `in_flight`, the pass runs there after the main stream's work so far (its logits GEMM),
+    /// and the chunk joins `in_flight` with the event recorded after the pass: `None`. Without,
+    /// it runs on the main stream and the chunk is handed back.
+    ///
+    /// # Safety
+    /// As [`GpuContext::launch`](super::context::GpuContext::launch) for `a`, whose buffers are
+    /// the chunk's or outlive `in_flight` (freed on the main stream only after it waits for
+    /// the pass, or after `in_flight`'s `Drop` waits for the second stream).
+    unsafe fn launch_logprob_pass<A: DeviceRepr>(
+        &self,
+        in_flight: &mut InFlight<'_>,
+        c: ChunkLogits,
+        kernel: &str,
+        cfg: LaunchConfig,
+        a: &A,
+    ) -> Result<Option<ChunkLogits>> {
+        let Some(aux) = in_flight.aux.clone() else {
+            // SAFETY: forwarded from the caller.
+            unsafe { self.gpu.launch(kernel, cfg, a) }?;
+            return Ok(Some(c));
+        };
+        let logits_ready = self.gpu.record_on(&self.gpu.stream)?;
+        aux.wait(&logits_ready)
+            .context("ordering a log-prob chunk after its logits")?;
+        // Queued before the launch, so that an error from here on leaves it to `Drop`.
+        in_flight.chunks.push_back((c, None));
+        // SAFETY: forwarded from the caller; ordered after the logits GEMM by the event.
+        unsafe { self.gpu.launch_on(&aux, kernel, cfg, a) }?;
+        let done = self.gpu.record_on(&aux)?;
+        if let Some(last) = in_flight.chunks.back_mut() {
+            last.1 = Some(done);
+        }
+        Ok(None)
     }
 }
 
