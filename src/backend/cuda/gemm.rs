@@ -344,72 +344,72 @@ impl Gemm {
         plan: &Plan,
         algo: &sys::cublasLtMatmulAlgo_t,
     ) -> Vec<sys::cublasLtMatmulAlgo_t> {
-        let mut supported: i32 = 0;
-        let mut schemes: u32 = 0;
-        let mut written = 0usize;
-        // SAFETY: the algorithm is plain data; each query writes at most the size given.
-        let caps = unsafe {
-            sys::cublasLtMatmulAlgoCapGetAttribute(
-                algo,
-                sys::cublasLtMatmulAlgoCapAttributes_t::CUBLASLT_ALGO_CAP_SPLITK_SUPPORT,
-                (&mut supported) as *mut i32 as *mut _,
-                size_of::<i32>(),
-                &mut written,
-            )
-            .result()
-            .and_then(|_| {
+        // A 4-byte capability (SPLITK_SUPPORT is an int32, the scheme mask a uint32).
+        let cap = |attr| -> Result<u32, result::CublasError> {
+            let (mut value, mut written) = (0u32, 0usize);
+            // SAFETY: the algorithm is plain data; the query writes at most 4 bytes.
+            unsafe {
                 sys::cublasLtMatmulAlgoCapGetAttribute(
                     algo,
-                    sys::cublasLtMatmulAlgoCapAttributes_t::CUBLASLT_ALGO_CAP_REDUCTION_SCHEME_MASK,
-                    (&mut schemes) as *mut u32 as *mut _,
+                    attr,
+                    (&mut value) as *mut u32 as *mut _,
                     size_of::<u32>(),
                     &mut written,
                 )
-                .result()
-            })
+            }
+            .result()?;
+            Ok(value)
         };
+        use sys::cublasLtMatmulAlgoCapAttributes_t as Cap;
+        use sys::cublasLtMatmulAlgoConfigAttributes_t as Config;
         let scheme = sys::cublasLtReductionScheme_t::CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE as u32;
-        if caps.is_err() || supported == 0 || schemes & scheme == 0 {
+        let supported = cap(Cap::CUBLASLT_ALGO_CAP_SPLITK_SUPPORT).is_ok_and(|v| v != 0)
+            && cap(Cap::CUBLASLT_ALGO_CAP_REDUCTION_SCHEME_MASK).is_ok_and(|m| m & scheme != 0);
+        if !supported {
             return Vec::new();
         }
+        // A uint32 configuration attribute of `variant`.
+        let set = |variant: &mut sys::cublasLtMatmulAlgo_t, attr, value: u32| {
+            // SAFETY: the variant is a copy of a valid algorithm; the value is a u32.
+            unsafe {
+                sys::cublasLtMatmulAlgoConfigSetAttribute(
+                    variant,
+                    attr,
+                    (&value) as *const u32 as *const _,
+                    size_of::<u32>(),
+                )
+            }
+            .result()
+        };
         let mut out = Vec::new();
         for parts in SPLIT_K_PARTS {
             let mut variant = *algo;
-            // SAFETY: the variant is a copy of a valid algorithm; each attribute is given a
-            // pointer to a u32; the check only reads the plan's live handles.
-            let ok = unsafe {
-                sys::cublasLtMatmulAlgoConfigSetAttribute(
-                    &mut variant,
-                    sys::cublasLtMatmulAlgoConfigAttributes_t::CUBLASLT_ALGO_CONFIG_SPLITK_NUM,
-                    (&parts) as *const u32 as *const _,
-                    size_of::<u32>(),
-                )
-                .result()
+            let ok = set(&mut variant, Config::CUBLASLT_ALGO_CONFIG_SPLITK_NUM, parts)
                 .and_then(|_| {
-                    sys::cublasLtMatmulAlgoConfigSetAttribute(
+                    set(
                         &mut variant,
-                        sys::cublasLtMatmulAlgoConfigAttributes_t::CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME,
-                        (&scheme) as *const u32 as *const _,
-                        size_of::<u32>(),
+                        Config::CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME,
+                        scheme,
                     )
-                    .result()
                 })
                 .and_then(|_| {
-                    let mut check: sys::cublasLtMatmulHeuristicResult_t = std::mem::zeroed();
-                    sys::cublasLtMatmulAlgoCheck(
-                        self.handle,
-                        plan.desc,
-                        plan.w_layout,
-                        plan.x_layout,
-                        plan.y_layout,
-                        plan.y_layout,
-                        &variant,
-                        &mut check,
-                    )
-                    .result()
-                    .map(|_| check.workspaceSize <= WORKSPACE_BYTES)
-                })
-            };
+                    // SAFETY: the check only reads the plan's live handles and the variant.
+                    unsafe {
+                        let mut check: sys::cublasLtMatmulHeuristicResult_t = std::mem::zeroed();
+                        sys::cublasLtMatmulAlgoCheck(
+                            self.handle,
+                            plan.desc,
+                            plan.w_layout,
+                            plan.x_layout,
+                            plan.y_layout,
+                            plan.y_layout,
+                            &variant,
+                            &mut check,
+                        )
+                        .result()
+                        .map(|_| check.workspaceSize <= WORKSPACE_BYTES)
+                    }
+                });
             if ok == Ok(true) {
                 out.push(variant);
             }
