@@ -7,33 +7,22 @@
 //! numbers; the CUDA result is bf16 (relative rounding 2^-9) over f32 accumulation, hence the
 //! tolerance `2e-2 + 1e-2 |want|` on outputs of magnitude about 1.
 
+mod common;
+
 use genius_engine::backend::cpu::CpuBackend;
 use genius_engine::backend::cuda::tensor::round_to_bf16;
-use genius_engine::backend::cuda::{CudaBackend, CudaOptions, probe_devices};
+use genius_engine::backend::cuda::{CudaBackend, CudaOptions};
 use genius_engine::backend::{AttentionShape, Backend, PagedSeq, SeqSpan};
 use genius_engine::model::HostTensor;
 use std::io::Write;
 
-fn gpu(test: &str) -> Option<CudaBackend> {
-    let why = match probe_devices() {
-        Ok(d) if !d.is_empty() => None,
-        Ok(_) => Some("the driver reports no device".to_string()),
-        Err(e) => Some(e),
-    };
-    if let Some(why) = why {
-        // Built for a GPU run: a missing device is a failure there, not a skip.
-        if cfg!(genius_gpu_tests) {
-            panic!(
-                "{test}: built for a GPU run (GENIUS_GPU_TESTS) but no usable CUDA device: {why}"
-            );
-        }
-        let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
-        return None;
-    }
-    let mut o = CudaOptions::from_env().expect("CUDA options");
-    o.poison_outputs = true;
-    o.sync_after_launch = true;
-    Some(CudaBackend::new(&o).expect("CUDA backend"))
+/// The backend with poisoned outputs and a wait after every launch, or `None` after the
+/// harness's `SKIPPED:` line (a failure instead in a build for a GPU run).
+fn gpu() -> Option<CudaBackend> {
+    common::cuda::gpu_with(|o| CudaOptions {
+        sync_after_launch: true,
+        ..o
+    })
 }
 
 struct Rng(u64);
@@ -99,7 +88,7 @@ fn assert_close(what: &str, got: &HostTensor, want: &HostTensor) {
     ignore = "needs a CUDA GPU: built by tools/gpu-prepare.sh (GENIUS_GPU_TESTS=1), run by tools/gpu-check.sh"
 )]
 fn write_kv_and_copy_blocks_are_exact() {
-    let Some(be) = gpu("write_kv_and_copy_blocks_are_exact") else {
+    let Some(be) = gpu() else {
         return;
     };
     let cpu = CpuBackend::new();
@@ -223,7 +212,7 @@ fn run_paged(be: &CudaBackend, rng: &mut Rng, c: &Case) {
     ignore = "needs a CUDA GPU: built by tools/gpu-prepare.sh (GENIUS_GPU_TESTS=1), run by tools/gpu-check.sh"
 )]
 fn paged_attention_matches_the_cpu() {
-    let Some(be) = gpu("paged_attention_matches_the_cpu") else {
+    let Some(be) = gpu() else {
         return;
     };
     let mut rng = Rng(seed());
@@ -277,7 +266,7 @@ fn paged_attention_matches_the_cpu() {
     ignore = "needs a CUDA GPU: built by tools/gpu-prepare.sh (GENIUS_GPU_TESTS=1), run by tools/gpu-check.sh"
 )]
 fn causal_attention_matches_the_cpu() {
-    let Some(be) = gpu("causal_attention_matches_the_cpu") else {
+    let Some(be) = gpu() else {
         return;
     };
     let cpu = CpuBackend::new();
@@ -321,7 +310,7 @@ fn causal_attention_matches_the_cpu() {
     ignore = "needs a CUDA GPU: built by tools/gpu-prepare.sh (GENIUS_GPU_TESTS=1), run by tools/gpu-check.sh"
 )]
 fn bad_attention_inputs_are_errors() {
-    let Some(be) = gpu("bad_attention_inputs_are_errors") else {
+    let Some(be) = gpu() else {
         return;
     };
     let mut rng = Rng(seed());

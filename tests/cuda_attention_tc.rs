@@ -8,36 +8,25 @@
 //! Ignored unless built for a GPU run (`GENIUS_GPU_TESTS=1`, as tools/gpu-prepare.sh does);
 //! so built, a missing device fails it.
 
+mod common;
+
 use genius_engine::backend::cpu::CpuBackend;
 use genius_engine::backend::cuda::tensor::round_to_bf16;
-use genius_engine::backend::cuda::{CudaBackend, CudaOptions, probe_devices};
+use genius_engine::backend::cuda::{CudaBackend, CudaOptions};
 use genius_engine::backend::{AttentionShape, Backend, SeqSpan};
 use genius_engine::model::HostTensor;
 use std::io::Write;
 
 const TOL: f64 = 1e-2;
 
-fn gpu(test: &str) -> Option<CudaBackend> {
-    let why = match probe_devices() {
-        Ok(d) if !d.is_empty() => None,
-        Ok(_) => Some("the driver reports no device".to_string()),
-        Err(e) => Some(e),
-    };
-    if let Some(why) = why {
-        // Built for a GPU run: a missing device is a failure there, not a skip.
-        if cfg!(genius_gpu_tests) {
-            panic!(
-                "{test}: built for a GPU run (GENIUS_GPU_TESTS) but no usable CUDA device: {why}"
-            );
-        }
-        let _ = writeln!(std::io::stderr(), "SKIPPED: no CUDA device ({test}: {why})");
-        return None;
-    }
-    let mut o = CudaOptions::from_env().expect("CUDA options");
-    o.poison_outputs = true;
-    o.sync_after_launch = true;
-    o.attention_forward_tensor_cores = true;
-    Some(CudaBackend::new(&o).expect("CUDA backend"))
+/// The backend with poisoned outputs and a wait after every launch, or `None` after the
+/// harness's `SKIPPED:` line (a failure instead in a build for a GPU run).
+fn gpu() -> Option<CudaBackend> {
+    common::cuda::gpu_with(|o| CudaOptions {
+        sync_after_launch: true,
+        attention_forward_tensor_cores: true,
+        ..o
+    })
 }
 
 struct Rng(u64);
@@ -64,24 +53,6 @@ fn seed() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(7)
-}
-
-/// ‖got − want‖ / ‖want‖; infinite on any NaN/inf in `got`.
-fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    if got.iter().any(|v| !v.is_finite()) {
-        return f64::INFINITY;
-    }
-    let (mut num, mut den) = (0f64, 0f64);
-    for (&g, &w) in got.iter().zip(want) {
-        num += (g as f64 - w as f64).powi(2);
-        den += (w as f64).powi(2);
-    }
-    if den == 0.0 {
-        num.sqrt()
-    } else {
-        (num / den).sqrt()
-    }
 }
 
 /// Spans of `lens` starting at row `lead`, `gap` rows of no sequence after each.
@@ -136,8 +107,8 @@ fn run_case(
     assert_eq!(got.shape, want.shape, "{what}: shape");
     let nan = got.data.iter().filter(|x| x.is_nan()).count();
     assert_eq!(nan, 0, "{what}: {nan} NaN elements (unwritten or wrong)");
-    let e_cpu = rel_l2(&got.data, &want.data);
-    let e_old = rel_l2(&got.data, &old.data);
+    let e_cpu = common::cuda::rel_err_or_inf(&got.data, &want.data);
+    let e_old = common::cuda::rel_err_or_inf(&got.data, &old.data);
     let _ = writeln!(
         std::io::stderr(),
         "tc attention {what}: rel L2 vs cpu {e_cpu:.2e}, vs paged kernel {e_old:.2e}"
@@ -218,8 +189,7 @@ fn run_case(
     ignore = "needs a CUDA GPU: built by tools/gpu-prepare.sh (GENIUS_GPU_TESTS=1), run by tools/gpu-check.sh"
 )]
 fn tensor_core_attention_matches_cpu_and_paged_kernel_on_packed_odd_lengths() {
-    let Some(be) = gpu("tensor_core_attention_matches_cpu_and_paged_kernel_on_packed_odd_lengths")
-    else {
+    let Some(be) = gpu() else {
         return;
     };
     let cpu = CpuBackend::new();
@@ -262,7 +232,7 @@ fn tensor_core_attention_matches_cpu_and_paged_kernel_on_packed_odd_lengths() {
     ignore = "needs a CUDA GPU: built by tools/gpu-prepare.sh (GENIUS_GPU_TESTS=1), run by tools/gpu-check.sh"
 )]
 fn tensor_core_attention_matches_on_long_sequences() {
-    let Some(be) = gpu("tensor_core_attention_matches_on_long_sequences") else {
+    let Some(be) = gpu() else {
         return;
     };
     let cpu = CpuBackend::new();
@@ -279,7 +249,7 @@ fn tensor_core_attention_matches_on_long_sequences() {
     ignore = "needs a CUDA GPU: built by tools/gpu-prepare.sh (GENIUS_GPU_TESTS=1), run by tools/gpu-check.sh"
 )]
 fn other_head_dims_are_errors_on_both_paths() {
-    let Some(be) = gpu("other_head_dims_are_errors_on_both_paths") else {
+    let Some(be) = gpu() else {
         return;
     };
     let mut rng = Rng(seed());

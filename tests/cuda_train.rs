@@ -333,51 +333,11 @@ fn loss_curve_over_20_steps_matches_the_cpu() {
     ignore = "needs a CUDA GPU: built by tools/gpu-prepare.sh (GENIUS_GPU_TESTS=1), run by tools/gpu-check.sh"
 )]
 fn pair_losses_match_the_host() {
-    use genius_engine::genius::loss::{PairLogps, pair_losses_host};
+    use genius_engine::genius::loss::pair_losses_host;
     let Some(be) = gpu() else { return };
     let mut rng = Rng::new(77);
-    let n = 20_000;
-    let lp: Vec<f32> = (0..n).map(|_| -5.0 * rng.uniform() - 0.01).collect();
-    let mut rows = Vec::new();
-    let mut pairs = Vec::new();
-    let mut at = 0;
-    for i in 0..37 {
-        let lc = [1, 3, 77, 300, 0][i % 5].max(if i % 7 == 4 { 0 } else { 1 });
-        let lr = [2, 250, 1, 64][i % 4];
-        let c = at..at + lc;
-        let r = at + lc..at + lc + lr;
-        at += lc + lr;
-        rows.push((c, r));
-        pairs.push(PairLogps {
-            ref_chosen: -3.0 * lc as f64 + rng.uniform() as f64,
-            ref_rejected: -3.0 * lr as f64 - rng.uniform() as f64,
-            chosen_tokens: lc.max(1),
-            rejected_tokens: lr.max(1),
-            adv_chosen: rng.uniform() as f64 - 0.5,
-            adv_rejected: rng.uniform() as f64 - 0.5,
-            ..PairLogps::default()
-        });
-    }
-    assert!(at <= n, "the pairs need {at} rows");
-    let kinds = [
-        LossKind::Aco {
-            clip: AcoClip::Min,
-            alpha: 1.0,
-        },
-        LossKind::Aco {
-            clip: AcoClip::Max,
-            alpha: 0.3,
-        },
-        LossKind::Aco {
-            clip: AcoClip::Min,
-            alpha: f64::INFINITY,
-        },
-        LossKind::Dpo,
-        LossKind::Simpo { gamma: 0.5 },
-        LossKind::Ipo { tau: 0.1 },
-        LossKind::Sft,
-    ];
-    for kind in kinds {
+    let (lp, rows, pairs) = loss_test_pairs(&mut rng, 20_000, 37);
+    for kind in every_loss_kind() {
         let cfg = LossConfig::new(kind);
         let want = pair_losses_host(&lp, &rows, &pairs, &cfg).unwrap();
         let got = be.pair_losses(&lp, &rows, &pairs, &cfg).unwrap();

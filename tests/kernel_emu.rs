@@ -20,11 +20,9 @@
 
 mod common;
 
-use common::Rng;
+use common::{Rng, every_loss_kind, loss_test_pairs};
 use genius_engine::backend::cuda::loss::kind_code;
-use genius_engine::genius::loss::{
-    AcoClip, LossConfig, LossKind, PairLogps, PairLoss, pair_losses_host,
-};
+use genius_engine::genius::loss::{LossConfig, PairLoss, pair_losses_host};
 use std::fmt::Write as _;
 use std::path::Path;
 use std::process::Command;
@@ -60,47 +58,10 @@ fn cuda_core_kernels_match_float64_references_in_the_cpu_emulation() {
 /// each segment in a tree, the host in row order: 1e-9 relative).
 fn pair_loss_kernel_matches_the_host(checks: &Path) {
     let mut rng = Rng::new(77);
-    let n = 3_000;
-    let lp: Vec<f32> = (0..n).map(|_| -5.0 * rng.uniform() - 0.01).collect();
-    let (mut rows, mut pairs, mut at) = (Vec::new(), Vec::new(), 0);
-    for i in 0..13 {
-        // Segments of 0 (an empty chosen response), 1, 3, 77 and 300 rows.
-        let lc = [1, 3, 77, 300, 0][i % 5];
-        let lr = [2, 250, 1, 64][i % 4];
-        rows.push((at..at + lc, at + lc..at + lc + lr));
-        at += lc + lr;
-        pairs.push(PairLogps {
-            ref_chosen: -3.0 * lc as f64 + rng.uniform() as f64,
-            ref_rejected: -3.0 * lr as f64 - rng.uniform() as f64,
-            chosen_tokens: lc.max(1),
-            rejected_tokens: lr.max(1),
-            adv_chosen: rng.uniform() as f64 - 0.5,
-            adv_rejected: rng.uniform() as f64 - 0.5,
-            ..PairLogps::default()
-        });
-    }
-    assert!(at <= n);
-    let kinds = [
-        LossKind::Aco {
-            clip: AcoClip::Min,
-            alpha: 1.0,
-        },
-        LossKind::Aco {
-            clip: AcoClip::Max,
-            alpha: 0.3,
-        },
-        LossKind::Aco {
-            clip: AcoClip::Min,
-            alpha: f64::INFINITY,
-        },
-        LossKind::Dpo,
-        LossKind::Simpo { gamma: 0.5 },
-        LossKind::Ipo { tau: 0.1 },
-        LossKind::Sft,
-    ];
+    let (lp, rows, pairs) = loss_test_pairs(&mut rng, 3_000, 13);
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("kernel-emu-pair-losses");
     std::fs::create_dir_all(&dir).unwrap();
-    for kind in kinds {
+    for kind in every_loss_kind() {
         let cfg = LossConfig::new(kind);
         let want = pair_losses_host(&lp, &rows, &pairs, &cfg).unwrap();
         // The kernel's inputs, as the CUDA backend packs them (backend/cuda/loss.rs).

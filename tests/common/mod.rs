@@ -38,6 +38,66 @@ impl Rng {
     }
 }
 
+/// Row segments of a pair batch: (chosen rows, rejected rows).
+pub type PairRows = (std::ops::Range<usize>, std::ops::Range<usize>);
+
+/// Inputs for the preference-loss kernel's tests: `n` random per-row log-probs and `pairs`
+/// pairs over consecutive segments of them (chosen lengths 1, 3, 77, 300 and sometimes 0,
+/// rejected 2, 250, 1, 64), with random reference sums and advantages.
+pub fn loss_test_pairs(
+    rng: &mut Rng,
+    n: usize,
+    pairs: usize,
+) -> (
+    Vec<f32>,
+    Vec<PairRows>,
+    Vec<genius_engine::genius::loss::PairLogps>,
+) {
+    use genius_engine::genius::loss::PairLogps;
+    let lp: Vec<f32> = (0..n).map(|_| -5.0 * rng.uniform() - 0.01).collect();
+    let (mut rows, mut out, mut at) = (Vec::new(), Vec::new(), 0);
+    for i in 0..pairs {
+        let lc = [1, 3, 77, 300, 0][i % 5].max(if i % 7 == 4 { 0 } else { 1 });
+        let lr = [2, 250, 1, 64][i % 4];
+        rows.push((at..at + lc, at + lc..at + lc + lr));
+        at += lc + lr;
+        out.push(PairLogps {
+            ref_chosen: -3.0 * lc as f64 + rng.uniform() as f64,
+            ref_rejected: -3.0 * lr as f64 - rng.uniform() as f64,
+            chosen_tokens: lc.max(1),
+            rejected_tokens: lr.max(1),
+            adv_chosen: rng.uniform() as f64 - 0.5,
+            adv_rejected: rng.uniform() as f64 - 0.5,
+            ..PairLogps::default()
+        });
+    }
+    assert!(at <= n, "the pairs need {at} rows");
+    (lp, rows, out)
+}
+
+/// Every loss kind, ACO with both clips and a finite and an infinite alpha.
+pub fn every_loss_kind() -> [genius_engine::genius::loss::LossKind; 7] {
+    use genius_engine::genius::loss::{AcoClip, LossKind};
+    [
+        LossKind::Aco {
+            clip: AcoClip::Min,
+            alpha: 1.0,
+        },
+        LossKind::Aco {
+            clip: AcoClip::Max,
+            alpha: 0.3,
+        },
+        LossKind::Aco {
+            clip: AcoClip::Min,
+            alpha: f64::INFINITY,
+        },
+        LossKind::Dpo,
+        LossKind::Simpo { gamma: 0.5 },
+        LossKind::Ipo { tau: 0.1 },
+        LossKind::Sft,
+    ]
+}
+
 pub fn tiny_llama_config() -> ModelConfig {
     ModelConfig {
         arch: Architecture::Llama,
