@@ -22,6 +22,10 @@ mod common;
 
 use common::{Rng, every_loss_kind, loss_test_pairs};
 use genius_engine::backend::cuda::loss::kind_code;
+use genius_engine::backend::cuda::sampling::{
+    RowSampling, THREADS, blocked_sample, filtered_sample, is_filtered, unpack_outputs,
+};
+use genius_engine::engine::sampler::{SampledToken, SamplingParams, sample};
 use genius_engine::genius::loss::{LossConfig, PairLoss, pair_losses_host};
 use std::fmt::Write as _;
 use std::path::Path;
@@ -51,6 +55,7 @@ fn cuda_core_kernels_match_float64_references_in_the_cpu_emulation() {
     );
     // The same build, run on the loss kernel's inputs (after the checks: one build at a time).
     pair_loss_kernel_matches_the_host(&out.join("checks"));
+    sampling_kernel_matches_the_host_port_and_the_cpu_sampler(&out.join("checks"));
 }
 
 /// `ge_pair_losses` (kernels/loss.cu), run by the emulation on pairs of every loss kind, gives
@@ -143,4 +148,175 @@ fn pair_loss_kernel_matches_the_host(checks: &Path) {
         }
     }
     println!("pair losses: the emulated kernel matches the host for every loss kind");
+}
+
+/// One launch of the emulated sampling kernel on `rows` rows of `vocab` logits (f32, or bf16
+/// when `bf16`: then `logits` must already be bf16 values): the packed output words.
+fn emulated_sample_rows(
+    checks: &Path,
+    logits: &[f32],
+    vocab: usize,
+    rows: &[RowSampling],
+    bf16: bool,
+) -> Vec<u32> {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("kernel-emu-sampling");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut text = format!("{} {} {vocab} {THREADS}\n", u8::from(bf16), rows.len());
+    for &x in logits {
+        if bf16 {
+            let b = half::bf16::from_f32(x);
+            assert_eq!(
+                b.to_f32().to_bits(),
+                x.to_bits(),
+                "bf16 test logits must be bf16 values"
+            );
+            write!(text, "{:04x} ", b.to_bits()).unwrap();
+        } else {
+            write!(text, "{:08x} ", x.to_bits()).unwrap();
+        }
+    }
+    text.push('\n');
+    for r in rows {
+        let p = &r.params;
+        writeln!(
+            text,
+            "{:x} {:x} {:08x} {:08x} {} {}",
+            p.seed,
+            r.seq_id,
+            p.temperature.to_bits(),
+            p.top_p.to_bits(),
+            i32::try_from(p.top_k).unwrap_or(i32::MAX),
+            r.position
+        )
+        .unwrap();
+    }
+    let (inp, outp) = (dir.join("in.txt"), dir.join("out.txt"));
+    std::fs::write(&inp, text).unwrap();
+    let run = Command::new(checks)
+        .arg("sample-rows")
+        .arg(&inp)
+        .arg(&outp)
+        .output()
+        .expect("runs the kernel-emu checks");
+    assert!(
+        run.status.success(),
+        "sample-rows: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    std::fs::read_to_string(&outp)
+        .unwrap()
+        .split_whitespace()
+        .map(|w| u32::from_str_radix(w, 16).unwrap())
+        .collect()
+}
+
+/// `ge_sample_rows[_bf16]` (kernels/sampling.cu), run by the emulation, draws the tokens of the
+/// kernel's host port (`blocked_sample`, `filtered_sample`: the same chunking and walk) and of
+/// the CPU sampler, with their log-probabilities, on f32 and bf16 logits: greedy, T = 1 and
+/// 0.6, top-k and top-p, masked tokens, tied maxima, an odd, an aligned and Qwen2.5's
+/// vocabulary; rows holding a NaN or only -inf are refused with their status.
+fn sampling_kernel_matches_the_host_port_and_the_cpu_sampler(checks: &Path) {
+    let mut rng = Rng::new(4242);
+    let mut checked = 0;
+    for (vocab, rows_n, bf16, scale) in [
+        (1_000, 10, false, 6.0f32),
+        (5_003, 8, true, 4.0),
+        (4_096, 8, true, 12.0),
+        (151_936, 3, true, 8.0),
+    ] {
+        let mut logits: Vec<f32> = (0..vocab * rows_n)
+            .map(|_| {
+                let x = (2.0 * rng.uniform() - 1.0) * scale;
+                if bf16 {
+                    half::bf16::from_f32(x).to_f32()
+                } else {
+                    x
+                }
+            })
+            .collect();
+        // Masked tokens and tied maxima in some rows.
+        for r in (0..rows_n).step_by(3) {
+            let row = &mut logits[r * vocab..(r + 1) * vocab];
+            for _ in 0..vocab / 4 {
+                row[rng.below(vocab)] = f32::NEG_INFINITY;
+            }
+            row[rng.below(vocab)] = scale + 1.0;
+            row[rng.below(vocab)] = scale + 1.0;
+        }
+        let kinds: [(f32, usize, f32); 6] = [
+            (1.0, 0, 1.0),
+            (0.6, 0, 1.0),
+            (0.0, 0, 1.0),
+            (1.0, 0, 1.0),
+            (0.8, 40, 1.0),
+            (1.0, 0, 0.9),
+        ];
+        let rows: Vec<RowSampling> = (0..rows_n)
+            .map(|r| {
+                let (temperature, top_k, top_p) = kinds[r % kinds.len()];
+                RowSampling {
+                    params: SamplingParams {
+                        temperature,
+                        top_k,
+                        top_p,
+                        seed: 0x5eed_0000 + r as u64 * 977 + vocab as u64,
+                        ..SamplingParams::default()
+                    },
+                    seq_id: 77 + r as u64 * 13 + ((r as u64) << 34),
+                    position: (r * 29 + 5) as u32,
+                }
+            })
+            .collect();
+        let got = unpack_outputs(
+            &emulated_sample_rows(checks, &logits, vocab, &rows, bf16),
+            vocab,
+        )
+        .unwrap();
+        for (r, (g, row)) in got.iter().zip(&rows).enumerate() {
+            let l = &logits[r * vocab..(r + 1) * vocab];
+            let what = format!("vocab {vocab}, bf16 {bf16}, row {r}, {:?}", row.params);
+            let port: SampledToken = if is_filtered(&row.params) {
+                filtered_sample(l, &row.params, row.seq_id, row.position)
+                    .unwrap()
+                    .0
+            } else {
+                blocked_sample(l, &row.params, row.seq_id, row.position).unwrap()
+            };
+            let cpu = sample(l, &row.params, row.seq_id, row.position).unwrap();
+            for (name, want) in [("host port", port), ("CPU sampler", cpu)] {
+                assert_eq!(g.token, want.token, "{what}: kernel {g:?}, {name} {want:?}");
+                assert!(
+                    (g.logprob - want.logprob).abs() <= 1e-5
+                        && (g.sampling_logprob - want.sampling_logprob).abs() <= 1e-5,
+                    "{what}: kernel {g:?}, {name} {want:?}"
+                );
+            }
+            checked += 1;
+        }
+    }
+    // Bad rows: a NaN (status 1), every logit -inf (status 2); the good row between them is
+    // still sampled.
+    let vocab = 300;
+    let mut logits: Vec<f32> = (0..3 * vocab).map(|i| (i % 17) as f32 * 0.25).collect();
+    logits[17] = f32::NAN;
+    logits[2 * vocab..].fill(f32::NEG_INFINITY);
+    let rows: Vec<RowSampling> = (0..3)
+        .map(|r| RowSampling {
+            params: SamplingParams::default(),
+            seq_id: r,
+            position: 1,
+        })
+        .collect();
+    let words = emulated_sample_rows(checks, &logits, vocab, &rows, false);
+    assert_eq!(words.len(), 12);
+    assert_eq!(
+        (words[3], words[7], words[11]),
+        (1, 0, 2),
+        "status words {words:?}"
+    );
+    let want = blocked_sample(&logits[vocab..2 * vocab], &rows[1].params, 1, 1).unwrap();
+    assert_eq!(words[4], want.token);
+    println!(
+        "sampling: the emulated kernel draws the host port's and the CPU's tokens on {checked} rows; bad rows refused"
+    );
 }

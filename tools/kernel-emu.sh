@@ -27,7 +27,7 @@ if [[ -z $cxx ]]; then
 fi
 mkdir -p "$out"
 flags=(-std=c++20 -O2 -ffp-contract=off -pthread -DGE_KERNEL_EMU -Wall -Wno-unused-function -Wno-unknown-pragmas)
-units=(paged_attention train_gemm elementwise backward attention_tc attention_backward_tc attention_backward loss)
+units=(paged_attention train_gemm elementwise backward attention_tc attention_backward_tc attention_backward loss sampling)
 objs=()
 for u in "${units[@]}"; do
   obj=$out/$u.o

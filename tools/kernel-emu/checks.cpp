@@ -50,6 +50,8 @@ void ge_attention_backward_dkv_d128(AttentionBackwardArgs a);
 void ge_qkv_rope_write_kv(QkvRopeArgs a);
 void ge_swiglu_backward(SwigluBackwardArgs a);
 void ge_pair_losses(PairLossArgs a);
+void ge_sample_rows(SampleArgs a);
+void ge_sample_rows_bf16(SampleArgs a);
 }
 
 namespace {
@@ -806,6 +808,67 @@ int run_pair_losses(const char* in_path, const char* out_path) {
     return 0;
 }
 
+// ---------------------------------------------------------------------------------------
+// `checks sample-rows IN OUT`: runs ge_sample_rows (f32 logits) or ge_sample_rows_bf16 on the
+// rows in file IN and writes the packed output words to OUT, for tests/kernel_emu.rs to compare
+// with the host port of the kernel's walk and the CPU sampler. Numbers in hexadecimal bits.
+//   IN:  dtype rows vocab threads    (dtype 0 = f32, 1 = bf16; threads: GE_SAMPLE_THREADS)
+//        rows x vocab logits          (f32 bits, or bf16 bits)
+//        per row: seed seq_id temperature top_p top_k position
+//                 (u64, u64, f32 bits, f32 bits, decimal, decimal)
+//   OUT: per row, the 4 output words (token, logprob bits, sampling logprob bits, status)
+int run_sample_rows(const char* in_path, const char* out_path) {
+    FILE* in = std::fopen(in_path, "r");
+    if (!in) {
+        std::fprintf(stderr, "sample-rows: cannot read %s\n", in_path);
+        return 2;
+    }
+    int dtype = 0, rows = 0, vocab = 0;
+    unsigned int threads = 0;
+    if (std::fscanf(in, "%d %d %d %u", &dtype, &rows, &vocab, &threads) != 4 || rows <= 0 ||
+        vocab <= 0 || threads == 0) {
+        std::fprintf(stderr, "sample-rows: bad header in %s\n", in_path);
+        return 2;
+    }
+    const std::size_t n = static_cast<std::size_t>(rows) * vocab;
+    std::vector<float> lf(dtype == 0 ? n : 1);
+    std::vector<unsigned short> lb(dtype == 1 ? n : 1);
+    for (std::size_t i = 0; i < n; ++i) {
+        unsigned int bits = 0;
+        if (std::fscanf(in, "%x", &bits) != 1) return 2;
+        if (dtype == 0) std::memcpy(&lf[i], &bits, 4);
+        else lb[i] = static_cast<unsigned short>(bits);
+    }
+    std::vector<SampleRowArgs> params(rows);
+    for (int r = 0; r < rows; ++r) {
+        unsigned long long seed = 0, seq = 0;
+        unsigned int t = 0, p = 0, pos = 0;
+        int k = 0;
+        if (std::fscanf(in, "%llx %llx %x %x %d %u", &seed, &seq, &t, &p, &k, &pos) != 6) return 2;
+        params[r].seed = seed;
+        params[r].seq_id = seq;
+        std::memcpy(&params[r].temperature, &t, 4);
+        std::memcpy(&params[r].top_p, &p, 4);
+        params[r].top_k = k;
+        params[r].position = pos;
+    }
+    std::fclose(in);
+    std::vector<unsigned int> out(4 * static_cast<std::size_t>(rows), 0xdeadbeefu);
+    SampleArgs a{};
+    a.logits = dtype == 0 ? addr(lf.data()) : addr(lb.data());
+    a.params = addr(params.data());
+    a.out = addr(out.data());
+    a.rows = rows;
+    a.vocab = vocab;
+    ge_emu::launch(dtype == 0 ? ge_sample_rows : ge_sample_rows_bf16,
+                   dim3{static_cast<unsigned int>(rows), 1, 1}, dim3{threads, 1, 1}, a);
+    FILE* o = std::fopen(out_path, "w");
+    if (!o) return 2;
+    for (unsigned int w : out) std::fprintf(o, "%08x\n", w);
+    std::fclose(o);
+    return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -816,6 +879,13 @@ int main(int argc, char** argv) {
             return 2;
         }
         return run_pair_losses(argv[2], argv[3]);
+    }
+    if (only == "sample-rows") {
+        if (argc != 4) {
+            std::fprintf(stderr, "usage: checks sample-rows IN OUT\n");
+            return 2;
+        }
+        return run_sample_rows(argv[2], argv[3]);
     }
     if (only.empty() || only == "attention") paged_attention_checks();
     if (only.empty() || only == "logprobs") logprob_checks();
