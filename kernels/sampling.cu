@@ -8,13 +8,20 @@
 // 2. f64 sums: untempered sum exp(l - m) (the log-partition) and tempered Z = sum w_i,
 //    w_i = exp((l_i - m) / T);
 // Unfiltered rows (top_k == 0, top_p == 1), the walk in token order:
-// 3. thread t owns the contiguous chunk [t * C, min((t + 1) * C, V)), C = ceil(V / threads),
-//    and sums p_i = (float)(w_i / Z) over p_i > 0 in f64 in token order (and notes its last
-//    i with p_i > 0); thread 0 forms the exclusive prefix of the chunk sums sequentially and
-//    their total;
+// 3. thread t owns the contiguous chunk [t * C, min((t + 1) * C, V)),
+//    C = 8 * ceil(V / (8 * threads)) (a multiple of 8, so a chunk of an aligned row starts
+//    16-byte aligned), and sums p_i = (float)(w_i / Z) over p_i > 0 in f64 in token order
+//    (and notes its last i with p_i > 0); thread 0 forms the exclusive prefix of the chunk
+//    sums sequentially and their total;
 // 4. the one chunk with prefix <= u * total < next prefix is walked: the token is its first i
 //    with prefix + (chunk-local running sum) > u * total; if no chunk holds the threshold
-//    (u * total rounded up to the total), the last i with p_i > 0.
+//    (u * total rounded up to the total), the last i with p_i > 0. The block computes the
+//    chunk's p_i in parallel (a tile of one per thread in shared memory) and one thread adds
+//    them up in order: the same sums as a walk by the chunk's owner, without its chain of
+//    exponentials.
+// Rows whose vocabulary is a multiple of 8 and whose logits are 16-byte aligned are read 16
+// bytes per load (passes 1 to 3); the others one logit per load. Both read the same values in
+// the same order per thread, so they give the same bits.
 // Filtered rows (top-k and / or top-p), the walk in rank order (p descending, lower id first)
 // without sorting: the key of token i is the bit pattern of p_i (a positive f32, so its bits
 // order like its value); a "floor" (key F, id f) is the rank-order prefix {key > F, or key == F
@@ -98,6 +105,52 @@ __device__ __forceinline__ void ge_argmax_merge(float& v, int& i, float ov, int 
 // The tempered probability of a logit, rounded to f32 as the definition says.
 __device__ __forceinline__ float ge_sample_prob(float l, double m, double t, double z) {
     return static_cast<float>(exp((static_cast<double>(l) - m) / t) / z);
+}
+
+// Eight logits at `p` (16-byte aligned) as floats, exactly.
+__device__ __forceinline__ void ge_load8(const ge_bf16* p, float f[8]) { ge_load_bf16x8(p, f); }
+__device__ __forceinline__ void ge_load8(const float* p, float f[8]) {
+    const float4 a = reinterpret_cast<const float4*>(p)[0];
+    const float4 b = reinterpret_cast<const float4*>(p)[1];
+    f[0] = a.x;
+    f[1] = a.y;
+    f[2] = a.z;
+    f[3] = a.w;
+    f[4] = b.x;
+    f[5] = b.y;
+    f[6] = b.z;
+    f[7] = b.w;
+}
+
+// fn(i, logit) for this thread's logits of a row, strided over the block: 8-logit groups
+// j = tid, tid + threads, ... when `vec` (then the row is 16-byte aligned), then the tail
+// i = 8 * (V / 8) + tid, ... (the whole row, one logit per load, when not `vec`).
+template <typename T, typename F>
+__device__ __forceinline__ void ge_for_each_strided(const T* l, int vocab, bool vec, F&& fn) {
+    const int groups = vec ? vocab / 8 : 0;
+    for (int j = threadIdx.x; j < groups; j += blockDim.x) {
+        float x[8];
+        ge_load8(l + 8 * j, x);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) fn(8 * j + k, x[k]);
+    }
+    for (int i = 8 * groups + threadIdx.x; i < vocab; i += blockDim.x) fn(i, ge_to_f32(l[i]));
+}
+
+// fn(i, logit) for i in [begin, end) in order; 16 bytes per load when `vec` (then begin is a
+// multiple of 8 and the row 16-byte aligned).
+template <typename T, typename F>
+__device__ __forceinline__ void ge_for_each_in(const T* l, int begin, int end, bool vec, F&& fn) {
+    int i = begin;
+    if (vec) {
+        for (; i + 8 <= end; i += 8) {
+            float x[8];
+            ge_load8(l + i, x);
+#pragma unroll
+            for (int k = 0; k < 8; ++k) fn(i + k, x[k]);
+        }
+    }
+    for (; i < end; ++i) fn(i, ge_to_f32(l[i]));
 }
 
 // Filtered sampling: radix-style searches over the f32 bit pattern of p.
@@ -535,6 +588,8 @@ __device__ __forceinline__ void ge_sample_rows_impl(const SampleArgs& a) {
     __shared__ int s_bad;
     __shared__ int s_first;
     __shared__ int s_last;
+    __shared__ int s_walk;
+    __shared__ double s_walk_start;
 
     const int row = blockIdx.x;
     const int tid = threadIdx.x;
@@ -552,23 +607,25 @@ __device__ __forceinline__ void ge_sample_rows_impl(const SampleArgs& a) {
         s_bad = 0;
         s_first = GE_INT_MAX;
         s_last = -1;
+        s_walk = -1;
     }
     __syncthreads();
 
     // 1. max / argmax, NaN and +inf rejected.
     const float inf = __int_as_float(0x7f800000);
+    const bool vec = vocab % 8 == 0 && (reinterpret_cast<unsigned long long>(l) & 15ull) == 0;
     float v = -inf;
     int vi = GE_INT_MAX;
     bool bad = false;
-    for (int i = tid; i < vocab; i += blockDim.x) {
-        const float x = ge_to_f32(l[i]);
+    // Per thread in increasing i, so a strict > keeps the lowest index of a tie.
+    ge_for_each_strided(l, vocab, vec, [&](int i, float x) {
         if (x != x || x == inf) {
             bad = true;
-        } else if (x > v) {
+        } else if (x > v || (x == v && i < vi)) {
             v = x;
             vi = i;
         }
-    }
+    });
     if (bad) atomicOr(&s_bad, 1);
 #pragma unroll
     for (int o = GE_WARP_SIZE / 2; o > 0; o /= 2) {
@@ -609,12 +666,12 @@ __device__ __forceinline__ void ge_sample_rows_impl(const SampleArgs& a) {
     const double t = static_cast<double>(p.temperature);
     double se = 0.0;
     double sz = 0.0;
-    for (int i = tid; i < vocab; i += blockDim.x) {
-        const double d = static_cast<double>(ge_to_f32(l[i])) - m;
+    ge_for_each_strided(l, vocab, vec, [&](int, float x) {
+        const double d = static_cast<double>(x) - m;
         const double e = exp(d);
         se += e;
         if (!greedy) sz += t == 1.0 ? e : exp(d / t);  // d / 1 == d: the same value
-    }
+    });
     se = ge_block_sum_f64(se, s_red);
     const double lse = m + log(se);
     if (greedy) {
@@ -632,18 +689,18 @@ __device__ __forceinline__ void ge_sample_rows_impl(const SampleArgs& a) {
     }
 
     // 3. chunk sums of the f32 probabilities, then their exclusive prefix (sequential).
-    const int chunk = (vocab + GE_SAMPLE_THREADS - 1) / GE_SAMPLE_THREADS;
+    const int chunk = 8 * ((vocab + 8 * GE_SAMPLE_THREADS - 1) / (8 * GE_SAMPLE_THREADS));
     const int begin = min(tid * chunk, vocab);
     const int end = min(begin + chunk, vocab);
     double cs = 0.0;
     int last = -1;
-    for (int i = begin; i < end; ++i) {
-        const float pi = ge_sample_prob(ge_to_f32(l[i]), m, t, z);
+    ge_for_each_in(l, begin, end, vec, [&](int i, float x) {
+        const float pi = ge_sample_prob(x, m, t, z);
         if (pi > 0.0f) {
             cs += static_cast<double>(pi);
             last = i;
         }
-    }
+    });
     if (last >= 0) atomicMax(&s_last, last);
     s_prefix[tid] = cs;
     __syncthreads();
@@ -666,19 +723,39 @@ __device__ __forceinline__ void ge_sample_rows_impl(const SampleArgs& a) {
     const double start = s_prefix[tid];
     const double next = tid + 1 < GE_SAMPLE_THREADS ? s_prefix[tid + 1] : total;
     if (start <= threshold && threshold < next) {
+        s_walk = tid;
+        s_walk_start = start;
+    }
+    __syncthreads();  // s_walk is set; every thread has read s_prefix, which the tiles reuse
+    const int walk = s_walk;
+    if (walk >= 0) {
+        // The chunk's p_i, a tile of one per thread at a time; thread 0 adds them in order.
+        float* s_p = reinterpret_cast<float*>(s_prefix);
+        const int wb = min(walk * chunk, vocab);
+        const int we = min(wb + chunk, vocab);
         double local = 0.0;
-        for (int i = begin; i < end; ++i) {
-            const float pi = ge_sample_prob(ge_to_f32(l[i]), m, t, z);
-            if (pi > 0.0f) {
-                local += static_cast<double>(pi);
-                if (start + local > threshold) {
-                    s_first = i;
-                    break;
+        for (int base = wb; base < we; base += blockDim.x) {
+            const int i = base + tid;
+            s_p[tid] = i < we ? ge_sample_prob(ge_to_f32(l[i]), m, t, z) : 0.0f;
+            __syncthreads();
+            if (tid == 0) {
+                const double from = s_walk_start;
+                const int n = min(static_cast<int>(blockDim.x), we - base);
+                for (int j = 0; j < n; ++j) {
+                    const float pi = s_p[j];
+                    if (pi > 0.0f) {
+                        local += static_cast<double>(pi);
+                        if (from + local > threshold) {
+                            s_first = base + j;
+                            break;
+                        }
+                    }
                 }
             }
+            __syncthreads();
+            if (s_first != GE_INT_MAX) break;
         }
     }
-    __syncthreads();
     if (tid == 0) {
         const int chosen = s_first != GE_INT_MAX ? s_first : s_last;
         const float pt = ge_sample_prob(ge_to_f32(l[chosen]), m, t, z);

@@ -125,8 +125,8 @@ pub fn blocked_sample(
     let t = f64::from(params.temperature);
     let z: f64 = logits.iter().map(|&l| ((f64::from(l) - m) / t).exp()).sum();
     let prob = |i: usize| (((f64::from(logits[i]) - m) / t).exp() / z) as f32;
-    // 3. chunk sums and their exclusive prefix.
-    let chunk = vocab.div_ceil(THREADS);
+    // 3. chunk sums and their exclusive prefix: chunks of a multiple of 8 logits.
+    let chunk = 8 * vocab.div_ceil(8 * THREADS);
     let range = |c: usize| (c * chunk).min(vocab)..((c + 1) * chunk).min(vocab);
     let mut prefix = [0.0f64; THREADS];
     let mut total = 0.0f64;
