@@ -260,7 +260,6 @@ fn sampling_kernel_matches_the_host_port_and_the_cpu_sampler(checks: &Path) {
                         top_k,
                         top_p,
                         seed: 0x5eed_0000 + r as u64 * 977 + vocab as u64,
-                        ..SamplingParams::default()
                     },
                     seq_id: 77 + r as u64 * 13 + ((r as u64) << 34),
                     position: (r * 29 + 5) as u32,
