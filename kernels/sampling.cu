@@ -5,12 +5,13 @@
 //
 // Passes over a row (logits are re-read, nothing of vocab size is kept in shared memory):
 // 1. max and argmax (lowest index on ties), rejecting NaN / +inf;
-// 2. f64 sums: untempered sum exp(l - m) (the log-partition) and tempered Z = sum w_i,
-//    w_i = exp((l_i - m) / T);
+// 2. f64 sums of f32 terms: untempered sum E(l - m) (the log-partition) and tempered
+//    Z = sum w_i, w_i = E((l_i - m) / T), E the definition's f32 exponential
+//    (ge_sampling_exp); the probabilities are p_i = w_i * (1 / Z rounded to f32);
 // Unfiltered rows (top_k == 0, top_p == 1), the walk in token order:
 // 3. thread t owns the contiguous chunk [t * C, min((t + 1) * C, V)),
 //    C = 8 * ceil(V / (8 * threads)) (a multiple of 8, so a chunk of an aligned row starts
-//    16-byte aligned), and sums p_i = (float)(w_i / Z) over p_i > 0 in f64 in token order
+//    16-byte aligned), and sums p_i over p_i > 0 in f64 in token order
 //    (and notes its last i with p_i > 0); thread 0 forms the exclusive prefix of the chunk
 //    sums sequentially and their total;
 // 4. the one chunk with prefix <= u * total < next prefix is walked: the token is its first i
@@ -102,9 +103,54 @@ __device__ __forceinline__ void ge_argmax_merge(float& v, int& i, float ov, int 
     }
 }
 
-// The tempered probability of a logit, rounded to f32 as the definition says.
-__device__ __forceinline__ float ge_sample_prob(float l, double m, double t, double z) {
-    return static_cast<float>(exp((static_cast<double>(l) - m) / t) / z);
+// The sampling definition's exponential E(x) for x <= 0 (src/engine/sampler.rs,
+// `sampling_exp`): every operation an IEEE f32 multiply, add or subtract rounded to nearest
+// and none fused (the _rn intrinsics keep the compiler from contracting them into FMAs), so
+// the bits are the CPU's. k = round(x log2 e) by the 1.5 * 2^23 trick, r = x - k ln 2 in two
+// parts, exp(r) = 1 + r + r^2 P(r) (Cephes expf's P), then 2^(k + 64) and 2^-64, the second
+// product rounding once into the subnormal range. Below -104, -inf and NaN give 0.
+// Its constants as f32 bit patterns (the same in src/engine/sampler.rs; a test compares them):
+// ln 2 in two parts (the high one has 9 significant bits, so k * GE_EXP_LN2_HI is exact),
+// log2 e, and P's coefficients from the highest degree down.
+#define GE_EXP_LN2_HI 0x3f318000
+#define GE_EXP_LN2_LO 0xb95e8083
+#define GE_EXP_LOG2E 0x3fb8aa3b
+#define GE_EXP_P5 0x39506967
+#define GE_EXP_P4 0x3ab743ce
+#define GE_EXP_P3 0x3c088908
+#define GE_EXP_P2 0x3d2aa9c1
+#define GE_EXP_P1 0x3e2aaaaa
+#define GE_EXP_P0 0x3f000000
+#define GE_ROUND_MAGIC 12582912.0f
+__device__ __forceinline__ float ge_sampling_exp(float x) {
+    if (!(x >= -104.0f)) return 0.0f;
+    const float t = __fmul_rn(x, __int_as_float(GE_EXP_LOG2E));
+    const float kf = __fsub_rn(__fadd_rn(t, GE_ROUND_MAGIC), GE_ROUND_MAGIC);
+    const float r = __fsub_rn(__fsub_rn(x, __fmul_rn(kf, __int_as_float(GE_EXP_LN2_HI))),
+                              __fmul_rn(kf, __int_as_float(GE_EXP_LN2_LO)));
+    const float z = __fmul_rn(r, r);
+    float p = __int_as_float(GE_EXP_P5);
+    p = __fadd_rn(__fmul_rn(p, r), __int_as_float(GE_EXP_P4));
+    p = __fadd_rn(__fmul_rn(p, r), __int_as_float(GE_EXP_P3));
+    p = __fadd_rn(__fmul_rn(p, r), __int_as_float(GE_EXP_P2));
+    p = __fadd_rn(__fmul_rn(p, r), __int_as_float(GE_EXP_P1));
+    p = __fadd_rn(__fmul_rn(p, r), __int_as_float(GE_EXP_P0));
+    const float y = __fadd_rn(__fadd_rn(__fmul_rn(p, z), r), 1.0f);
+    const int k = static_cast<int>(kf);
+    const float up = __int_as_float((k + 64 + 127) << 23);
+    const float down = __int_as_float((127 - 64) << 23);
+    return __fmul_rn(__fmul_rn(y, up), down);
+}
+
+// The tempered weight E((l - max) / T) (the division skipped at T = 1: the same value).
+__device__ __forceinline__ float ge_sampling_weight(float l, float maxf, float t) {
+    const float d = __fsub_rn(l, maxf);
+    return ge_sampling_exp(t == 1.0f ? d : __fdiv_rn(d, t));
+}
+
+// The tempered probability of a logit: weight * (1 / Z rounded to f32), as the definition says.
+__device__ __forceinline__ float ge_sample_prob(float l, float maxf, float t, float inv_z) {
+    return __fmul_rn(ge_sampling_weight(l, maxf, t), inv_z);
 }
 
 // Eight logits at `p` (16-byte aligned) as floats, exactly.
@@ -205,7 +251,7 @@ __device__ __forceinline__ bool ge_in_floor(unsigned int key, int id, unsigned i
 template <typename T, bool COMPACT>
 struct GeSampleList {
     const T* l;
-    double m, t, z;
+    float maxf, t, inv_z;
     int n;
     const unsigned int* sk;
     const int* si;
@@ -214,7 +260,7 @@ struct GeSampleList {
             key = sk[j];
             id = si[j];
         } else {
-            key = __float_as_uint(ge_sample_prob(ge_to_f32(l[j]), m, t, z));
+            key = __float_as_uint(ge_sample_prob(ge_to_f32(l[j]), maxf, t, inv_z));
             id = j;
         }
     }
@@ -469,8 +515,8 @@ __device__ __forceinline__ void ge_sample_write(unsigned int* out, int row, unsi
 // Masses are sums in a fixed order, not the CPU's rank-order sums: results agree up to f64
 // rounding (exactly whenever the sums are exact, e.g. a kept set's p span under 2^29).
 template <typename T>
-__device__ void ge_sample_filtered(const T* l, int vocab, const SampleRowArgs& p, double m,
-                                   double t, double z, double lse, unsigned int* out, int row,
+__device__ void ge_sample_filtered(const T* l, int vocab, const SampleRowArgs& p, float maxf,
+                                   float inv_z, double lse, unsigned int* out, int row,
                                    double* s_prefix, double* s_red) {
     __shared__ int s_cnt[GE_SAMPLE_BINS];
     __shared__ unsigned int s_key[GE_SAMPLE_CAP];
@@ -488,7 +534,7 @@ __device__ void ge_sample_filtered(const T* l, int vocab, const SampleRowArgs& p
     __syncthreads();
 
     // a. candidates: count, mass, histogram.
-    GeSampleList<T, false> full{l, m, t, z, vocab, nullptr, nullptr};
+    GeSampleList<T, false> full{l, maxf, p.temperature, inv_z, vocab, nullptr, nullptr};
     int begin, end;
     full.range(begin, end);
     double sp = 0.0;
@@ -565,7 +611,7 @@ __device__ void ge_sample_filtered(const T* l, int vocab, const SampleRowArgs& p
             }
         }
         __syncthreads();
-        GeSampleList<T, true> list{l, m, t, z, n, s_key, s_idx};
+        GeSampleList<T, true> list{l, maxf, p.temperature, inv_z, n, s_key, s_idx};
         o = ge_filter_and_walk(list, k, p.top_p, s_all, lo, lo, u, s_red, s_scan, &s_id, &s_u);
     } else {
         o = ge_filter_and_walk(full, k, p.top_p, s_all, 0u, 0u, u, s_red, s_scan, &s_id, &s_u);
@@ -661,19 +707,21 @@ __device__ __forceinline__ void ge_sample_rows_impl(const SampleArgs& a) {
         return;
     }
 
-    // 2. untempered log-partition and tempered normaliser, in f64.
-    const double m = static_cast<double>(maxf);
-    const double t = static_cast<double>(p.temperature);
+    // 2. untempered log-partition and tempered normaliser: f32 terms summed in f64.
+    const float t = p.temperature;
     double se = 0.0;
     double sz = 0.0;
     ge_for_each_strided(l, vocab, vec, [&](int, float x) {
-        const double d = static_cast<double>(x) - m;
-        const double e = exp(d);
-        se += e;
-        if (!greedy) sz += t == 1.0 ? e : exp(d / t);  // d / 1 == d: the same value
+        const float d = __fsub_rn(x, maxf);
+        const float e = ge_sampling_exp(d);
+        se += static_cast<double>(e);
+        if (!greedy) {
+            // d / 1 == d: the same value as the weight's division.
+            sz += static_cast<double>(t == 1.0f ? e : ge_sampling_exp(__fdiv_rn(d, t)));
+        }
     });
     se = ge_block_sum_f64(se, s_red);
-    const double lse = m + log(se);
+    const double lse = static_cast<double>(maxf) + log(se);
     if (greedy) {
         if (tid == 0) {
             ge_sample_write(out, row, static_cast<unsigned int>(argmax),
@@ -682,9 +730,9 @@ __device__ __forceinline__ void ge_sample_rows_impl(const SampleArgs& a) {
         }
         return;
     }
-    const double z = ge_block_sum_f64(sz, s_red);
+    const float inv_z = static_cast<float>(1.0 / ge_block_sum_f64(sz, s_red));
     if (filtered) {
-        ge_sample_filtered<T>(l, vocab, p, m, t, z, lse, out, row, s_prefix, s_red);
+        ge_sample_filtered<T>(l, vocab, p, maxf, inv_z, lse, out, row, s_prefix, s_red);
         return;
     }
 
@@ -695,7 +743,7 @@ __device__ __forceinline__ void ge_sample_rows_impl(const SampleArgs& a) {
     double cs = 0.0;
     int last = -1;
     ge_for_each_in(l, begin, end, vec, [&](int i, float x) {
-        const float pi = ge_sample_prob(x, m, t, z);
+        const float pi = ge_sample_prob(x, maxf, t, inv_z);
         if (pi > 0.0f) {
             cs += static_cast<double>(pi);
             last = i;
@@ -736,7 +784,7 @@ __device__ __forceinline__ void ge_sample_rows_impl(const SampleArgs& a) {
         double local = 0.0;
         for (int base = wb; base < we; base += blockDim.x) {
             const int i = base + tid;
-            s_p[tid] = i < we ? ge_sample_prob(ge_to_f32(l[i]), m, t, z) : 0.0f;
+            s_p[tid] = i < we ? ge_sample_prob(ge_to_f32(l[i]), maxf, t, inv_z) : 0.0f;
             __syncthreads();
             if (tid == 0) {
                 const double from = s_walk_start;
@@ -758,7 +806,7 @@ __device__ __forceinline__ void ge_sample_rows_impl(const SampleArgs& a) {
     }
     if (tid == 0) {
         const int chosen = s_first != GE_INT_MAX ? s_first : s_last;
-        const float pt = ge_sample_prob(ge_to_f32(l[chosen]), m, t, z);
+        const float pt = ge_sample_prob(ge_to_f32(l[chosen]), maxf, t, inv_z);
         ge_sample_write(out, row, static_cast<unsigned int>(chosen),
                         static_cast<float>(static_cast<double>(ge_to_f32(l[chosen])) - lse),
                         static_cast<float>(log(static_cast<double>(pt) / total)), 0);

@@ -2,7 +2,7 @@
 //! log-probs, the empirical distribution, and parameter validation.
 
 use genius_engine::engine::sampler::{
-    SamplingParams, philox_block, philox4x32_10, sample, uniform,
+    SamplingParams, philox_block, philox4x32_10, sample, sampling_exp, sampling_weight, uniform,
 };
 
 fn params(temperature: f32, top_p: f32, top_k: usize, seed: u64) -> SamplingParams {
@@ -333,14 +333,17 @@ fn invalid_parameters_and_logits_are_rejected() {
 
 /// The module definition written naively (full sort of the whole vocabulary).
 fn reference_sample(logits: &[f32], p: &SamplingParams, seq: u64, pos: u32) -> (u32, f64) {
-    let m = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let t = p.temperature as f64;
-    let w: Vec<f64> = logits.iter().map(|&l| ((l as f64 - m) / t).exp()).collect();
-    let z: f64 = w.iter().sum();
+    let m = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let w: Vec<f32> = logits
+        .iter()
+        .map(|&l| sampling_weight(l, m, p.temperature))
+        .collect();
+    let z: f64 = w.iter().map(|&x| x as f64).sum();
+    let inv_z = (1.0 / z) as f32;
     let mut c: Vec<(f32, u32)> = w
         .iter()
         .enumerate()
-        .map(|(i, &x)| ((x / z) as f32, i as u32))
+        .map(|(i, &x)| (x * inv_z, i as u32))
         .filter(|c| c.0 > 0.0)
         .collect();
     // Rank order when a filter is on; token-id order (as collected) otherwise.
@@ -403,4 +406,47 @@ fn lazy_partial_sort_matches_a_full_sort_reference() {
             assert!((got.sampling_logprob as f64 - slp).abs() < 1e-5);
         }
     }
+}
+
+/// The definition's f32 exponential is `exp` to within 2 ulp on its whole domain (a sweep of
+/// [-104, 0] in steps of ~2^-14, plus every f32 in [-2^-10, 0] at a stride), rounds into the
+/// subnormal range within one subnormal step, never decreases as x grows, and has the exact
+/// values the sampler relies on: E(0) = 1, E(-inf) = E(NaN) = 0, 0 below -104.
+#[test]
+fn sampling_exp_is_exp_to_two_ulp_and_monotone() {
+    assert_eq!(sampling_exp(0.0), 1.0);
+    assert_eq!(sampling_exp(-0.0), 1.0);
+    assert_eq!(sampling_exp(f32::NEG_INFINITY), 0.0);
+    assert_eq!(sampling_exp(f32::NAN), 0.0);
+    assert_eq!(sampling_exp(-104.5), 0.0);
+    let mut worst_ulp = 0.0f64;
+    let mut worst_sub = 0.0f64;
+    let mut prev = 0.0f32;
+    let mut check = |x: f32| {
+        let e = sampling_exp(x);
+        let exact = (x as f64).exp();
+        if exact >= f32::MIN_POSITIVE as f64 {
+            // One ulp of the f32 result's binade.
+            let ulp = 2f64.powi((exact.log2().floor() as i32) - 23);
+            worst_ulp = worst_ulp.max((e as f64 - exact).abs() / ulp);
+        } else {
+            worst_sub = worst_sub.max((e as f64 - exact).abs() / 2f64.powi(-149));
+        }
+        e
+    };
+    let steps = 104 * (1 << 14);
+    for i in 0..=steps {
+        let x = -104.0 + i as f32 / (1 << 14) as f32;
+        let e = check(x);
+        assert!(e >= prev, "E decreases at {x}: {e} after {prev}");
+        prev = e;
+    }
+    let mut x = -1.0f32 / 1024.0;
+    while x < 0.0 {
+        check(x);
+        x = f32::from_bits(x.to_bits() - 97);
+    }
+    assert!(worst_ulp <= 2.0, "worst error {worst_ulp} ulp");
+    assert!(worst_sub <= 1.0, "worst subnormal error {worst_sub} steps");
+    println!("sampling_exp: worst {worst_ulp:.3} ulp, {worst_sub:.3} subnormal steps");
 }

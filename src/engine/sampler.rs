@@ -20,11 +20,15 @@
 //! least one finite value; `-inf` masks a token):
 //!
 //! 1. `logprob` of the chosen token is always the log-softmax of the **untempered** logits:
-//!    `l_t - (m + ln Σ_i exp(l_i - m))`, `m = max l`, accumulated in f64.
+//!    `l_t - (m + ln Σ_i E(l_i - m))`, `m = max l`, the sum in f64, where `E` is
+//!    [`sampling_exp`], an f32 exponential defined operation by operation (so every backend
+//!    computes the same bits) and `l_i - m` an f32 subtraction.
 //! 2. **Greedy** (`temperature == 0`): the argmax, lowest index on ties; `sampling_logprob = 0`.
-//! 3. Otherwise, with `T = temperature`: `w_i = exp((l_i - m) / T)` in f64, `Z = Σ w_i` (f64),
-//!    `p_i = (w_i / Z)` rounded to f32. Only tokens with `p_i > 0` are candidates.
-//!    Candidates are ordered by `p` descending, ties by lower token id ("rank order").
+//! 3. Otherwise, with `T = temperature`: `w_i = E((l_i - m) / T)` (f32 subtraction and
+//!    division; at `T = 1` the division is skipped, which gives the same value),
+//!    `Z = Σ w_i` in f64, `p_i = w_i * r` in f32 with `r = 1 / Z` rounded to f32. Only tokens
+//!    with `p_i > 0` are candidates. Candidates are ordered by `p` descending, ties by lower
+//!    token id ("rank order").
 //! 4. **Top-k** (`top_k > 0`): keep the first `top_k` candidates in rank order.
 //! 5. **Top-p** (`top_p < 1`): let `S` be the mass (Σ p, f64) of the candidates kept by step 4;
 //!    keep the shortest rank-order prefix whose cumulative mass `>= top_p * S` (at least one
@@ -39,9 +43,14 @@
 //!    distribution actually sampled from (tempered, filtered, renormalised).
 //!
 //! Sums over sets (Z, S, total when no top-p prefix walk is involved) have an unspecified
-//! summation order: implementations agree up to f64 rounding, i.e. exactly except for draws that
-//! land within ~1e-16 of a boundary. Top-k = 1 equals greedy except where distinct logits round
-//! to the same f32 probability.
+//! summation order: implementations agree up to f64 rounding of those sums, so they draw the
+//! same token except for draws that land within ~1e-16 of a boundary (or, about once in 10^9
+//! rows, where the sums' last-bit difference rounds `r` to the neighbouring f32). Everything
+//! per token is f32 with each operation rounded on its own (no fused multiply-add), so it has
+//! the same bits on every IEEE machine; on a GPU it is a few f32 operations, where an f64
+//! exponential and division (the definition before 2026-11-26) were tens of f64 operations at
+//! a half to a sixty-fourth of the f32 rate. Top-k = 1 equals greedy except where distinct
+//! logits round to the same f32 probability.
 //!
 //! Cost: O(V) for the softmax plus selection (at `T = 1` the softmax weights double as the
 //! untempered log-partition terms); unfiltered sampling sorts nothing; with top-p only the part
@@ -231,24 +240,95 @@ pub fn scan_logits(logits: &[f32]) -> Result<(usize, f32)> {
     Ok((best, max))
 }
 
-/// `max + ln Σ exp(l - max)` in f64: the log-partition function of the untempered logits.
-fn log_sum_exp(logits: &[f32], max: f32) -> f64 {
-    let m = f64::from(max);
-    let s: f64 = logits.iter().map(|&l| (f64::from(l) - m).exp()).sum();
-    m + s.ln()
+/// The constants of [`sampling_exp`] as f32 bit patterns (`GE_EXP_*` in kernels/sampling.cu,
+/// which a test compares): `ln 2` in two parts (the high one has 9 significant bits, so
+/// `k * LN2_HI` is exact for the `k` that occur), `log2 e`, and the coefficients of `P` from
+/// the highest degree down.
+pub const EXP_LN2_HI_BITS: u32 = 0x3f31_8000;
+pub const EXP_LN2_LO_BITS: u32 = 0xb95e_8083;
+pub const EXP_LOG2E_BITS: u32 = 0x3fb8_aa3b;
+pub const EXP_POLY_BITS: [u32; 6] = [
+    0x3950_6967,
+    0x3ab7_43ce,
+    0x3c08_8908,
+    0x3d2a_a9c1,
+    0x3e2a_aaaa,
+    0x3f00_0000,
+];
+/// `1.5 * 2^23`: adding and subtracting it rounds an f32 of magnitude below `2^22` to an
+/// integer, ties to even.
+const ROUND_MAGIC: f32 = 12_582_912.0;
+
+/// The exponential of the sampling definition, for `x <= 0` (the sampler's arguments are
+/// logits minus their maximum): `exp(x)` to about 1 ulp, defined by its operations (each an
+/// IEEE f32 multiply, add or subtract, rounded to nearest, none fused), so that the CPU, the
+/// CUDA kernel (`ge_sampling_exp` in kernels/sampling.cu) and any IEEE machine give the same
+/// bits. `x = k ln 2 + r` with `k = round(x log2 e)` and `|r| <= ln 2 / 2` (Cody-Waite),
+/// `exp(r) = 1 + r + r^2 P(r)` with the degree-5 minimax `P` of the Cephes library's `expf`,
+/// then `2^k` applied by two exact power-of-two products, the second of which rounds once into
+/// the subnormal range. `E(0) = 1` exactly; below -104 (where `exp` rounds to 0), `-inf` and
+/// NaN give 0.
+pub fn sampling_exp(x: f32) -> f32 {
+    debug_assert!(
+        x <= 0.0 || x.is_nan(),
+        "sampling_exp({x}): defined for x <= 0"
+    );
+    // NaN and x < -104 give 0: no NaN reaches the arithmetic.
+    if x.is_nan() || x < -104.0 {
+        return 0.0;
+    }
+    let t = x * f32::from_bits(EXP_LOG2E_BITS);
+    let kf = (t + ROUND_MAGIC) - ROUND_MAGIC;
+    let r = (x - kf * f32::from_bits(EXP_LN2_HI_BITS)) - kf * f32::from_bits(EXP_LN2_LO_BITS);
+    let z = r * r;
+    let mut p = f32::from_bits(EXP_POLY_BITS[0]);
+    for &c in &EXP_POLY_BITS[1..] {
+        p = p * r + f32::from_bits(c);
+    }
+    let y = (p * z + r) + 1.0;
+    // k in [-150, 1]: 2^(k + 64) and 2^-64 are normal powers of two.
+    let k = kf as i32;
+    let up = f32::from_bits(((k + 64 + 127) as u32) << 23);
+    let down = f32::from_bits((127 - 64) << 23);
+    (y * up) * down
+}
+
+/// The tempered weight `E((l - max) / T)` of a logit (the division skipped at `T = 1`).
+pub fn sampling_weight(l: f32, max: f32, temperature: f32) -> f32 {
+    let d = l - max;
+    sampling_exp(if temperature == 1.0 {
+        d
+    } else {
+        d / temperature
+    })
+}
+
+/// `max + ln Σ E(l - max)` (the sum in f64): the log-partition function of the untempered
+/// logits.
+pub fn log_sum_exp(logits: &[f32], max: f32) -> f64 {
+    let s: f64 = logits
+        .iter()
+        .map(|&l| f64::from(sampling_exp(l - max)))
+        .sum();
+    f64::from(max) + s.ln()
+}
+
+/// `1 / Z` rounded to f32: the factor that turns weights into probabilities.
+pub fn inverse_normaliser(z: f64) -> f32 {
+    (1.0 / z) as f32
 }
 
 /// Plain sampling (no top-k, no top-p): the inverse-CDF walk in token-id order over the f32
-/// probabilities `weights[i] / z`.
+/// probabilities `weights[i] * inv_z`.
 fn sample_unfiltered(
-    weights: &[f64],
-    z: f64,
+    weights: &[f32],
+    inv_z: f32,
     params: &SamplingParams,
     seq_id: u64,
     position: u32,
     logprob: impl Fn(usize) -> f32,
 ) -> SampledToken {
-    let probs: Vec<f32> = weights.iter().map(|&w| (w / z) as f32).collect();
+    let probs: Vec<f32> = weights.iter().map(|&w| w * inv_z).collect();
     let total: f64 = probs.iter().map(|&p| f64::from(p)).sum();
     let threshold = uniform(params.seed, seq_id, position) * total;
     let mut cum = 0.0f64;
@@ -331,17 +411,14 @@ pub fn sample(
         });
     }
 
-    // Tempered softmax: f64 weights and normaliser, f32 probabilities.
-    let t = f64::from(params.temperature);
-    let m = f64::from(max);
-    let weights: Vec<f64> = logits
-        .iter()
-        .map(|&l| ((f64::from(l) - m) / t).exp())
-        .collect();
-    let z: f64 = weights.iter().sum();
+    // Tempered softmax: f32 weights, f64 normaliser, f32 probabilities.
+    let t = params.temperature;
+    let weights: Vec<f32> = logits.iter().map(|&l| sampling_weight(l, max, t)).collect();
+    let z: f64 = weights.iter().map(|&w| f64::from(w)).sum();
+    let inv_z = inverse_normaliser(z);
     // At T = 1 the weights are exactly the terms of the untempered log-partition function.
     let lse = if t == 1.0 {
-        m + z.ln()
+        f64::from(max) + z.ln()
     } else {
         log_sum_exp(logits, max)
     };
@@ -349,14 +426,14 @@ pub fn sample(
 
     if params.top_k == 0 && params.top_p == 1.0 {
         return Ok(sample_unfiltered(
-            &weights, z, params, seq_id, position, logprob,
+            &weights, inv_z, params, seq_id, position, logprob,
         ));
     }
     let mut candidates: Vec<Candidate> = weights
         .iter()
         .enumerate()
         .filter_map(|(i, &w)| {
-            let p = (w / z) as f32;
+            let p = w * inv_z;
             (p > 0.0).then_some(Candidate { p, id: i as u32 })
         })
         .collect();

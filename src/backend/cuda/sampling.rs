@@ -14,7 +14,10 @@ use super::args;
 use super::backend::CudaBackend;
 use super::tensor::{CudaTensor, DeviceData};
 pub use crate::engine::sampler::RowSampling;
-use crate::engine::sampler::{SampledToken, SamplingParams, scan_logits, uniform};
+use crate::engine::sampler::{
+    SampledToken, SamplingParams, inverse_normaliser, log_sum_exp, sampling_weight, scan_logits,
+    uniform,
+};
 use anyhow::{Result, anyhow, ensure};
 use cudarc::driver::LaunchConfig;
 
@@ -108,12 +111,7 @@ pub fn blocked_sample(
     // 1. max / argmax (the lowest index among the maxima), with the CPU sampler's checks.
     let (argmax, max) = scan_logits(logits)?;
     // 2. normalisers.
-    let m = f64::from(max);
-    let lse = m + logits
-        .iter()
-        .map(|&l| (f64::from(l) - m).exp())
-        .sum::<f64>()
-        .ln();
+    let lse = log_sum_exp(logits, max);
     let logprob = |i: usize| (f64::from(logits[i]) - lse) as f32;
     if params.is_greedy() {
         return Ok(SampledToken {
@@ -122,9 +120,13 @@ pub fn blocked_sample(
             sampling_logprob: 0.0,
         });
     }
-    let t = f64::from(params.temperature);
-    let z: f64 = logits.iter().map(|&l| ((f64::from(l) - m) / t).exp()).sum();
-    let prob = |i: usize| (((f64::from(logits[i]) - m) / t).exp() / z) as f32;
+    let t = params.temperature;
+    let z: f64 = logits
+        .iter()
+        .map(|&l| f64::from(sampling_weight(l, max, t)))
+        .sum();
+    let inv_z = inverse_normaliser(z);
+    let prob = |i: usize| sampling_weight(logits[i], max, t) * inv_z;
     // 3. chunk sums and their exclusive prefix: chunks of a multiple of 8 logits.
     let chunk = 8 * vocab.div_ceil(8 * THREADS);
     let range = |c: usize| (c * chunk).min(vocab)..((c + 1) * chunk).min(vocab);
@@ -311,17 +313,16 @@ pub fn filtered_sample(
         "filtered_sample: not a top-k / top-p row"
     );
     let (_, max) = scan_logits(logits)?;
-    let m = f64::from(max);
-    let lse = m + logits
+    let lse = log_sum_exp(logits, max);
+    let t = params.temperature;
+    let z: f64 = logits
         .iter()
-        .map(|&l| (f64::from(l) - m).exp())
-        .sum::<f64>()
-        .ln();
-    let t = f64::from(params.temperature);
-    let z: f64 = logits.iter().map(|&l| ((f64::from(l) - m) / t).exp()).sum();
+        .map(|&l| f64::from(sampling_weight(l, max, t)))
+        .sum();
+    let inv_z = inverse_normaliser(z);
     let keys: Vec<u32> = logits
         .iter()
-        .map(|&l| ((((f64::from(l) - m) / t).exp() / z) as f32).to_bits())
+        .map(|&l| (sampling_weight(l, max, t) * inv_z).to_bits())
         .collect();
     // a. candidates and histogram.
     let mut counts = vec![0u32; BINS];
@@ -530,6 +531,32 @@ mod tests {
         assert_eq!(define(src, "GE_PHILOX_W1"), u64::from(PHILOX_W32[1]));
         assert_eq!(define(src, "GE_PHILOX_ROUNDS"), PHILOX_ROUNDS as u64);
         assert_eq!(define(src, "GE_SAMPLE_THREADS"), THREADS as u64);
+    }
+
+    #[test]
+    fn kernel_exp_constants_match_the_cpu_sampler() {
+        use crate::engine::sampler::{
+            EXP_LN2_HI_BITS, EXP_LN2_LO_BITS, EXP_LOG2E_BITS, EXP_POLY_BITS,
+        };
+        let src = super::super::kernels::source("sampling.cu").expect("sampling.cu embedded");
+        assert_eq!(define(src, "GE_EXP_LN2_HI"), u64::from(EXP_LN2_HI_BITS));
+        assert_eq!(define(src, "GE_EXP_LN2_LO"), u64::from(EXP_LN2_LO_BITS));
+        assert_eq!(define(src, "GE_EXP_LOG2E"), u64::from(EXP_LOG2E_BITS));
+        for (d, &bits) in EXP_POLY_BITS.iter().enumerate() {
+            let name = format!("GE_EXP_P{}", EXP_POLY_BITS.len() - 1 - d);
+            assert_eq!(define(src, &name), u64::from(bits), "{name}");
+        }
+        let magic = define_f32(src, "GE_ROUND_MAGIC");
+        assert_eq!(magic, 12_582_912.0);
+    }
+
+    /// The value of `#define NAME 123.0f`.
+    fn define_f32(src: &str, name: &str) -> f32 {
+        let line = src
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(&format!("#define {name} ")))
+            .unwrap_or_else(|| panic!("no #define {name} in sampling.cu"));
+        line.trim().trim_end_matches('f').parse().unwrap()
     }
 
     #[test]
