@@ -2,7 +2,8 @@
 //! log-probs, the empirical distribution, and parameter validation.
 
 use genius_engine::engine::sampler::{
-    SamplingParams, philox_block, philox4x32_10, sample, sampling_exp, sampling_weight, uniform,
+    SamplingParams, philox_block, philox4x32_10, sample, sampling_exp, sampling_weight, sum_f64,
+    uniform,
 };
 
 fn params(temperature: f32, top_p: f32, top_k: usize, seed: u64) -> SamplingParams {
@@ -449,4 +450,27 @@ fn sampling_exp_is_exp_to_two_ulp_and_monotone() {
     assert!(worst_ulp <= 2.0, "worst error {worst_ulp} ulp");
     assert!(worst_sub <= 1.0, "worst subnormal error {worst_sub} steps");
     println!("sampling_exp: worst {worst_ulp:.3} ulp, {worst_sub:.3} subnormal steps");
+}
+
+/// The sampler's f64 sums of f32 terms (eight interleaved partial sums) agree with a
+/// sequential sum to f64 rounding, for every remainder length.
+#[test]
+fn sum_f64_matches_a_sequential_sum() {
+    let mut state = 12345u64;
+    for n in [0usize, 1, 7, 8, 9, 15, 16, 17, 1000, 151_936] {
+        let xs: Vec<f32> = (0..n)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (state >> 40) as f32 / (1u64 << 24) as f32
+            })
+            .collect();
+        let seq: f64 = xs.iter().map(|&x| x as f64).sum();
+        let got = sum_f64(&xs);
+        assert!(
+            (got - seq).abs() <= 1e-13 * seq.max(1.0),
+            "n {n}: {got} vs {seq}"
+        );
+    }
 }

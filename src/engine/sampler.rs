@@ -273,24 +273,43 @@ pub fn sampling_exp(x: f32) -> f32 {
         x <= 0.0 || x.is_nan(),
         "sampling_exp({x}): defined for x <= 0"
     );
-    // NaN and x < -104 give 0: no NaN reaches the arithmetic.
-    if x.is_nan() || x < -104.0 {
-        return 0.0;
-    }
-    let t = x * f32::from_bits(EXP_LOG2E_BITS);
+    // Branch-free, so that loops over logits vectorise: the arithmetic runs on x clamped to
+    // [-104, 0] (a NaN stays NaN and `as i32` maps it to 0, no harm) and the result is
+    // replaced by 0 where x is NaN or below -104.
+    let xc = x.clamp(-104.0, 0.0);
+    let t = xc * f32::from_bits(EXP_LOG2E_BITS);
     let kf = (t + ROUND_MAGIC) - ROUND_MAGIC;
-    let r = (x - kf * f32::from_bits(EXP_LN2_HI_BITS)) - kf * f32::from_bits(EXP_LN2_LO_BITS);
+    let r = (xc - kf * f32::from_bits(EXP_LN2_HI_BITS)) - kf * f32::from_bits(EXP_LN2_LO_BITS);
     let z = r * r;
     let mut p = f32::from_bits(EXP_POLY_BITS[0]);
     for &c in &EXP_POLY_BITS[1..] {
         p = p * r + f32::from_bits(c);
     }
     let y = (p * z + r) + 1.0;
-    // k in [-150, 1]: 2^(k + 64) and 2^-64 are normal powers of two.
+    // k in [-150, 0]: 2^(k + 64) and 2^-64 are normal powers of two.
     let k = kf as i32;
     let up = f32::from_bits(((k + 64 + 127) as u32) << 23);
     let down = f32::from_bits((127 - 64) << 23);
-    (y * up) * down
+    let e = (y * up) * down;
+    if x >= -104.0 { e } else { 0.0 }
+}
+
+/// `Σ x_i` in f64 over f32 terms, in a fixed order (eight interleaved partial sums, then
+/// combined pairwise), so that the loop vectorises; the definition leaves the order of its
+/// sums open.
+pub fn sum_f64(xs: &[f32]) -> f64 {
+    let mut acc = [0.0f64; 8];
+    let chunks = xs.chunks_exact(8);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a += f64::from(x);
+        }
+    }
+    for (a, &x) in acc.iter_mut().zip(tail) {
+        *a += f64::from(x);
+    }
+    ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
 }
 
 /// The tempered weight `E((l - max) / T)` of a logit (the division skipped at `T = 1`).
@@ -306,10 +325,15 @@ pub fn sampling_weight(l: f32, max: f32, temperature: f32) -> f32 {
 /// `max + ln Σ E(l - max)` (the sum in f64): the log-partition function of the untempered
 /// logits.
 pub fn log_sum_exp(logits: &[f32], max: f32) -> f64 {
-    let s: f64 = logits
-        .iter()
-        .map(|&l| f64::from(sampling_exp(l - max)))
-        .sum();
+    // In blocks, so that the exponentials vectorise without a vocabulary-sized buffer.
+    let mut s = 0.0f64;
+    let mut e = [0.0f32; 1024];
+    for block in logits.chunks(e.len()) {
+        for (o, &l) in e.iter_mut().zip(block) {
+            *o = sampling_exp(l - max);
+        }
+        s += sum_f64(&e[..block.len()]);
+    }
     f64::from(max) + s.ln()
 }
 
@@ -329,7 +353,7 @@ fn sample_unfiltered(
     logprob: impl Fn(usize) -> f32,
 ) -> SampledToken {
     let probs: Vec<f32> = weights.iter().map(|&w| w * inv_z).collect();
-    let total: f64 = probs.iter().map(|&p| f64::from(p)).sum();
+    let total = sum_f64(&probs);
     let threshold = uniform(params.seed, seq_id, position) * total;
     let mut cum = 0.0f64;
     // The last candidate (p > 0) is the fallback when rounding leaves the walk short; the
@@ -414,7 +438,7 @@ pub fn sample(
     // Tempered softmax: f32 weights, f64 normaliser, f32 probabilities.
     let t = params.temperature;
     let weights: Vec<f32> = logits.iter().map(|&l| sampling_weight(l, max, t)).collect();
-    let z: f64 = weights.iter().map(|&w| f64::from(w)).sum();
+    let z = sum_f64(&weights);
     let inv_z = inverse_normaliser(z);
     // At T = 1 the weights are exactly the terms of the untempered log-partition function.
     let lse = if t == 1.0 {
