@@ -124,6 +124,7 @@ __device__ __forceinline__ void ge_argmax_merge(float& v, int& i, float ov, int 
 #define GE_ROUND_MAGIC 12582912.0f
 __device__ __forceinline__ float ge_sampling_exp(float x) {
     if (!(x >= -104.0f)) return 0.0f;
+    x = fminf(x, 0.0f);  // as the CPU's clamp: outside the domain, E(x > 0) = E(0) = 1 on both
     const float t = __fmul_rn(x, __int_as_float(GE_EXP_LOG2E));
     const float kf = __fsub_rn(__fadd_rn(t, GE_ROUND_MAGIC), GE_ROUND_MAGIC);
     const float r = __fsub_rn(__fsub_rn(x, __fmul_rn(kf, __int_as_float(GE_EXP_LN2_HI))),
@@ -818,3 +819,13 @@ extern "C" __global__ void __launch_bounds__(GE_SAMPLE_THREADS) ge_sample_rows(S
 
 // bf16 logits [rows, vocab] (the LM head's output), read as f32.
 extern "C" __global__ void __launch_bounds__(GE_SAMPLE_THREADS) ge_sample_rows_bf16(SampleArgs a) { ge_sample_rows_impl<ge_bf16>(a); }
+
+// The definition's exponential of each f32 of src into dst ([n] f32 each, grid-stride): for
+// the GPU test that the device computes the CPU's bits (no contraction, no flush to zero).
+extern "C" __global__ void ge_sampling_exp_values(CastArgs a) {
+    const float* src = reinterpret_cast<const float*>(a.src);
+    float* dst = reinterpret_cast<float*>(a.dst);
+    for (long long i = ge_global_index(); i < a.n; i += ge_grid_threads()) {
+        dst[i] = ge_sampling_exp(src[i]);
+    }
+}

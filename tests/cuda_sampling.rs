@@ -14,7 +14,7 @@ mod common;
 use common::Rng;
 use common::cuda::shared_gpu as gpu;
 use genius_engine::backend::cuda::RowSampling;
-use genius_engine::engine::sampler::{SampledToken, SamplingParams, sample};
+use genius_engine::engine::sampler::{SampledToken, SamplingParams, sample, sampling_exp};
 use genius_engine::model::HostTensor;
 
 const LOGPROB_TOL: f32 = 1e-5;
@@ -118,6 +118,48 @@ fn cuda_and_cpu_samplers_draw_the_same_tokens() {
             );
         }
     }
+}
+
+/// The kernel's exponential is the CPU's `sampling_exp` bit for bit (the definition is f32
+/// operations rounded one at a time; a contracted FMA or a flush of subnormals to zero on the
+/// device would show here): a sweep of [-105, 0] in steps of 2^-12, values close to 0, the
+/// subnormal range, and -inf / NaN.
+#[test]
+#[cfg_attr(
+    not(genius_gpu_tests),
+    ignore = "needs a CUDA GPU: built by tools/gpu-prepare.sh (GENIUS_GPU_TESTS=1), run by tools/gpu-check.sh"
+)]
+fn device_exponential_is_the_cpu_definition_bit_for_bit() {
+    let Some(be) = gpu() else { return };
+    let mut x: Vec<f32> = (0..=105 * 4096).map(|i| -(i as f32) / 4096.0).collect();
+    x.extend((0..4096).map(|i| -f32::from_bits(0x3000_0000 + i * 4099)));
+    x.extend([
+        -103.97,
+        -103.9721,
+        -87.4,
+        -87.3,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        -0.0,
+    ]);
+    let got = be.sampling_exp_on_device(&x).unwrap();
+    assert_eq!(got.len(), x.len());
+    let mut subnormal = 0;
+    for (&xi, &g) in x.iter().zip(&got) {
+        let want = sampling_exp(xi);
+        assert_eq!(
+            g.to_bits(),
+            want.to_bits(),
+            "E({xi:e}): device {g:e}, cpu {want:e}"
+        );
+        if want > 0.0 && want < f32::MIN_POSITIVE {
+            subnormal += 1;
+        }
+    }
+    assert!(
+        subnormal > 100,
+        "only {subnormal} subnormal results were compared"
+    );
 }
 
 #[test]

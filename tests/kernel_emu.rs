@@ -25,7 +25,7 @@ use genius_engine::backend::cuda::loss::kind_code;
 use genius_engine::backend::cuda::sampling::{
     RowSampling, THREADS, blocked_sample, filtered_sample, is_filtered, unpack_outputs,
 };
-use genius_engine::engine::sampler::{SampledToken, SamplingParams, sample};
+use genius_engine::engine::sampler::{SampledToken, SamplingParams, sample, sampling_exp};
 use genius_engine::genius::loss::{LossConfig, PairLoss, pair_losses_host};
 use std::fmt::Write as _;
 use std::path::Path;
@@ -56,6 +56,7 @@ fn cuda_core_kernels_match_float64_references_in_the_cpu_emulation() {
     // The same build, run on the loss kernel's inputs (after the checks: one build at a time).
     pair_loss_kernel_matches_the_host(&out.join("checks"));
     sampling_kernel_matches_the_host_port_and_the_cpu_sampler(&out.join("checks"));
+    kernel_exponential_is_the_cpu_definition(&out.join("checks"));
 }
 
 /// `ge_pair_losses` (kernels/loss.cu), run by the emulation on pairs of every loss kind, gives
@@ -317,5 +318,55 @@ fn sampling_kernel_matches_the_host_port_and_the_cpu_sampler(checks: &Path) {
     assert_eq!(words[4], want.token);
     println!(
         "sampling: the emulated kernel draws the host port's and the CPU's tokens on {checked} rows; bad rows refused"
+    );
+}
+
+/// The kernel source's `ge_sampling_exp` (kernels/sampling.cu), run by the emulation, gives the
+/// CPU's `sampling_exp` bit for bit: the two transcriptions of the definition's operations and
+/// constants agree. (The emulation's arithmetic is the host's IEEE f32, as the definition's;
+/// whether the device's is too is `cuda_sampling`'s
+/// `device_exponential_is_the_cpu_definition_bit_for_bit`.)
+fn kernel_exponential_is_the_cpu_definition(checks: &Path) {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("kernel-emu-sampling-exp");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut x: Vec<f32> = (0..=105 * 512).map(|i| -(i as f32) / 512.0).collect();
+    let mut rng = Rng::new(99);
+    x.extend((0..20_000).map(|_| -105.0 * rng.uniform().abs()));
+    x.extend([f32::NEG_INFINITY, f32::NAN, -0.0, -1e-30, -103.97]);
+    let mut text = format!("{}\n", x.len());
+    for v in &x {
+        writeln!(text, "{:08x}", v.to_bits()).unwrap();
+    }
+    let (inp, outp) = (dir.join("in.txt"), dir.join("out.txt"));
+    std::fs::write(&inp, text).unwrap();
+    let run = Command::new(checks)
+        .arg("sampling-exp")
+        .arg(&inp)
+        .arg(&outp)
+        .output()
+        .expect("runs the kernel-emu checks");
+    assert!(
+        run.status.success(),
+        "sampling-exp: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let got: Vec<u32> = std::fs::read_to_string(&outp)
+        .unwrap()
+        .split_whitespace()
+        .map(|w| u32::from_str_radix(w, 16).unwrap())
+        .collect();
+    assert_eq!(got.len(), x.len());
+    for (&xi, &g) in x.iter().zip(&got) {
+        let want = sampling_exp(xi);
+        assert_eq!(
+            g,
+            want.to_bits(),
+            "E({xi:e}): kernel {:e}, cpu {want:e}",
+            f32::from_bits(g)
+        );
+    }
+    println!(
+        "sampling exponential: the kernel's source gives the CPU's bits on {} values",
+        x.len()
     );
 }

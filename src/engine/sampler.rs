@@ -267,7 +267,7 @@ const ROUND_MAGIC: f32 = 12_582_912.0;
 /// `exp(r) = 1 + r + r^2 P(r)` with the degree-5 minimax `P` of the Cephes library's `expf`,
 /// then `2^k` applied by two exact power-of-two products, the second of which rounds once into
 /// the subnormal range. `E(0) = 1` exactly; below -104 (where `exp` rounds to 0), `-inf` and
-/// NaN give 0.
+/// NaN give 0; outside the domain, `x > 0` is taken as 0 (a debug build asserts).
 pub fn sampling_exp(x: f32) -> f32 {
     debug_assert!(
         x <= 0.0 || x.is_nan(),

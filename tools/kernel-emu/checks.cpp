@@ -52,6 +52,7 @@ void ge_swiglu_backward(SwigluBackwardArgs a);
 void ge_pair_losses(PairLossArgs a);
 void ge_sample_rows(SampleArgs a);
 void ge_sample_rows_bf16(SampleArgs a);
+void ge_sampling_exp_values(CastArgs a);
 }
 
 namespace {
@@ -869,6 +870,41 @@ int run_sample_rows(const char* in_path, const char* out_path) {
     return 0;
 }
 
+// `checks sampling-exp IN OUT`: ge_sampling_exp_values (the sampling definition's f32
+// exponential) on IN's values; OUT gets the results' bits, for tests/kernel_emu.rs to compare
+// with the CPU's `sampling_exp` bit for bit (the kernel's source against the Rust one).
+//   IN:  n, then n f32 bits.   OUT: n f32 bits.
+int run_sampling_exp(const char* in_path, const char* out_path) {
+    FILE* in = std::fopen(in_path, "r");
+    if (!in) {
+        std::fprintf(stderr, "sampling-exp: cannot read %s\n", in_path);
+        return 2;
+    }
+    std::size_t n = 0;
+    if (std::fscanf(in, "%zu", &n) != 1) return 2;
+    std::vector<float> x(n + 1), y(n + 1, std::nanf(""));
+    for (std::size_t i = 0; i < n; ++i) {
+        unsigned int bits = 0;
+        if (std::fscanf(in, "%x", &bits) != 1) return 2;
+        std::memcpy(&x[i], &bits, 4);
+    }
+    std::fclose(in);
+    CastArgs a{};
+    a.src = addr(x.data());
+    a.dst = addr(y.data());
+    a.n = static_cast<long long>(n);
+    ge_emu::launch(ge_sampling_exp_values, dim3{4, 1, 1}, dim3{256, 1, 1}, a);
+    FILE* o = std::fopen(out_path, "w");
+    if (!o) return 2;
+    for (std::size_t i = 0; i < n; ++i) {
+        unsigned int bits;
+        std::memcpy(&bits, &y[i], 4);
+        std::fprintf(o, "%08x\n", bits);
+    }
+    std::fclose(o);
+    return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -886,6 +922,13 @@ int main(int argc, char** argv) {
             return 2;
         }
         return run_sample_rows(argv[2], argv[3]);
+    }
+    if (only == "sampling-exp") {
+        if (argc != 4) {
+            std::fprintf(stderr, "usage: checks sampling-exp IN OUT\n");
+            return 2;
+        }
+        return run_sampling_exp(argv[2], argv[3]);
     }
     if (only.empty() || only == "attention") paged_attention_checks();
     if (only.empty() || only == "logprobs") logprob_checks();

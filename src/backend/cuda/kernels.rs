@@ -99,7 +99,14 @@ pub const KERNEL_UNITS: &[(&str, &[&str])] = &[
         &["ge_adamw_update", "ge_cast_f32_bf16", "ge_cast_bf16_f32"],
     ),
     ("loss.cu", &["ge_pair_losses"]),
-    ("sampling.cu", &["ge_sample_rows", "ge_sample_rows_bf16"]),
+    (
+        "sampling.cu",
+        &[
+            "ge_sample_rows",
+            "ge_sample_rows_bf16",
+            "ge_sampling_exp_values",
+        ],
+    ),
     (
         "train_gemm.cu",
         &[

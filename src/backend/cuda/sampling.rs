@@ -484,6 +484,31 @@ impl CudaBackend {
         let words = self.gpu.download_slice(&out, n * OUT_WORDS)?;
         unpack_outputs(&words, vocab)
     }
+
+    /// The sampling definition's exponential ([`crate::engine::sampler::sampling_exp`]) of
+    /// each value, as the sampling kernel computes it (`ge_sampling_exp`): for the GPU test
+    /// that the device gives the CPU's bits.
+    pub fn sampling_exp_on_device(&self, x: &[f32]) -> Result<Vec<f32>> {
+        if x.is_empty() {
+            return Ok(Vec::new());
+        }
+        let src = self.gpu.upload_slice(x)?;
+        let mut dst = self.gpu.alloc::<f32>(x.len())?;
+        let a = args::CastArgs {
+            src: self.gpu.ptr(&src),
+            dst: self.gpu.ptr_mut(&mut dst),
+            n: x.len() as i64,
+        };
+        // SAFETY: src and dst hold n f32 each; each thread writes its own elements.
+        unsafe {
+            self.gpu.launch(
+                "ge_sampling_exp_values",
+                super::context::grid_stride_config(x.len()),
+                &a,
+            )
+        }?;
+        self.gpu.download_slice(&dst, x.len())
+    }
 }
 
 #[cfg(test)]
