@@ -11,7 +11,9 @@
 //! backward in every form (statistics computed or taken from the forward, dk/dv per kv head
 //! or split over query heads and reduced, the CUDA-core kernels). The same build then runs the
 //! preference-loss kernel (`kernels/loss.cu`) on pairs of every loss kind, packed as the CUDA
-//! backend packs them, against the host definition (`genius::loss::pair_losses_host`).
+//! backend packs them, against the host definition (`genius::loss::pair_losses_host`), and
+//! the sampling kernel (`kernels/sampling.cu`) on f32 and bf16 rows against its host port and
+//! the CPU sampler (the same tokens), with its f32 exponential against the CPU's bit for bit.
 //!
 //! This runs without a GPU, so kernel logic is checked before device time is spent; it is
 //! not a GPU test (no timing, host math functions, the tensor cores' accumulation order

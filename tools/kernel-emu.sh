@@ -3,12 +3,14 @@
 # and tools/kernel-emu/emu.h (threads for CUDA threads, barriers for __syncthreads and warp
 # shuffles, the tensor-core mma.sync and ldmatrix emulated per warp), links
 # tools/kernel-emu/checks.cpp (float64 references) and runs it. No GPU or CUDA toolkit needed;
-# tests/kernel_emu.rs runs this as part of `cargo test`. Not emulated: sampling.cu, optim.cu
-# (their GPU tests and host emulations cover them).
+# tests/kernel_emu.rs runs this as part of `cargo test`. Not emulated: optim.cu (its GPU test
+# checks it bit for bit against the host's AdamW).
 #
 #   tools/kernel-emu.sh [attention|logprobs|swiglu|kv|norm|training-attention]
 #                                        (default: every check)
 #   tools/kernel-emu.sh pair-losses IN OUT   the loss kernel on IN's inputs (tests/kernel_emu.rs)
+#   tools/kernel-emu.sh sample-rows IN OUT   the sampling kernel on IN's rows (tests/kernel_emu.rs)
+#   tools/kernel-emu.sh sampling-exp IN OUT  the sampling exponential on IN's values (same)
 #
 # Uses $CXX, else g++, else clang++ (C++20: std::barrier). Build products go to
 # ${KERNEL_EMU_DIR:-target/kernel-emu}.

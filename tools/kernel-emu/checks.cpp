@@ -3,8 +3,10 @@
 // slices, context partitions and their combine, contiguous rows), the fused log-prob forward
 // and backward, SwiGLU forward and backward, the KV-cache writes with padding rows, RMSNorm
 // and the fused residual add + RMSNorm, and training attention (the tensor-core forward and
-// every form of the backward, tensor-core and CUDA-core). `checks pair-losses IN OUT` runs
-// the loss kernel for tests/kernel_emu.rs, which compares it with the host definition. Built and run by
+// every form of the backward, tensor-core and CUDA-core). `checks pair-losses IN OUT`,
+// `checks sample-rows IN OUT` and `checks sampling-exp IN OUT` run the loss kernel, the
+// sampling kernel and the sampling exponential on inputs written by tests/kernel_emu.rs, which
+// compares them with the Rust definitions. Built and run by
 // tools/kernel-emu.sh; prints one line per check and exits non-zero if any fails. These checks
 // run the kernels' own source, but not on a GPU: the GPU tests (tests/cuda_*.rs) stay the
 // judges of the device.
