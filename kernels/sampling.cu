@@ -21,8 +21,11 @@
 //    them up in order: the same sums as a walk by the chunk's owner, without its chain of
 //    exponentials.
 // Rows whose vocabulary is a multiple of 8 and whose logits are 16-byte aligned are read 16
-// bytes per load (passes 1 to 3); the others one logit per load. Both read the same values in
-// the same order per thread, so they give the same bits.
+// bytes per load (passes 1 to 3); the others one logit per load. In pass 3 and the walk both
+// read the same values in the same order per thread, so they give the same bits; in passes 1
+// and 2 each thread covers other logits on each path, so the argmax is the same but the f64
+// normalisers may differ in their last bits (the definition leaves the order of those sums
+// open; a given row on a given path is deterministic).
 // Filtered rows (top-k and / or top-p), the walk in rank order (p descending, lower id first)
 // without sorting: the key of token i is the bit pattern of p_i (a positive f32, so its bits
 // order like its value); a "floor" (key F, id f) is the rank-order prefix {key > F, or key == F

@@ -221,11 +221,16 @@ fn emulated_sample_rows(
 fn sampling_kernel_matches_the_host_port_and_the_cpu_sampler(checks: &Path) {
     let mut rng = Rng::new(4242);
     let mut checked = 0;
+    let mut greedy_ties = 0;
+    let mut later_tiles = 0;
     for (vocab, rows_n, bf16, scale) in [
         (1_000, 10, false, 6.0f32),
         (5_003, 8, true, 4.0),
         (4_096, 8, true, 12.0),
         (151_936, 3, true, 8.0),
+        // Chunks of 1,960 logits: walks that cross in the second tile of 1,024.
+        (2_000_000, 3, true, 8.0),
+        (2_000_003, 3, false, 8.0),
     ] {
         let mut logits: Vec<f32> = (0..vocab * rows_n)
             .map(|_| {
@@ -237,15 +242,6 @@ fn sampling_kernel_matches_the_host_port_and_the_cpu_sampler(checks: &Path) {
                 }
             })
             .collect();
-        // Masked tokens and tied maxima in some rows.
-        for r in (0..rows_n).step_by(3) {
-            let row = &mut logits[r * vocab..(r + 1) * vocab];
-            for _ in 0..vocab / 4 {
-                row[rng.below(vocab)] = f32::NEG_INFINITY;
-            }
-            row[rng.below(vocab)] = scale + 1.0;
-            row[rng.below(vocab)] = scale + 1.0;
-        }
         let kinds: [(f32, usize, f32); 6] = [
             (1.0, 0, 1.0),
             (0.6, 0, 1.0),
@@ -254,6 +250,23 @@ fn sampling_kernel_matches_the_host_port_and_the_cpu_sampler(checks: &Path) {
             (0.8, 40, 1.0),
             (1.0, 0, 0.9),
         ];
+        // Masked tokens and two tied maxima in every third row and every greedy row; a greedy
+        // row must take the lower of the two.
+        let mut tie_first = vec![None; rows_n];
+        for r in 0..rows_n {
+            if r % 3 != 0 && kinds[r % kinds.len()].0 != 0.0 {
+                continue;
+            }
+            let row = &mut logits[r * vocab..(r + 1) * vocab];
+            for _ in 0..vocab / 4 {
+                row[rng.below(vocab)] = f32::NEG_INFINITY;
+            }
+            let a = rng.below(vocab);
+            let b = (a + 1 + rng.below(vocab - 1)) % vocab;
+            row[a] = scale + 1.0;
+            row[b] = scale + 1.0;
+            tie_first[r] = Some(a.min(b));
+        }
         let rows: Vec<RowSampling> = (0..rows_n)
             .map(|r| {
                 let (temperature, top_k, top_p) = kinds[r % kinds.len()];
@@ -293,9 +306,31 @@ fn sampling_kernel_matches_the_host_port_and_the_cpu_sampler(checks: &Path) {
                     "{what}: kernel {g:?}, {name} {want:?}"
                 );
             }
+            if row.params.temperature == 0.0 {
+                if let Some(first) = tie_first[r] {
+                    assert_eq!(
+                        g.token as usize, first,
+                        "{what}: the lower of two tied maxima"
+                    );
+                    greedy_ties += 1;
+                }
+            } else if !is_filtered(&row.params) {
+                let chunk = 8 * vocab.div_ceil(8 * THREADS);
+                if g.token as usize % chunk >= THREADS {
+                    later_tiles += 1;
+                }
+            }
             checked += 1;
         }
     }
+    assert!(
+        greedy_ties >= 4,
+        "{greedy_ties} greedy rows with tied maxima"
+    );
+    assert!(
+        later_tiles >= 1,
+        "no walk crossed beyond its chunk's first tile of {THREADS} logits"
+    );
     // Bad rows: a NaN (status 1), every logit -inf (status 2); the good row between them is
     // still sampled.
     let vocab = 300;
@@ -319,7 +354,9 @@ fn sampling_kernel_matches_the_host_port_and_the_cpu_sampler(checks: &Path) {
     let want = blocked_sample(&logits[vocab..2 * vocab], &rows[1].params, 1, 1).unwrap();
     assert_eq!(words[4], want.token);
     println!(
-        "sampling: the emulated kernel draws the host port's and the CPU's tokens on {checked} rows; bad rows refused"
+        "sampling: the emulated kernel draws the host port's and the CPU's tokens on {checked} rows \
+         ({greedy_ties} greedy rows with tied maxima, {later_tiles} walks past a chunk's first \
+         tile); bad rows refused"
     );
 }
 

@@ -256,8 +256,8 @@ pub const EXP_POLY_BITS: [u32; 6] = [
     0x3f00_0000,
 ];
 /// `1.5 * 2^23`: adding and subtracting it rounds an f32 of magnitude below `2^22` to an
-/// integer, ties to even.
-const ROUND_MAGIC: f32 = 12_582_912.0;
+/// integer, ties to even (`GE_ROUND_MAGIC` in kernels/sampling.cu).
+pub const EXP_ROUND_MAGIC: f32 = 12_582_912.0;
 
 /// The exponential of the sampling definition, for `x <= 0` (the sampler's arguments are
 /// logits minus their maximum): `exp(x)` to about 1 ulp, defined by its operations (each an
@@ -278,7 +278,7 @@ pub fn sampling_exp(x: f32) -> f32 {
     // replaced by 0 where x is NaN or below -104.
     let xc = x.clamp(-104.0, 0.0);
     let t = xc * f32::from_bits(EXP_LOG2E_BITS);
-    let kf = (t + ROUND_MAGIC) - ROUND_MAGIC;
+    let kf = (t + EXP_ROUND_MAGIC) - EXP_ROUND_MAGIC;
     let r = (xc - kf * f32::from_bits(EXP_LN2_HI_BITS)) - kf * f32::from_bits(EXP_LN2_LO_BITS);
     let z = r * r;
     let mut p = f32::from_bits(EXP_POLY_BITS[0]);

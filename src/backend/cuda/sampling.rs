@@ -561,7 +561,7 @@ mod tests {
     #[test]
     fn kernel_exp_constants_match_the_cpu_sampler() {
         use crate::engine::sampler::{
-            EXP_LN2_HI_BITS, EXP_LN2_LO_BITS, EXP_LOG2E_BITS, EXP_POLY_BITS,
+            EXP_LN2_HI_BITS, EXP_LN2_LO_BITS, EXP_LOG2E_BITS, EXP_POLY_BITS, EXP_ROUND_MAGIC,
         };
         let src = super::super::kernels::source("sampling.cu").expect("sampling.cu embedded");
         assert_eq!(define(src, "GE_EXP_LN2_HI"), u64::from(EXP_LN2_HI_BITS));
@@ -572,7 +572,7 @@ mod tests {
             assert_eq!(define(src, &name), u64::from(bits), "{name}");
         }
         let magic = define_f32(src, "GE_ROUND_MAGIC");
-        assert_eq!(magic, 12_582_912.0);
+        assert_eq!(magic.to_bits(), EXP_ROUND_MAGIC.to_bits());
     }
 
     /// The value of `#define NAME 123.0f`.
