@@ -23,7 +23,7 @@
 mod common;
 
 use common::{Rng, every_loss_kind, loss_test_pairs};
-use genius_engine::backend::cuda::loss::kind_code;
+use genius_engine::backend::cuda::loss::{OUTPUTS, kind_code, pair_inputs};
 use genius_engine::backend::cuda::sampling::{
     RowSampling, THREADS, blocked_sample, filtered_sample, is_filtered, unpack_outputs,
 };
@@ -61,14 +61,37 @@ fn cuda_core_kernels_match_float64_references_in_the_cpu_emulation() {
     kernel_exponential_is_the_cpu_definition(&out.join("checks"));
 }
 
+/// Runs `checks MODE IN OUT` (tools/kernel-emu/checks.cpp) on `input` written to IN, in a
+/// folder of its own per mode; returns OUT's words (hexadecimal bit patterns).
+fn run_checks_mode(checks: &Path, mode: &str, input: &str) -> Vec<u64> {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("kernel-emu-{mode}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (inp, outp) = (dir.join("in.txt"), dir.join("out.txt"));
+    std::fs::write(&inp, input).unwrap();
+    let run = Command::new(checks)
+        .arg(mode)
+        .arg(&inp)
+        .arg(&outp)
+        .output()
+        .expect("runs the kernel-emu checks");
+    assert!(
+        run.status.success(),
+        "{mode}: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    std::fs::read_to_string(&outp)
+        .unwrap()
+        .split_whitespace()
+        .map(|w| u64::from_str_radix(w, 16).unwrap())
+        .collect()
+}
+
 /// `ge_pair_losses` (kernels/loss.cu), run by the emulation on pairs of every loss kind, gives
 /// the host definition's sums, losses, gradients and monitoring values (f64; the kernel sums
 /// each segment in a tree, the host in row order: 1e-9 relative).
 fn pair_loss_kernel_matches_the_host(checks: &Path) {
     let mut rng = Rng::new(77);
     let (lp, rows, pairs) = loss_test_pairs(&mut rng, 3_000, 13);
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("kernel-emu-pair-losses");
-    std::fs::create_dir_all(&dir).unwrap();
     for kind in every_loss_kind() {
         let cfg = LossConfig::new(kind);
         let want = pair_losses_host(&lp, &rows, &pairs, &cfg).unwrap();
@@ -89,39 +112,18 @@ fn pair_loss_kernel_matches_the_host(checks: &Path) {
         writeln!(text, "\n{}", pairs.len()).unwrap();
         for ((c, r), p) in rows.iter().zip(&pairs) {
             write!(text, "{} {} {} {}", c.start, c.end, r.start, r.end).unwrap();
-            for v in [
-                p.ref_chosen,
-                p.ref_rejected,
-                p.chosen_tokens as f64,
-                p.rejected_tokens as f64,
-                p.adv_chosen,
-                p.adv_rejected,
-            ] {
+            for v in pair_inputs(p) {
                 write!(text, " {}", hex(v)).unwrap();
             }
             text.push('\n');
         }
-        let (inp, outp) = (dir.join("in.txt"), dir.join("out.txt"));
-        std::fs::write(&inp, text).unwrap();
-        let run = Command::new(checks)
-            .arg("pair-losses")
-            .arg(&inp)
-            .arg(&outp)
-            .output()
-            .expect("runs the kernel-emu checks");
-        assert!(
-            run.status.success(),
-            "pair-losses: {}",
-            String::from_utf8_lossy(&run.stderr)
-        );
-        let got: Vec<f64> = std::fs::read_to_string(&outp)
-            .unwrap()
-            .split_whitespace()
-            .map(|w| f64::from_bits(u64::from_str_radix(w, 16).unwrap()))
+        let got: Vec<f64> = run_checks_mode(checks, "pair-losses", &text)
+            .into_iter()
+            .map(f64::from_bits)
             .collect();
-        assert_eq!(got.len(), 9 * pairs.len(), "{kind:?}");
+        assert_eq!(got.len(), OUTPUTS * pairs.len(), "{kind:?}");
         let close = |a: f64, b: f64| a == b || (a - b).abs() <= 1e-9 * (1.0 + b.abs());
-        for (i, ((wx, wl), g)) in want.iter().zip(got.chunks_exact(9)).enumerate() {
+        for (i, ((wx, wl), g)) in want.iter().zip(got.chunks_exact(OUTPUTS)).enumerate() {
             let PairLoss {
                 loss,
                 grad_chosen,
@@ -162,8 +164,6 @@ fn emulated_sample_rows(
     rows: &[RowSampling],
     bf16: bool,
 ) -> Vec<u32> {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("kernel-emu-sampling");
-    std::fs::create_dir_all(&dir).unwrap();
     let mut text = format!("{} {} {vocab} {THREADS}\n", u8::from(bf16), rows.len());
     for &x in logits {
         if bf16 {
@@ -193,23 +193,9 @@ fn emulated_sample_rows(
         )
         .unwrap();
     }
-    let (inp, outp) = (dir.join("in.txt"), dir.join("out.txt"));
-    std::fs::write(&inp, text).unwrap();
-    let run = Command::new(checks)
-        .arg("sample-rows")
-        .arg(&inp)
-        .arg(&outp)
-        .output()
-        .expect("runs the kernel-emu checks");
-    assert!(
-        run.status.success(),
-        "sample-rows: {}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    std::fs::read_to_string(&outp)
-        .unwrap()
-        .split_whitespace()
-        .map(|w| u32::from_str_radix(w, 16).unwrap())
+    run_checks_mode(checks, "sample-rows", &text)
+        .into_iter()
+        .map(|w| u32::try_from(w).expect("a 32-bit output word"))
         .collect()
 }
 
@@ -366,8 +352,6 @@ fn sampling_kernel_matches_the_host_port_and_the_cpu_sampler(checks: &Path) {
 /// whether the device's is too is `cuda_sampling`'s
 /// `device_exponential_is_the_cpu_definition_bit_for_bit`.)
 fn kernel_exponential_is_the_cpu_definition(checks: &Path) {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("kernel-emu-sampling-exp");
-    std::fs::create_dir_all(&dir).unwrap();
     let mut x: Vec<f32> = (0..=105 * 512).map(|i| -(i as f32) / 512.0).collect();
     let mut rng = Rng::new(99);
     x.extend((0..20_000).map(|_| -105.0 * rng.uniform().abs()));
@@ -376,23 +360,9 @@ fn kernel_exponential_is_the_cpu_definition(checks: &Path) {
     for v in &x {
         writeln!(text, "{:08x}", v.to_bits()).unwrap();
     }
-    let (inp, outp) = (dir.join("in.txt"), dir.join("out.txt"));
-    std::fs::write(&inp, text).unwrap();
-    let run = Command::new(checks)
-        .arg("sampling-exp")
-        .arg(&inp)
-        .arg(&outp)
-        .output()
-        .expect("runs the kernel-emu checks");
-    assert!(
-        run.status.success(),
-        "sampling-exp: {}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    let got: Vec<u32> = std::fs::read_to_string(&outp)
-        .unwrap()
-        .split_whitespace()
-        .map(|w| u32::from_str_radix(w, 16).unwrap())
+    let got: Vec<u32> = run_checks_mode(checks, "sampling-exp", &text)
+        .into_iter()
+        .map(|w| u32::try_from(w).expect("a 32-bit output word"))
         .collect();
     assert_eq!(got.len(), x.len());
     for (&xi, &g) in x.iter().zip(&got) {

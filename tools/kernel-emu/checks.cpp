@@ -753,6 +753,25 @@ double f64_of(const char* hex) {
     return d;
 }
 
+// Writes the bit patterns of v[0..n) to `path` in hexadecimal, one per line (8 or 16 digits
+// by the element's size): the output files of the IN / OUT modes. 0, or 2 if it cannot write.
+template <typename T>
+int write_bits(const char* path, const T* v, std::size_t n) {
+    static_assert(sizeof(T) == 4 || sizeof(T) == 8, "4- or 8-byte elements");
+    FILE* o = std::fopen(path, "w");
+    if (!o) {
+        std::fprintf(stderr, "cannot write %s\n", path);
+        return 2;
+    }
+    for (std::size_t i = 0; i < n; ++i) {
+        unsigned long long bits = 0;
+        std::memcpy(&bits, &v[i], sizeof(T));
+        std::fprintf(o, "%0*llx\n", static_cast<int>(2 * sizeof(T)), bits);
+    }
+    std::fclose(o);
+    return 0;
+}
+
 int run_pair_losses(const char* in_path, const char* out_path) {
     FILE* in = std::fopen(in_path, "r");
     if (!in) {
@@ -800,15 +819,7 @@ int run_pair_losses(const char* in_path, const char* out_path) {
     a.gamma = f64_of(b[2]);
     a.tau = f64_of(b[3]);
     ge_emu::launch(ge_pair_losses, dim3{static_cast<unsigned int>(pairs), 1, 1}, dim3{256, 1, 1}, a);
-    FILE* o = std::fopen(out_path, "w");
-    if (!o) return 2;
-    for (std::size_t i = 0; i < GE_PAIR_LOSS_OUTPUTS * pairs; ++i) {
-        unsigned long long bits;
-        std::memcpy(&bits, &out[i], 8);
-        std::fprintf(o, "%016llx\n", bits);
-    }
-    std::fclose(o);
-    return 0;
+    return write_bits(out_path, out.data(), GE_PAIR_LOSS_OUTPUTS * pairs);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -865,11 +876,7 @@ int run_sample_rows(const char* in_path, const char* out_path) {
     a.vocab = vocab;
     ge_emu::launch(dtype == 0 ? ge_sample_rows : ge_sample_rows_bf16,
                    dim3{static_cast<unsigned int>(rows), 1, 1}, dim3{threads, 1, 1}, a);
-    FILE* o = std::fopen(out_path, "w");
-    if (!o) return 2;
-    for (unsigned int w : out) std::fprintf(o, "%08x\n", w);
-    std::fclose(o);
-    return 0;
+    return write_bits(out_path, out.data(), out.size());
 }
 
 // `checks sampling-exp IN OUT`: ge_sampling_exp_values (the sampling definition's f32
@@ -896,15 +903,7 @@ int run_sampling_exp(const char* in_path, const char* out_path) {
     a.dst = addr(y.data());
     a.n = static_cast<long long>(n);
     ge_emu::launch(ge_sampling_exp_values, dim3{4, 1, 1}, dim3{256, 1, 1}, a);
-    FILE* o = std::fopen(out_path, "w");
-    if (!o) return 2;
-    for (std::size_t i = 0; i < n; ++i) {
-        unsigned int bits;
-        std::memcpy(&bits, &y[i], 4);
-        std::fprintf(o, "%08x\n", bits);
-    }
-    std::fclose(o);
-    return 0;
+    return write_bits(out_path, y.data(), n);
 }
 
 }  // namespace

@@ -27,8 +27,21 @@ pub fn kind_code(kind: LossKind) -> (i32, i32, f64, f64, f64) {
     }
 }
 
+/// The kernel's f64 inputs of one pair, in `PairLossArgs::inputs` order: reference sums
+/// (chosen, rejected), token counts (chosen, rejected), advantages (chosen, rejected).
+pub fn pair_inputs(p: &PairLogps) -> [f64; 6] {
+    [
+        p.ref_chosen,
+        p.ref_rejected,
+        p.chosen_tokens as f64,
+        p.rejected_tokens as f64,
+        p.adv_chosen,
+        p.adv_rejected,
+    ]
+}
+
 /// f64 outputs per pair (`GE_PAIR_LOSS_OUTPUTS`).
-const OUTPUTS: usize = 9;
+pub const OUTPUTS: usize = 9;
 /// Threads per block (`GE_LOSS_THREADS`).
 const THREADS: u32 = 256;
 
@@ -60,19 +73,7 @@ impl CudaBackend {
             segments.push(u32::try_from(r.start).context("pair_losses: row index over u32")?);
             segments.push(u32::try_from(r.end).context("pair_losses: row index over u32")?);
         }
-        let inputs: Vec<f64> = pairs
-            .iter()
-            .flat_map(|p| {
-                [
-                    p.ref_chosen,
-                    p.ref_rejected,
-                    p.chosen_tokens as f64,
-                    p.rejected_tokens as f64,
-                    p.adv_chosen,
-                    p.adv_rejected,
-                ]
-            })
-            .collect();
+        let inputs: Vec<f64> = pairs.iter().flat_map(pair_inputs).collect();
         let lp = self.gpu.upload_slice(row_logprobs)?;
         let seg = self.gpu.upload_slice(&segments)?;
         let inp = self.gpu.upload_slice(&inputs)?;
