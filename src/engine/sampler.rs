@@ -337,6 +337,17 @@ pub fn log_sum_exp(logits: &[f32], max: f32) -> f64 {
     f64::from(max) + s.ln()
 }
 
+/// The tempered weights `w_i` of a row (step 3) and their sum `Z` in f64 ([`sum_f64`]'s
+/// order).
+pub fn tempered_weights(logits: &[f32], max: f32, temperature: f32) -> (Vec<f32>, f64) {
+    let weights: Vec<f32> = logits
+        .iter()
+        .map(|&l| sampling_weight(l, max, temperature))
+        .collect();
+    let z = sum_f64(&weights);
+    (weights, z)
+}
+
 /// `1 / Z` rounded to f32: the factor that turns weights into probabilities.
 pub fn inverse_normaliser(z: f64) -> f32 {
     (1.0 / z) as f32
@@ -437,8 +448,7 @@ pub fn sample(
 
     // Tempered softmax: f32 weights, f64 normaliser, f32 probabilities.
     let t = params.temperature;
-    let weights: Vec<f32> = logits.iter().map(|&l| sampling_weight(l, max, t)).collect();
-    let z = sum_f64(&weights);
+    let (weights, z) = tempered_weights(logits, max, t);
     let inv_z = inverse_normaliser(z);
     // At T = 1 the weights are exactly the terms of the untempered log-partition function.
     let lse = if t == 1.0 {

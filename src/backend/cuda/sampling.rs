@@ -15,7 +15,7 @@ use super::backend::CudaBackend;
 use super::tensor::{CudaTensor, DeviceData};
 pub use crate::engine::sampler::RowSampling;
 use crate::engine::sampler::{
-    SampledToken, SamplingParams, inverse_normaliser, log_sum_exp, sampling_weight, scan_logits,
+    SampledToken, SamplingParams, inverse_normaliser, log_sum_exp, scan_logits, tempered_weights,
     uniform,
 };
 use anyhow::{Result, anyhow, ensure};
@@ -97,7 +97,7 @@ pub fn unpack_outputs(words: &[u32], vocab: usize) -> Result<Vec<SampledToken>> 
 
 /// `ge_sample_rows` on the host, the same steps in the same order: for unfiltered sampling
 /// (or greedy) of one row; [`filtered_sample`] for top-k / top-p rows. Sums whose order the kernel leaves to the hardware (the
-/// normalisers) are sequential here; the walk (chunk sums, their sequential exclusive
+/// normalisers) are the CPU sampler's here; the walk (chunk sums, their sequential exclusive
 /// prefix, per-chunk walks, lowest crossing) is the kernel's exactly.
 pub fn blocked_sample(
     logits: &[f32],
@@ -120,13 +120,9 @@ pub fn blocked_sample(
             sampling_logprob: 0.0,
         });
     }
-    let t = params.temperature;
-    let z: f64 = logits
-        .iter()
-        .map(|&l| f64::from(sampling_weight(l, max, t)))
-        .sum();
+    let (weights, z) = tempered_weights(logits, max, params.temperature);
     let inv_z = inverse_normaliser(z);
-    let prob = |i: usize| sampling_weight(logits[i], max, t) * inv_z;
+    let prob = |i: usize| weights[i] * inv_z;
     // 3. chunk sums and their exclusive prefix: chunks of a multiple of 8 logits.
     let chunk = 8 * vocab.div_ceil(8 * THREADS);
     let range = |c: usize| (c * chunk).min(vocab)..((c + 1) * chunk).min(vocab);
@@ -314,16 +310,9 @@ pub fn filtered_sample(
     );
     let (_, max) = scan_logits(logits)?;
     let lse = log_sum_exp(logits, max);
-    let t = params.temperature;
-    let z: f64 = logits
-        .iter()
-        .map(|&l| f64::from(sampling_weight(l, max, t)))
-        .sum();
+    let (weights, z) = tempered_weights(logits, max, params.temperature);
     let inv_z = inverse_normaliser(z);
-    let keys: Vec<u32> = logits
-        .iter()
-        .map(|&l| (sampling_weight(l, max, t) * inv_z).to_bits())
-        .collect();
+    let keys: Vec<u32> = weights.iter().map(|&w| (w * inv_z).to_bits()).collect();
     // a. candidates and histogram.
     let mut counts = vec![0u32; BINS];
     let mut masses = vec![0u64; BINS];
