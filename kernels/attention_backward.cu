@@ -81,12 +81,6 @@ __device__ __forceinline__ void ge_ab_dot_tile(float (&acc)[TR][TC], const unsig
     }
 }
 
-// Two f32 values as one bf16 pair word (low element first).
-__device__ __forceinline__ unsigned int ge_ab_pack(float lo, float hi) {
-    return static_cast<unsigned int>(ge_f32_to_bf16(lo).bits) |
-           (static_cast<unsigned int>(ge_f32_to_bf16(hi).bits) << 16);
-}
-
 // ---- dQ and the row statistics: grid (query tile, query head). ----
 template <int HD, int BQ, int BK>
 __device__ __forceinline__ void ge_attention_backward_dq(const AttentionBackwardArgs& a) {
@@ -262,7 +256,7 @@ __device__ __forceinline__ void ge_attention_backward_dq(const AttentionBackward
         const long long rowword = ((seq0 + q0 + r) * qw + static_cast<long long>(h) * HD) / 2;
 #pragma unroll
         for (int j = 0; j < WJ; ++j) {
-            dqo[rowword + tx + 16 * j] = ge_ab_pack(dq[i][j][0] * scale, dq[i][j][1] * scale);
+            dqo[rowword + tx + 16 * j] = ge_pack_bf16x2(dq[i][j][0] * scale, dq[i][j][1] * scale);
         }
     }
 }
@@ -385,8 +379,8 @@ __device__ __forceinline__ void ge_attention_backward_dkv(const AttentionBackwar
         const long long rowword = ((seq0 + k0 + c) * kw + static_cast<long long>(kvh) * HD) / 2;
 #pragma unroll
         for (int j = 0; j < WJ; ++j) {
-            dko[rowword + tx + 16 * j] = ge_ab_pack(dk[i][j][0] * scale, dk[i][j][1] * scale);
-            dvo[rowword + tx + 16 * j] = ge_ab_pack(dv[i][j][0], dv[i][j][1]);
+            dko[rowword + tx + 16 * j] = ge_pack_bf16x2(dk[i][j][0] * scale, dk[i][j][1] * scale);
+            dvo[rowword + tx + 16 * j] = ge_pack_bf16x2(dv[i][j][0], dv[i][j][1]);
         }
     }
 }

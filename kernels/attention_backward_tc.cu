@@ -30,31 +30,6 @@
 #define GE_ABT_THREADS 128
 #define GE_ABT_NEG_INF __int_as_float(0xff800000)
 
-// c += A B on one m16n8k16 tile.
-__device__ __forceinline__ void ge_abt_mma(float (&c)[4], const unsigned int (&a)[4], unsigned int b0,
-                                           unsigned int b1) {
-#ifdef GE_KERNEL_EMU
-    ge_emu::mma_m16n8k16_bf16(c, a, b0, b1);  // tools/kernel-emu: the same on the host
-#else
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-        "{%8, %9}, {%0, %1, %2, %3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#endif
-}
-
-// Two f32 values as one bf16 pair (`lo` in the low half), rounded to nearest even.
-__device__ __forceinline__ unsigned int ge_abt_pack(float lo, float hi) {
-    unsigned int r;
-#ifdef GE_KERNEL_EMU
-    r = static_cast<unsigned int>(ge_emu::f32_to_bf16_bits(lo)) |
-        (static_cast<unsigned int>(ge_emu::f32_to_bf16_bits(hi)) << 16);
-#else
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-#endif
-    return r;
-}
-
 // Rows `row0 .. row0 + R` of a bf16 matrix with `ld` elements per row (from `src`, which
 // includes the head's column offset) into a shared tile; rows at or past `nvalid` are zero.
 template <int HD, int R>
@@ -127,7 +102,7 @@ __device__ __forceinline__ void ge_abt_scores(float (&acc)[NT][4], const unsigne
         for (int j = 0; j < NT; ++j) {
             unsigned int b0, b1;
             ge_abt_frag_b<W>(b0, b1, M, 8 * j, kk);
-            ge_abt_mma(acc[j], a, b0, b1);
+            ge_mma_bf16_16816(acc[j], a, b0, b1);
         }
     }
 }
@@ -137,10 +112,10 @@ template <int NT>
 __device__ __forceinline__ void ge_abt_c_to_a(unsigned int (&a)[NT / 2][4], const float (&c)[NT][4]) {
 #pragma unroll
     for (int s = 0; s < NT / 2; ++s) {
-        a[s][0] = ge_abt_pack(c[2 * s][0], c[2 * s][1]);
-        a[s][1] = ge_abt_pack(c[2 * s][2], c[2 * s][3]);
-        a[s][2] = ge_abt_pack(c[2 * s + 1][0], c[2 * s + 1][1]);
-        a[s][3] = ge_abt_pack(c[2 * s + 1][2], c[2 * s + 1][3]);
+        a[s][0] = ge_pack_bf16x2(c[2 * s][0], c[2 * s][1]);
+        a[s][1] = ge_pack_bf16x2(c[2 * s][2], c[2 * s][3]);
+        a[s][2] = ge_pack_bf16x2(c[2 * s + 1][0], c[2 * s + 1][1]);
+        a[s][3] = ge_pack_bf16x2(c[2 * s + 1][2], c[2 * s + 1][3]);
     }
 }
 
@@ -156,7 +131,7 @@ __device__ __forceinline__ void ge_abt_accumulate(float (&acc)[HD / 8][4], const
         for (int s = 0; s < KS; ++s) {
             unsigned int b0, b1;
             ge_abt_frag_bt<W>(b0, b1, M, 16 * s, 8 * n);
-            ge_abt_mma(acc[n], a[s], b0, b1);
+            ge_mma_bf16_16816(acc[n], a[s], b0, b1);
         }
     }
 }
@@ -328,7 +303,7 @@ __device__ __forceinline__ void ge_attention_backward_dq_tc(const AttentionBackw
         const long long rowword = ((seq0 + q0 + r) * qw + static_cast<long long>(h) * HD) / 2;
 #pragma unroll
         for (int n = 0; n < DT; ++n) {
-            dqo[rowword + 4 * n + tig] = ge_abt_pack(dq[n][2 * hr] * scale, dq[n][2 * hr + 1] * scale);
+            dqo[rowword + 4 * n + tig] = ge_pack_bf16x2(dq[n][2 * hr] * scale, dq[n][2 * hr + 1] * scale);
         }
     }
 }
@@ -460,8 +435,8 @@ __device__ __forceinline__ void ge_attention_backward_dkv_tc(const AttentionBack
         const long long rowword = ((seq0 + k0 + kr) * kw + static_cast<long long>(kvh) * HD) / 2;
 #pragma unroll
         for (int n = 0; n < DT; ++n) {
-            dko[rowword + 4 * n + tig] = ge_abt_pack(dk[n][2 * hr] * scale, dk[n][2 * hr + 1] * scale);
-            dvo[rowword + 4 * n + tig] = ge_abt_pack(dv[n][2 * hr], dv[n][2 * hr + 1]);
+            dko[rowword + 4 * n + tig] = ge_pack_bf16x2(dk[n][2 * hr] * scale, dk[n][2 * hr + 1] * scale);
+            dvo[rowword + 4 * n + tig] = ge_pack_bf16x2(dv[n][2 * hr], dv[n][2 * hr + 1]);
         }
     }
 }

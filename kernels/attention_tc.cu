@@ -29,25 +29,6 @@
 #define GE_AT_BK 64
 #define GE_AT_NEG_INF __int_as_float(0xff800000)
 
-__device__ __forceinline__ void ge_at_mma(float (&d)[4], const unsigned int (&a)[4],
-                                          unsigned int b0, unsigned int b1) {
-#ifdef GE_KERNEL_EMU
-    ge_emu::mma_m16n8k16_bf16(d, a, b0, b1);  // tools/kernel-emu: the same on the host
-#else
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
-        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#endif
-}
-
-// Two f32 as bf16x2: `lo` in the low 16 bits (the lower column / row index).
-__device__ __forceinline__ unsigned int ge_at_pack(float lo, float hi) {
-    return static_cast<unsigned int>(ge_f32_to_bf16(lo).bits) |
-           (static_cast<unsigned int>(ge_f32_to_bf16(hi).bits) << 16);
-}
-
 // Rows `row0 .. row0 + 64` (columns `col0 .. col0 + HD`) of a bf16 matrix with `ld` elements
 // per row into a shared tile with row stride HD + 8; rows at or past `nvalid` are zero.
 template <int HD>
@@ -138,7 +119,7 @@ __device__ __forceinline__ void ge_attention_tc_fwd(const AttentionTcArgs& a) {
             const unsigned int* krow = kw + (j * 8 + g) * (LDS / 2);
 #pragma unroll
             for (int kk = 0; kk < KSTEPS; ++kk) {
-                ge_at_mma(s[j], qf[kk], krow[kk * 8 + t], krow[kk * 8 + t + 4]);
+                ge_mma_bf16_16816(s[j], qf[kk], krow[kk * 8 + t], krow[kk * 8 + t + 4]);
             }
         }
 
@@ -202,10 +183,10 @@ __device__ __forceinline__ void ge_attention_tc_fwd(const AttentionTcArgs& a) {
 #pragma unroll
         for (int kk = 0; kk < GE_AT_BK / 16; ++kk) {
             unsigned int pf[4];
-            pf[0] = ge_at_pack(s[2 * kk][0], s[2 * kk][1]);
-            pf[1] = ge_at_pack(s[2 * kk][2], s[2 * kk][3]);
-            pf[2] = ge_at_pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-            pf[3] = ge_at_pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+            pf[0] = ge_pack_bf16x2(s[2 * kk][0], s[2 * kk][1]);
+            pf[1] = ge_pack_bf16x2(s[2 * kk][2], s[2 * kk][3]);
+            pf[2] = ge_pack_bf16x2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+            pf[3] = ge_pack_bf16x2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
             // B[k][n] = V[16 kk + k][8 j + n]: transposed ldmatrix of key rows 16 kk .. + 7
             // and + 8 .. + 15, for the column slices 8 j and 8 (j + 1) at once.
             const int mat = lane / 8;
@@ -214,8 +195,8 @@ __device__ __forceinline__ void ge_attention_tc_fwd(const AttentionTcArgs& a) {
             for (int j = 0; j < ONT; j += 2) {
                 unsigned int b[4];
                 ge_ldsm<4, true>(b, vrow + 8 * j);
-                ge_at_mma(o[j], pf, b[0], b[1]);
-                ge_at_mma(o[j + 1], pf, b[2], b[3]);
+                ge_mma_bf16_16816(o[j], pf, b[0], b[1]);
+                ge_mma_bf16_16816(o[j + 1], pf, b[2], b[3]);
             }
         }
     }
@@ -231,12 +212,12 @@ __device__ __forceinline__ void ge_attention_tc_fwd(const AttentionTcArgs& a) {
     if (r0 < seq_len) {
         unsigned int* w = reinterpret_cast<unsigned int*>(op + (seq_start + r0) * qld);
 #pragma unroll
-        for (int j = 0; j < ONT; ++j) w[j * 4 + t] = ge_at_pack(o[j][0] * inv0, o[j][1] * inv0);
+        for (int j = 0; j < ONT; ++j) w[j * 4 + t] = ge_pack_bf16x2(o[j][0] * inv0, o[j][1] * inv0);
     }
     if (r1 < seq_len) {
         unsigned int* w = reinterpret_cast<unsigned int*>(op + (seq_start + r1) * qld);
 #pragma unroll
-        for (int j = 0; j < ONT; ++j) w[j * 4 + t] = ge_at_pack(o[j][2] * inv1, o[j][3] * inv1);
+        for (int j = 0; j < ONT; ++j) w[j * 4 + t] = ge_pack_bf16x2(o[j][2] * inv1, o[j][3] * inv1);
     }
     if (a.lse != 0ull && t == 0) {
         // Natural log-sum-exp of the scaled scores: (m + log2 l) * ln 2.

@@ -108,6 +108,74 @@ __device__ __forceinline__ void ge_ldsm(unsigned int (&r)[COUNT], const void* ro
 #endif
 }
 
+// `cp.async.cg.shared.global` of 16 bytes from global `src` to shared `dst` (both 16-byte
+// aligned), or 16 zero bytes when `valid` is false (src-size 0: nothing is read, but `src` must
+// still be a valid address). Asynchronous: the bytes are there for this thread once a later
+// ge_cp_async_wait<N> has left at most N of its committed groups pending, and for the other
+// threads of its warp after a __syncwarp that follows that wait.
+__device__ __forceinline__ void ge_cp_async16(void* dst, const void* src, bool valid) {
+#ifdef GE_KERNEL_EMU
+    ge_emu::cp_async16(dst, src, valid);  // tools/kernel-emu: deferred to the wait, as on the GPU
+#else
+    unsigned int addr;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(addr) : "l"(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
+                 :
+                 : "r"(addr), "l"(src), "r"(valid ? 16 : 0)
+                 : "memory");
+#endif
+}
+
+// Closes this thread's current group of ge_cp_async16 copies (an empty group is allowed).
+__device__ __forceinline__ void ge_cp_async_commit() {
+#ifdef GE_KERNEL_EMU
+    ge_emu::cp_async_commit();
+#else
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+
+// Waits until at most N of this thread's committed copy groups are still pending.
+template <int N>
+__device__ __forceinline__ void ge_cp_async_wait() {
+#ifdef GE_KERNEL_EMU
+    ge_emu::cp_async_wait(N);
+#else
+    asm volatile("cp.async.wait_group %0;" : : "n"(N) : "memory");
+#endif
+}
+
+// c += A B on one `mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32` tile (the whole warp
+// calls it). Fragment ownership (PTX ISA), with g = lane / 4 and t = lane % 4:
+//   A (16 x 16): a0 = A[g][2t, 2t+1], a1 = A[g+8][2t, 2t+1], a2 = A[g][2t+8, 2t+9],
+//                a3 = A[g+8][2t+8, 2t+9]   (lower column in the low 16 bits);
+//   B (16 x 8):  b0 = B[2t, 2t+1][g], b1 = B[2t+8, 2t+9][g];
+//   C (16 x 8):  c0, c1 = C[g][2t, 2t+1], c2, c3 = C[g+8][2t, 2t+1].
+__device__ __forceinline__ void ge_mma_bf16_16816(float (&c)[4], const unsigned int (&a)[4],
+                                                  unsigned int b0, unsigned int b1) {
+#ifdef GE_KERNEL_EMU
+    ge_emu::mma_m16n8k16_bf16(c, a, b0, b1);  // tools/kernel-emu: the same on the host
+#else
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+}
+
+// Two f32 values as one bf16 pair word (`lo` in the low half, the lower index), each rounded
+// to nearest even as ge_f32_to_bf16 rounds.
+__device__ __forceinline__ unsigned int ge_pack_bf16x2(float lo, float hi) {
+    unsigned int r;
+#ifdef GE_KERNEL_EMU
+    r = static_cast<unsigned int>(ge_emu::f32_to_bf16_bits(lo)) |
+        (static_cast<unsigned int>(ge_emu::f32_to_bf16_bits(hi)) << 16);
+#else
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+#endif
+    return r;
+}
+
 // Element type conversions used by the templated kernels.
 __device__ __forceinline__ float ge_to_f32(ge_bf16 v) { return ge_bf16_to_f32(v); }
 __device__ __forceinline__ float ge_to_f32(float v) { return v; }

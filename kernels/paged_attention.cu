@@ -273,6 +273,280 @@ extern "C" __global__ void ge_paged_attention_d128(PagedAttentionArgs a) {
     paged_attention_partition<128>(a);
 }
 
+// ---- Paged attention on tensor cores (the default; `GENIUS_CUDA_PA_TC=0` keeps the kernel
+// above). Same arguments, grid, partitions and outputs as ge_paged_attention_d*. ----
+//
+// With grouped-query attention every K/V row is shared by the block's query heads (7 for
+// Qwen2.5-0.5B), so the kernel above spends a dot product per head and position on the CUDA
+// cores, with a shared-memory load per multiply-add. Here the block's heads are the rows of an
+// m16n8k16 tile (heads 0 .. nh - 1 in rows 0 .. 7, rows 8 .. 15 zero, their results unused):
+//   S (16 x KT)  = Q (16 x HD) K^T          : KT / 8 n-tiles x HD / 16 k-steps,
+//   O (16 x HD) += P (16 x KT, bf16) V       : HD / 8 n-tiles x KT / 16 k-steps,
+// with P's A fragments repacked from S's accumulators (FlashAttention-2), K's B fragments by
+// ldmatrix and V's by ldmatrix.trans.
+//
+// Each of the 4 warps walks its own tiles of KT positions of the partition (tiles w, w + 4,
+// ...) with its own online softmax, gathering each tile's K and V rows through the block table
+// into its own shared tiles by cp.async (16 bytes per lane and copy, zero-filled past the
+// partition's end), STAGES tiles in flight. At the end the warps' (max, sum, output) meet in
+// shared memory and are merged as partitions are: out = sum_w 2^(m_w - M) O_w / sum_w 2^(m_w -
+// M) l_w. Scores are kept in log2 units (scale * log2 e); a split partition's max is written
+// in natural units (times ln 2), as the combine kernel expects.
+#define GE_PT_WARPS 4
+#define GE_PT_THREADS (GE_PT_WARPS * GE_WARP_SIZE)
+
+// The K and V rows of positions `first .. first + KT` (zero rows from `end` on) into `ks` and
+// `vs` (row stride HD + 8 bf16), by cp.async from the calling warp's lanes.
+template <int HD, int KT>
+__device__ __forceinline__ void ge_pt_gather(ge_bf16* ks, ge_bf16* vs, const PagedAttentionArgs& a,
+                                             const ge_bf16* kp, const ge_bf16* vp, long long kw,
+                                             long long base, int first, int end, int lane) {
+    constexpr int VECS = HD / 8;  // 16-byte pieces of a row
+    constexpr int LDS = HD + 8;
+    // Lane r < KT looks up row r's slot; the copies take it by shuffle.
+    long long my_slot = 0;
+    if (lane < KT && first + lane < end) {
+        const int pos = first + lane;
+        my_slot = a.contiguous ? base + pos
+                               : static_cast<long long>(reinterpret_cast<const unsigned int*>(
+                                     a.block_tables)[base + pos / a.block_size]) * a.block_size +
+                                     pos % a.block_size;
+    }
+#pragma unroll
+    for (int i = lane; i < KT * VECS; i += GE_WARP_SIZE) {
+        const int r = i / VECS;
+        const int c = i % VECS;
+        const long long slot = __shfl_sync(0xffffffffu, my_slot, r);
+        // An invalid copy reads nothing, but its address must still be a valid one: row 0.
+        const bool valid = first + r < end;
+        ge_cp_async16(ks + r * LDS + c * 8, kp + slot * kw + c * 8, valid);
+        ge_cp_async16(vs + r * LDS + c * 8, vp + slot * kw + c * 8, valid);
+    }
+}
+
+template <int HD, int KT, int STAGES>
+__device__ __forceinline__ void paged_attention_tc_partition(const PagedAttentionArgs& a) {
+    static_assert(KT % 16 == 0 && (KT * HD / 8) % GE_WARP_SIZE == 0, "tile");
+    static_assert(HD % 32 == 0 && (STAGES == 1 || STAGES == 2), "head_dim, stages");
+    constexpr int LDS = HD + 8;
+    constexpr int KSTEPS = HD / 16;  // k-steps of S = Q K^T
+    constexpr int ONT = HD / 8;      // n-tiles of O
+    constexpr int SNT = KT / 8;      // n-tiles of S
+    constexpr int TILE = KT * LDS;   // bf16 of one K (or V) tile
+    __shared__ __align__(16) ge_bf16 tiles[GE_PT_WARPS * STAGES * 2 * TILE];
+    static_assert(sizeof(float) * GE_PT_WARPS * 8 * (HD + 2) <= sizeof(ge_bf16) * GE_PT_WARPS * STAGES * 2 * TILE,
+                  "the merge's scratch fits in the tiles");
+
+    const int tid = threadIdx.x;
+    const int lane = tid % GE_WARP_SIZE;
+    const int warp = tid / GE_WARP_SIZE;
+    const int g = lane / 4;
+    const int t = lane % 4;
+    const unsigned int* work = reinterpret_cast<const unsigned int*>(a.work);
+    const unsigned int* seqs = reinterpret_cast<const unsigned int*>(a.seqs);
+    const long long w = blockIdx.x;
+    const long long row = work[2 * w];
+    const unsigned int* sd = seqs + 4 * static_cast<long long>(work[2 * w + 1]);
+    const int q_start = static_cast<int>(sd[0]);
+    const int q_len = static_cast<int>(sd[1]);
+    const int context_len = static_cast<int>(sd[2]);
+    const long long base = sd[3];
+    const int visible = context_len - q_len + (static_cast<int>(row) - q_start) + 1;
+
+    const int group = a.num_heads / a.num_kv_heads;
+    const int slices = (group + a.heads_per_block - 1) / a.heads_per_block;
+    const int kvh = blockIdx.y / slices;
+    const int g0 = (blockIdx.y % slices) * a.heads_per_block;
+    const int nh = min(a.heads_per_block, group - g0);
+    const int h0 = kvh * group + g0;
+    const int p0 = blockIdx.z * a.partition_size;
+    if (p0 >= visible) return;  // the whole block: this row has fewer partitions
+    const int p1 = min(visible, p0 + a.partition_size);
+
+    const long long qw = static_cast<long long>(a.num_heads) * HD;
+    const long long kw = static_cast<long long>(a.num_kv_heads) * HD;
+    const ge_bf16* q = reinterpret_cast<const ge_bf16*>(a.q) + row * qw + static_cast<long long>(h0) * HD;
+    const ge_bf16* kp = reinterpret_cast<const ge_bf16*>(a.k_pool) + static_cast<long long>(kvh) * HD;
+    const ge_bf16* vp = reinterpret_cast<const ge_bf16*>(a.v_pool) + static_cast<long long>(kvh) * HD;
+
+    // Q's A fragments, rows g < nh only (a1 and a3, rows g + 8, are zero): words kk * 8 + t
+    // and + 4 of head g's row are columns 16 kk + 2t, +1 and 16 kk + 8 + 2t, +1.
+    unsigned int qf[KSTEPS][2];
+    {
+        const unsigned int* qrow = g < nh ? reinterpret_cast<const unsigned int*>(q + g * HD) : nullptr;
+#pragma unroll
+        for (int kk = 0; kk < KSTEPS; ++kk) {
+            qf[kk][0] = qrow ? qrow[kk * 8 + t] : 0u;
+            qf[kk][1] = qrow ? qrow[kk * 8 + t + 4] : 0u;
+        }
+    }
+
+    float o[ONT][2];  // row g, columns 8 j + 2t, +1
+#pragma unroll
+    for (int j = 0; j < ONT; ++j) o[j][0] = o[j][1] = 0.0f;
+    float m = GE_NEG_INF;  // running max of row g's log2 scores (the same in the quad)
+    float l = 0.0f;        // running sum of this lane's columns of row g
+    const float sl2 = a.scale * 1.4426950408889634f;
+
+    const int ntiles = (p1 - p0 + KT - 1) / KT;
+    ge_bf16* mine = tiles + warp * STAGES * 2 * TILE;
+    int stage = 0;
+    int tile = warp;
+    if (tile < ntiles) ge_pt_gather<HD, KT>(mine, mine + TILE, a, kp, vp, kw, base, p0 + tile * KT, p1, lane);
+    ge_cp_async_commit();
+    for (; tile < ntiles; tile += GE_PT_WARPS) {
+        const int next = tile + GE_PT_WARPS;
+        if (STAGES == 2) {
+            ge_bf16* other = mine + (stage ^ 1) * 2 * TILE;
+            if (next < ntiles) ge_pt_gather<HD, KT>(other, other + TILE, a, kp, vp, kw, base, p0 + next * KT, p1, lane);
+            ge_cp_async_commit();
+            ge_cp_async_wait<1>();  // this tile's copies are done (the next tile's may not be)
+        } else {
+            ge_cp_async_wait<0>();
+        }
+        __syncwarp();  // every lane's copies are visible to the warp
+        const ge_bf16* ks = mine + stage * 2 * TILE;
+        const ge_bf16* vs = ks + TILE;
+
+        // S = Q K^T: B fragments of two k-steps per ldmatrix.x4 (matrices: columns 16 kk,
+        // 16 kk + 8, 16 (kk + 1), 16 (kk + 1) + 8 of key rows 8 j .. 8 j + 7).
+        float s[SNT][4];
+#pragma unroll
+        for (int j = 0; j < SNT; ++j) {
+            s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+#pragma unroll
+            for (int kk = 0; kk < KSTEPS; kk += 2) {
+                unsigned int b[4];
+                ge_ldsm<4, false>(b, ks + (j * 8 + lane % 8) * LDS + kk * 16 + 8 * (lane / 8));
+                const unsigned int a0[4] = {qf[kk][0], 0u, qf[kk][1], 0u};
+                const unsigned int a1[4] = {qf[kk + 1][0], 0u, qf[kk + 1][1], 0u};
+                ge_mma_bf16_16816(s[j], a0, b[0], b[1]);
+                ge_mma_bf16_16816(s[j], a1, b[2], b[3]);
+            }
+        }
+
+        // Log2 units; positions past the partition's end masked. Row g's columns of this
+        // lane are s[j][0], s[j][1] (positions 8 j + 2t, +1).
+        const int first = p0 + tile * KT;
+        float mx = GE_NEG_INF;
+#pragma unroll
+        for (int j = 0; j < SNT; ++j) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const float x = first + j * 8 + 2 * t + e < p1 ? s[j][e] * sl2 : GE_NEG_INF;
+                s[j][e] = x;
+                mx = fmaxf(mx, x);
+            }
+        }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        // The tile's first position is visible, so mx is finite; corr is 0 on the first tile.
+        const float m_new = fmaxf(m, mx);
+        const float corr = exp2f(m - m_new);
+        m = m_new;
+        l *= corr;
+#pragma unroll
+        for (int j = 0; j < ONT; ++j) {
+            o[j][0] *= corr;
+            o[j][1] *= corr;
+        }
+#pragma unroll
+        for (int j = 0; j < SNT; ++j) {
+            s[j][0] = exp2f(s[j][0] - m);
+            s[j][1] = exp2f(s[j][1] - m);
+            l += s[j][0] + s[j][1];
+        }
+
+        // O += P V, 16 positions per k-step; V's B fragments by ldmatrix.x4.trans, two
+        // column slices per instruction.
+#pragma unroll
+        for (int kk = 0; kk < KT / 16; ++kk) {
+            const unsigned int pf[4] = {ge_pack_bf16x2(s[2 * kk][0], s[2 * kk][1]), 0u,
+                                        ge_pack_bf16x2(s[2 * kk + 1][0], s[2 * kk + 1][1]), 0u};
+            const int mat = lane / 8;
+            const ge_bf16* vrow = vs + (kk * 16 + lane % 8 + 8 * (mat & 1)) * LDS + 8 * (mat >> 1);
+#pragma unroll
+            for (int j = 0; j < ONT; j += 2) {
+                unsigned int b[4];
+                ge_ldsm<4, true>(b, vrow + 8 * j);
+                float d0[4] = {o[j][0], o[j][1], 0.0f, 0.0f};
+                float d1[4] = {o[j + 1][0], o[j + 1][1], 0.0f, 0.0f};
+                ge_mma_bf16_16816(d0, pf, b[0], b[1]);
+                ge_mma_bf16_16816(d1, pf, b[2], b[3]);
+                o[j][0] = d0[0];
+                o[j][1] = d0[1];
+                o[j + 1][0] = d1[0];
+                o[j + 1][1] = d1[1];
+            }
+        }
+        __syncwarp();  // the warp is done with this stage before it is refilled
+        if (STAGES == 2) {
+            stage ^= 1;
+        } else {
+            if (next < ntiles) ge_pt_gather<HD, KT>(mine, mine + TILE, a, kp, vp, kw, base, p0 + next * KT, p1, lane);
+            ge_cp_async_commit();
+        }
+    }
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+
+    // Merge the warps (a warp without tiles has m = -inf, l = 0, O = 0 and adds nothing).
+    // Every copy was waited for, so the tiles can hold the scratch once all warps are here.
+    __syncthreads();
+    float* wm = reinterpret_cast<float*>(tiles);  // [warp][8]
+    float* wl = wm + GE_PT_WARPS * 8;             // [warp][8]
+    float* wo = wl + GE_PT_WARPS * 8;             // [warp][8][HD]
+    if (t == 0) {
+        wm[warp * 8 + g] = m;
+        wl[warp * 8 + g] = l;
+    }
+#pragma unroll
+    for (int j = 0; j < ONT; ++j) {
+        wo[(warp * 8 + g) * HD + 8 * j + 2 * t] = o[j][0];
+        wo[(warp * 8 + g) * HD + 8 * j + 2 * t + 1] = o[j][1];
+    }
+    __syncthreads();
+    for (int i = tid; i < nh * (HD / 2); i += GE_PT_THREADS) {
+        const int r = i / (HD / 2);
+        const int pair = i % (HD / 2);
+        float mmax = GE_NEG_INF;
+#pragma unroll
+        for (int v = 0; v < GE_PT_WARPS; ++v) mmax = fmaxf(mmax, wm[v * 8 + r]);
+        float total = 0.0f, o0 = 0.0f, o1 = 0.0f;
+#pragma unroll
+        for (int v = 0; v < GE_PT_WARPS; ++v) {
+            const float f = exp2f(wm[v * 8 + r] - mmax);  // 0 for a warp without tiles
+            total += f * wl[v * 8 + r];
+            o0 += f * wo[(v * 8 + r) * HD + 2 * pair];
+            o1 += f * wo[(v * 8 + r) * HD + 2 * pair + 1];
+        }
+        const float inv = 1.0f / total;
+        const long long col = static_cast<long long>(h0 + r) * HD + 2 * pair;
+        if (a.num_partitions == 1) {
+            reinterpret_cast<unsigned int*>(a.out)[(row * qw + col) / 2] = ge_pack_bf16x2(o0 * inv, o1 * inv);
+        } else {
+            const long long idx = (w * a.num_heads + h0 + r) * a.num_partitions + blockIdx.z;
+            float2 out;
+            out.x = o0 * inv;
+            out.y = o1 * inv;
+            reinterpret_cast<float2*>(a.part_out)[(idx * HD) / 2 + pair] = out;
+            if (pair == 0) {
+                reinterpret_cast<float*>(a.part_max)[idx] = mmax * 0.6931471805599453f;
+                reinterpret_cast<float*>(a.part_sum)[idx] = total;
+            }
+        }
+    }
+}
+
+// Key tiles of 16 positions; two in flight per warp at head_dim 64 (36 KiB of shared memory
+// per block), one at 128 (34 KiB), under the 48 KiB of static shared memory.
+extern "C" __global__ void __launch_bounds__(GE_PT_THREADS) ge_paged_attention_tc_d64(PagedAttentionArgs a) {
+    paged_attention_tc_partition<64, 16, 2>(a);
+}
+extern "C" __global__ void __launch_bounds__(GE_PT_THREADS) ge_paged_attention_tc_d128(PagedAttentionArgs a) {
+    paged_attention_tc_partition<128, 16, 1>(a);
+}
+
 // ---- Combine of the partitions: one block per (work item, head), threads over head_dim. Each
 // partition z holding visible positions contributes its normalised output o_z with weight
 // sum_z * exp(max_z - max over partitions); the result is divided by the total weight. ----

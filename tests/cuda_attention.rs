@@ -200,8 +200,17 @@ fn run_paged(be: &CudaBackend, rng: &mut Rng, c: &Case) {
         .paged_attention(&qd, &kd, &vd, &seqs, shape, c.block_size)
         .unwrap();
     let what = format!(
-        "paged heads {}/{} d {} block {} seqs {:?}",
-        c.heads, c.kv_heads, c.head_dim, c.block_size, c.seqs
+        "paged ({}) heads {}/{} d {} block {} seqs {:?}",
+        if be.paged_attention_tensor_cores() {
+            "tensor cores"
+        } else {
+            "CUDA cores"
+        },
+        c.heads,
+        c.kv_heads,
+        c.head_dim,
+        c.block_size,
+        c.seqs
     );
     assert_close(&what, &be.download(&got).unwrap(), &want);
 }
@@ -255,8 +264,13 @@ fn paged_attention_matches_the_cpu() {
         seqs: vec![(1, 600), (5, 40)],
         gap_rows: true,
     });
-    for c in &cases {
-        run_paged(&be, &mut rng, c);
+    // Both kernel families on every case: the tensor-core one (the default) and the CUDA-core
+    // one ($GENIUS_CUDA_PA_TC=0).
+    for tensor_cores in [true, false] {
+        be.set_paged_attention_tensor_cores(tensor_cores);
+        for c in &cases {
+            run_paged(&be, &mut rng, c);
+        }
     }
 }
 
@@ -296,9 +310,19 @@ fn causal_attention_matches_the_cpu() {
                     be.upload(&k).unwrap(),
                     be.upload(&v).unwrap(),
                 );
-                let got = be.causal_attention(&qd, &kd, &vd, &spans, shape).unwrap();
-                let what = format!("causal heads {heads}/{kv_heads} d {head_dim} lens {lens:?}");
-                assert_close(&what, &be.download(&got).unwrap(), &want);
+                // The tensor-core forward (the default), then the paged kernels on contiguous
+                // rows: tensor-core and CUDA-core.
+                for (forward_tc, paged_tc) in [(true, true), (false, true), (false, false)] {
+                    be.set_attention_forward_tensor_cores(forward_tc);
+                    be.set_paged_attention_tensor_cores(paged_tc);
+                    let got = be.causal_attention(&qd, &kd, &vd, &spans, shape).unwrap();
+                    let what = format!(
+                        "causal (forward tc {forward_tc}, paged tc {paged_tc}) heads {heads}/{kv_heads} d {head_dim} lens {lens:?}"
+                    );
+                    assert_close(&what, &be.download(&got).unwrap(), &want);
+                }
+                be.set_attention_forward_tensor_cores(true);
+                be.set_paged_attention_tensor_cores(true);
             }
         }
     }

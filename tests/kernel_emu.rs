@@ -4,8 +4,9 @@
 //! `attention_backward.cu`) with the host's C++ compiler and a small emulation of CUDA's
 //! threads, barriers, warp shuffles and the tensor-core `mma.sync` instruction
 //! (`tools/kernel-emu/emu.h`), then checks against float64 or exact references
-//! (`tools/kernel-emu/checks.cpp`): paged attention (decode, prefill chunks, GQA, head slices,
-//! context partitions and their combine, contiguous rows), the fused log-prob forward and
+//! (`tools/kernel-emu/checks.cpp`): paged attention on the CUDA cores and on the tensor cores
+//! (decode, prefill chunks, GQA, head slices, context partitions and their combine, contiguous
+//! rows; `cp.async` copies land only when waited for), the fused log-prob forward and
 //! backward (status codes included), SwiGLU, the KV-cache writes with padding rows
 //! (`NO_SLOT`), and training attention: the tensor-core forward with its log-sum-exp and the
 //! backward in every form (statistics computed or taken from the forward, dk/dv per kv head

@@ -125,10 +125,11 @@ if [[ -x $engine && ${GPU_BENCH:-1} != 0 ]]; then
     timeout 60 "$engine" bench forward --device cuda --model "$model" --tokens 2048 --iters 5
     echo "rc $?"
     if [[ ${GPU_BENCH_VARIANTS:-1} != 0 ]]; then
-      # A/B at shorter settings: the baseline, then without CUDA graphs, with cuBLASLt
-      # algorithms timed per shape, without the pool and upload savings, and where a step's
-      # GPU time goes (the profile runs without graphs).
-      for variant in ${GPU_BENCH_VARIANT_LIST:-BASELINE=same-settings GENIUS_CUDA_GRAPHS=0 GENIUS_CUDA_GEMM_TUNE=1 GENIUS_CUDA_POOL_KEEP=0 GENIUS_CUDA_MEMO=0 GENIUS_CUDA_PROFILE=1}; do
+      # A/B at shorter settings, most telling first (the budget may cut the tail): the
+      # baseline, paged attention on the CUDA cores, cuBLASLt algorithms timed per shape,
+      # without CUDA graphs, where a step's GPU time goes (the profile runs without graphs),
+      # without the pool and upload savings.
+      for variant in ${GPU_BENCH_VARIANT_LIST:-BASELINE=same-settings GENIUS_CUDA_PA_TC=0 GENIUS_CUDA_GEMM_TUNE=1 GENIUS_CUDA_GRAPHS=0 GENIUS_CUDA_PROFILE=1 GENIUS_CUDA_POOL_KEEP=0 GENIUS_CUDA_MEMO=0}; do
         within_budget "variant $variant" || continue
         echo "== variant $variant"
         env "$variant" timeout 90 "$engine" bench rollout --device cuda --model "$model" \

@@ -1,6 +1,7 @@
 // Checks of the kernels run through the CPU emulation (emu.h) against float64 (or exact)
-// references written here: paged attention (decode and prefill over block tables, GQA, head
-// slices, context partitions and their combine, contiguous rows), the fused log-prob forward
+// references written here: paged attention, CUDA-core and tensor-core kernels (decode and
+// prefill over block tables, GQA, head slices, context partitions and their combine,
+// contiguous rows), the fused log-prob forward
 // and backward, SwiGLU forward and backward, the KV-cache writes with padding rows, RMSNorm
 // and the fused residual add + RMSNorm, and training attention (the tensor-core forward and
 // every form of the backward, tensor-core and CUDA-core). `checks pair-losses IN OUT`,
@@ -22,11 +23,15 @@ thread_local dim3 blockIdx;
 namespace ge_emu {
 Block* block = nullptr;
 thread_local unsigned int thread_rank = 0;
+thread_local std::vector<AsyncCopy> async_open;
+thread_local std::vector<std::vector<AsyncCopy>> async_groups;
 }  // namespace ge_emu
 
 extern "C" {
 void ge_paged_attention_d64(PagedAttentionArgs a);
 void ge_paged_attention_d128(PagedAttentionArgs a);
+void ge_paged_attention_tc_d64(PagedAttentionArgs a);
+void ge_paged_attention_tc_d128(PagedAttentionArgs a);
 void ge_paged_attention_combine(PagedCombineArgs a);
 void ge_target_logprobs_bf16(TargetLogprobArgs a);
 void ge_target_logprobs_bf16_v8(TargetLogprobArgs a);
@@ -112,7 +117,8 @@ struct SeqSpec {
 // for every sequence, K/V row = query row), no block tables.
 void check_paged_attention(const char* name, int head_dim, int num_heads, int num_kv_heads,
                            int block_size, const std::vector<SeqSpec>& specs,
-                           int partition_size, unsigned long long seed, bool contiguous = false) {
+                           int partition_size, unsigned long long seed, bool contiguous = false,
+                           bool tensor_cores = false) {
     Rng rng(seed);
     const int group = num_heads / num_kv_heads;
     const int slices = (group + 7) / 8;
@@ -178,7 +184,8 @@ void check_paged_attention(const char* name, int head_dim, int num_heads, int nu
     a.heads_per_block = heads_per_block;
     a.scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
     a.contiguous = contiguous ? 1 : 0;
-    auto kernel = head_dim == 64 ? ge_paged_attention_d64 : ge_paged_attention_d128;
+    auto kernel = tensor_cores ? (head_dim == 64 ? ge_paged_attention_tc_d64 : ge_paged_attention_tc_d128)
+                               : (head_dim == 64 ? ge_paged_attention_d64 : ge_paged_attention_d128);
     ge_emu::launch(kernel,
                    dim3{static_cast<unsigned int>(work_rows),
                         static_cast<unsigned int>(num_kv_heads * slices),
@@ -247,9 +254,9 @@ void check_paged_attention(const char* name, int head_dim, int num_heads, int nu
     }
     const double rel = std::sqrt(err2 / std::max(ref2, 1e-30));
     report(finite && rel <= 6e-3 && max_abs <= 2e-2,
-           "paged attention %s: head_dim %d, heads %d/%d, %d rows, %d partition(s) of %d: "
+           "paged attention%s %s: head_dim %d, heads %d/%d, %d rows, %d partition(s) of %d: "
            "relative L2 %.2e, max abs %.2e%s",
-           name, head_dim, num_heads, num_kv_heads, work_rows, num_partitions, psize, rel, max_abs,
+           tensor_cores ? " (tensor cores)" : "", name, head_dim, num_heads, num_kv_heads, work_rows, num_partitions, psize, rel, max_abs,
            finite ? "" : ", UNWRITTEN OR NON-FINITE OUTPUT");
 }
 
@@ -258,13 +265,13 @@ void paged_attention_checks() {
     const std::vector<SeqSpec> decode = {{1, 1}, {1, 17}, {1, 130}, {1, 255}, {1, 300}};
     // Prefill chunks after cached context, and a decode row, in one batch.
     const std::vector<SeqSpec> mixed = {{5, 5}, {3, 40}, {1, 129}, {7, 263}};
+    // Split contexts: partitions of 256 (the planner's smallest), the combine after.
+    const std::vector<SeqSpec> longer = {{1, 700}, {1, 256}, {1, 257}, {1, 3}, {2, 520}};
     for (int hd : {64, 128}) {
         for (auto [h, kv] : std::vector<std::pair<int, int>>{{4, 4}, {4, 2}, {14, 2}, {20, 2}}) {
             check_paged_attention("decode", hd, h, kv, 16, decode, 0, 11 + hd + h);
             check_paged_attention("mixed", hd, h, kv, 16, mixed, 0, 23 + hd + h);
         }
-        // Split contexts: partitions of 256 (the planner's smallest), the combine after.
-        const std::vector<SeqSpec> longer = {{1, 700}, {1, 256}, {1, 257}, {1, 3}, {2, 520}};
         check_paged_attention("split", hd, 14, 2, 16, longer, 256, 31 + hd);
         check_paged_attention("split", hd, 4, 4, 32, longer, 256, 37 + hd);
         // Whole-sequence causal attention on contiguous rows (the non-tensor-core path).
@@ -273,6 +280,20 @@ void paged_attention_checks() {
         check_paged_attention("contiguous split", hd, 2, 1, 16, {{3, 3}, {260, 260}}, 256, 47 + hd,
                               true);
     }
+    // The tensor-core kernels (fewer cases: the emulated mma is slow): one head per block and
+    // GQA 2, 7 and 10 (two slices of 5), decode and prefill chunks, partitions, block sizes
+    // 16, 7 and 1, contiguous rows.
+    for (int hd : {64, 128}) {
+        check_paged_attention("decode", hd, 14, 2, 16, decode, 0, 61 + hd, false, true);
+        check_paged_attention("decode", hd, 20, 2, 7, decode, 0, 67 + hd, false, true);
+        check_paged_attention("mixed", hd, 4, 2, 16, mixed, 0, 71 + hd, false, true);
+        check_paged_attention("split", hd, 14, 2, 16, longer, 256, 73 + hd, false, true);
+    }
+    check_paged_attention("mixed", 64, 4, 4, 1, {{2, 20}, {1, 33}}, 0, 79, false, true);
+    check_paged_attention("contiguous", 64, 14, 2, 16, {{1, 1}, {37, 37}, {130, 130}}, 0, 83, true,
+                          true);
+    check_paged_attention("contiguous split", 128, 2, 1, 16, {{3, 3}, {260, 260}}, 256, 89, true,
+                          true);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -10,8 +10,9 @@
 //
 // The tensor-core instructions the attention kernels use (mma.sync m16n8k16, bf16 in, f32
 // accumulate; ldmatrix, plain and transposed) are emulated per warp from the PTX ISA's
-// fragment layouts; the kernels call them instead of their inline PTX when built with
-// GE_KERNEL_EMU.
+// fragment layouts, and cp.async per thread (the copies land at the wait); the kernels call
+// them instead of their inline PTX when built with GE_KERNEL_EMU. __syncwarp is a barrier
+// over the warp's live threads.
 //
 // What it does not model: timing, occupancy, memory coalescing, the tensor cores' internal
 // accumulation order, and the differences between the device's and the host's math functions
@@ -110,6 +111,9 @@ extern dim3 blockDim;
 extern dim3 gridDim;
 
 inline void __syncthreads() { ge_emu::block->all->arrive_and_wait(); }
+inline void __syncwarp(unsigned int = 0xffffffffu) {
+    ge_emu::block->warps[ge_emu::warp_of_thread()]->arrive_and_wait();
+}
 
 template <typename T>
 T __shfl_xor_sync(unsigned int, T v, int mask) {
@@ -223,6 +227,40 @@ inline void ldmatrix(unsigned int* r, int count, const void* row, bool trans) {
         r[m] = static_cast<unsigned int>(lo) | (static_cast<unsigned int>(hi) << 16);
     }
     block->warps[warp]->arrive_and_wait();
+}
+
+// `cp.async` (16 bytes, zero-filled when not valid), per thread: a copy is queued in the
+// thread's open group, `commit` closes the group, and `wait(n)` performs the oldest groups
+// until at most n are pending. The bytes land only at the wait, so a kernel that reads a
+// tile before waiting for it reads stale shared memory here too.
+struct AsyncCopy {
+    void* dst;
+    const void* src;
+    bool valid;
+};
+extern thread_local std::vector<AsyncCopy> async_open;
+extern thread_local std::vector<std::vector<AsyncCopy>> async_groups;
+
+inline void cp_async16(void* dst, const void* src, bool valid) {
+    async_open.push_back({dst, src, valid});
+}
+inline void cp_async_commit() {
+    async_groups.push_back(std::move(async_open));
+    async_open.clear();
+}
+inline void cp_async_wait(int n) {
+    std::size_t done = 0;
+    while (async_groups.size() - done > static_cast<std::size_t>(n)) {
+        for (const auto& c : async_groups[done]) {
+            if (c.valid) {
+                std::memcpy(c.dst, c.src, 16);
+            } else {
+                std::memset(c.dst, 0, 16);
+            }
+        }
+        ++done;
+    }
+    async_groups.erase(async_groups.begin(), async_groups.begin() + static_cast<std::ptrdiff_t>(done));
 }
 
 }  // namespace ge_emu

@@ -3,7 +3,9 @@
 //! `paged_attention` and `causal_attention`.
 //!
 //! Attention runs one thread block per (query row, kv head, slice of at most
-//! [`MAX_HEADS_PER_BLOCK`] of its query heads, context partition). Decode steps with few
+//! [`MAX_HEADS_PER_BLOCK`] of its query heads, context partition), on tensor cores by default
+//! (the slice's heads are the rows of an mma tile; [`CudaBackend::paged_attention_tensor_cores`])
+//! or on the CUDA cores (`$GENIUS_CUDA_PA_TC=0`): same grid, partitions and outputs. Decode steps with few
 //! sequences would leave most SMs idle, so the context is split into partitions
 //! ([`plan_attention`]) whose partial results a second kernel merges (log-sum-exp,
 //! [`combine_partitions`] is the same maths on the host). Whole-sequence causal attention is the
@@ -22,12 +24,15 @@ use anyhow::{Result, anyhow, bail, ensure};
 use cudarc::driver::LaunchConfig;
 use half::bf16;
 
-/// Threads per attention block (`GE_PA_THREADS`).
+/// Threads per attention block (`GE_PA_THREADS`, and `GE_PT_THREADS` of the tensor-core
+/// kernels).
 pub const THREADS: u32 = 128;
 /// Positions per shared-memory tile of the attention kernel (`GE_PA_TILE`).
 pub const TILE: usize = 128;
 /// Query heads one attention block handles at most (`GE_PA_MAX_HEADS`).
 pub const MAX_HEADS_PER_BLOCK: usize = 8;
+// The tensor-core kernels hold a block's heads in rows 0..7 of an m16n8k16 tile.
+const _: () = assert!(MAX_HEADS_PER_BLOCK <= 8);
 /// Head dimensions the kernel is compiled for.
 pub const HEAD_DIMS: &[usize] = &[64, 128];
 /// Smallest partition: below this, splitting costs more than it gains.
@@ -431,9 +436,11 @@ impl CudaBackend {
             num_kv_heads,
             head_dim,
         } = shape;
-        let kernel = match head_dim {
-            64 => "ge_paged_attention_d64",
-            128 => "ge_paged_attention_d128",
+        let kernel = match (head_dim, self.paged_attention_tensor_cores()) {
+            (64, true) => "ge_paged_attention_tc_d64",
+            (128, true) => "ge_paged_attention_tc_d128",
+            (64, false) => "ge_paged_attention_d64",
+            (128, false) => "ge_paged_attention_d128",
             _ => bail!("{op}: head_dim {head_dim} is not supported on CUDA (have {HEAD_DIMS:?})"),
         };
         let work_rows = work.items.len() / 2;
@@ -638,6 +645,30 @@ mod tests {
                 .wrapping_add(1442695040888963407);
             ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
         }
+    }
+
+    /// The value of `#define NAME VALUE` in `kernels/paged_attention.cu`.
+    fn kernel_define(name: &str) -> String {
+        include_str!("../../../kernels/paged_attention.cu")
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(&format!("#define {name} ")))
+            .unwrap_or_else(|| panic!("{name} in kernels/paged_attention.cu"))
+            .trim()
+            .to_string()
+    }
+
+    #[test]
+    fn launch_constants_are_the_kernels() {
+        // Both kernel families run THREADS threads per block with at most
+        // MAX_HEADS_PER_BLOCK heads; the CUDA-core one walks tiles of TILE positions.
+        assert_eq!(kernel_define("GE_PA_THREADS"), THREADS.to_string());
+        assert_eq!(kernel_define("GE_PA_TILE"), TILE.to_string());
+        assert_eq!(
+            kernel_define("GE_PA_MAX_HEADS"),
+            MAX_HEADS_PER_BLOCK.to_string()
+        );
+        let warps: u32 = kernel_define("GE_PT_WARPS").parse().unwrap();
+        assert_eq!(warps * 32, THREADS);
     }
 
     #[test]

@@ -161,6 +161,10 @@ pub struct CudaBackend {
     /// ([`CudaOptions::attention_forward_tensor_cores`]; see
     /// [`CudaBackend::set_attention_forward_tensor_cores`]).
     attn_fwd_tc: std::sync::atomic::AtomicBool,
+    /// Whether paged attention runs on the tensor-core kernels
+    /// ([`CudaOptions::paged_attention_tensor_cores`]; see
+    /// [`CudaBackend::set_paged_attention_tensor_cores`]).
+    paged_attn_tc: std::sync::atomic::AtomicBool,
     /// Decode steps captured into CUDA graphs ([`super::graphs`]).
     pub(super) graphs: Mutex<DecodeGraphs>,
     /// Whether `linear` and the training GEMMs time cuBLASLt's candidate algorithms per
@@ -196,6 +200,7 @@ impl CudaBackend {
                 super::train_gemm::logprob_chunk_rows_from_env()?,
             ),
             attn_fwd_tc: std::sync::atomic::AtomicBool::new(options.attention_forward_tensor_cores),
+            paged_attn_tc: std::sync::atomic::AtomicBool::new(options.paged_attention_tensor_cores),
             tune_gemms: options.tune_gemms,
             logprob_overlap: options.logprob_overlap,
             graphs: Mutex::new(DecodeGraphs::new(
@@ -222,6 +227,20 @@ impl CudaBackend {
     /// paged-attention kernel (for comparisons).
     pub fn set_attention_forward_tensor_cores(&self, on: bool) {
         self.attn_fwd_tc
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether paged attention runs on the tensor-core kernels.
+    pub fn paged_attention_tensor_cores(&self) -> bool {
+        self.paged_attn_tc
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Switches paged attention between the tensor-core and the CUDA-core kernels (for
+    /// comparisons). Decode steps already captured into CUDA graphs keep the kernel they were
+    /// captured with.
+    pub fn set_paged_attention_tensor_cores(&self, on: bool) {
+        self.paged_attn_tc
             .store(on, std::sync::atomic::Ordering::Relaxed);
     }
 

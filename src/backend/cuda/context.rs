@@ -56,6 +56,8 @@ pub const SYNC_ENV: &str = "GENIUS_CUDA_SYNC";
 /// Environment variable: `0` runs the attention backward on the scalar (CUDA-core) kernels
 /// instead of the tensor-core ones (see [`CudaOptions::attention_tensor_cores`]).
 pub const ATTN_TC_ENV: &str = "GENIUS_CUDA_ATTN_TC";
+/// `0` runs paged attention on the CUDA-core kernels ([`CudaOptions::paged_attention_tensor_cores`]).
+pub const PA_TC_ENV: &str = "GENIUS_CUDA_PA_TC";
 
 /// How the CUDA backend is set up.
 #[derive(Debug, Clone)]
@@ -100,6 +102,10 @@ pub struct CudaOptions {
     /// `$GENIUS_CUDA_LOGPROB_OVERLAP=0` turns it off. Profiling and per-launch waits also turn
     /// it off.
     pub logprob_overlap: bool,
+    /// Run paged attention (decode, prefill chunks over the cache) on the tensor-core kernels
+    /// (`ge_paged_attention_tc_d*`: the block's query heads as the rows of an mma tile);
+    /// default on, `$GENIUS_CUDA_PA_TC=0` keeps the CUDA-core kernels (for A/B runs).
+    pub paged_attention_tensor_cores: bool,
 }
 
 impl Default for CudaOptions {
@@ -117,6 +123,7 @@ impl Default for CudaOptions {
             attention_backward_split_heads: true,
             attention_backward_forward_stats: true,
             logprob_overlap: true,
+            paged_attention_tensor_cores: true,
         }
     }
 }
@@ -125,7 +132,8 @@ impl CudaOptions {
     /// Options from the environment: `$GENIUS_CUDA_DEVICE`, `$GENIUS_CUDA_KERNELS`,
     /// `$GENIUS_CUDA_SYNC`, `$GENIUS_CUDA_ATTN_TC`, `$GENIUS_CUDA_ATTN_FWD_TC`,
     /// `$GENIUS_CUDA_GRAPHS`, `$GENIUS_CUDA_GEMM_TUNE`, `$GENIUS_CUDA_ATTN_BWD_SPLIT`,
-    /// `$GENIUS_CUDA_ATTN_BWD_STATS`, `$GENIUS_CUDA_LOGPROB_OVERLAP`, and the kernel cache
+    /// `$GENIUS_CUDA_ATTN_BWD_STATS`, `$GENIUS_CUDA_LOGPROB_OVERLAP`, `$GENIUS_CUDA_PA_TC`,
+    /// and the kernel cache
     /// under `$GENIUS_HOME`.
     pub fn from_env() -> Result<Self> {
         let ordinal = match std::env::var(DEVICE_ENV) {
@@ -152,6 +160,8 @@ impl CudaOptions {
             attention_backward_forward_stats: std::env::var("GENIUS_CUDA_ATTN_BWD_STATS")
                 .map_or(true, |v| v.trim() != "0"),
             logprob_overlap: std::env::var("GENIUS_CUDA_LOGPROB_OVERLAP")
+                .map_or(true, |v| v.trim() != "0"),
+            paged_attention_tensor_cores: std::env::var(PA_TC_ENV)
                 .map_or(true, |v| v.trim() != "0"),
         })
     }

@@ -79,6 +79,8 @@ pub const KERNEL_UNITS: &[(&str, &[&str])] = &[
             "ge_copy_blocks_bf16",
             "ge_paged_attention_d64",
             "ge_paged_attention_d128",
+            "ge_paged_attention_tc_d64",
+            "ge_paged_attention_tc_d128",
             "ge_paged_attention_combine",
         ],
     ),
