@@ -440,6 +440,32 @@ typedef struct CastArgs {
     long long n;
 } CastArgs;
 GE_LAYOUT(CastArgs, 24, 8);
+/** `y = x w^T (+ bias)` for few rows (kernels/skinny_gemm.cu): x bf16 `[rows, inp]`, w bf16
+ * `[out, inp]`, bias bf16 `[out]` (0: none), y bf16 `[rows, out]`. The K dimension is cut into
+ * `splits` ranges of `k_per_split` (a multiple of 32); with one split the kernel writes `y`,
+ * otherwise each split writes its f32 partial product to `partial` (`[splits, rows, out]`) and
+ * `ge_skinny_gemm_reduce` sums them in split order, adds the bias and writes `y`. */
+typedef struct SkinnyGemmArgs {
+    /** bf16 `[rows, inp]`, read. */
+    unsigned long long x;
+    /** bf16 `[out, inp]`, read. */
+    unsigned long long w;
+    /** bf16 `[out]`, read; 0 for no bias. */
+    unsigned long long bias;
+    /** bf16 `[rows, out]`, written (by the reduce kernel when split). */
+    unsigned long long y;
+    /** f32 `[splits, rows, out]`, written by the GEMM and read by the reduce (split only). */
+    unsigned long long partial;
+    int rows;
+    int out;
+    /** A multiple of 8 (16-byte rows of x and w). */
+    int inp;
+    int k_per_split;
+    int splits;
+    int pad_;
+} SkinnyGemmArgs;
+GE_LAYOUT(SkinnyGemmArgs, 64, 8);
+
 /** Loss kinds of `PairLossArgs::kind`. */
 #define GE_LOSS_ACO 0
 #define GE_LOSS_DPO 1

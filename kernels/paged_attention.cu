@@ -312,8 +312,10 @@ __device__ __forceinline__ void ge_pt_gather(ge_bf16* ks, ge_bf16* vs, const Pag
                                      a.block_tables)[base + pos / a.block_size]) * a.block_size +
                                      pos % a.block_size;
     }
+    static_assert(KT <= GE_WARP_SIZE && (KT * VECS) % GE_WARP_SIZE == 0, "one slot per lane");
 #pragma unroll
-    for (int i = lane; i < KT * VECS; i += GE_WARP_SIZE) {
+    for (int it = 0; it < KT * VECS / GE_WARP_SIZE; ++it) {
+        const int i = it * GE_WARP_SIZE + lane;
         const int r = i / VECS;
         const int c = i % VECS;
         const long long slot = __shfl_sync(0xffffffffu, my_slot, r);

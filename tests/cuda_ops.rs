@@ -176,6 +176,50 @@ fn tuned_linear_matches_cpu() {
     );
 }
 
+/// `linear` on the skinny split-K GEMM kernels (`CudaOptions::skinny_gemm`,
+/// `$GENIUS_CUDA_SKINNY_GEMM=1`): the same products as the CPU at decode sizes (one split and
+/// many, partial tiles, K not a multiple of 32), and the same bits when run again (the split
+/// products are summed in a fixed order). Shapes the kernels do not take (an LM head's
+/// features, more rows, K not a multiple of 8) fall back to cuBLASLt.
+#[test]
+#[cfg_attr(
+    not(genius_gpu_tests),
+    ignore = "needs a CUDA GPU: built by tools/gpu-prepare.sh (GENIUS_GPU_TESTS=1), run by tools/gpu-check.sh"
+)]
+fn skinny_gemm_linear_matches_cpu() {
+    if !have_device() {
+        return;
+    }
+    let be = CudaBackend::new(&CudaOptions {
+        skinny_gemm: true,
+        ..test_options()
+    })
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    assert!(be.skinny_gemm());
+    let mut rng = Rng::new(45);
+    linear_against_cpu(
+        &be,
+        &mut rng,
+        &[
+            (1, 8, 1),
+            (3, 104, 5),
+            (7, 896, 1152),
+            (64, 896, 1152),
+            (64, 4864, 896),
+            (65, 328, 131),
+            (256, 896, 4864),
+            (256, 4864, 896),
+            (512, 896, 896),
+            // Not taken: more rows, K not a multiple of 8, a vocabulary of features.
+            (513, 64, 96),
+            (5, 7, 3),
+            (4, 64, 40000),
+        ],
+        "skinny linear",
+        true,
+    );
+}
+
 /// `linear` on `be` against the CPU backend for each `(rows, in, out)` shape, without and
 /// with a bias; with `twice`, each product is computed a second time and must give the same
 /// bits.

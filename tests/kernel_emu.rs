@@ -1,12 +1,13 @@
 //! The kernels' own source, run on the CPU: `tools/kernel-emu.sh` compiles
-//! `kernels/paged_attention.cu`, `train_gemm.cu`, `elementwise.cu`, `backward.cu` and the
+//! `kernels/paged_attention.cu`, `skinny_gemm.cu`, `train_gemm.cu`, `elementwise.cu`, `backward.cu` and the
 //! three attention units (`attention_tc.cu`, `attention_backward_tc.cu`,
 //! `attention_backward.cu`) with the host's C++ compiler and a small emulation of CUDA's
 //! threads, barriers, warp shuffles and the tensor-core `mma.sync` instruction
 //! (`tools/kernel-emu/emu.h`), then checks against float64 or exact references
 //! (`tools/kernel-emu/checks.cpp`): paged attention on the CUDA cores and on the tensor cores
 //! (decode, prefill chunks, GQA, head slices, context partitions and their combine, contiguous
-//! rows; `cp.async` copies land only when waited for), the fused log-prob forward and
+//! rows; `cp.async` copies land only when waited for), the skinny split-K GEMM (one split and
+//! several, partial tiles, bias), the fused log-prob forward and
 //! backward (status codes included), SwiGLU, the KV-cache writes with padding rows
 //! (`NO_SLOT`), and training attention: the tensor-core forward with its log-sum-exp and the
 //! backward in every form (statistics computed or taken from the forward, dk/dv per kv head

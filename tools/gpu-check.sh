@@ -15,10 +15,11 @@
 # Then, when DIR/bin/genius-engine is there (tools/gpu-prepare.sh puts it there), the
 # benchmarks: `bench rollout --device cuda` on random weights of Qwen2.5-0.5B's shape (prompt
 # 128, 256 new tokens, 64 / 256 / 512 sequences, and one prompt forked 8 ways), `bench
-# forward`, `bench gemm` (the layer GEMMs' device time, heuristic and tuned algorithms), and
-# right after them the HF transformers peer (tools/peer_hf_generate.py), which
-# also measures the device copy ceiling; their logs go beside the tests' and a throughput
-# table (tokens/s, ratio to the peer, achieved GB/s against the ceiling) is printed last.
+# forward`, `bench gemm` (the layer GEMMs' device time: cuBLASLt's heuristic and tuned
+# algorithms, the skinny split-K kernels), and right after them the HF transformers peer
+# (tools/peer_hf_generate.py), which also measures the device copy ceiling; their logs go
+# beside the tests' and a throughput table (tokens/s, ratio to the peer, achieved GB/s
+# against the ceiling) is printed last.
 #
 # Training (GPU_TRAIN=0 skips it): `bench train --device cuda` (8 sequences x 1024 tokens of
 # the same model: tokens/s, model FLOP utilisation against a GEMM ceiling measured in the same
@@ -126,10 +127,10 @@ if [[ -x $engine && ${GPU_BENCH:-1} != 0 ]]; then
     echo "rc $?"
     if [[ ${GPU_BENCH_VARIANTS:-1} != 0 ]]; then
       # A/B at shorter settings, most telling first (the budget may cut the tail): the
-      # baseline, paged attention on the CUDA cores, cuBLASLt algorithms timed per shape,
-      # without CUDA graphs, where a step's GPU time goes (the profile runs without graphs),
+      # baseline, paged attention on the CUDA cores, cuBLASLt algorithms timed per shape, the
+      # skinny split-K GEMM kernels instead of cuBLASLt, without CUDA graphs, where a step's GPU time goes (the profile runs without graphs),
       # without the pool and upload savings.
-      for variant in ${GPU_BENCH_VARIANT_LIST:-BASELINE=same-settings GENIUS_CUDA_PA_TC=0 GENIUS_CUDA_GEMM_TUNE=1 GENIUS_CUDA_GRAPHS=0 GENIUS_CUDA_PROFILE=1 GENIUS_CUDA_POOL_KEEP=0 GENIUS_CUDA_MEMO=0}; do
+      for variant in ${GPU_BENCH_VARIANT_LIST:-BASELINE=same-settings GENIUS_CUDA_PA_TC=0 GENIUS_CUDA_GEMM_TUNE=1 GENIUS_CUDA_SKINNY_GEMM=1 GENIUS_CUDA_GRAPHS=0 GENIUS_CUDA_PROFILE=1 GENIUS_CUDA_POOL_KEEP=0 GENIUS_CUDA_MEMO=0}; do
         within_budget "variant $variant" || continue
         echo "== variant $variant"
         env "$variant" timeout 90 "$engine" bench rollout --device cuda --model "$model" \
@@ -139,7 +140,7 @@ if [[ -x $engine && ${GPU_BENCH:-1} != 0 ]]; then
     fi
     # The layer GEMMs alone (device time per call), with the heuristic's and the tuned
     # algorithms: what decode and training get from cuBLASLt at their row counts.
-    for variant in BASELINE=heuristic GENIUS_CUDA_GEMM_TUNE=1; do
+    for variant in BASELINE=heuristic GENIUS_CUDA_GEMM_TUNE=1 GENIUS_CUDA_SKINNY_GEMM=1; do
       within_budget "bench gemm $variant" || continue
       echo "== bench gemm $variant"
       env "$variant" timeout 90 "$engine" bench gemm --device cuda --model "$model" --iters 50

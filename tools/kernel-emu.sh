@@ -6,7 +6,7 @@
 # tests/kernel_emu.rs runs this as part of `cargo test`. Not emulated: optim.cu (its GPU test
 # checks it bit for bit against the host's AdamW).
 #
-#   tools/kernel-emu.sh [attention|logprobs|swiglu|kv|norm|training-attention]
+#   tools/kernel-emu.sh [attention|logprobs|gemm|swiglu|kv|norm|training-attention]
 #                                        (default: every check)
 #   tools/kernel-emu.sh pair-losses IN OUT   the loss kernel on IN's inputs (tests/kernel_emu.rs)
 #   tools/kernel-emu.sh sample-rows IN OUT   the sampling kernel on IN's rows (tests/kernel_emu.rs)
@@ -29,7 +29,7 @@ if [[ -z $cxx ]]; then
 fi
 mkdir -p "$out"
 flags=(-std=c++20 -O2 -ffp-contract=off -pthread -DGE_KERNEL_EMU -Wall -Wno-unused-function -Wno-unknown-pragmas)
-units=(paged_attention train_gemm elementwise backward attention_tc attention_backward_tc attention_backward loss sampling)
+units=(paged_attention train_gemm elementwise backward attention_tc attention_backward_tc attention_backward loss sampling skinny_gemm)
 objs=()
 for u in "${units[@]}"; do
   obj=$out/$u.o

@@ -124,7 +124,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
 }
 
 /// `bench gemm`: layer 0's fused projections and the LM head through the CUDA backend's
-/// `linear` (cuBLASLt; `GENIUS_CUDA_GEMM_TUNE=1` times its candidate algorithms first), for
+/// `linear` (cuBLASLt; `GENIUS_CUDA_GEMM_TUNE=1` times its candidate algorithms first;
+/// `GENIUS_CUDA_SKINNY_GEMM=1` runs the shapes it takes on the skinny split-K kernels), for
 /// each `--batches` entry as a row count; device time per call from events over `--iters`
 /// calls queued back to back (at least 20). Bytes counted: the weight, the input rows and the
 /// output rows, once each (bf16).
@@ -153,6 +154,14 @@ fn gemm(args: &BenchArgs) -> Result<()> {
     println!(
         "model         {} (hidden {}, ffn {})",
         model.name, c.hidden_size, c.intermediate_size
+    );
+    println!(
+        "gemms         {}",
+        if be.skinny_gemm() {
+            "skinny split-K kernels where they apply (at most 512 rows), else cuBLASLt"
+        } else {
+            "cuBLASLt"
+        }
     );
     println!("     rows   gemm           out x in        us/call     GB/s   TFLOP/s");
     let mut results = Vec::new();
@@ -195,6 +204,7 @@ fn gemm(args: &BenchArgs) -> Result<()> {
         serde_json::json!({
             "bench": "gemm", "device": t.backend_name(), "model": model.name,
             "tuned": std::env::var(crate::backend::cuda::gemm::TUNE_ENV).is_ok_and(|v| v.trim() == "1"),
+            "skinny": be.skinny_gemm(),
             "results": results,
         })
     );

@@ -33,6 +33,8 @@ void ge_paged_attention_d128(PagedAttentionArgs a);
 void ge_paged_attention_tc_d64(PagedAttentionArgs a);
 void ge_paged_attention_tc_d128(PagedAttentionArgs a);
 void ge_paged_attention_combine(PagedCombineArgs a);
+void ge_skinny_gemm(SkinnyGemmArgs a);
+void ge_skinny_gemm_reduce(SkinnyGemmArgs a);
 void ge_target_logprobs_bf16(TargetLogprobArgs a);
 void ge_target_logprobs_bf16_v8(TargetLogprobArgs a);
 void ge_target_logprobs_backward_bf16(LogprobBackwardArgs a);
@@ -294,6 +296,72 @@ void paged_attention_checks() {
                           true);
     check_paged_attention("contiguous split", 128, 2, 1, 16, {{3, 3}, {260, 260}}, 256, 89, true,
                           true);
+}
+
+// ---------------------------------------------------------------------------------------
+// The skinny split-K GEMM: y = x w^T (+ bias), `splits` parts of `k_per_split`.
+
+void check_skinny_gemm(int rows, int out, int inp, int k_per_split, bool bias, unsigned long long seed) {
+    Rng rng(seed);
+    const int splits = (inp + k_per_split - 1) / k_per_split;
+    const auto x = random_bf16(rng, static_cast<std::size_t>(rows) * inp, 1.0f);
+    const auto w = random_bf16(rng, static_cast<std::size_t>(out) * inp, 1.0f);
+    const auto b = random_bf16(rng, static_cast<std::size_t>(out), 1.0f);
+    std::vector<unsigned short> y(static_cast<std::size_t>(rows) * out, BF16_NAN);
+    std::vector<float> partial(splits > 1 ? static_cast<std::size_t>(splits) * rows * out : 1, F32_POISON);
+    SkinnyGemmArgs a{};
+    a.x = addr(x.data());
+    a.w = addr(w.data());
+    a.bias = bias ? addr(b.data()) : 0ull;
+    a.y = addr(y.data());
+    a.partial = addr(partial.data());
+    a.rows = rows;
+    a.out = out;
+    a.inp = inp;
+    a.k_per_split = k_per_split;
+    a.splits = splits;
+    ge_emu::launch(ge_skinny_gemm,
+                   dim3{static_cast<unsigned int>((out + 127) / 128), static_cast<unsigned int>((rows + 63) / 64),
+                        static_cast<unsigned int>(splits)},
+                   dim3{256, 1, 1}, a);
+    if (splits > 1) ge_emu::launch(ge_skinny_gemm_reduce, dim3{7, 1, 1}, dim3{256, 1, 1}, a);
+    double err2 = 0.0, ref2 = 0.0, max_rel = 0.0;
+    bool finite = true;
+    for (int r = 0; r < rows; ++r) {
+        for (int c = 0; c < out; ++c) {
+            double want = bias ? bf16_value(b[c]) : 0.0;
+            double mag = std::fabs(want);
+            for (int k = 0; k < inp; ++k) {
+                const double p = static_cast<double>(bf16_value(x[static_cast<std::size_t>(r) * inp + k])) *
+                                 bf16_value(w[static_cast<std::size_t>(c) * inp + k]);
+                want += p;
+                mag += std::fabs(p);
+            }
+            const float got = bf16_value(y[static_cast<std::size_t>(r) * out + c]);
+            if (!std::isfinite(got)) finite = false;
+            err2 += (got - want) * (got - want);
+            ref2 += want * want;
+            // bf16 output rounding (2^-9 relative) plus f32 accumulation against the sum of
+            // magnitudes.
+            max_rel = std::max(max_rel, std::fabs(got - want) / (std::fabs(want) * 0x1p-8 + mag * 1e-4 + 1e-6));
+        }
+    }
+    const double rel = std::sqrt(err2 / std::max(ref2, 1e-30));
+    report(finite && rel <= 4e-3 && max_rel <= 1.0,
+           "skinny GEMM: %d x %d x %d, %d split(s) of %d%s: relative L2 %.2e, worst error / bound %.2f%s",
+           rows, out, inp, splits, k_per_split, bias ? ", bias" : "", rel, max_rel,
+           finite ? "" : ", UNWRITTEN OR NON-FINITE OUTPUT");
+}
+
+void skinny_gemm_checks() {
+    // One split (the epilogue writes y), partial row and feature tiles, K a multiple of 8 but
+    // not of 32 (the last step zero-filled).
+    check_skinny_gemm(37, 200, 104, 128, true, 1);
+    check_skinny_gemm(64, 256, 96, 96, false, 2);
+    // Splits (the reduce writes y), the last one shorter; two row tiles; an odd feature count.
+    check_skinny_gemm(70, 131, 328, 96, true, 3);
+    check_skinny_gemm(5, 384, 520, 128, false, 4);
+    check_skinny_gemm(1, 9, 8, 32, true, 5);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -954,6 +1022,7 @@ int main(int argc, char** argv) {
     }
     if (only.empty() || only == "attention") paged_attention_checks();
     if (only.empty() || only == "logprobs") logprob_checks();
+    if (only.empty() || only == "gemm") skinny_gemm_checks();
     if (only.empty() || only == "swiglu") swiglu_checks();
     if (only.empty() || only == "kv") check_kv_writes(51);
     if (only.empty() || only == "norm") {

@@ -762,6 +762,50 @@ const _: () = {
     ["Offset of field: CastArgs::dst"][::std::mem::offset_of!(CastArgs, dst) - 8usize];
     ["Offset of field: CastArgs::n"][::std::mem::offset_of!(CastArgs, n) - 16usize];
 };
+#[doc = " `y = x w^T (+ bias)` for few rows (kernels/skinny_gemm.cu): x bf16 `[rows, inp]`, w bf16\n `[out, inp]`, bias bf16 `[out]` (0: none), y bf16 `[rows, out]`. The K dimension is cut into\n `splits` ranges of `k_per_split` (a multiple of 32); with one split the kernel writes `y`,\n otherwise each split writes its f32 partial product to `partial` (`[splits, rows, out]`) and\n `ge_skinny_gemm_reduce` sums them in split order, adds the bias and writes `y`."]
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct SkinnyGemmArgs {
+    #[doc = " bf16 `[rows, inp]`, read."]
+    pub x: ::std::os::raw::c_ulonglong,
+    #[doc = " bf16 `[out, inp]`, read."]
+    pub w: ::std::os::raw::c_ulonglong,
+    #[doc = " bf16 `[out]`, read; 0 for no bias."]
+    pub bias: ::std::os::raw::c_ulonglong,
+    #[doc = " bf16 `[rows, out]`, written (by the reduce kernel when split)."]
+    pub y: ::std::os::raw::c_ulonglong,
+    #[doc = " f32 `[splits, rows, out]`, written by the GEMM and read by the reduce (split only)."]
+    pub partial: ::std::os::raw::c_ulonglong,
+    pub rows: ::std::os::raw::c_int,
+    pub out: ::std::os::raw::c_int,
+    #[doc = " A multiple of 8 (16-byte rows of x and w)."]
+    pub inp: ::std::os::raw::c_int,
+    pub k_per_split: ::std::os::raw::c_int,
+    pub splits: ::std::os::raw::c_int,
+    pub pad_: ::std::os::raw::c_int,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of SkinnyGemmArgs"][::std::mem::size_of::<SkinnyGemmArgs>() - 64usize];
+    ["Alignment of SkinnyGemmArgs"][::std::mem::align_of::<SkinnyGemmArgs>() - 8usize];
+    ["Offset of field: SkinnyGemmArgs::x"][::std::mem::offset_of!(SkinnyGemmArgs, x) - 0usize];
+    ["Offset of field: SkinnyGemmArgs::w"][::std::mem::offset_of!(SkinnyGemmArgs, w) - 8usize];
+    ["Offset of field: SkinnyGemmArgs::bias"]
+        [::std::mem::offset_of!(SkinnyGemmArgs, bias) - 16usize];
+    ["Offset of field: SkinnyGemmArgs::y"][::std::mem::offset_of!(SkinnyGemmArgs, y) - 24usize];
+    ["Offset of field: SkinnyGemmArgs::partial"]
+        [::std::mem::offset_of!(SkinnyGemmArgs, partial) - 32usize];
+    ["Offset of field: SkinnyGemmArgs::rows"]
+        [::std::mem::offset_of!(SkinnyGemmArgs, rows) - 40usize];
+    ["Offset of field: SkinnyGemmArgs::out"][::std::mem::offset_of!(SkinnyGemmArgs, out) - 44usize];
+    ["Offset of field: SkinnyGemmArgs::inp"][::std::mem::offset_of!(SkinnyGemmArgs, inp) - 48usize];
+    ["Offset of field: SkinnyGemmArgs::k_per_split"]
+        [::std::mem::offset_of!(SkinnyGemmArgs, k_per_split) - 52usize];
+    ["Offset of field: SkinnyGemmArgs::splits"]
+        [::std::mem::offset_of!(SkinnyGemmArgs, splits) - 56usize];
+    ["Offset of field: SkinnyGemmArgs::pad_"]
+        [::std::mem::offset_of!(SkinnyGemmArgs, pad_) - 60usize];
+};
 #[doc = " Preference losses (kernels/loss.cu), one block per pair: pair `p`'s policy sums are rows\n `segments[4p] .. segments[4p+1]` (chosen) and `segments[4p+2] .. segments[4p+3]` (rejected)\n of `row_logprobs`; `inputs[6p ..]` are the reference sums, the token counts and the\n advantages (chosen then rejected each); `outputs[9p ..]` as `GE_PAIR_LOSS_OUTPUTS` says."]
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]

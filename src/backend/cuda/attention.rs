@@ -295,7 +295,7 @@ pub(super) fn paged_work(
 }
 
 impl CudaBackend {
-    fn num_sms(&self) -> usize {
+    pub(super) fn num_sms(&self) -> usize {
         use cudarc::driver::sys::CUdevice_attribute_enum::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT;
         self.gpu
             .ctx

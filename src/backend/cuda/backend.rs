@@ -165,6 +165,9 @@ pub struct CudaBackend {
     /// ([`CudaOptions::paged_attention_tensor_cores`]; see
     /// [`CudaBackend::set_paged_attention_tensor_cores`]).
     paged_attn_tc: std::sync::atomic::AtomicBool,
+    /// Whether `linear` runs on the skinny GEMM kernels where they apply
+    /// ([`CudaOptions::skinny_gemm`]; see [`CudaBackend::set_skinny_gemm`]).
+    skinny_gemm: std::sync::atomic::AtomicBool,
     /// Decode steps captured into CUDA graphs ([`super::graphs`]).
     pub(super) graphs: Mutex<DecodeGraphs>,
     /// Whether `linear` and the training GEMMs time cuBLASLt's candidate algorithms per
@@ -201,6 +204,7 @@ impl CudaBackend {
             ),
             attn_fwd_tc: std::sync::atomic::AtomicBool::new(options.attention_forward_tensor_cores),
             paged_attn_tc: std::sync::atomic::AtomicBool::new(options.paged_attention_tensor_cores),
+            skinny_gemm: std::sync::atomic::AtomicBool::new(options.skinny_gemm),
             tune_gemms: options.tune_gemms,
             logprob_overlap: options.logprob_overlap,
             graphs: Mutex::new(DecodeGraphs::new(
@@ -241,6 +245,18 @@ impl CudaBackend {
     /// captured with.
     pub fn set_paged_attention_tensor_cores(&self, on: bool) {
         self.paged_attn_tc
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether `linear` runs on the skinny GEMM kernels where they apply.
+    pub fn skinny_gemm(&self) -> bool {
+        self.skinny_gemm.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Switches `linear` between the skinny GEMM kernels (where they apply) and cuBLASLt
+    /// (for comparisons). Decode steps already captured into CUDA graphs keep their GEMMs.
+    pub fn set_skinny_gemm(&self, on: bool) {
+        self.skinny_gemm
             .store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
@@ -718,7 +734,20 @@ impl Backend for CudaBackend {
             None => None,
         };
         let mut out = self.output_bf16(n * m)?;
-        if n > 0 && m > 0 {
+        let skinny = if self.skinny_gemm() {
+            super::skinny_gemm::plan_skinny_gemm(n, m, k, self.num_sms())
+        } else {
+            None
+        };
+        if let Some(plan) = skinny {
+            let x_ptr = self.gpu.ptr(xs);
+            let w_ptr = self.gpu.ptr(&weight.weight);
+            let b_ptr = bs.map(|b| self.gpu.ptr(b));
+            let y_ptr = self.gpu.ptr_mut(&mut out);
+            // SAFETY: w is [m, k], x is [n, k], out is [n, m] and bias is [m], all bf16 and
+            // live until the stream has run the kernels (frees are stream-ordered).
+            unsafe { self.skinny_linear(&plan, x_ptr, w_ptr, b_ptr, y_ptr, n, m, k) }?;
+        } else if n > 0 && m > 0 {
             let shape = GemmShape {
                 rows: n,
                 out: m,

@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 // addresses) generated from kernels/args.h, whose layout the compilers and the layout tests
 // check; the kernels take them by value, which is what `DeviceRepr` passes.
 unsafe impl DeviceRepr for args::RmsNormArgs {}
+unsafe impl DeviceRepr for args::SkinnyGemmArgs {}
 unsafe impl DeviceRepr for args::RopeArgs {}
 unsafe impl DeviceRepr for args::SwigluArgs {}
 unsafe impl DeviceRepr for args::AddAssignArgs {}
@@ -106,6 +107,10 @@ pub struct CudaOptions {
     /// (`ge_paged_attention_tc_d*`: the block's query heads as the rows of an mma tile);
     /// default on, `$GENIUS_CUDA_PA_TC=0` keeps the CUDA-core kernels (for A/B runs).
     pub paged_attention_tensor_cores: bool,
+    /// Run `linear` on the skinny split-K GEMM kernels (`kernels/skinny_gemm.cu`) where they
+    /// apply (at most [`super::skinny_gemm::MAX_ROWS`] rows: decode steps) instead of
+    /// cuBLASLt; default off, `$GENIUS_CUDA_SKINNY_GEMM=1` turns it on (for A/B runs).
+    pub skinny_gemm: bool,
 }
 
 impl Default for CudaOptions {
@@ -124,6 +129,7 @@ impl Default for CudaOptions {
             attention_backward_forward_stats: true,
             logprob_overlap: true,
             paged_attention_tensor_cores: true,
+            skinny_gemm: false,
         }
     }
 }
@@ -133,7 +139,7 @@ impl CudaOptions {
     /// `$GENIUS_CUDA_SYNC`, `$GENIUS_CUDA_ATTN_TC`, `$GENIUS_CUDA_ATTN_FWD_TC`,
     /// `$GENIUS_CUDA_GRAPHS`, `$GENIUS_CUDA_GEMM_TUNE`, `$GENIUS_CUDA_ATTN_BWD_SPLIT`,
     /// `$GENIUS_CUDA_ATTN_BWD_STATS`, `$GENIUS_CUDA_LOGPROB_OVERLAP`, `$GENIUS_CUDA_PA_TC`,
-    /// and the kernel cache
+    /// `$GENIUS_CUDA_SKINNY_GEMM`, and the kernel cache
     /// under `$GENIUS_HOME`.
     pub fn from_env() -> Result<Self> {
         let ordinal = match std::env::var(DEVICE_ENV) {
@@ -163,6 +169,8 @@ impl CudaOptions {
                 .map_or(true, |v| v.trim() != "0"),
             paged_attention_tensor_cores: std::env::var(PA_TC_ENV)
                 .map_or(true, |v| v.trim() != "0"),
+            skinny_gemm: std::env::var(super::skinny_gemm::SKINNY_GEMM_ENV)
+                .is_ok_and(|v| v.trim() == "1"),
         })
     }
 }
@@ -955,6 +963,7 @@ mod tests {
             AttentionDeltaArgs,
             PairLossArgs,
             AttentionTcArgs,
+            SkinnyGemmArgs,
         );
         let mut header = header_layouts();
         rust.sort();

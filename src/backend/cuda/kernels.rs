@@ -85,6 +85,10 @@ pub const KERNEL_UNITS: &[(&str, &[&str])] = &[
         ],
     ),
     (
+        "skinny_gemm.cu",
+        &["ge_skinny_gemm", "ge_skinny_gemm_reduce"],
+    ),
+    (
         "backward.cu",
         &[
             "ge_scatter_add_rows_bf16",

@@ -44,6 +44,7 @@ pub mod graphs;
 pub mod kernels;
 pub mod loss;
 pub mod sampling;
+pub mod skinny_gemm;
 pub mod tensor;
 pub mod train_elementwise;
 pub mod train_gemm;
