@@ -3,8 +3,8 @@
 // cuBLASLt, whose first heuristic pick for these shapes leaves most SMs idle (Qwen2.5-0.5B's
 // down projection at 256 rows is 2 x 7 output tiles of 128 x 128 for 132 SMs, each walking
 // K = 4864). Deterministic: the split partial products are summed in split order by a second
-// kernel, so a shape gives the same bits in every process. Launch shapes are chosen on the
-// Rust side (src/backend/cuda/skinny_gemm.rs, `plan_skinny_gemm`).
+// kernel, so a shape gives the same bits in every process on the same GPU model. Launch shapes
+// are chosen on the Rust side (src/backend/cuda/skinny_gemm.rs, `plan_skinny_gemm`).
 //
 // Block: 256 threads (8 warps) for a 64 x 128 tile of y (rows x output features); warp w owns
 // rows 32 (w / 4) .. + 31 and features 32 (w % 4) .. + 31: 2 x 4 m16n8k16 tiles, 32 f32

@@ -455,9 +455,19 @@ impl CudaBackend {
             self.num_sms(),
         )?;
         let (po_len, stats_len) = plan.scratch(num_heads, head_dim);
-        let part_out = self.gpu.alloc::<f32>(po_len)?;
-        let part_max = self.gpu.alloc::<f32>(stats_len)?;
-        let part_sum = self.gpu.alloc::<f32>(stats_len)?;
+        // Scratch only when split (the kernels read it only then): no allocations per layer
+        // in an unsplit decode step or its captured graph.
+        let scratch = |len: usize| -> Result<Option<cudarc::driver::CudaSlice<f32>>> {
+            if plan.num_partitions > 1 {
+                Ok(Some(self.gpu.alloc::<f32>(len)?))
+            } else {
+                Ok(None)
+            }
+        };
+        let (part_out, part_max, part_sum) =
+            (scratch(po_len)?, scratch(stats_len)?, scratch(stats_len)?);
+        let addr =
+            |b: &Option<cudarc::driver::CudaSlice<f32>>| b.as_ref().map_or(0, |b| self.gpu.ptr(b));
         let items = self.gpu.upload_memo(keys::ATTENTION_ITEMS, &work.items)?;
         let seqs = self.gpu.upload_memo(keys::ATTENTION_SEQS, &work.seqs)?;
         // An empty table still gets a valid address; the kernel reads none of it then.
@@ -468,9 +478,9 @@ impl CudaBackend {
             k_pool: self.gpu.ptr(k.bf16(op)?),
             v_pool: self.gpu.ptr(v.bf16(op)?),
             out: out_ptr,
-            part_out: self.gpu.ptr(&part_out),
-            part_max: self.gpu.ptr(&part_max),
-            part_sum: self.gpu.ptr(&part_sum),
+            part_out: addr(&part_out),
+            part_max: addr(&part_max),
+            part_sum: addr(&part_sum),
             work: items,
             seqs,
             block_tables: table_buf,
