@@ -5,14 +5,13 @@
 // kernel's requirements next to its launch.
 #include "common.cuh"
 
-// ---- RMSNorm, one warp per row: GE_NORM_ROWS rows per block of 32 * GE_NORM_ROWS threads,
-// row blockIdx.x * GE_NORM_ROWS + warp (a warp past the last row returns; no block-wide
-// barrier). Lane l takes the row's 16-byte vectors l, l + 32, ... when dim % 8 == 0, else its
+// ---- RMSNorm, one warp per row: blockDim.x / 32 rows per block (at most 8, chosen on the
+// host so that few rows still spread over the SMs), row blockIdx.x * (blockDim.x / 32) + warp
+// (a warp past the last row returns; no block-wide barrier). Lane l takes the row's 16-byte vectors l, l + 32, ... when dim % 8 == 0, else its
 // elements l, l + 32, ...; it sums their squares in that order, then the warp's xor-shuffle
 // tree. With ADD, x = bf16(x + y) is stored first and the squares are those of the stored
 // values; ge_rms_norm and ge_add_rms_norm run this same code, so the fused op gives the bits
 // of ge_add_assign_bf16 followed by ge_rms_norm. Each lane reads back only what it wrote. ----
-#define GE_NORM_ROWS 8
 
 template <bool ADD>
 __device__ __forceinline__ void ge_norm_row(ge_bf16* x, const ge_bf16* y, const ge_bf16* w,
@@ -64,7 +63,7 @@ __device__ __forceinline__ void ge_norm_row(ge_bf16* x, const ge_bf16* y, const 
 
 extern "C" __global__ void ge_rms_norm(RmsNormArgs a) {
     const long long row =
-        static_cast<long long>(blockIdx.x) * GE_NORM_ROWS + threadIdx.x / GE_WARP_SIZE;
+        static_cast<long long>(blockIdx.x) * (blockDim.x / GE_WARP_SIZE) + threadIdx.x / GE_WARP_SIZE;
     if (row >= a.rows) return;
     ge_bf16* x = const_cast<ge_bf16*>(reinterpret_cast<const ge_bf16*>(a.x)) + row * a.dim;
     ge_norm_row<false>(x, nullptr, reinterpret_cast<const ge_bf16*>(a.weight),
@@ -191,7 +190,7 @@ extern "C" __global__ void ge_gather_rows_f32(GatherRowsArgs a) { gather_rows<un
 // layout and arithmetic (above), the same bits as the two ops it replaces. ----
 extern "C" __global__ void ge_add_rms_norm(AddRmsNormArgs a) {
     const long long row =
-        static_cast<long long>(blockIdx.x) * GE_NORM_ROWS + threadIdx.x / GE_WARP_SIZE;
+        static_cast<long long>(blockIdx.x) * (blockDim.x / GE_WARP_SIZE) + threadIdx.x / GE_WARP_SIZE;
     if (row >= a.rows) return;
     ge_norm_row<true>(reinterpret_cast<ge_bf16*>(a.x) + row * a.dim,
                       reinterpret_cast<const ge_bf16*>(a.y) + row * a.dim,

@@ -779,20 +779,22 @@ void training_attention_checks() {
 }
 
 // ---------------------------------------------------------------------------------------
-// RMSNorm (one warp per row, 8 rows per block: row counts that leave warps idle) against
-// float64, and the fused residual add + RMSNorm bit for bit against the add then the norm.
+// RMSNorm (one warp per row, `per_block` rows per block: row counts that leave warps idle)
+// against float64, and the fused residual add + RMSNorm bit for bit against the add then the
+// norm.
 
-void check_norms(int rows, int dim, unsigned long long seed) {
+void check_norms(int rows, int dim, unsigned long long seed, unsigned int per_block = 8) {
     Rng rng(seed);
     const auto x0 = random_bf16(rng, static_cast<std::size_t>(rows) * dim, 3.0f);
     const auto y = random_bf16(rng, static_cast<std::size_t>(rows) * dim, 3.0f);
     const auto w = random_bf16(rng, dim, 1.5f);
     const float eps = 1e-6f;
-    const unsigned int blocks = static_cast<unsigned int>((rows + 7) / 8);
+    const unsigned int blocks = static_cast<unsigned int>((rows + per_block - 1) / per_block);
+    const dim3 threads{32 * per_block, 1, 1};
     // Plain norm against float64.
     std::vector<unsigned short> out(x0.size(), BF16_NAN);
     RmsNormArgs na{addr(x0.data()), addr(w.data()), addr(out.data()), rows, dim, eps};
-    ge_emu::launch(ge_rms_norm, dim3{blocks, 1, 1}, dim3{256, 1, 1}, na);
+    ge_emu::launch(ge_rms_norm, dim3{blocks, 1, 1}, threads, na);
     double worst = 0.0;
     bool finite = true;
     for (int r = 0; r < rows; ++r) {
@@ -810,17 +812,17 @@ void check_norms(int rows, int dim, unsigned long long seed) {
             worst = std::max(worst, std::fabs(got - want) / (1e-3 + std::fabs(want)));
         }
     }
-    report(finite && worst <= 8e-3, "rms_norm: %d rows, dim %d%s: max relative error %.2e%s", rows,
-           dim, dim % 8 == 0 ? " (16-byte path)" : "", worst, finite ? "" : ", UNWRITTEN OUTPUT");
+    report(finite && worst <= 8e-3, "rms_norm: %d rows (%u per block), dim %d%s: max relative error %.2e%s",
+           rows, per_block, dim, dim % 8 == 0 ? " (16-byte path)" : "", worst, finite ? "" : ", UNWRITTEN OUTPUT");
     // Fused against composed, bit for bit (x updated in place by both).
     auto xf = x0, xc = x0;
     std::vector<unsigned short> of(x0.size(), BF16_NAN), oc(x0.size(), BF16_NAN);
     AddRmsNormArgs fa{addr(xf.data()), addr(y.data()), addr(w.data()), addr(of.data()), rows, dim, eps};
-    ge_emu::launch(ge_add_rms_norm, dim3{blocks, 1, 1}, dim3{256, 1, 1}, fa);
+    ge_emu::launch(ge_add_rms_norm, dim3{blocks, 1, 1}, threads, fa);
     AddAssignArgs aa{addr(xc.data()), addr(y.data()), static_cast<long long>(x0.size())};
     ge_emu::launch(ge_add_assign_bf16, dim3{3, 1, 1}, dim3{256, 1, 1}, aa);
     RmsNormArgs ca{addr(xc.data()), addr(w.data()), addr(oc.data()), rows, dim, eps};
-    ge_emu::launch(ge_rms_norm, dim3{blocks, 1, 1}, dim3{256, 1, 1}, ca);
+    ge_emu::launch(ge_rms_norm, dim3{blocks, 1, 1}, threads, ca);
     report(xf == xc && of == oc, "add_rms_norm: %d rows, dim %d: %s", rows, dim,
            xf == xc && of == oc ? "the bits of add_assign then rms_norm" : "DIFFERS from add_assign then rms_norm");
 }
@@ -1029,6 +1031,9 @@ int main(int argc, char** argv) {
         check_norms(11, 896, 71);
         check_norms(3, 13, 72);
         check_norms(9, 64, 73);
+        // The host's smaller blocks for few rows: one and three rows per block.
+        check_norms(5, 896, 74, 1);
+        check_norms(7, 40, 75, 3);
     }
     if (only.empty() || only == "training-attention") training_attention_checks();
     std::printf("kernel-emu: %d of %d checks passed\n", checks - failures, checks);

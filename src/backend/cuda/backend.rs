@@ -124,14 +124,17 @@ pub(super) fn int(v: usize, op: &str, what: &str) -> Result<i32> {
     i32::try_from(v).map_err(|_| anyhow!("{op}: {what} = {v} is over the kernels' 2^31 - 1 limit"))
 }
 
-/// Rows per block of the RMSNorm kernels (`GE_NORM_ROWS`: one warp per row).
+/// Most rows per block of the RMSNorm kernels (one warp per row, `blockDim.x / 32` rows).
 const NORM_ROWS_PER_BLOCK: usize = 8;
 
-/// The launch of `ge_rms_norm` / `ge_add_rms_norm` over `rows` rows.
-fn norm_rows_config(rows: usize) -> LaunchConfig {
+/// The launch of `ge_rms_norm` / `ge_add_rms_norm` over `rows` rows on `num_sms` SMs: as many
+/// rows per block (at most [`NORM_ROWS_PER_BLOCK`]) as keep one block per SM or more, so that
+/// a decode step's few hundred rows are read by every SM rather than by a quarter of them.
+fn norm_rows_config(rows: usize, num_sms: usize) -> LaunchConfig {
+    let per_block = rows.div_ceil(num_sms.max(1)).clamp(1, NORM_ROWS_PER_BLOCK);
     LaunchConfig {
-        grid_dim: (rows.div_ceil(NORM_ROWS_PER_BLOCK) as u32, 1, 1),
-        block_dim: (32 * NORM_ROWS_PER_BLOCK as u32, 1, 1),
+        grid_dim: (rows.div_ceil(per_block) as u32, 1, 1),
+        block_dim: (32 * per_block as u32, 1, 1),
         shared_mem_bytes: 0,
     }
 }
@@ -577,7 +580,10 @@ impl Backend for CudaBackend {
         };
         // SAFETY: x and out are [rows, dim] bf16 (whole buffers, so 16-byte aligned rows
         // when dim % 8 == 0), weight is [dim] bf16; one warp per row.
-        unsafe { self.gpu.launch("ge_rms_norm", norm_rows_config(rows), &a) }?;
+        unsafe {
+            self.gpu
+                .launch("ge_rms_norm", norm_rows_config(rows, self.num_sms()), &a)
+        }?;
         Ok(out)
     }
 
@@ -622,8 +628,11 @@ impl Backend for CudaBackend {
         // separate), weight is [dim] bf16; one warp per row, as ge_rms_norm (so the sums
         // match).
         unsafe {
-            self.gpu
-                .launch("ge_add_rms_norm", norm_rows_config(rows), &a)
+            self.gpu.launch(
+                "ge_add_rms_norm",
+                norm_rows_config(rows, self.num_sms()),
+                &a,
+            )
         }?;
         Ok(out)
     }
@@ -1258,6 +1267,25 @@ impl Backend for CudaBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn norm_blocks_spread_few_rows_over_the_sms() {
+        let shape = |rows| {
+            let c = norm_rows_config(rows, 132);
+            (c.grid_dim.0, c.block_dim.0)
+        };
+        // A decode step of 256 rows: two rows (warps) per block, 128 blocks.
+        assert_eq!(shape(256), (128, 64));
+        // Few rows: one per block; many: eight per block.
+        assert_eq!(shape(5), (5, 32));
+        assert_eq!(shape(8192), (1024, 256));
+        // Every row has a warp.
+        for rows in [1, 131, 133, 1000, 1057] {
+            let c = norm_rows_config(rows, 132);
+            assert!(c.grid_dim.0 as usize * (c.block_dim.0 as usize / 32) >= rows);
+            assert!(c.block_dim.0 <= 256);
+        }
+    }
 
     #[test]
     fn every_op_is_listed_once_as_on_cuda_or_not_yet() {
