@@ -17,6 +17,7 @@ use crate::model::TextTokenizer;
 use crate::transformer::{KvCache, PagedBatch, PagedSeqBatch, Transformer};
 use anyhow::{Context, Result, bail};
 use std::collections::HashMap;
+use std::time::Instant;
 
 /// Engine-wide settings.
 #[derive(Debug, Clone)]
@@ -162,6 +163,12 @@ pub struct Engine<'t, B: Backend> {
     pub preemptions: u64,
     /// Steps run as two passes (see [`Engine::set_split_mixed_steps`]).
     pub split_steps: u64,
+    /// Wall time spent in [`Engine::step`], seconds.
+    pub step_seconds: f64,
+    /// Of that, the time inside the model's calls (forward passes, decode steps, sampling,
+    /// KV block copies; on a GPU this includes waiting for the device): the rest is the
+    /// engine's own host work (scheduling, block tables, stops, detokenisation).
+    pub model_seconds: f64,
     /// Whether a step mixing decodes and prefill chunks runs as two passes (see
     /// [`Engine::set_split_mixed_steps`]); `None`: as the backend prefers.
     split_mixed: Option<bool>,
@@ -198,6 +205,8 @@ impl<'t, B: Backend> Engine<'t, B> {
             tokens_generated: 0,
             preemptions: 0,
             split_steps: 0,
+            step_seconds: 0.0,
+            model_seconds: 0.0,
             split_mixed: None,
         })
     }
@@ -439,6 +448,13 @@ impl<'t, B: Backend> Engine<'t, B> {
     /// One forward pass: schedules, computes, samples, applies stops. Returns the sequences that
     /// finished in this step.
     pub fn step(&mut self) -> Result<Vec<Finished>> {
+        let started = Instant::now();
+        let result = self.step_untimed();
+        self.step_seconds += started.elapsed().as_secs_f64();
+        result
+    }
+
+    fn step_untimed(&mut self) -> Result<Vec<Finished>> {
         let mut finished = Vec::new();
         // Oldest first: they get the budget and are never preempted for younger ones.
         let mut order: Vec<(u64, SeqId)> = self
@@ -547,7 +563,9 @@ impl<'t, B: Backend> Engine<'t, B> {
         if planned.is_empty() {
             return Ok(finished);
         }
+        let model_started = Instant::now();
         self.model.copy_kv_blocks(&mut self.cache, &copies)?;
+        self.model_seconds += model_started.elapsed().as_secs_f64();
 
         // Sample where a sequence reached its end (prefill-only sequences just get cached).
         let mut rows = Vec::new();
@@ -586,6 +604,7 @@ impl<'t, B: Backend> Engine<'t, B> {
             .map(|(e, &samples)| e.q_len == 1 && samples)
             .collect();
         let decodes = is_decode.iter().filter(|&&d| d).count();
+        let model_started = Instant::now();
         let sampled = if plain_decode {
             self.model.decode_step(&batch, &mut self.cache, &sampling)?
         } else if decodes > 0
@@ -603,6 +622,7 @@ impl<'t, B: Backend> Engine<'t, B> {
                 self.model.sample_at(&hidden, &rows, &sampling)?
             }
         };
+        self.model_seconds += model_started.elapsed().as_secs_f64();
         // The step's K/V are in the cache.
         self.tokens_processed += batch.tokens.len() as u64;
         for (entry, &(id, _)) in batch.seqs.iter().zip(&planned) {
