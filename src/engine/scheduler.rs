@@ -16,6 +16,7 @@ use crate::backend::Backend;
 use crate::model::TextTokenizer;
 use crate::transformer::{KvCache, PagedBatch, PagedSeqBatch, Transformer};
 use anyhow::{Context, Result, bail};
+use rayon::prelude::*;
 use std::collections::HashMap;
 use std::time::Instant;
 
@@ -456,19 +457,16 @@ impl<'t, B: Backend> Engine<'t, B> {
 
     fn step_untimed(&mut self) -> Result<Vec<Finished>> {
         let mut finished = Vec::new();
-        // Oldest first: they get the budget and are never preempted for younger ones.
-        let mut order: Vec<(u64, SeqId)> = self
+        // Decodes (one pending token) before prefills, each group oldest first: the oldest get
+        // the budget and are never preempted for younger ones. (Ages are unique.)
+        let mut keyed: Vec<(bool, u64, SeqId)> = self
             .seqs
             .iter()
             .filter(|(_, s)| s.state == State::Active)
-            .map(|(id, s)| (s.age, *id))
+            .map(|(id, s)| (s.tokens.len() - s.cached > 1, s.age, *id))
             .collect();
-        order.sort_unstable();
-        // Decodes (one pending token) before prefills, each group oldest first.
-        order.sort_by_key(|&(_, id)| {
-            let s = &self.seqs[&id];
-            s.tokens.len() - s.cached > 1
-        });
+        keyed.sort_unstable();
+        let order: Vec<(u64, SeqId)> = keyed.into_iter().map(|(_, age, id)| (age, id)).collect();
 
         let mut batch = PagedBatch::default();
         let mut copies: Vec<(u32, u32)> = Vec::new();
@@ -638,8 +636,35 @@ impl<'t, B: Backend> Engine<'t, B> {
         if rows.is_empty() {
             return Ok(finished);
         }
-        for ((id, ..), tok) in samplers.iter().zip(sampled) {
-            if let Some(reason) = self.accept(*id, tok.token, tok.logprob, tok.sampling_logprob)? {
+        // Each sampled sequence takes its token (stop checks and detokenisation: independent
+        // per sequence, so many are done in parallel); finish records in sampling order.
+        self.tokens_generated += sampled.len() as u64;
+        let context = self.model.config.max_position_embeddings;
+        let tokenizer = self.tokenizer;
+        let mut by_id: HashMap<SeqId, &mut Sequence> = self
+            .seqs
+            .iter_mut()
+            .filter(|(_, s)| s.state == State::Active)
+            .map(|(id, s)| (*id, s))
+            .collect();
+        let work: Vec<(&mut Sequence, SampledToken)> = samplers
+            .iter()
+            .zip(sampled)
+            .map(|((id, ..), tok)| {
+                let s = by_id
+                    .remove(id)
+                    .with_context(|| format!("internal error: sampled {id} is not active"))?;
+                Ok((s, tok))
+            })
+            .collect::<Result<_>>()?;
+        let take = |(s, tok): (&mut Sequence, SampledToken)| accept(s, tok, tokenizer, context);
+        let reasons: Vec<Result<Option<FinishReason>>> = if work.len() >= PARALLEL_ACCEPT_MIN {
+            work.into_par_iter().map(take).collect()
+        } else {
+            work.into_iter().map(take).collect()
+        };
+        for ((id, ..), reason) in samplers.iter().zip(reasons) {
+            if let Some(reason) = reason? {
                 finished.push(self.finish_record(*id, reason));
             }
         }
@@ -721,55 +746,6 @@ impl<'t, B: Backend> Engine<'t, B> {
     }
 
     /// Appends a sampled token and applies the stop rules; `Some(reason)` when it finished.
-    fn accept(
-        &mut self,
-        id: SeqId,
-        token: u32,
-        logprob: f32,
-        sampling_logprob: f32,
-    ) -> Result<Option<FinishReason>> {
-        self.tokens_generated += 1;
-        let context = self.model.config.max_position_embeddings;
-        let eos = &self.tokenizer.eos_ids;
-        let tokenizer = self.tokenizer;
-        let s = self.seqs.get_mut(&id).expect("sampled sequence exists");
-        s.tokens.push(token);
-        s.logprobs.push(logprob);
-        s.sampling_logprobs.push(sampling_logprob);
-        let generated = s.tokens.len() - s.generation_start;
-        let reason = if !s.stop.ignore_eos && eos.contains(&token) {
-            Some(FinishReason::Eos)
-        } else if s.stop.stop_token_ids.contains(&token) {
-            Some(FinishReason::StopToken)
-        } else {
-            match s.checker.push(&s.tokens[s.generation_start..], tokenizer)? {
-                StopEvent::Stop { new_text, matched } => {
-                    s.text.push_str(&new_text);
-                    s.matched_stop = Some(matched);
-                    Some(FinishReason::StopString)
-                }
-                StopEvent::Continue { new_text } => {
-                    s.text.push_str(&new_text);
-                    if generated >= s.stop.max_new_tokens {
-                        Some(FinishReason::Length)
-                    } else if s.tokens.len() >= context {
-                        Some(FinishReason::ContextFull)
-                    } else {
-                        None
-                    }
-                }
-            }
-        };
-        if let Some(r) = &reason {
-            if !matches!(r, FinishReason::StopString) {
-                let tail = s.checker.finish();
-                s.text.push_str(&tail);
-            }
-            s.state = State::Idle;
-        }
-        Ok(reason)
-    }
-
     fn finish_record(&self, id: SeqId, reason: FinishReason) -> Finished {
         let s = &self.seqs[&id];
         Finished {
@@ -782,4 +758,53 @@ impl<'t, B: Backend> Engine<'t, B> {
             matched_stop: s.matched_stop.clone(),
         }
     }
+}
+
+/// Sampled sequences from which [`Engine::step`] takes the tokens in parallel.
+const PARALLEL_ACCEPT_MIN: usize = 16;
+
+/// Appends a sampled token to an active sequence and applies its stop rules: returns why the
+/// sequence finished, if it did (it is then idle).
+fn accept(
+    s: &mut Sequence,
+    tok: SampledToken,
+    tokenizer: &TextTokenizer,
+    context: usize,
+) -> Result<Option<FinishReason>> {
+    let token = tok.token;
+    s.tokens.push(token);
+    s.logprobs.push(tok.logprob);
+    s.sampling_logprobs.push(tok.sampling_logprob);
+    let generated = s.tokens.len() - s.generation_start;
+    let reason = if !s.stop.ignore_eos && tokenizer.eos_ids.contains(&token) {
+        Some(FinishReason::Eos)
+    } else if s.stop.stop_token_ids.contains(&token) {
+        Some(FinishReason::StopToken)
+    } else {
+        match s.checker.push(&s.tokens[s.generation_start..], tokenizer)? {
+            StopEvent::Stop { new_text, matched } => {
+                s.text.push_str(&new_text);
+                s.matched_stop = Some(matched);
+                Some(FinishReason::StopString)
+            }
+            StopEvent::Continue { new_text } => {
+                s.text.push_str(&new_text);
+                if generated >= s.stop.max_new_tokens {
+                    Some(FinishReason::Length)
+                } else if s.tokens.len() >= context {
+                    Some(FinishReason::ContextFull)
+                } else {
+                    None
+                }
+            }
+        }
+    };
+    if let Some(r) = &reason {
+        if !matches!(r, FinishReason::StopString) {
+            let tail = s.checker.finish();
+            s.text.push_str(&tail);
+        }
+        s.state = State::Idle;
+    }
+    Ok(reason)
 }
