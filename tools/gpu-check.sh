@@ -110,11 +110,11 @@ if [[ -x $engine && ${GPU_BENCH:-1} != 0 ]]; then
     timeout "${GPU_BENCH_TIMEOUT:-180}" "$engine" bench rollout --device cuda --model "$model" --tokens 128 \
       --new-tokens 256 --batches "${GPU_BENCH_BATCHES:-64,256,512}" --forks 8
     rc=$?
-    echo "rc $rc"
+    echo "rc-rollout $rc"
     if [[ $rc -ne 0 ]]; then
       # Decode CUDA graphs are the newest part of the step: a failure there must not cost the
       # run its decode numbers. The same benchmark without them (the failure still counts:
-      # its "rc" line is not 0; this one's is "rc-fallback").
+      # its "rc-rollout" line is not 0; this one's is "rc-fallback").
       echo "== bench rollout"
       echo "(rerun with GENIUS_CUDA_GRAPHS=0 after the failure above)"
       GENIUS_CUDA_GRAPHS=0 timeout "${GPU_BENCH_TIMEOUT:-180}" "$engine" bench rollout --device cuda \
@@ -147,7 +147,9 @@ if [[ -x $engine && ${GPU_BENCH:-1} != 0 ]]; then
       echo "rc-gemm $?"
     done
   } >"$logs/bench.log" 2>&1
-  [[ ${GPU_ROLLOUT:-1} == 0 ]] || grep -q '^rc 0' "$logs/bench.log" || bad=1
+  # The main decode benchmark must have passed (the variants' and the forward's lines are
+  # their own).
+  [[ ${GPU_ROLLOUT:-1} == 0 ]] || grep -q '^rc-rollout 0' "$logs/bench.log" || bad=1
   if [[ ${GPU_TRAIN:-1} != 0 ]]; then
     {
       echo "== bench train"
