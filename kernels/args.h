@@ -371,9 +371,10 @@ typedef struct ScatterAddRowsArgs {
 GE_LAYOUT(ScatterAddRowsArgs, 48, 8);
 
 /** RMSNorm backward. Forward `y = x * r * w` with `r = 1 / sqrt(mean(x^2) + eps)` per row.
- * The row kernel (one block per row) writes `dx = r * w * dy - x * r^3 / dim * sum(dy * w * x)`
- * and `rinv[row] = r`; the column kernel then adds `sum over rows of dy * x * r` to
- * `weight_grad` (fixed per-thread row slices and a fixed-order combine: deterministic). */
+ * The row kernel (one warp per row) writes `dx = r * w * dy - x * r^3 / dim * sum(dy * w * x)`
+ * and `rinv[row] = r`; the column kernel sums `dy * x * r` over each group of `row_group`
+ * rows into `partial[group]`, and the reduce kernel adds the groups' sums, in group order, to
+ * `weight_grad` (fixed orders, no atomics: deterministic). */
 typedef struct RmsNormBackwardArgs {
     /** bf16 `[rows, dim]`, read. */
     unsigned long long x;
@@ -385,13 +386,17 @@ typedef struct RmsNormBackwardArgs {
     unsigned long long dx;
     /** f32 `[rows]`, written by the row kernel, read by the column kernel. */
     unsigned long long rinv;
-    /** f32 `[dim]`, read and written by the column kernel. */
+    /** f32 `[dim]`, read and written by the reduce kernel. */
     unsigned long long weight_grad;
+    /** f32 `[ceil(rows / row_group), dim]`, written by the column kernel, read by the reduce. */
+    unsigned long long partial;
     int rows;
     int dim;
     float eps;
+    /** Rows per group of the column kernel. */
+    int row_group;
 } RmsNormBackwardArgs;
-GE_LAYOUT(RmsNormBackwardArgs, 64, 8);
+GE_LAYOUT(RmsNormBackwardArgs, 72, 8);
 
 /** SwiGLU backward: with `g = gate_up[r, j]`, `u = gate_up[r, inner + j]`, `s = sigmoid(g)`:
  * `out[r, j] = dy * u * s * (1 + g * (1 - s))` and `out[r, inner + j] = dy * g * s`. */

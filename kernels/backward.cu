@@ -39,59 +39,120 @@ extern "C" __global__ void ge_scatter_add_rows_f32_bf16(ScatterAddRowsArgs a) {
     scatter_add_rows<float, ge_bf16>(a);
 }
 
-// ---- RMSNorm backward, rows: one block per row; block size a multiple of 32. The same
-// arithmetic as the CPU reference (`1 / sqrt`, not rsqrtf, so `r` is correctly rounded). ----
+// ---- RMSNorm backward, rows: one warp per row, blockDim.x / 32 rows per block (a warp past
+// the last row returns; no block barrier). Lane l takes the row's 16-byte vectors l, l + 32,
+// ... when dim % 8 == 0, else its elements l, l + 32, ...; the sums by the warp's shuffle
+// tree. The CPU reference's arithmetic (`1 / sqrt`, not rsqrtf, so `r` is correctly
+// rounded). ----
 extern "C" __global__ void ge_rms_norm_backward_rows(RmsNormBackwardArgs a) {
-    __shared__ float scratch[GE_WARP_SIZE];
-    const long long row = blockIdx.x;
+    const long long row =
+        static_cast<long long>(blockIdx.x) * (blockDim.x / GE_WARP_SIZE) + threadIdx.x / GE_WARP_SIZE;
+    if (row >= a.rows) return;
+    const int lane = threadIdx.x % GE_WARP_SIZE;
     const ge_bf16* x = reinterpret_cast<const ge_bf16*>(a.x) + row * a.dim;
     const ge_bf16* dy = reinterpret_cast<const ge_bf16*>(a.dy) + row * a.dim;
     const ge_bf16* w = reinterpret_cast<const ge_bf16*>(a.weight);
     ge_bf16* dx = reinterpret_cast<ge_bf16*>(a.dx) + row * a.dim;
+    const bool vec = (a.dim & 7) == 0;
     float ss = 0.0f;
     float dot = 0.0f;
-    for (int i = threadIdx.x; i < a.dim; i += blockDim.x) {
-        const float xv = ge_bf16_to_f32(x[i]);
-        ss += xv * xv;
-        dot += ge_bf16_to_f32(dy[i]) * ge_bf16_to_f32(w[i]) * xv;
+    if (vec) {
+        for (int j = lane; j < a.dim / 8; j += GE_WARP_SIZE) {
+            float xv[8], gv[8], wv[8];
+            ge_load_bf16x8(x + 8 * j, xv);
+            ge_load_bf16x8(dy + 8 * j, gv);
+            ge_load_bf16x8(w + 8 * j, wv);
+#pragma unroll
+            for (int k = 0; k < 8; ++k) {
+                ss += xv[k] * xv[k];
+                dot += gv[k] * wv[k] * xv[k];
+            }
+        }
+    } else {
+        for (int i = lane; i < a.dim; i += GE_WARP_SIZE) {
+            const float xv = ge_bf16_to_f32(x[i]);
+            ss += xv * xv;
+            dot += ge_bf16_to_f32(dy[i]) * ge_bf16_to_f32(w[i]) * xv;
+        }
     }
-    ss = ge_block_sum(ss, scratch);
-    dot = ge_block_sum(dot, scratch);
+    ss = ge_warp_sum(ss);
+    dot = ge_warp_sum(dot);
     const float r = 1.0f / sqrtf(ss / static_cast<float>(a.dim) + a.eps);
     const float c = r * r * r / static_cast<float>(a.dim) * dot;
-    for (int i = threadIdx.x; i < a.dim; i += blockDim.x) {
-        const float xv = ge_bf16_to_f32(x[i]);
-        dx[i] = ge_f32_to_bf16(r * ge_bf16_to_f32(w[i]) * ge_bf16_to_f32(dy[i]) - c * xv);
+    if (vec) {
+        for (int j = lane; j < a.dim / 8; j += GE_WARP_SIZE) {
+            float xv[8], gv[8], wv[8], o[8];
+            ge_load_bf16x8(x + 8 * j, xv);
+            ge_load_bf16x8(dy + 8 * j, gv);
+            ge_load_bf16x8(w + 8 * j, wv);
+#pragma unroll
+            for (int k = 0; k < 8; ++k) o[k] = r * wv[k] * gv[k] - c * xv[k];
+            ge_store_bf16x8(dx + 8 * j, o);
+        }
+    } else {
+        for (int i = lane; i < a.dim; i += GE_WARP_SIZE) {
+            const float xv = ge_bf16_to_f32(x[i]);
+            dx[i] = ge_f32_to_bf16(r * ge_bf16_to_f32(w[i]) * ge_bf16_to_f32(dy[i]) - c * xv);
+        }
     }
-    if (threadIdx.x == 0) reinterpret_cast<float*>(a.rinv)[row] = r;
+    if (lane == 0) reinterpret_cast<float*>(a.rinv)[row] = r;
 }
 
-// ---- RMSNorm backward, weight gradient: block (32 columns, GE_RMS_BWD_SLICES row slices),
-// grid over column tiles. Thread (c, s) sums rows s, s + slices, ... of column c in order;
-// thread (c, 0) then adds the slices' sums in slice order to weight_grad[c]. Fixed order, no
-// atomics: the same bits every run. ----
-#define GE_RMS_BWD_SLICES 16
+// ---- RMSNorm backward, weight gradient, step 1: block (32, GE_RMS_BWD_GROUPS) threads, grid
+// (column tiles, row-group tiles). Thread (l, y) of block (bx, by) owns row group g = by *
+// GE_RMS_BWD_GROUPS + y (rows g * row_group ..) and, when dim % 8 == 0, the 8 columns from
+// 8 (bx * 32 + l) (16-byte loads; a tile is 256 columns), else column bx * 32 + l; it sums
+// dy * x * r over its group's rows in order into partial[g]. ----
+#define GE_RMS_BWD_GROUPS 8
 extern "C" __global__ void ge_rms_norm_backward_weight(RmsNormBackwardArgs a) {
-    __shared__ float partial[GE_RMS_BWD_SLICES][GE_WARP_SIZE];
-    const int col = blockIdx.x * GE_WARP_SIZE + threadIdx.x;
+    const int g = blockIdx.y * GE_RMS_BWD_GROUPS + threadIdx.y;
+    const int r0 = g * a.row_group;
+    if (r0 >= a.rows) return;
+    const int r1 = min(a.rows, r0 + a.row_group);
     const ge_bf16* x = reinterpret_cast<const ge_bf16*>(a.x);
     const ge_bf16* dy = reinterpret_cast<const ge_bf16*>(a.dy);
     const float* rinv = reinterpret_cast<const float*>(a.rinv);
-    float acc = 0.0f;
-    if (col < a.dim) {
-        for (int r = threadIdx.y; r < a.rows; r += GE_RMS_BWD_SLICES) {
+    float* partial = reinterpret_cast<float*>(a.partial) + static_cast<long long>(g) * a.dim;
+    if ((a.dim & 7) == 0) {
+        const int c0 = 8 * (blockIdx.x * GE_WARP_SIZE + threadIdx.x);
+        if (c0 >= a.dim) return;
+        float acc[8];
+#pragma unroll
+        for (int k = 0; k < 8; ++k) acc[k] = 0.0f;
+#pragma unroll 4
+        for (int r = r0; r < r1; ++r) {
+            const long long at = static_cast<long long>(r) * a.dim + c0;
+            float xv[8], gv[8];
+            ge_load_bf16x8(x + at, xv);
+            ge_load_bf16x8(dy + at, gv);
+            const float rr = rinv[r];
+#pragma unroll
+            for (int k = 0; k < 8; ++k) acc[k] += gv[k] * xv[k] * rr;
+        }
+#pragma unroll
+        for (int k = 0; k < 8; ++k) partial[c0 + k] = acc[k];
+    } else {
+        const int col = blockIdx.x * GE_WARP_SIZE + threadIdx.x;
+        if (col >= a.dim) return;
+        float acc = 0.0f;
+        for (int r = r0; r < r1; ++r) {
             const long long at = static_cast<long long>(r) * a.dim + col;
             acc += ge_bf16_to_f32(dy[at]) * ge_bf16_to_f32(x[at]) * rinv[r];
         }
+        partial[col] = acc;
     }
-    partial[threadIdx.y][threadIdx.x] = acc;
-    __syncthreads();
-    if (threadIdx.y == 0 && col < a.dim) {
+}
+
+// ---- RMSNorm backward, weight gradient, step 2: grid-stride over columns; the row groups'
+// sums added in group order, then to weight_grad. ----
+extern "C" __global__ void ge_rms_norm_backward_weight_reduce(RmsNormBackwardArgs a) {
+    const int groups = (a.rows + a.row_group - 1) / a.row_group;
+    const float* partial = reinterpret_cast<const float*>(a.partial);
+    float* wg = reinterpret_cast<float*>(a.weight_grad);
+    for (long long c = ge_global_index(); c < a.dim; c += ge_grid_threads()) {
         float sum = 0.0f;
-#pragma unroll
-        for (int s = 0; s < GE_RMS_BWD_SLICES; ++s) sum += partial[s][threadIdx.x];
-        float* wg = reinterpret_cast<float*>(a.weight_grad);
-        wg[col] += sum;
+        for (int g = 0; g < groups; ++g) sum += partial[static_cast<long long>(g) * a.dim + c];
+        wg[c] += sum;
     }
 }
 

@@ -208,6 +208,9 @@ fn rms_norm_backward_matches_cpu() {
         (130, 896),
         (130, 257),
         (7, 4097),
+        // Many row groups of the weight-gradient kernel (groups of 32 rows, 8 per block).
+        (2049, 896),
+        (600, 64),
     ] {
         let x = rand_bf16(&mut rng, &[rows, dim], 2.0);
         let w = round_to_bf16(&HostTensor::new(

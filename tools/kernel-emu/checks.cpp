@@ -3,7 +3,7 @@
 // prefill over block tables, GQA, head slices, context partitions and their combine,
 // contiguous rows), the fused log-prob forward
 // and backward, SwiGLU forward and backward, the KV-cache writes with padding rows, RMSNorm
-// and the fused residual add + RMSNorm, and training attention (the tensor-core forward and
+// (forward and backward) and the fused residual add + RMSNorm, and training attention (the tensor-core forward and
 // every form of the backward, tensor-core and CUDA-core). `checks pair-losses IN OUT`,
 // `checks sample-rows IN OUT` and `checks sampling-exp IN OUT` run the loss kernel, the
 // sampling kernel and the sampling exponential on inputs written by tests/kernel_emu.rs, which
@@ -42,6 +42,9 @@ void ge_target_logprobs_backward_bf16_v8(LogprobBackwardArgs a);
 void ge_swiglu(SwigluArgs a);
 void ge_write_kv_bf16(WriteKvArgs a);
 void ge_rms_norm(RmsNormArgs a);
+void ge_rms_norm_backward_rows(RmsNormBackwardArgs a);
+void ge_rms_norm_backward_weight(RmsNormBackwardArgs a);
+void ge_rms_norm_backward_weight_reduce(RmsNormBackwardArgs a);
 void ge_add_rms_norm(AddRmsNormArgs a);
 void ge_add_assign_bf16(AddAssignArgs a);
 void ge_attention_tc_fwd_d64(AttentionTcArgs a);
@@ -828,6 +831,75 @@ void check_norms(int rows, int dim, unsigned long long seed, unsigned int per_bl
 }
 
 // ---------------------------------------------------------------------------------------
+// RMSNorm backward (one warp per row for dx; row groups of `row_group` for the weight
+// gradient, their sums added in group order) against float64.
+
+void check_rms_norm_backward(int rows, int dim, int row_group, unsigned long long seed) {
+    Rng rng(seed);
+    const auto x = random_bf16(rng, static_cast<std::size_t>(rows) * dim, 2.0f);
+    const auto dy = random_bf16(rng, static_cast<std::size_t>(rows) * dim, 1.0f);
+    const auto w = random_bf16(rng, dim, 1.5f);
+    const float eps = 1e-5f;
+    const int groups = (rows + row_group - 1) / row_group;
+    std::vector<unsigned short> dx(x.size(), BF16_NAN);
+    std::vector<float> rinv(rows, F32_POISON);
+    std::vector<float> wg(dim, 0.25f);  // accumulated into
+    std::vector<float> partial(static_cast<std::size_t>(groups) * dim, F32_POISON);
+    RmsNormBackwardArgs a{};
+    a.x = addr(x.data());
+    a.weight = addr(w.data());
+    a.dy = addr(dy.data());
+    a.dx = addr(dx.data());
+    a.rinv = addr(rinv.data());
+    a.weight_grad = addr(wg.data());
+    a.partial = addr(partial.data());
+    a.rows = rows;
+    a.dim = dim;
+    a.eps = eps;
+    a.row_group = row_group;
+    ge_emu::launch(ge_rms_norm_backward_rows, dim3{static_cast<unsigned int>((rows + 7) / 8), 1, 1},
+                   dim3{256, 1, 1}, a);
+    const int tile = dim % 8 == 0 ? 256 : 32;
+    ge_emu::launch(ge_rms_norm_backward_weight,
+                   dim3{static_cast<unsigned int>((dim + tile - 1) / tile), static_cast<unsigned int>((groups + 7) / 8), 1},
+                   dim3{32, 8, 1}, a);
+    ge_emu::launch(ge_rms_norm_backward_weight_reduce, dim3{2, 1, 1}, dim3{256, 1, 1}, a);
+    double worst_dx = 0.0, worst_wg = 0.0;
+    bool finite = true;
+    std::vector<double> want_wg(dim, 0.25);
+    for (int r = 0; r < rows; ++r) {
+        double ss = 0.0, dot = 0.0;
+        for (int i = 0; i < dim; ++i) {
+            const std::size_t k = static_cast<std::size_t>(r) * dim + i;
+            const double xv = bf16_value(x[k]);
+            ss += xv * xv;
+            dot += static_cast<double>(bf16_value(dy[k])) * bf16_value(w[i]) * xv;
+        }
+        const double rr = 1.0 / std::sqrt(ss / dim + eps);
+        const double c = rr * rr * rr / dim * dot;
+        for (int i = 0; i < dim; ++i) {
+            const std::size_t k = static_cast<std::size_t>(r) * dim + i;
+            const double xv = bf16_value(x[k]);
+            const double g = bf16_value(dy[k]);
+            const double want = rr * bf16_value(w[i]) * g - c * xv;
+            const double got = bf16_value(dx[k]);
+            if (!std::isfinite(got)) finite = false;
+            worst_dx = std::max(worst_dx, std::fabs(got - want) / (1e-2 + std::fabs(want)));
+            want_wg[i] += g * xv * rr;
+        }
+    }
+    for (int i = 0; i < dim; ++i) {
+        if (!std::isfinite(wg[i])) finite = false;
+        worst_wg = std::max(worst_wg, std::fabs(wg[i] - want_wg[i]) / (1e-2 + std::fabs(want_wg[i])));
+    }
+    report(finite && worst_dx <= 1e-2 && worst_wg <= 1e-4,
+           "rms_norm_backward: %d rows, dim %d%s, groups of %d: dx max relative error %.2e, weight "
+           "gradient %.2e%s",
+           rows, dim, dim % 8 == 0 ? " (16-byte path)" : "", row_group, worst_dx, worst_wg,
+           finite ? "" : ", UNWRITTEN OR NON-FINITE OUTPUT");
+}
+
+// ---------------------------------------------------------------------------------------
 // `checks pair-losses IN OUT`: runs ge_pair_losses on the inputs in file IN and writes its
 // outputs to OUT, for tests/kernel_emu.rs to compare with the host definition
 // (genius::loss::pair_losses_host). Every number is its IEEE bits in hexadecimal.
@@ -1034,6 +1106,10 @@ int main(int argc, char** argv) {
         // The host's smaller blocks for few rows: one and three rows per block.
         check_norms(5, 896, 74, 1);
         check_norms(7, 40, 75, 3);
+        // Backward: several row groups and group tiles, a partial last group; both paths.
+        check_rms_norm_backward(83, 896, 8, 76);
+        check_rms_norm_backward(37, 33, 32, 77);
+        check_rms_norm_backward(9, 264, 4, 78);
     }
     if (only.empty() || only == "training-attention") training_attention_checks();
     std::printf("kernel-emu: %d of %d checks passed\n", checks - failures, checks);

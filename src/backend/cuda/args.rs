@@ -626,7 +626,7 @@ const _: () = {
     ["Offset of field: ScatterAddRowsArgs::width"]
         [::std::mem::offset_of!(ScatterAddRowsArgs, width) - 44usize];
 };
-#[doc = " RMSNorm backward. Forward `y = x * r * w` with `r = 1 / sqrt(mean(x^2) + eps)` per row.\n The row kernel (one block per row) writes `dx = r * w * dy - x * r^3 / dim * sum(dy * w * x)`\n and `rinv[row] = r`; the column kernel then adds `sum over rows of dy * x * r` to\n `weight_grad` (fixed per-thread row slices and a fixed-order combine: deterministic)."]
+#[doc = " RMSNorm backward. Forward `y = x * r * w` with `r = 1 / sqrt(mean(x^2) + eps)` per row.\n The row kernel (one warp per row) writes `dx = r * w * dy - x * r^3 / dim * sum(dy * w * x)`\n and `rinv[row] = r`; the column kernel sums `dy * x * r` over each group of `row_group`\n rows into `partial[group]`, and the reduce kernel adds the groups' sums, in group order, to\n `weight_grad` (fixed orders, no atomics: deterministic)."]
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct RmsNormBackwardArgs {
@@ -640,15 +640,19 @@ pub struct RmsNormBackwardArgs {
     pub dx: ::std::os::raw::c_ulonglong,
     #[doc = " f32 `[rows]`, written by the row kernel, read by the column kernel."]
     pub rinv: ::std::os::raw::c_ulonglong,
-    #[doc = " f32 `[dim]`, read and written by the column kernel."]
+    #[doc = " f32 `[dim]`, read and written by the reduce kernel."]
     pub weight_grad: ::std::os::raw::c_ulonglong,
+    #[doc = " f32 `[ceil(rows / row_group), dim]`, written by the column kernel, read by the reduce."]
+    pub partial: ::std::os::raw::c_ulonglong,
     pub rows: ::std::os::raw::c_int,
     pub dim: ::std::os::raw::c_int,
     pub eps: f32,
+    #[doc = " Rows per group of the column kernel."]
+    pub row_group: ::std::os::raw::c_int,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of RmsNormBackwardArgs"][::std::mem::size_of::<RmsNormBackwardArgs>() - 64usize];
+    ["Size of RmsNormBackwardArgs"][::std::mem::size_of::<RmsNormBackwardArgs>() - 72usize];
     ["Alignment of RmsNormBackwardArgs"][::std::mem::align_of::<RmsNormBackwardArgs>() - 8usize];
     ["Offset of field: RmsNormBackwardArgs::x"]
         [::std::mem::offset_of!(RmsNormBackwardArgs, x) - 0usize];
@@ -662,12 +666,16 @@ const _: () = {
         [::std::mem::offset_of!(RmsNormBackwardArgs, rinv) - 32usize];
     ["Offset of field: RmsNormBackwardArgs::weight_grad"]
         [::std::mem::offset_of!(RmsNormBackwardArgs, weight_grad) - 40usize];
+    ["Offset of field: RmsNormBackwardArgs::partial"]
+        [::std::mem::offset_of!(RmsNormBackwardArgs, partial) - 48usize];
     ["Offset of field: RmsNormBackwardArgs::rows"]
-        [::std::mem::offset_of!(RmsNormBackwardArgs, rows) - 48usize];
+        [::std::mem::offset_of!(RmsNormBackwardArgs, rows) - 56usize];
     ["Offset of field: RmsNormBackwardArgs::dim"]
-        [::std::mem::offset_of!(RmsNormBackwardArgs, dim) - 52usize];
+        [::std::mem::offset_of!(RmsNormBackwardArgs, dim) - 60usize];
     ["Offset of field: RmsNormBackwardArgs::eps"]
-        [::std::mem::offset_of!(RmsNormBackwardArgs, eps) - 56usize];
+        [::std::mem::offset_of!(RmsNormBackwardArgs, eps) - 64usize];
+    ["Offset of field: RmsNormBackwardArgs::row_group"]
+        [::std::mem::offset_of!(RmsNormBackwardArgs, row_group) - 68usize];
 };
 #[doc = " SwiGLU backward: with `g = gate_up[r, j]`, `u = gate_up[r, inner + j]`, `s = sigmoid(g)`:\n `out[r, j] = dy * u * s * (1 + g * (1 - s))` and `out[r, inner + j] = dy * g * s`."]
 #[repr(C)]

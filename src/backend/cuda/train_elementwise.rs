@@ -30,8 +30,34 @@ unsafe impl DeviceRepr for args::SwigluBackwardArgs {}
 unsafe impl DeviceRepr for args::AdamWArgs {}
 unsafe impl DeviceRepr for args::CastArgs {}
 
-/// Row slices of the RMSNorm weight-gradient kernel (`GE_RMS_BWD_SLICES` in backward.cu).
-const RMS_BWD_SLICES: u32 = 16;
+/// Row groups per block of the RMSNorm weight-gradient kernel (`GE_RMS_BWD_GROUPS` in
+/// backward.cu).
+const RMS_BWD_GROUPS: usize = 8;
+/// Rows per warp-per-row block of the RMSNorm backward's row kernel.
+const RMS_BWD_ROWS_PER_BLOCK: usize = 8;
+
+/// Rows per group of the RMSNorm weight-gradient kernel: 32, or more where that would make
+/// over 512 groups (the f32 partial sums are groups x dim).
+fn rms_bwd_row_group(rows: usize) -> usize {
+    rows.div_ceil(512).max(32)
+}
+
+/// The launches of the RMSNorm weight-gradient kernel over `rows x dim`: (grid, row group,
+/// groups). A column tile is 256 columns when `dim % 8 == 0` (8 per thread), else 32.
+fn rms_bwd_weight_grid(rows: usize, dim: usize) -> ((u32, u32, u32), usize, usize) {
+    let row_group = rms_bwd_row_group(rows);
+    let groups = rows.div_ceil(row_group);
+    let tile = if dim.is_multiple_of(8) { 256 } else { 32 };
+    (
+        (
+            dim.div_ceil(tile) as u32,
+            groups.div_ceil(RMS_BWD_GROUPS) as u32,
+            1,
+        ),
+        row_group,
+        groups,
+    )
+}
 
 /// Source rows grouped by destination row, for a deterministic scatter-add.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -188,6 +214,8 @@ impl CudaBackend {
             return Ok(dx);
         }
         let mut rinv = self.gpu.alloc::<f32>(rows)?;
+        let (weight_grid, row_group, groups) = rms_bwd_weight_grid(rows, d);
+        let mut partial = self.gpu.alloc::<f32>(groups * d)?;
         let a = args::RmsNormBackwardArgs {
             x: xs,
             weight: ws,
@@ -195,27 +223,37 @@ impl CudaBackend {
             dx: self.addr_mut(&mut dx),
             rinv: self.gpu.ptr_mut(&mut rinv),
             weight_grad: self.addr_mut(weight_grad),
+            partial: self.gpu.ptr_mut(&mut partial),
             rows: int(rows, op, "rows")?,
             dim: int(d, op, "dim")?,
             eps,
+            row_group: int(row_group, op, "rows per group")?,
         };
         let row_cfg = LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
-            block_dim: (row_block_threads(d), 1, 1),
+            grid_dim: (rows.div_ceil(RMS_BWD_ROWS_PER_BLOCK) as u32, 1, 1),
+            block_dim: (32 * RMS_BWD_ROWS_PER_BLOCK as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: x, dy and dx are [rows, d] bf16, weight [d] bf16, rinv [rows] f32; one
-        // block per row, block size a multiple of 32 as ge_block_sum needs.
+        // SAFETY: x, dy and dx are [rows, d] bf16 (whole allocations: 256-byte aligned, as the
+        // 16-byte loads need when d % 8 == 0), weight [d] bf16, rinv [rows] f32; one warp per
+        // row.
         unsafe { self.gpu.launch("ge_rms_norm_backward_rows", row_cfg, &a) }?;
         let col_cfg = LaunchConfig {
-            grid_dim: (d.div_ceil(32) as u32, 1, 1),
-            block_dim: (32, RMS_BWD_SLICES, 1),
+            grid_dim: weight_grid,
+            block_dim: (32, RMS_BWD_GROUPS as u32, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: as above, and weight_grad is [d] f32; the block is (32, GE_RMS_BWD_SLICES)
-        // as the kernel's shared tile assumes; rinv was written by the launch before (same
-        // stream).
+        // SAFETY: as above; partial holds groups x d f32s, one row per group, each written by
+        // the threads of its group; rinv was written by the launch before (same stream).
         unsafe { self.gpu.launch("ge_rms_norm_backward_weight", col_cfg, &a) }?;
+        // SAFETY: as above, and weight_grad is [d] f32; every group's partial row was written.
+        unsafe {
+            self.gpu.launch(
+                "ge_rms_norm_backward_weight_reduce",
+                grid_stride_config(d),
+                &a,
+            )
+        }?;
         Ok(dx)
     }
 
@@ -485,6 +523,27 @@ impl CudaBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rms_norm_backward_weight_grid_covers_every_row_and_column() {
+        // A training micro-batch of 8192 rows of 896: groups of 32 rows, 4 tiles of 256
+        // columns x 32 blocks of 8 groups.
+        assert_eq!(rms_bwd_weight_grid(8192, 896), ((4, 32, 1), 32, 256));
+        // Columns not a multiple of 8: tiles of 32 columns, one per thread.
+        assert_eq!(rms_bwd_weight_grid(130, 257), ((9, 1, 1), 32, 5));
+        // Many rows: at most 512 groups.
+        let (_, group, groups) = rms_bwd_weight_grid(1 << 20, 64);
+        assert!(groups <= 512 && group * groups >= 1 << 20);
+        for rows in [1, 31, 32, 33, 1000, 16385] {
+            for dim in [1, 8, 33, 896, 4097] {
+                let ((x, y, _), group, groups) = rms_bwd_weight_grid(rows, dim);
+                assert!(group * groups >= rows && group * (groups - 1) < rows);
+                assert!(y as usize * RMS_BWD_GROUPS >= groups);
+                let per_thread = if dim % 8 == 0 { 8 } else { 1 };
+                assert!(x as usize * 32 * per_thread >= dim);
+            }
+        }
+    }
 
     #[test]
     fn rows_are_grouped_by_destination_in_source_order() {
