@@ -310,16 +310,35 @@ typedef struct QkvRopeArgs {
 } QkvRopeArgs;
 GE_LAYOUT(QkvRopeArgs, 72, 8);
 
-/** Bias gradient: `grad[c] += sum over r of dy[r, c]`, the rows summed in a fixed order (f32). */
+/** Bias gradient, `grad[c] += sum over r of dy[r, c]` (f32), step 1: the column sums of each
+ * group of `row_group` rows into `partial` (rows in order); `ge_column_partials_reduce` then
+ * adds the groups' sums to the gradient. */
 typedef struct BiasGradArgs {
     /** bf16 `[rows, cols]`, read. */
     unsigned long long dy;
-    /** f32 `[cols]`, read and written. */
-    unsigned long long grad;
+    /** f32 `[ceil(rows / row_group), cols]`: each row group's column sums, written (then added
+     * to the gradient by `ge_column_partials_reduce`). */
+    unsigned long long partial;
     int rows;
     int cols;
+    /** Rows per group. */
+    int row_group;
+    int pad_;
 } BiasGradArgs;
-GE_LAYOUT(BiasGradArgs, 24, 8);
+GE_LAYOUT(BiasGradArgs, 32, 8);
+
+/** `out[c] += sum over g < groups of partial[g * cols + c]` (f32), in a fixed order: block
+ * (32, 8) over 32 columns, warp y summing groups y, y + 8, ... in order, the 8 warps' sums
+ * added in warp order. */
+typedef struct ColumnReduceArgs {
+    /** f32 `[groups, cols]`, read. */
+    unsigned long long partial;
+    /** f32 `[cols]`, read and written. */
+    unsigned long long out;
+    int groups;
+    int cols;
+} ColumnReduceArgs;
+GE_LAYOUT(ColumnReduceArgs, 24, 8);
 
 /** `partials[b] = sum of x[i]^2` (f64) over the elements grid-stride block `b` visits; the
  * host adds the partials in order. */
@@ -373,8 +392,8 @@ GE_LAYOUT(ScatterAddRowsArgs, 48, 8);
 /** RMSNorm backward. Forward `y = x * r * w` with `r = 1 / sqrt(mean(x^2) + eps)` per row.
  * The row kernel (one warp per row) writes `dx = r * w * dy - x * r^3 / dim * sum(dy * w * x)`
  * and `rinv[row] = r`; the column kernel sums `dy * x * r` over each group of `row_group`
- * rows into `partial[group]`, and the reduce kernel adds the groups' sums, in group order, to
- * `weight_grad` (fixed orders, no atomics: deterministic). */
+ * rows into `partial[group]`, and `ge_column_partials_reduce` adds the groups' sums to the
+ * weight gradient (fixed orders, no atomics: deterministic). */
 typedef struct RmsNormBackwardArgs {
     /** bf16 `[rows, dim]`, read. */
     unsigned long long x;
@@ -386,9 +405,7 @@ typedef struct RmsNormBackwardArgs {
     unsigned long long dx;
     /** f32 `[rows]`, written by the row kernel, read by the column kernel. */
     unsigned long long rinv;
-    /** f32 `[dim]`, read and written by the reduce kernel. */
-    unsigned long long weight_grad;
-    /** f32 `[ceil(rows / row_group), dim]`, written by the column kernel, read by the reduce. */
+    /** f32 `[ceil(rows / row_group), dim]`, written by the column kernel. */
     unsigned long long partial;
     int rows;
     int dim;
@@ -396,7 +413,7 @@ typedef struct RmsNormBackwardArgs {
     /** Rows per group of the column kernel. */
     int row_group;
 } RmsNormBackwardArgs;
-GE_LAYOUT(RmsNormBackwardArgs, 72, 8);
+GE_LAYOUT(RmsNormBackwardArgs, 64, 8);
 
 /** SwiGLU backward: with `g = gate_up[r, j]`, `u = gate_up[r, inner + j]`, `s = sigmoid(g)`:
  * `out[r, j] = dy * u * s * (1 + g * (1 - s))` and `out[r, inner + j] = dy * g * s`. */

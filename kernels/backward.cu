@@ -143,16 +143,28 @@ extern "C" __global__ void ge_rms_norm_backward_weight(RmsNormBackwardArgs a) {
     }
 }
 
-// ---- RMSNorm backward, weight gradient, step 2: grid-stride over columns; the row groups'
-// sums added in group order, then to weight_grad. ----
-extern "C" __global__ void ge_rms_norm_backward_weight_reduce(RmsNormBackwardArgs a) {
-    const int groups = (a.rows + a.row_group - 1) / a.row_group;
+// ---- Column sums of f32 partials (the RMSNorm weight gradient's and the bias gradient's
+// row groups), added to `out`: block (32, GE_COL_REDUCE_WARPS) over 32 columns; warp y sums
+// groups y, y + 8, ... in order, and thread (c, 0) adds the warps' sums in warp order. ----
+#define GE_COL_REDUCE_WARPS 8
+extern "C" __global__ void ge_column_partials_reduce(ColumnReduceArgs a) {
+    __shared__ float sums[GE_COL_REDUCE_WARPS][GE_WARP_SIZE + 1];
+    const int col = blockIdx.x * GE_WARP_SIZE + threadIdx.x;
     const float* partial = reinterpret_cast<const float*>(a.partial);
-    float* wg = reinterpret_cast<float*>(a.weight_grad);
-    for (long long c = ge_global_index(); c < a.dim; c += ge_grid_threads()) {
-        float sum = 0.0f;
-        for (int g = 0; g < groups; ++g) sum += partial[static_cast<long long>(g) * a.dim + c];
-        wg[c] += sum;
+    float acc = 0.0f;
+    if (col < a.cols) {
+#pragma unroll 4
+        for (int g = threadIdx.y; g < a.groups; g += GE_COL_REDUCE_WARPS) {
+            acc += partial[static_cast<long long>(g) * a.cols + col];
+        }
+    }
+    sums[threadIdx.y][threadIdx.x] = acc;
+    __syncthreads();
+    if (threadIdx.y == 0 && col < a.cols) {
+        float total = 0.0f;
+#pragma unroll
+        for (int y = 0; y < GE_COL_REDUCE_WARPS; ++y) total += sums[y][threadIdx.x];
+        reinterpret_cast<float*>(a.out)[col] += total;
     }
 }
 

@@ -1,7 +1,8 @@
 // The reductions around the training GEMMs (src/backend/cuda/train_gemm.rs; the GEMMs
 // themselves are cuBLASLt's):
-// - ge_bias_grad_bf16: bias gradients, column sums of a bf16 [rows, cols] gradient added to an
-//   f32 [cols] accumulator, the rows of each column summed in a fixed order;
+// - ge_bias_grad_bf16: bias gradients, the column sums of each group of rows of a bf16
+//   [rows, cols] gradient (16-byte loads), which ge_column_partials_reduce (backward.cu) adds
+//   to the f32 [cols] accumulator in a fixed order;
 // - ge_sum_squares_{f32,bf16}: per-block f64 partial sums of squares (gradient norms); the host
 //   adds the partials in order, so the result is deterministic;
 // - ge_target_logprobs_bf16[_v8]: the fused LM head + log-softmax + gather's forward on a chunk
@@ -11,33 +12,42 @@
 //   g * (onehot(target) - p).
 #include "common.cuh"
 
-// ---- bias gradient ----
+// ---- bias gradient, step 1 (ge_column_partials_reduce in backward.cu adds the groups) ----
 
-#define GE_BIAS_COLS 32
 #define GE_BIAS_ROW_GROUPS 8
 
-// Block (GE_BIAS_COLS, GE_BIAS_ROW_GROUPS): thread (c, g) sums rows g, g + 8, ... of column
-// blockIdx.x * 32 + c in f32, then thread (c, 0) adds the 8 group sums in order to grad.
+// Block (32, GE_BIAS_ROW_GROUPS), grid (column tiles, row-group tiles): thread (l, y) of block
+// (bx, by) owns row group g = by * GE_BIAS_ROW_GROUPS + y and, when cols % 8 == 0, the 8
+// columns from 8 (bx * 32 + l) (16-byte loads), else column bx * 32 + l; it sums its group's
+// rows in order into partial[g].
 extern "C" __global__ void ge_bias_grad_bf16(BiasGradArgs a) {
-    __shared__ float s_part[GE_BIAS_ROW_GROUPS][GE_BIAS_COLS + 1];
-    const int tx = threadIdx.x;
-    const int ty = threadIdx.y;
-    const int col = blockIdx.x * GE_BIAS_COLS + tx;
+    const int g = blockIdx.y * GE_BIAS_ROW_GROUPS + threadIdx.y;
+    const int r0 = g * a.row_group;
+    if (r0 >= a.rows) return;
+    const int r1 = min(a.rows, r0 + a.row_group);
     const ge_bf16* dy = reinterpret_cast<const ge_bf16*>(a.dy);
-    float* grad = reinterpret_cast<float*>(a.grad);
-    float acc = 0.0f;
-    if (col < a.cols) {
-        for (int r = ty; r < a.rows; r += GE_BIAS_ROW_GROUPS) {
-            acc += ge_bf16_to_f32(dy[static_cast<long long>(r) * a.cols + col]);
-        }
-    }
-    s_part[ty][tx] = acc;
-    __syncthreads();
-    if (ty == 0 && col < a.cols) {
-        float total = 0.0f;
+    float* partial = reinterpret_cast<float*>(a.partial) + static_cast<long long>(g) * a.cols;
+    if ((a.cols & 7) == 0) {
+        const int c0 = 8 * (blockIdx.x * GE_WARP_SIZE + threadIdx.x);
+        if (c0 >= a.cols) return;
+        float acc[8];
 #pragma unroll
-        for (int g = 0; g < GE_BIAS_ROW_GROUPS; ++g) total += s_part[g][tx];
-        grad[col] += total;
+        for (int k = 0; k < 8; ++k) acc[k] = 0.0f;
+#pragma unroll 4
+        for (int r = r0; r < r1; ++r) {
+            float v[8];
+            ge_load_bf16x8(dy + static_cast<long long>(r) * a.cols + c0, v);
+#pragma unroll
+            for (int k = 0; k < 8; ++k) acc[k] += v[k];
+        }
+#pragma unroll
+        for (int k = 0; k < 8; ++k) partial[c0 + k] = acc[k];
+    } else {
+        const int col = blockIdx.x * GE_WARP_SIZE + threadIdx.x;
+        if (col >= a.cols) return;
+        float acc = 0.0f;
+        for (int r = r0; r < r1; ++r) acc += ge_bf16_to_f32(dy[static_cast<long long>(r) * a.cols + col]);
+        partial[col] = acc;
     }
 }
 

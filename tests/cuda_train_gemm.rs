@@ -166,6 +166,8 @@ fn accumulate_bias_grad_matches_cpu_and_is_deterministic() {
         (130, 896),
         (130, 4864),
         (2049, 129),
+        // Many row groups (32 rows each, 8 per block) on the 16-byte path: Qwen2's q/k/v bias.
+        (8192, 1152),
     ] {
         let dy = rand_bf16(&mut rng, &[n, out], 1.0);
         let g0 = rng.tensor(&[out], (n as f32).sqrt());

@@ -44,7 +44,8 @@ void ge_write_kv_bf16(WriteKvArgs a);
 void ge_rms_norm(RmsNormArgs a);
 void ge_rms_norm_backward_rows(RmsNormBackwardArgs a);
 void ge_rms_norm_backward_weight(RmsNormBackwardArgs a);
-void ge_rms_norm_backward_weight_reduce(RmsNormBackwardArgs a);
+void ge_column_partials_reduce(ColumnReduceArgs a);
+void ge_bias_grad_bf16(BiasGradArgs a);
 void ge_add_rms_norm(AddRmsNormArgs a);
 void ge_add_assign_bf16(AddAssignArgs a);
 void ge_attention_tc_fwd_d64(AttentionTcArgs a);
@@ -851,7 +852,6 @@ void check_rms_norm_backward(int rows, int dim, int row_group, unsigned long lon
     a.dy = addr(dy.data());
     a.dx = addr(dx.data());
     a.rinv = addr(rinv.data());
-    a.weight_grad = addr(wg.data());
     a.partial = addr(partial.data());
     a.rows = rows;
     a.dim = dim;
@@ -863,7 +863,9 @@ void check_rms_norm_backward(int rows, int dim, int row_group, unsigned long lon
     ge_emu::launch(ge_rms_norm_backward_weight,
                    dim3{static_cast<unsigned int>((dim + tile - 1) / tile), static_cast<unsigned int>((groups + 7) / 8), 1},
                    dim3{32, 8, 1}, a);
-    ge_emu::launch(ge_rms_norm_backward_weight_reduce, dim3{2, 1, 1}, dim3{256, 1, 1}, a);
+    ColumnReduceArgs ra{addr(partial.data()), addr(wg.data()), groups, dim};
+    ge_emu::launch(ge_column_partials_reduce, dim3{static_cast<unsigned int>((dim + 31) / 32), 1, 1},
+                   dim3{32, 8, 1}, ra);
     double worst_dx = 0.0, worst_wg = 0.0;
     bool finite = true;
     std::vector<double> want_wg(dim, 0.25);
@@ -896,6 +898,42 @@ void check_rms_norm_backward(int rows, int dim, int row_group, unsigned long lon
            "rms_norm_backward: %d rows, dim %d%s, groups of %d: dx max relative error %.2e, weight "
            "gradient %.2e%s",
            rows, dim, dim % 8 == 0 ? " (16-byte path)" : "", row_group, worst_dx, worst_wg,
+           finite ? "" : ", UNWRITTEN OR NON-FINITE OUTPUT");
+}
+
+// ---------------------------------------------------------------------------------------
+// The bias gradient (column sums of row groups, then the groups added in order) against
+// float64.
+
+void check_bias_grad(int rows, int cols, int row_group, unsigned long long seed) {
+    Rng rng(seed);
+    const auto dy = random_bf16(rng, static_cast<std::size_t>(rows) * cols, 1.0f);
+    const int groups = (rows + row_group - 1) / row_group;
+    std::vector<float> grad(cols, -0.5f);  // accumulated into
+    std::vector<float> partial(static_cast<std::size_t>(groups) * cols, F32_POISON);
+    BiasGradArgs a{addr(dy.data()), addr(partial.data()), rows, cols, row_group, 0};
+    const int tile = cols % 8 == 0 ? 256 : 32;
+    ge_emu::launch(ge_bias_grad_bf16,
+                   dim3{static_cast<unsigned int>((cols + tile - 1) / tile), static_cast<unsigned int>((groups + 7) / 8), 1},
+                   dim3{32, 8, 1}, a);
+    ColumnReduceArgs ra{addr(partial.data()), addr(grad.data()), groups, cols};
+    ge_emu::launch(ge_column_partials_reduce, dim3{static_cast<unsigned int>((cols + 31) / 32), 1, 1},
+                   dim3{32, 8, 1}, ra);
+    double worst = 0.0;
+    bool finite = true;
+    for (int c = 0; c < cols; ++c) {
+        double want = -0.5;
+        double mag = 0.5;
+        for (int r = 0; r < rows; ++r) {
+            const double v = bf16_value(dy[static_cast<std::size_t>(r) * cols + c]);
+            want += v;
+            mag += std::fabs(v);
+        }
+        if (!std::isfinite(grad[c])) finite = false;
+        worst = std::max(worst, std::fabs(grad[c] - want) / mag);
+    }
+    report(finite && worst <= 1e-6, "bias gradient: %d rows, %d columns%s, groups of %d: max error / sum of magnitudes %.2e%s",
+           rows, cols, cols % 8 == 0 ? " (16-byte path)" : "", row_group, worst,
            finite ? "" : ", UNWRITTEN OR NON-FINITE OUTPUT");
 }
 
@@ -1110,6 +1148,8 @@ int main(int argc, char** argv) {
         check_rms_norm_backward(83, 896, 8, 76);
         check_rms_norm_backward(37, 33, 32, 77);
         check_rms_norm_backward(9, 264, 4, 78);
+        check_bias_grad(300, 1152, 32, 79);
+        check_bias_grad(77, 45, 8, 80);
     }
     if (only.empty() || only == "training-attention") training_attention_checks();
     std::printf("kernel-emu: %d of %d checks passed\n", checks - failures, checks);

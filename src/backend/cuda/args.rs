@@ -519,25 +519,56 @@ const _: () = {
     ["Offset of field: QkvRopeArgs::head_dim"]
         [::std::mem::offset_of!(QkvRopeArgs, head_dim) - 68usize];
 };
-#[doc = " Bias gradient: `grad[c] += sum over r of dy[r, c]`, the rows summed in a fixed order (f32)."]
+#[doc = " Bias gradient, `grad[c] += sum over r of dy[r, c]` (f32), step 1: the column sums of each\n group of `row_group` rows into `partial` (rows in order); `ge_column_partials_reduce` then\n adds the groups' sums to the gradient."]
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct BiasGradArgs {
     #[doc = " bf16 `[rows, cols]`, read."]
     pub dy: ::std::os::raw::c_ulonglong,
-    #[doc = " f32 `[cols]`, read and written."]
-    pub grad: ::std::os::raw::c_ulonglong,
+    #[doc = " f32 `[ceil(rows / row_group), cols]`: each row group's column sums, written (then added\n to the gradient by `ge_column_partials_reduce`)."]
+    pub partial: ::std::os::raw::c_ulonglong,
     pub rows: ::std::os::raw::c_int,
+    pub cols: ::std::os::raw::c_int,
+    #[doc = " Rows per group."]
+    pub row_group: ::std::os::raw::c_int,
+    pub pad_: ::std::os::raw::c_int,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of BiasGradArgs"][::std::mem::size_of::<BiasGradArgs>() - 32usize];
+    ["Alignment of BiasGradArgs"][::std::mem::align_of::<BiasGradArgs>() - 8usize];
+    ["Offset of field: BiasGradArgs::dy"][::std::mem::offset_of!(BiasGradArgs, dy) - 0usize];
+    ["Offset of field: BiasGradArgs::partial"]
+        [::std::mem::offset_of!(BiasGradArgs, partial) - 8usize];
+    ["Offset of field: BiasGradArgs::rows"][::std::mem::offset_of!(BiasGradArgs, rows) - 16usize];
+    ["Offset of field: BiasGradArgs::cols"][::std::mem::offset_of!(BiasGradArgs, cols) - 20usize];
+    ["Offset of field: BiasGradArgs::row_group"]
+        [::std::mem::offset_of!(BiasGradArgs, row_group) - 24usize];
+    ["Offset of field: BiasGradArgs::pad_"][::std::mem::offset_of!(BiasGradArgs, pad_) - 28usize];
+};
+#[doc = " `out[c] += sum over g < groups of partial[g * cols + c]` (f32), in a fixed order: block\n (32, 8) over 32 columns, warp y summing groups y, y + 8, ... in order, the 8 warps' sums\n added in warp order."]
+#[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct ColumnReduceArgs {
+    #[doc = " f32 `[groups, cols]`, read."]
+    pub partial: ::std::os::raw::c_ulonglong,
+    #[doc = " f32 `[cols]`, read and written."]
+    pub out: ::std::os::raw::c_ulonglong,
+    pub groups: ::std::os::raw::c_int,
     pub cols: ::std::os::raw::c_int,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of BiasGradArgs"][::std::mem::size_of::<BiasGradArgs>() - 24usize];
-    ["Alignment of BiasGradArgs"][::std::mem::align_of::<BiasGradArgs>() - 8usize];
-    ["Offset of field: BiasGradArgs::dy"][::std::mem::offset_of!(BiasGradArgs, dy) - 0usize];
-    ["Offset of field: BiasGradArgs::grad"][::std::mem::offset_of!(BiasGradArgs, grad) - 8usize];
-    ["Offset of field: BiasGradArgs::rows"][::std::mem::offset_of!(BiasGradArgs, rows) - 16usize];
-    ["Offset of field: BiasGradArgs::cols"][::std::mem::offset_of!(BiasGradArgs, cols) - 20usize];
+    ["Size of ColumnReduceArgs"][::std::mem::size_of::<ColumnReduceArgs>() - 24usize];
+    ["Alignment of ColumnReduceArgs"][::std::mem::align_of::<ColumnReduceArgs>() - 8usize];
+    ["Offset of field: ColumnReduceArgs::partial"]
+        [::std::mem::offset_of!(ColumnReduceArgs, partial) - 0usize];
+    ["Offset of field: ColumnReduceArgs::out"]
+        [::std::mem::offset_of!(ColumnReduceArgs, out) - 8usize];
+    ["Offset of field: ColumnReduceArgs::groups"]
+        [::std::mem::offset_of!(ColumnReduceArgs, groups) - 16usize];
+    ["Offset of field: ColumnReduceArgs::cols"]
+        [::std::mem::offset_of!(ColumnReduceArgs, cols) - 20usize];
 };
 #[doc = " `partials[b] = sum of x[i]^2` (f64) over the elements grid-stride block `b` visits; the\n host adds the partials in order."]
 #[repr(C)]
@@ -626,7 +657,7 @@ const _: () = {
     ["Offset of field: ScatterAddRowsArgs::width"]
         [::std::mem::offset_of!(ScatterAddRowsArgs, width) - 44usize];
 };
-#[doc = " RMSNorm backward. Forward `y = x * r * w` with `r = 1 / sqrt(mean(x^2) + eps)` per row.\n The row kernel (one warp per row) writes `dx = r * w * dy - x * r^3 / dim * sum(dy * w * x)`\n and `rinv[row] = r`; the column kernel sums `dy * x * r` over each group of `row_group`\n rows into `partial[group]`, and the reduce kernel adds the groups' sums, in group order, to\n `weight_grad` (fixed orders, no atomics: deterministic)."]
+#[doc = " RMSNorm backward. Forward `y = x * r * w` with `r = 1 / sqrt(mean(x^2) + eps)` per row.\n The row kernel (one warp per row) writes `dx = r * w * dy - x * r^3 / dim * sum(dy * w * x)`\n and `rinv[row] = r`; the column kernel sums `dy * x * r` over each group of `row_group`\n rows into `partial[group]`, and `ge_column_partials_reduce` adds the groups' sums to the\n weight gradient (fixed orders, no atomics: deterministic)."]
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct RmsNormBackwardArgs {
@@ -640,9 +671,7 @@ pub struct RmsNormBackwardArgs {
     pub dx: ::std::os::raw::c_ulonglong,
     #[doc = " f32 `[rows]`, written by the row kernel, read by the column kernel."]
     pub rinv: ::std::os::raw::c_ulonglong,
-    #[doc = " f32 `[dim]`, read and written by the reduce kernel."]
-    pub weight_grad: ::std::os::raw::c_ulonglong,
-    #[doc = " f32 `[ceil(rows / row_group), dim]`, written by the column kernel, read by the reduce."]
+    #[doc = " f32 `[ceil(rows / row_group), dim]`, written by the column kernel."]
     pub partial: ::std::os::raw::c_ulonglong,
     pub rows: ::std::os::raw::c_int,
     pub dim: ::std::os::raw::c_int,
@@ -652,7 +681,7 @@ pub struct RmsNormBackwardArgs {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of RmsNormBackwardArgs"][::std::mem::size_of::<RmsNormBackwardArgs>() - 72usize];
+    ["Size of RmsNormBackwardArgs"][::std::mem::size_of::<RmsNormBackwardArgs>() - 64usize];
     ["Alignment of RmsNormBackwardArgs"][::std::mem::align_of::<RmsNormBackwardArgs>() - 8usize];
     ["Offset of field: RmsNormBackwardArgs::x"]
         [::std::mem::offset_of!(RmsNormBackwardArgs, x) - 0usize];
@@ -664,18 +693,16 @@ const _: () = {
         [::std::mem::offset_of!(RmsNormBackwardArgs, dx) - 24usize];
     ["Offset of field: RmsNormBackwardArgs::rinv"]
         [::std::mem::offset_of!(RmsNormBackwardArgs, rinv) - 32usize];
-    ["Offset of field: RmsNormBackwardArgs::weight_grad"]
-        [::std::mem::offset_of!(RmsNormBackwardArgs, weight_grad) - 40usize];
     ["Offset of field: RmsNormBackwardArgs::partial"]
-        [::std::mem::offset_of!(RmsNormBackwardArgs, partial) - 48usize];
+        [::std::mem::offset_of!(RmsNormBackwardArgs, partial) - 40usize];
     ["Offset of field: RmsNormBackwardArgs::rows"]
-        [::std::mem::offset_of!(RmsNormBackwardArgs, rows) - 56usize];
+        [::std::mem::offset_of!(RmsNormBackwardArgs, rows) - 48usize];
     ["Offset of field: RmsNormBackwardArgs::dim"]
-        [::std::mem::offset_of!(RmsNormBackwardArgs, dim) - 60usize];
+        [::std::mem::offset_of!(RmsNormBackwardArgs, dim) - 52usize];
     ["Offset of field: RmsNormBackwardArgs::eps"]
-        [::std::mem::offset_of!(RmsNormBackwardArgs, eps) - 64usize];
+        [::std::mem::offset_of!(RmsNormBackwardArgs, eps) - 56usize];
     ["Offset of field: RmsNormBackwardArgs::row_group"]
-        [::std::mem::offset_of!(RmsNormBackwardArgs, row_group) - 68usize];
+        [::std::mem::offset_of!(RmsNormBackwardArgs, row_group) - 60usize];
 };
 #[doc = " SwiGLU backward: with `g = gate_up[r, j]`, `u = gate_up[r, inner + j]`, `s = sigmoid(g)`:\n `out[r, j] = dy * u * s * (1 + g * (1 - s))` and `out[r, inner + j] = dy * g * s`."]
 #[repr(C)]

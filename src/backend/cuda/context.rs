@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex};
 // check; the kernels take them by value, which is what `DeviceRepr` passes.
 unsafe impl DeviceRepr for args::RmsNormArgs {}
 unsafe impl DeviceRepr for args::SkinnyGemmArgs {}
+unsafe impl DeviceRepr for args::ColumnReduceArgs {}
 unsafe impl DeviceRepr for args::RopeArgs {}
 unsafe impl DeviceRepr for args::SwigluArgs {}
 unsafe impl DeviceRepr for args::AddAssignArgs {}
@@ -964,6 +965,7 @@ mod tests {
             PairLossArgs,
             AttentionTcArgs,
             SkinnyGemmArgs,
+            ColumnReduceArgs,
         );
         let mut header = header_layouts();
         rust.sort();

@@ -97,7 +97,7 @@ pub const KERNEL_UNITS: &[(&str, &[&str])] = &[
             "ge_scatter_add_rows_f32_bf16",
             "ge_rms_norm_backward_rows",
             "ge_rms_norm_backward_weight",
-            "ge_rms_norm_backward_weight_reduce",
+            "ge_column_partials_reduce",
             "ge_swiglu_backward",
         ],
     ),

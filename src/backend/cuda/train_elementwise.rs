@@ -30,34 +30,38 @@ unsafe impl DeviceRepr for args::SwigluBackwardArgs {}
 unsafe impl DeviceRepr for args::AdamWArgs {}
 unsafe impl DeviceRepr for args::CastArgs {}
 
-/// Row groups per block of the RMSNorm weight-gradient kernel (`GE_RMS_BWD_GROUPS` in
-/// backward.cu).
-const RMS_BWD_GROUPS: usize = 8;
+/// Row groups per block of the column-sum kernels (`GE_RMS_BWD_GROUPS` in backward.cu,
+/// `GE_BIAS_ROW_GROUPS` in train_gemm.cu): blocks of (32, 8) threads.
+const COLUMN_SUM_GROUPS: usize = 8;
 /// Rows per warp-per-row block of the RMSNorm backward's row kernel.
 const RMS_BWD_ROWS_PER_BLOCK: usize = 8;
 
-/// Rows per group of the RMSNorm weight-gradient kernel: 32, or more where that would make
-/// over 512 groups (the f32 partial sums are groups x dim).
-fn rms_bwd_row_group(rows: usize) -> usize {
+/// Rows per group of the column-sum kernels (the RMSNorm weight gradient, the bias gradient):
+/// 32, or more where that would make over 512 groups (their f32 sums are groups x cols).
+fn column_sum_row_group(rows: usize) -> usize {
     rows.div_ceil(512).max(32)
 }
 
-/// The launches of the RMSNorm weight-gradient kernel over `rows x dim`: (grid, row group,
-/// groups). A column tile is 256 columns when `dim % 8 == 0` (8 per thread), else 32.
-fn rms_bwd_weight_grid(rows: usize, dim: usize) -> ((u32, u32, u32), usize, usize) {
-    let row_group = rms_bwd_row_group(rows);
+/// The layout of a column-sum kernel over `rows x cols`: (grid, row group, groups). A block
+/// is (32, 8) threads over 8 row groups and a tile of 256 columns when `cols % 8 == 0` (8 per
+/// thread, 16-byte loads), else 32.
+pub(crate) fn column_sum_grid(rows: usize, cols: usize) -> ((u32, u32, u32), usize, usize) {
+    let row_group = column_sum_row_group(rows);
     let groups = rows.div_ceil(row_group);
-    let tile = if dim.is_multiple_of(8) { 256 } else { 32 };
+    let tile = if cols.is_multiple_of(8) { 256 } else { 32 };
     (
         (
-            dim.div_ceil(tile) as u32,
-            groups.div_ceil(RMS_BWD_GROUPS) as u32,
+            cols.div_ceil(tile) as u32,
+            groups.div_ceil(COLUMN_SUM_GROUPS) as u32,
             1,
         ),
         row_group,
         groups,
     )
 }
+
+/// The block of the column-sum kernels and of `ge_column_partials_reduce`.
+pub(crate) const COLUMN_SUM_BLOCK: (u32, u32, u32) = (32, COLUMN_SUM_GROUPS as u32, 1);
 
 /// Source rows grouped by destination row, for a deterministic scatter-add.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -214,7 +218,7 @@ impl CudaBackend {
             return Ok(dx);
         }
         let mut rinv = self.gpu.alloc::<f32>(rows)?;
-        let (weight_grid, row_group, groups) = rms_bwd_weight_grid(rows, d);
+        let (weight_grid, row_group, groups) = column_sum_grid(rows, d);
         let mut partial = self.gpu.alloc::<f32>(groups * d)?;
         let a = args::RmsNormBackwardArgs {
             x: xs,
@@ -222,7 +226,6 @@ impl CudaBackend {
             dy: dys,
             dx: self.addr_mut(&mut dx),
             rinv: self.gpu.ptr_mut(&mut rinv),
-            weight_grad: self.addr_mut(weight_grad),
             partial: self.gpu.ptr_mut(&mut partial),
             rows: int(rows, op, "rows")?,
             dim: int(d, op, "dim")?,
@@ -240,21 +243,45 @@ impl CudaBackend {
         unsafe { self.gpu.launch("ge_rms_norm_backward_rows", row_cfg, &a) }?;
         let col_cfg = LaunchConfig {
             grid_dim: weight_grid,
-            block_dim: (32, RMS_BWD_GROUPS as u32, 1),
+            block_dim: COLUMN_SUM_BLOCK,
             shared_mem_bytes: 0,
         };
         // SAFETY: as above; partial holds groups x d f32s, one row per group, each written by
         // the threads of its group; rinv was written by the launch before (same stream).
         unsafe { self.gpu.launch("ge_rms_norm_backward_weight", col_cfg, &a) }?;
-        // SAFETY: as above, and weight_grad is [d] f32; every group's partial row was written.
-        unsafe {
-            self.gpu.launch(
-                "ge_rms_norm_backward_weight_reduce",
-                grid_stride_config(d),
-                &a,
-            )
-        }?;
+        self.add_column_partials(op, &partial, groups, weight_grad)?;
         Ok(dx)
+    }
+
+    /// `out += ` the column sums of `partial` (`[groups, cols]` f32, every row written by the
+    /// stream's earlier launches) on `ge_column_partials_reduce`, in a fixed order.
+    pub(crate) fn add_column_partials(
+        &self,
+        op: &str,
+        partial: &cudarc::driver::CudaSlice<f32>,
+        groups: usize,
+        out: &mut CudaTensor,
+    ) -> Result<()> {
+        let cols = out.numel();
+        ensure!(
+            out.dtype() == DType::F32 && partial.len() >= groups * cols,
+            "{op}: column sums of {groups} x {cols} into a {} tensor of {cols}",
+            out.dtype().name()
+        );
+        let a = args::ColumnReduceArgs {
+            partial: self.gpu.ptr(partial),
+            out: self.addr_mut(out),
+            groups: int(groups, op, "row groups")?,
+            cols: int(cols, op, "columns")?,
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (cols.div_ceil(32) as u32, 1, 1),
+            block_dim: COLUMN_SUM_BLOCK,
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: partial holds groups x cols f32s, out cols f32s; block (32, 8) as the
+        // kernel's shared tile assumes.
+        unsafe { self.gpu.launch("ge_column_partials_reduce", cfg, &a) }
     }
 
     /// [`crate::backend::Backend::rope_backward`] on the GPU: `ge_rope` with `inverse` set
@@ -525,20 +552,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rms_norm_backward_weight_grid_covers_every_row_and_column() {
+    fn column_sum_grid_covers_every_row_and_column() {
         // A training micro-batch of 8192 rows of 896: groups of 32 rows, 4 tiles of 256
         // columns x 32 blocks of 8 groups.
-        assert_eq!(rms_bwd_weight_grid(8192, 896), ((4, 32, 1), 32, 256));
+        assert_eq!(column_sum_grid(8192, 896), ((4, 32, 1), 32, 256));
         // Columns not a multiple of 8: tiles of 32 columns, one per thread.
-        assert_eq!(rms_bwd_weight_grid(130, 257), ((9, 1, 1), 32, 5));
+        assert_eq!(column_sum_grid(130, 257), ((9, 1, 1), 32, 5));
         // Many rows: at most 512 groups.
-        let (_, group, groups) = rms_bwd_weight_grid(1 << 20, 64);
+        let (_, group, groups) = column_sum_grid(1 << 20, 64);
         assert!(groups <= 512 && group * groups >= 1 << 20);
         for rows in [1, 31, 32, 33, 1000, 16385] {
             for dim in [1, 8, 33, 896, 4097] {
-                let ((x, y, _), group, groups) = rms_bwd_weight_grid(rows, dim);
+                let ((x, y, _), group, groups) = column_sum_grid(rows, dim);
                 assert!(group * groups >= rows && group * (groups - 1) < rows);
-                assert!(y as usize * RMS_BWD_GROUPS >= groups);
+                assert!(y as usize * COLUMN_SUM_GROUPS >= groups);
                 let per_thread = if dim % 8 == 0 { 8 } else { 1 };
                 assert!(x as usize * 32 * per_thread >= dim);
             }

@@ -264,19 +264,26 @@ impl CudaBackend {
         if n == 0 || out == 0 {
             return Ok(());
         }
+        let (grid, row_group, groups) = super::train_elementwise::column_sum_grid(n, out);
+        let mut partial = self.gpu.alloc::<f32>(groups * out)?;
         let a = args::BiasGradArgs {
             dy: dys,
-            grad: self.addr_mut(grad),
+            partial: self.gpu.ptr_mut(&mut partial),
             rows: int(n, op, "rows")?,
             cols: int(out, op, "columns")?,
+            row_group: int(row_group, op, "rows per group")?,
+            pad_: 0,
         };
         let cfg = LaunchConfig {
-            grid_dim: (out.div_ceil(32) as u32, 1, 1),
-            block_dim: (32, 8, 1),
+            grid_dim: grid,
+            block_dim: super::train_elementwise::COLUMN_SUM_BLOCK,
             shared_mem_bytes: 0,
         };
-        // SAFETY: dy is [n, out] bf16, grad [out] f32; block (32, 8) as the kernel expects.
-        unsafe { self.gpu.launch("ge_bias_grad_bf16", cfg, &a) }
+        // SAFETY: dy is [n, out] bf16 (a whole allocation: 256-byte aligned, as the 16-byte
+        // loads need when out % 8 == 0); partial holds groups x out f32s, each group's row
+        // written by its threads.
+        unsafe { self.gpu.launch("ge_bias_grad_bf16", cfg, &a) }?;
+        self.add_column_partials(op, &partial, groups, grad)
     }
 
     pub(crate) fn train_sum_squares(&self, x: &CudaTensor) -> Result<f64> {
