@@ -69,6 +69,29 @@ __device__ __forceinline__ void ge_store_bf16x8(ge_bf16* p, const float f[8]) {
     *reinterpret_cast<uint4*>(p) = v;
 }
 
+// Eight f32 values (32 bytes, 16-byte aligned) at `p`, and their store: the f32 forms of
+// ge_load_bf16x8 / ge_store_bf16x8, so that one template body serves both element types.
+__device__ __forceinline__ void ge_load8(const float* p, float f[8]) {
+    const float4 a = reinterpret_cast<const float4*>(p)[0];
+    const float4 b = reinterpret_cast<const float4*>(p)[1];
+    f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w;
+    f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
+}
+__device__ __forceinline__ void ge_load8(const ge_bf16* p, float f[8]) { ge_load_bf16x8(p, f); }
+__device__ __forceinline__ void ge_store8(float* p, const float f[8]) {
+    float4 a, b;
+    a.x = f[0]; a.y = f[1]; a.z = f[2]; a.w = f[3];
+    b.x = f[4]; b.y = f[5]; b.z = f[6]; b.w = f[7];
+    reinterpret_cast<float4*>(p)[0] = a;
+    reinterpret_cast<float4*>(p)[1] = b;
+}
+__device__ __forceinline__ void ge_store8(ge_bf16* p, const float f[8]) { ge_store_bf16x8(p, f); }
+
+// Whether every address is 16-byte aligned (the eight-element paths' requirement).
+__device__ __forceinline__ bool ge_aligned16(unsigned long long a, unsigned long long b = 0ull) {
+    return ((a | b) & 15ull) == 0ull;
+}
+
 // Dynamic shared memory (the launch's shared_mem_bytes) as an array `name` of `type`.
 #ifdef GE_KERNEL_EMU
 #define GE_DYNAMIC_SHARED(type, name) type* name = reinterpret_cast<type*>(ge_emu::dynamic_shared())

@@ -70,9 +70,29 @@ extern "C" __global__ void ge_rms_norm(RmsNormArgs a) {
                        reinterpret_cast<ge_bf16*>(a.out) + row * a.dim, a.dim, a.eps);
 }
 
+// Rotate-half of pairs (i + k, i + half + k), k < 8, of one head: lo = src[i..], hi =
+// src[i + half..] (16-byte loads), written to dst[i..] and dst[i + half..] as lo c - hi s and
+// hi c + lo s with the row's table (cos[half] then sin[half]): the scalar loops' arithmetic.
+__device__ __forceinline__ void ge_rope_rotate8(const ge_bf16* src, ge_bf16* dst, int i, int half,
+                                                const float* table) {
+    float lo[8], hi[8], out_lo[8], out_hi[8];
+    ge_load_bf16x8(src + i, lo);
+    ge_load_bf16x8(src + i + half, hi);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+        const float c = table[i + k];
+        const float s = table[half + i + k];
+        out_lo[k] = lo[k] * c - hi[k] * s;
+        out_hi[k] = hi[k] * c + lo[k] * s;
+    }
+    ge_store_bf16x8(dst + i, out_lo);
+    ge_store_bf16x8(dst + i + half, out_hi);
+}
+
 // ---- RoPE (rotate-half), in place: one block per row. The row's cos/sin table
 // (head_dim / 2 pairs) is computed once into dynamic shared memory (head_dim floats), the
-// angle in f64 as the CPU reference does, then every head of the row is rotated. ----
+// angle in f64 as the CPU reference does, then every head of the row is rotated, eight pairs
+// per step when half and the row are whole 16-byte pieces. ----
 extern "C" __global__ void ge_rope(RopeArgs a) {
     GE_DYNAMIC_SHARED(float, table);  // cos[half] then sin[half]
     const int half = a.head_dim / 2;
@@ -89,6 +109,14 @@ extern "C" __global__ void ge_rope(RopeArgs a) {
     __syncthreads();
     ge_bf16* x = reinterpret_cast<ge_bf16*>(a.x) + row * a.width;
     const int pairs = (a.width / a.head_dim) * half;
+    if (half % 8 == 0 && a.width % 8 == 0 && ge_aligned16(a.x)) {
+        for (int p = 8 * threadIdx.x; p < pairs; p += 8 * blockDim.x) {
+            const int head = p / half;
+            ge_bf16* h = x + head * a.head_dim;
+            ge_rope_rotate8(h, h, p - head * half, half, table);
+        }
+        return;
+    }
     for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
         const int head = p / half;
         const int i = p - head * half;
@@ -134,11 +162,22 @@ extern "C" __global__ void ge_swiglu(SwigluArgs a) {
     }
 }
 
-// ---- x += y: grid-stride; the sum is formed in f32 and rounded once. ----
+// ---- x += y: grid-stride; the sum is formed in f32 and rounded once. Eight elements per
+// step (16- or 32-byte loads) while both are 16-byte aligned, then one at a time for the
+// tail: the same bits either way. ----
 template <typename X, typename Y> __device__ void add_assign(const AddAssignArgs& a) {
     X* x = reinterpret_cast<X*>(a.x);
     const Y* y = reinterpret_cast<const Y*>(a.y);
-    for (long long i = ge_global_index(); i < a.n; i += ge_grid_threads()) {
+    const long long n8 = ge_aligned16(a.x, a.y) ? a.n / 8 : 0;
+    for (long long v = ge_global_index(); v < n8; v += ge_grid_threads()) {
+        float xf[8], yf[8];
+        ge_load8(x + 8 * v, xf);
+        ge_load8(y + 8 * v, yf);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) xf[k] = xf[k] + yf[k];
+        ge_store8(x + 8 * v, xf);
+    }
+    for (long long i = 8 * n8 + ge_global_index(); i < a.n; i += ge_grid_threads()) {
         x[i] = ge_from_f32<X>(ge_to_f32(x[i]) + ge_to_f32(y[i]));
     }
 }
@@ -146,10 +185,18 @@ extern "C" __global__ void ge_add_assign_bf16(AddAssignArgs a) { add_assign<ge_b
 extern "C" __global__ void ge_add_assign_f32(AddAssignArgs a) { add_assign<float, float>(a); }
 extern "C" __global__ void ge_add_assign_f32_bf16(AddAssignArgs a) { add_assign<float, ge_bf16>(a); }
 
-// ---- x *= factor: grid-stride. ----
+// ---- x *= factor: grid-stride, eight elements per step while aligned (as add_assign). ----
 template <typename T> __device__ void scale(const ScaleArgs& a) {
     T* x = reinterpret_cast<T*>(a.x);
-    for (long long i = ge_global_index(); i < a.n; i += ge_grid_threads()) {
+    const long long n8 = ge_aligned16(a.x) ? a.n / 8 : 0;
+    for (long long v = ge_global_index(); v < n8; v += ge_grid_threads()) {
+        float f[8];
+        ge_load8(x + 8 * v, f);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) f[k] = f[k] * a.factor;
+        ge_store8(x + 8 * v, f);
+    }
+    for (long long i = 8 * n8 + ge_global_index(); i < a.n; i += ge_grid_threads()) {
         x[i] = ge_from_f32<T>(ge_to_f32(x[i]) * a.factor);
     }
 }
@@ -157,10 +204,24 @@ extern "C" __global__ void ge_scale_bf16(ScaleArgs a) { scale<ge_bf16>(a); }
 extern "C" __global__ void ge_scale_f32(ScaleArgs a) { scale<float>(a); }
 
 // ---- Column block copy (split/concat): grid-stride over rows x cols; bitwise, so it is
-// instantiated per element size (2 bytes: bf16, 4 bytes: f32). ----
+// instantiated per element size (2 bytes: bf16, 4 bytes: f32). When the column block, both
+// widths and both offsets are whole 16-byte pieces (and the buffers 16-byte aligned), it
+// copies 16 bytes per step. ----
 template <typename T> __device__ void copy_columns(const CopyColumnsArgs& a) {
+    constexpr int V = 16 / sizeof(T);  // elements per 16 bytes
     const T* src = reinterpret_cast<const T*>(a.src);
     T* dst = reinterpret_cast<T*>(a.dst);
+    if (ge_aligned16(a.src, a.dst) && (a.cols | a.src_width | a.src_col | a.dst_width | a.dst_col) % V == 0) {
+        const int vc = a.cols / V;
+        const long long total = static_cast<long long>(a.rows) * vc;
+        for (long long idx = ge_global_index(); idx < total; idx += ge_grid_threads()) {
+            const long long r = idx / vc;
+            const long long c = (idx - r * vc) * V;
+            *reinterpret_cast<uint4*>(dst + r * a.dst_width + a.dst_col + c) =
+                *reinterpret_cast<const uint4*>(src + r * a.src_width + a.src_col + c);
+        }
+        return;
+    }
     const long long total = static_cast<long long>(a.rows) * a.cols;
     for (long long idx = ge_global_index(); idx < total; idx += ge_grid_threads()) {
         const long long r = idx / a.cols;
@@ -171,11 +232,24 @@ template <typename T> __device__ void copy_columns(const CopyColumnsArgs& a) {
 extern "C" __global__ void ge_copy_columns_bf16(CopyColumnsArgs a) { copy_columns<unsigned short>(a); }
 extern "C" __global__ void ge_copy_columns_f32(CopyColumnsArgs a) { copy_columns<unsigned int>(a); }
 
-// ---- Row gather: grid-stride over count x width; bitwise, per element size. ----
+// ---- Row gather: grid-stride over count x width; bitwise, per element size; 16 bytes per
+// step when rows are whole 16-byte pieces (and the buffers 16-byte aligned). ----
 template <typename T> __device__ void gather_rows(const GatherRowsArgs& a) {
+    constexpr int V = 16 / sizeof(T);
     const T* src = reinterpret_cast<const T*>(a.src);
     T* dst = reinterpret_cast<T*>(a.dst);
     const unsigned int* indices = reinterpret_cast<const unsigned int*>(a.indices);
+    if (ge_aligned16(a.src, a.dst) && a.width % V == 0) {
+        const int vw = a.width / V;
+        const long long total = static_cast<long long>(a.count) * vw;
+        for (long long idx = ge_global_index(); idx < total; idx += ge_grid_threads()) {
+            const long long i = idx / vw;
+            const long long c = (idx - i * vw) * V;
+            *reinterpret_cast<uint4*>(dst + i * a.width + c) =
+                *reinterpret_cast<const uint4*>(src + static_cast<long long>(indices[i]) * a.width + c);
+        }
+        return;
+    }
     const long long total = static_cast<long long>(a.count) * a.width;
     for (long long idx = ge_global_index(); idx < total; idx += ge_grid_threads()) {
         const long long i = idx / a.width;
@@ -225,6 +299,24 @@ extern "C" __global__ void ge_qkv_rope_write_kv(QkvRopeArgs a) {
     ge_bf16* vp = reinterpret_cast<ge_bf16*>(a.v_pool) + slot * a.kv_width;
     const int q_pairs = (a.q_width / a.head_dim) * half;
     const int k_pairs = cache_kv ? (a.kv_width / a.head_dim) * half : 0;
+    const ge_bf16* v = src + a.q_width + a.kv_width;
+    if (half % 8 == 0 && a.q_width % 8 == 0 && a.kv_width % 8 == 0 &&
+        ge_aligned16(a.qkv, a.q_out) && ge_aligned16(a.k_pool, a.v_pool)) {
+        // Eight pairs (and eight values of v) per step: the same arithmetic and bits.
+        for (int p = 8 * threadIdx.x; p < q_pairs + k_pairs; p += 8 * blockDim.x) {
+            const bool is_q = p < q_pairs;
+            const int pp = is_q ? p : p - q_pairs;
+            const int head = pp / half;
+            ge_rope_rotate8(src + (is_q ? 0 : a.q_width) + head * a.head_dim,
+                            (is_q ? q : kp) + head * a.head_dim, pp - head * half, half, table);
+        }
+        if (cache_kv) {
+            for (int j = 8 * threadIdx.x; j < a.kv_width; j += 8 * blockDim.x) {
+                *reinterpret_cast<uint4*>(vp + j) = *reinterpret_cast<const uint4*>(v + j);
+            }
+        }
+        return;
+    }
     for (int p = threadIdx.x; p < q_pairs + k_pairs; p += blockDim.x) {
         const bool is_q = p < q_pairs;
         const int pp = is_q ? p : p - q_pairs;
@@ -239,7 +331,6 @@ extern "C" __global__ void ge_qkv_rope_write_kv(QkvRopeArgs a) {
         d[i] = ge_f32_to_bf16(lo * c - hi * s);
         d[i + half] = ge_f32_to_bf16(hi * c + lo * s);
     }
-    const ge_bf16* v = src + a.q_width + a.kv_width;
     if (cache_kv)
         for (int j = threadIdx.x; j < a.kv_width; j += blockDim.x) vp[j] = v[j];
 }

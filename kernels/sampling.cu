@@ -157,21 +157,6 @@ __device__ __forceinline__ float ge_sample_prob(float l, float maxf, float t, fl
     return __fmul_rn(ge_sampling_weight(l, maxf, t), inv_z);
 }
 
-// Eight logits at `p` (16-byte aligned) as floats, exactly.
-__device__ __forceinline__ void ge_load8(const ge_bf16* p, float f[8]) { ge_load_bf16x8(p, f); }
-__device__ __forceinline__ void ge_load8(const float* p, float f[8]) {
-    const float4 a = reinterpret_cast<const float4*>(p)[0];
-    const float4 b = reinterpret_cast<const float4*>(p)[1];
-    f[0] = a.x;
-    f[1] = a.y;
-    f[2] = a.z;
-    f[3] = a.w;
-    f[4] = b.x;
-    f[5] = b.y;
-    f[6] = b.z;
-    f[7] = b.w;
-}
-
 // fn(i, logit) for this thread's logits of a row, strided over the block: 8-logit groups
 // j = tid, tid + threads, ... when `vec` (then the row is 16-byte aligned), then the tail
 // i = 8 * (V / 8) + tid, ... (the whole row, one logit per load, when not `vec`).

@@ -75,7 +75,15 @@ __device__ __forceinline__ void ge_sum_squares_impl(const SumSquaresArgs& a) {
     __shared__ double s_red[GE_WARP_SIZE];
     const T* x = reinterpret_cast<const T*>(a.x);
     double acc = 0.0;
-    for (long long i = ge_global_index(); i < a.n; i += ge_grid_threads()) {
+    // Eight elements per step while aligned, then the tail one at a time.
+    const long long n8 = ge_aligned16(a.x) ? a.n / 8 : 0;
+    for (long long v = ge_global_index(); v < n8; v += ge_grid_threads()) {
+        float f[8];
+        ge_load8(x + 8 * v, f);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) acc += static_cast<double>(f[k]) * static_cast<double>(f[k]);
+    }
+    for (long long i = 8 * n8 + ge_global_index(); i < a.n; i += ge_grid_threads()) {
         const double v = static_cast<double>(ge_to_f32(x[i]));
         acc += v * v;
     }

@@ -8,8 +8,9 @@
 //! (decode, prefill chunks, GQA, head slices, context partitions and their combine, contiguous
 //! rows; `cp.async` copies land only when waited for), the skinny split-K GEMM (one split and
 //! several, partial tiles, bias), the fused log-prob forward and
-//! backward (status codes included), SwiGLU, RMSNorm forward and backward, the KV-cache writes
-//! with padding rows
+//! backward (status codes included), SwiGLU, RMSNorm forward and backward, the bias gradient,
+//! the elementwise kernels' 16-byte paths (add, scale, casts, sums of squares, column copies,
+//! row gathers), the KV-cache writes with padding rows
 //! (`NO_SLOT`), and training attention: the tensor-core forward with its log-sum-exp and the
 //! backward in every form (statistics computed or taken from the forward, dk/dv per kv head
 //! or split over query heads and reduced, the CUDA-core kernels). The same build then runs the

@@ -3,10 +3,10 @@
 # and tools/kernel-emu/emu.h (threads for CUDA threads, barriers for __syncthreads and warp
 # shuffles, the tensor-core mma.sync and ldmatrix emulated per warp), links
 # tools/kernel-emu/checks.cpp (float64 references) and runs it. No GPU or CUDA toolkit needed;
-# tests/kernel_emu.rs runs this as part of `cargo test`. Not emulated: optim.cu (its GPU test
-# checks it bit for bit against the host's AdamW).
+# tests/kernel_emu.rs runs this as part of `cargo test`. optim.cu's casts are checked here; its
+# AdamW update is not (its GPU test checks it bit for bit against the host's AdamW).
 #
-#   tools/kernel-emu.sh [attention|logprobs|gemm|swiglu|kv|norm|training-attention]
+#   tools/kernel-emu.sh [attention|logprobs|gemm|swiglu|kv|norm|elementwise|training-attention]
 #                                        (default: every check)
 #   tools/kernel-emu.sh pair-losses IN OUT   the loss kernel on IN's inputs (tests/kernel_emu.rs)
 #   tools/kernel-emu.sh sample-rows IN OUT   the sampling kernel on IN's rows (tests/kernel_emu.rs)
@@ -29,7 +29,7 @@ if [[ -z $cxx ]]; then
 fi
 mkdir -p "$out"
 flags=(-std=c++20 -O2 -ffp-contract=off -pthread -DGE_KERNEL_EMU -Wall -Wno-unused-function -Wno-unknown-pragmas)
-units=(paged_attention train_gemm elementwise backward attention_tc attention_backward_tc attention_backward loss sampling skinny_gemm)
+units=(paged_attention train_gemm elementwise backward attention_tc attention_backward_tc attention_backward loss sampling skinny_gemm optim)
 objs=()
 for u in "${units[@]}"; do
   obj=$out/$u.o

@@ -48,6 +48,18 @@ void ge_column_partials_reduce(ColumnReduceArgs a);
 void ge_bias_grad_bf16(BiasGradArgs a);
 void ge_add_rms_norm(AddRmsNormArgs a);
 void ge_add_assign_bf16(AddAssignArgs a);
+void ge_add_assign_f32(AddAssignArgs a);
+void ge_add_assign_f32_bf16(AddAssignArgs a);
+void ge_scale_bf16(ScaleArgs a);
+void ge_scale_f32(ScaleArgs a);
+void ge_copy_columns_bf16(CopyColumnsArgs a);
+void ge_copy_columns_f32(CopyColumnsArgs a);
+void ge_gather_rows_bf16(GatherRowsArgs a);
+void ge_gather_rows_f32(GatherRowsArgs a);
+void ge_cast_f32_bf16(CastArgs a);
+void ge_cast_bf16_f32(CastArgs a);
+void ge_sum_squares_f32(SumSquaresArgs a);
+void ge_sum_squares_bf16(SumSquaresArgs a);
 void ge_attention_tc_fwd_d64(AttentionTcArgs a);
 void ge_attention_tc_fwd_d128(AttentionTcArgs a);
 void ge_attention_backward_tc_dq_d64(AttentionBackwardArgs a);
@@ -61,6 +73,7 @@ void ge_attention_backward_dq_d128(AttentionBackwardArgs a);
 void ge_attention_backward_dkv_d64(AttentionBackwardArgs a);
 void ge_attention_backward_dkv_d128(AttentionBackwardArgs a);
 void ge_qkv_rope_write_kv(QkvRopeArgs a);
+void ge_rope(RopeArgs a);
 void ge_swiglu_backward(SwigluBackwardArgs a);
 void ge_pair_losses(PairLossArgs a);
 void ge_sample_rows(SampleArgs a);
@@ -495,9 +508,9 @@ void swiglu_checks() {
 // step): write_kv and the fused q/k/v split + RoPE + K/V write leave the pools untouched for
 // them and write every other row's slot exactly; q is written for every row.
 
-void check_kv_writes(unsigned long long seed) {
+void check_kv_writes(unsigned long long seed, int hd = 64) {
     Rng rng(seed);
-    const int rows = 6, heads = 7, kv_heads = 2, hd = 64, half = hd / 2;
+    const int rows = 6, heads = 7, kv_heads = 2, half = hd / 2;
     const int qw = heads * hd, kw = kv_heads * hd, width = qw + 2 * kw, pool_rows = 20;
     const std::vector<unsigned int> slots = {3, 0xffffffffu, 17, 0, 0xffffffffu, 9};
     std::vector<unsigned int> positions(rows);
@@ -536,9 +549,45 @@ void check_kv_writes(unsigned long long seed) {
         std::copy(src + qw + kw, src + qw + 2 * kw, &want_v[static_cast<std::size_t>(slots[r]) * kw]);
     }
     report(q == want_q && kp == want_k && vp == want_v,
-           "q/k/v split + RoPE + K/V write: %d rows, 2 of them padding (no slot): q %s, K pool %s, "
-           "V pool %s", rows, q == want_q ? "exact" : "DIFFERS", kp == want_k ? "exact" : "DIFFERS",
+           "q/k/v split + RoPE + K/V write: head_dim %d%s, %d rows, 2 of them padding (no slot): q %s, "
+           "K pool %s, V pool %s", hd, hd % 16 == 0 ? " (16-byte path)" : "", rows,
+           q == want_q ? "exact" : "DIFFERS", kp == want_k ? "exact" : "DIFFERS",
            vp == want_v ? "exact" : "DIFFERS");
+    // ge_rope in place on q's rows (forward, then the inverse rotation of the backward).
+    for (int inverse : {0, 1}) {
+        auto x = std::vector<unsigned short>(qkv.begin(), qkv.begin() + static_cast<std::ptrdiff_t>(rows) * qw);
+        for (int r = 0; r < rows; ++r) {
+            std::copy(&qkv[static_cast<std::size_t>(r) * width], &qkv[static_cast<std::size_t>(r) * width] + qw,
+                      &x[static_cast<std::size_t>(r) * qw]);
+        }
+        std::vector<unsigned short> want_x(x.size());
+        for (int r = 0; r < rows; ++r) {
+            for (int h = 0; h < heads; ++h) {
+                const unsigned short* hsrc = &x[static_cast<std::size_t>(r) * qw + h * hd];
+                unsigned short* d = &want_x[static_cast<std::size_t>(r) * qw + h * hd];
+                for (int i = 0; i < half; ++i) {
+                    double sn, cs;
+                    sincos(static_cast<double>(positions[r]) * static_cast<double>(inv_freq[i]), &sn, &cs);
+                    const float c = static_cast<float>(cs);
+                    const float sgn = (inverse ? -1.0f : 1.0f) * static_cast<float>(sn);
+                    const float lo = bf16_value(hsrc[i]), hi = bf16_value(hsrc[i + half]);
+                    d[i] = bf16_bits(lo * c - hi * sgn);
+                    d[i + half] = bf16_bits(hi * c + lo * sgn);
+                }
+            }
+        }
+        RopeArgs ra{};
+        ra.x = addr(x.data());
+        ra.positions = addr(positions.data());
+        ra.inv_freq = addr(inv_freq.data());
+        ra.rows = rows;
+        ra.width = qw;
+        ra.head_dim = hd;
+        ra.inverse = inverse;
+        ge_emu::launch(ge_rope, dim3{rows, 1, 1}, dim3{64, 1, 1}, ra, static_cast<std::size_t>(hd) * sizeof(float));
+        report(x == want_x, "rope%s: head_dim %d%s, %d rows: %s", inverse ? " (inverse)" : "", hd,
+               hd % 16 == 0 ? " (16-byte path)" : "", rows, x == want_x ? "exact" : "DIFFERS");
+    }
     // write_kv: the same slots, rows of k and v copied.
     const auto k = random_bf16(rng, static_cast<std::size_t>(rows) * kw, 1.0f);
     const auto v = random_bf16(rng, static_cast<std::size_t>(rows) * kw, 1.0f);
@@ -938,6 +987,133 @@ void check_bias_grad(int rows, int cols, int row_group, unsigned long long seed)
 }
 
 // ---------------------------------------------------------------------------------------
+// The grid-stride elementwise kernels' eight-element (16-byte) paths against their one-at-a-
+// time definitions, exactly: aligned buffers with tails, and buffers one element off 16-byte
+// alignment (the scalar path).
+
+float f32_of(unsigned short b) { return bf16_value(b); }
+
+void check_elementwise_vectors(unsigned long long seed) {
+    Rng rng(seed);
+    bool ok = true;
+    std::string failed;
+    auto fail = [&](const char* what) {
+        ok = false;
+        failed += std::string(" ") + what;
+    };
+    const dim3 grid{3, 1, 1}, block{64, 1, 1};  // fewer threads than vectors: the loops stride
+    for (long long n : {1LL, 7LL, 8LL, 1000LL, 4099LL}) {
+        for (int off : {0, 1}) {  // element offset of every buffer: 1 breaks 16-byte alignment
+            const std::size_t total = static_cast<std::size_t>(n) + 8;
+            // bf16 += bf16, f32 += f32, f32 += bf16.
+            auto xb = random_bf16(rng, total, 3.0f), yb = random_bf16(rng, total, 3.0f);
+            std::vector<float> xf(total), yf(total);
+            for (auto& v : xf) v = rng.uniform() * 3.0f;
+            for (auto& v : yf) v = rng.uniform() * 3.0f;
+            auto want_b = xb;
+            auto want_f = xf;
+            auto want_fb = xf;
+            for (long long i = 0; i < n; ++i) {
+                want_b[off + i] = ge_emu::f32_to_bf16_bits(f32_of(xb[off + i]) + f32_of(yb[off + i]));
+                want_f[off + i] = xf[off + i] + yf[off + i];
+                want_fb[off + i] = xf[off + i] + f32_of(yb[off + i]);
+            }
+            auto got_b = xb;
+            auto got_f = xf;
+            auto got_fb = xf;
+            ge_emu::launch(ge_add_assign_bf16, grid, block, AddAssignArgs{addr(got_b.data() + off), addr(yb.data() + off), n});
+            ge_emu::launch(ge_add_assign_f32, grid, block, AddAssignArgs{addr(got_f.data() + off), addr(yf.data() + off), n});
+            ge_emu::launch(ge_add_assign_f32_bf16, grid, block, AddAssignArgs{addr(got_fb.data() + off), addr(yb.data() + off), n});
+            if (got_b != want_b) fail("add_assign_bf16");
+            if (got_f != want_f) fail("add_assign_f32");
+            if (got_fb != want_fb) fail("add_assign_f32_bf16");
+            // Scale.
+            auto sb = xb;
+            auto sf = xf;
+            auto want_sb = xb;
+            auto want_sf = xf;
+            for (long long i = 0; i < n; ++i) {
+                want_sb[off + i] = ge_emu::f32_to_bf16_bits(f32_of(xb[off + i]) * 0.37f);
+                want_sf[off + i] = xf[off + i] * 0.37f;
+            }
+            ge_emu::launch(ge_scale_bf16, grid, block, ScaleArgs{addr(sb.data() + off), n, 0.37f});
+            ge_emu::launch(ge_scale_f32, grid, block, ScaleArgs{addr(sf.data() + off), n, 0.37f});
+            if (sb != want_sb) fail("scale_bf16");
+            if (sf != want_sf) fail("scale_f32");
+            // Casts both ways.
+            std::vector<unsigned short> cb(total, BF16_NAN), want_cb(total, BF16_NAN);
+            std::vector<float> cf(total, F32_POISON), want_cf(total, F32_POISON);
+            for (long long i = 0; i < n; ++i) {
+                want_cb[off + i] = ge_emu::f32_to_bf16_bits(xf[off + i]);
+                want_cf[off + i] = f32_of(xb[off + i]);
+            }
+            ge_emu::launch(ge_cast_f32_bf16, grid, block, CastArgs{addr(xf.data() + off), addr(cb.data() + off), n});
+            ge_emu::launch(ge_cast_bf16_f32, grid, block, CastArgs{addr(xb.data() + off), addr(cf.data() + off), n});
+            if (cb != want_cb) fail("cast_f32_bf16");
+            if (std::memcmp(cf.data(), want_cf.data(), total * 4) != 0) fail("cast_bf16_f32");
+            // Sums of squares (f64 partials per block, added here in order) against float64.
+            std::vector<double> partials(grid.x, -1.0);
+            double want_ss = 0.0, got_ss = 0.0;
+            for (long long i = 0; i < n; ++i) want_ss += static_cast<double>(xf[off + i]) * xf[off + i];
+            ge_emu::launch(ge_sum_squares_f32, grid, block, SumSquaresArgs{addr(xf.data() + off), addr(partials.data()), n});
+            for (double p : partials) got_ss += p;
+            if (std::fabs(got_ss - want_ss) > 1e-12 * want_ss) fail("sum_squares_f32");
+            want_ss = got_ss = 0.0;
+            for (long long i = 0; i < n; ++i) want_ss += static_cast<double>(f32_of(xb[off + i])) * f32_of(xb[off + i]);
+            ge_emu::launch(ge_sum_squares_bf16, grid, block, SumSquaresArgs{addr(xb.data() + off), addr(partials.data()), n});
+            for (double p : partials) got_ss += p;
+            if (std::fabs(got_ss - want_ss) > 1e-12 * want_ss) fail("sum_squares_bf16");
+        }
+    }
+    // Column copies (the q/k/v split: widths and offsets in whole 16-byte pieces; and not) and
+    // row gathers (rows of whole pieces; and not), bf16 and f32.
+    for (auto [cols, src_width, src_col, dst_width, dst_col] :
+         std::vector<std::array<int, 5>>{{128, 1152, 1024, 128, 0}, {896, 1152, 0, 1024, 128}, {5, 13, 3, 9, 2}, {8, 20, 4, 16, 8}}) {
+        const int rows = 7;
+        auto src = random_bf16(rng, static_cast<std::size_t>(rows) * src_width, 1.0f);
+        std::vector<float> srcf(src.size());
+        for (std::size_t i = 0; i < src.size(); ++i) srcf[i] = f32_of(src[i]);
+        std::vector<unsigned short> dst(static_cast<std::size_t>(rows) * dst_width, BF16_NAN), want = dst;
+        std::vector<float> dstf(dst.size(), F32_POISON), wantf = dstf;
+        for (int r = 0; r < rows; ++r) {
+            for (int c = 0; c < cols; ++c) {
+                want[static_cast<std::size_t>(r) * dst_width + dst_col + c] = src[static_cast<std::size_t>(r) * src_width + src_col + c];
+                wantf[static_cast<std::size_t>(r) * dst_width + dst_col + c] = srcf[static_cast<std::size_t>(r) * src_width + src_col + c];
+            }
+        }
+        CopyColumnsArgs ca{addr(src.data()), addr(dst.data()), rows, cols, src_width, src_col, dst_width, dst_col};
+        ge_emu::launch(ge_copy_columns_bf16, grid, block, ca);
+        CopyColumnsArgs cf{addr(srcf.data()), addr(dstf.data()), rows, cols, src_width, src_col, dst_width, dst_col};
+        ge_emu::launch(ge_copy_columns_f32, grid, block, cf);
+        if (dst != want) fail("copy_columns_bf16");
+        if (std::memcmp(dstf.data(), wantf.data(), dstf.size() * 4) != 0) fail("copy_columns_f32");
+    }
+    for (int width : {896, 12, 13}) {
+        const int src_rows = 9;
+        auto src = random_bf16(rng, static_cast<std::size_t>(src_rows) * width, 1.0f);
+        std::vector<float> srcf(src.size());
+        for (std::size_t i = 0; i < src.size(); ++i) srcf[i] = f32_of(src[i]);
+        const std::vector<unsigned int> idx = {3, 0, 8, 3, 5};
+        const int count = static_cast<int>(idx.size());
+        std::vector<unsigned short> dst(static_cast<std::size_t>(count) * width, BF16_NAN), want = dst;
+        std::vector<float> dstf(dst.size(), F32_POISON), wantf = dstf;
+        for (int i = 0; i < count; ++i) {
+            for (int c = 0; c < width; ++c) {
+                want[static_cast<std::size_t>(i) * width + c] = src[static_cast<std::size_t>(idx[i]) * width + c];
+                wantf[static_cast<std::size_t>(i) * width + c] = srcf[static_cast<std::size_t>(idx[i]) * width + c];
+            }
+        }
+        ge_emu::launch(ge_gather_rows_bf16, grid, block, GatherRowsArgs{addr(src.data()), addr(dst.data()), addr(idx.data()), count, width});
+        ge_emu::launch(ge_gather_rows_f32, grid, block, GatherRowsArgs{addr(srcf.data()), addr(dstf.data()), addr(idx.data()), count, width});
+        if (dst != want) fail("gather_rows_bf16");
+        if (std::memcmp(dstf.data(), wantf.data(), dstf.size() * 4) != 0) fail("gather_rows_f32");
+    }
+    report(ok, "elementwise kernels, 16-byte and one-element paths (add_assign x3, scale x2, casts x2, "
+               "sum_squares x2, copy_columns x2, gather_rows x2): %s",
+           ok ? "exact" : ("DIFFER:" + failed).c_str());
+}
+
+// ---------------------------------------------------------------------------------------
 // `checks pair-losses IN OUT`: runs ge_pair_losses on the inputs in file IN and writes its
 // outputs to OUT, for tests/kernel_emu.rs to compare with the host definition
 // (genius::loss::pair_losses_host). Every number is its IEEE bits in hexadecimal.
@@ -1136,7 +1312,10 @@ int main(int argc, char** argv) {
     if (only.empty() || only == "logprobs") logprob_checks();
     if (only.empty() || only == "gemm") skinny_gemm_checks();
     if (only.empty() || only == "swiglu") swiglu_checks();
-    if (only.empty() || only == "kv") check_kv_writes(51);
+    if (only.empty() || only == "kv") {
+        check_kv_writes(51);
+        check_kv_writes(52, 20);  // half = 10: the one-pair path
+    }
     if (only.empty() || only == "norm") {
         check_norms(11, 896, 71);
         check_norms(3, 13, 72);
@@ -1151,6 +1330,7 @@ int main(int argc, char** argv) {
         check_bias_grad(300, 1152, 32, 79);
         check_bias_grad(77, 45, 8, 80);
     }
+    if (only.empty() || only == "elementwise") check_elementwise_vectors(81);
     if (only.empty() || only == "training-attention") training_attention_checks();
     std::printf("kernel-emu: %d of %d checks passed\n", checks - failures, checks);
     return failures == 0 ? 0 : 1;

@@ -124,6 +124,17 @@ pub(super) fn int(v: usize, op: &str, what: &str) -> Result<i32> {
     i32::try_from(v).map_err(|_| anyhow!("{op}: {what} = {v} is over the kernels' 2^31 - 1 limit"))
 }
 
+/// Threads per block of the RoPE kernels (`ge_rope`, `ge_qkv_rope_write_kv`) for `pairs`
+/// rotated pairs per row: they take eight pairs per step when `head_dim / 2` is a multiple of
+/// 8, so fewer threads (and more blocks per SM) then.
+pub(super) fn rope_block_threads(pairs: usize, head_dim: usize) -> u32 {
+    if head_dim.is_multiple_of(16) {
+        row_block_threads(pairs.div_ceil(8))
+    } else {
+        row_block_threads(pairs)
+    }
+}
+
 /// Most rows per block of the RMSNorm kernels (one warp per row, `blockDim.x / 32` rows).
 const NORM_ROWS_PER_BLOCK: usize = 8;
 
@@ -415,9 +426,14 @@ impl CudaBackend {
         // SAFETY: `src` is [rows, width] with every index below rows, `out` is
         // [count, width], `idx` holds `count` u32s; all live until the launch is queued
         // (frees are stream-ordered after it).
+        // The kernel copies 16 bytes per step where it can: a thread per 16 bytes.
+        let per_step = 16 / src.dtype().size();
         unsafe {
-            self.gpu
-                .launch(kernel, grid_stride_config(indices.len() * width), &a)
+            self.gpu.launch(
+                kernel,
+                grid_stride_config((indices.len() * width).div_ceil(per_step)),
+                &a,
+            )
         }?;
         Ok(out)
     }
@@ -459,9 +475,17 @@ impl CudaBackend {
             DType::Bf16 => "ge_copy_columns_bf16",
             DType::F32 => "ge_copy_columns_f32",
         };
+        // The kernel copies 16 bytes per step where it can: a thread per 16 bytes.
+        let per_step = 16 / src.dtype().size();
         // SAFETY: both tensors have `rows` rows of their widths and the copied column ranges
         // lie inside them (checked by the callers).
-        unsafe { self.gpu.launch(kernel, grid_stride_config(rows * cols), &a) }
+        unsafe {
+            self.gpu.launch(
+                kernel,
+                grid_stride_config((rows * cols).div_ceil(per_step)),
+                &a,
+            )
+        }
     }
 
     /// The device copy of `inv_freq`, uploaded when it differs from the last one.
@@ -709,7 +733,7 @@ impl Backend for CudaBackend {
             };
             let cfg = LaunchConfig {
                 grid_dim: (n as u32, 1, 1),
-                block_dim: (row_block_threads((q_width + kv_width) / 2), 1, 1),
+                block_dim: (rope_block_threads((q_width + kv_width) / 2, head_dim), 1, 1),
                 shared_mem_bytes: (head_dim * std::mem::size_of::<f32>()) as u32,
             };
             // SAFETY: qkv is [n, q_width + 2 kv_width] bf16, q [n, q_width] bf16, the pools
@@ -827,7 +851,7 @@ impl Backend for CudaBackend {
             };
             let cfg = LaunchConfig {
                 grid_dim: (n as u32, 1, 1),
-                block_dim: (row_block_threads(w / 2), 1, 1),
+                block_dim: (rope_block_threads(w / 2, head_dim), 1, 1),
                 shared_mem_bytes: (head_dim * std::mem::size_of::<f32>()) as u32,
             };
             // SAFETY: x is [n, w] bf16 with w a multiple of head_dim, positions has n u32s,
@@ -952,8 +976,12 @@ impl Backend for CudaBackend {
             y: self.addr(y),
             n: n as i64,
         };
-        // SAFETY: x and y hold n elements of the kernel's types.
-        unsafe { self.gpu.launch(kernel, grid_stride_config(n), &a) }
+        // SAFETY: x and y hold n elements of the kernel's types; a thread per eight (the
+        // kernel's step where aligned).
+        unsafe {
+            self.gpu
+                .launch(kernel, grid_stride_config(n.div_ceil(8)), &a)
+        }
     }
 
     fn gather_rows(&self, x: &CudaTensor, rows: &[usize]) -> Result<CudaTensor> {
@@ -1017,8 +1045,12 @@ impl Backend for CudaBackend {
             n: n as i64,
             factor: s,
         };
-        // SAFETY: x holds n elements of the kernel's type.
-        unsafe { self.gpu.launch(kernel, grid_stride_config(n), &a) }
+        // SAFETY: x holds n elements of the kernel's type; a thread per eight (the kernel's
+        // step where aligned).
+        unsafe {
+            self.gpu
+                .launch(kernel, grid_stride_config(n.div_ceil(8)), &a)
+        }
     }
 
     fn sum_squares(&self, x: &CudaTensor) -> Result<f64> {

@@ -24,6 +24,14 @@ impl DType {
             DType::F32 => "f32",
         }
     }
+
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::Bf16 => 2,
+            DType::F32 => 4,
+        }
+    }
 }
 
 /// A device buffer of one element type.

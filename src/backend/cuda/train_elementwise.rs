@@ -15,7 +15,7 @@
 
 use super::args;
 use super::backend::{CudaBackend, int};
-use super::context::{grid_stride_config, row_block_threads};
+use super::context::grid_stride_config;
 use super::tensor::{CudaLinear, CudaTensor, DType};
 use crate::backend::AdamWStep;
 use anyhow::{Context, Result, bail, ensure};
@@ -324,7 +324,7 @@ impl CudaBackend {
             };
             let cfg = LaunchConfig {
                 grid_dim: (n as u32, 1, 1),
-                block_dim: (row_block_threads(w / 2), 1, 1),
+                block_dim: (super::backend::rope_block_threads(w / 2, head_dim), 1, 1),
                 shared_mem_bytes: (head_dim * std::mem::size_of::<f32>()) as u32,
             };
             // SAFETY: dx is [n, w] bf16 with w a multiple of head_dim, positions has n u32s,
@@ -444,7 +444,7 @@ impl CudaBackend {
         // SAFETY: master holds n f32s and dst n bf16s (checked by the callers).
         unsafe {
             self.gpu
-                .launch("ge_cast_f32_bf16", grid_stride_config(n), &a)
+                .launch("ge_cast_f32_bf16", grid_stride_config(n.div_ceil(8)), &a)
         }
     }
 
@@ -493,7 +493,7 @@ impl CudaBackend {
             // SAFETY: src holds n bf16s and out n f32s.
             unsafe {
                 self.gpu
-                    .launch("ge_cast_bf16_f32", grid_stride_config(n), &a)?
+                    .launch("ge_cast_bf16_f32", grid_stride_config(n.div_ceil(8)), &a)?
             }
         }
         Ok(out)
