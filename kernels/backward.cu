@@ -53,7 +53,7 @@ extern "C" __global__ void ge_rms_norm_backward_rows(RmsNormBackwardArgs a) {
     const ge_bf16* dy = reinterpret_cast<const ge_bf16*>(a.dy) + row * a.dim;
     const ge_bf16* w = reinterpret_cast<const ge_bf16*>(a.weight);
     ge_bf16* dx = reinterpret_cast<ge_bf16*>(a.dx) + row * a.dim;
-    const bool vec = (a.dim & 7) == 0;
+    const bool vec = (a.dim & 7) == 0 && ge_aligned16(a.x, a.dy) && ge_aligned16(a.weight, a.dx);
     float ss = 0.0f;
     float dot = 0.0f;
     if (vec) {
@@ -113,7 +113,10 @@ extern "C" __global__ void ge_rms_norm_backward_weight(RmsNormBackwardArgs a) {
     const ge_bf16* dy = reinterpret_cast<const ge_bf16*>(a.dy);
     const float* rinv = reinterpret_cast<const float*>(a.rinv);
     float* partial = reinterpret_cast<float*>(a.partial) + static_cast<long long>(g) * a.dim;
+    // Eight columns per thread when dim % 8 == 0 (the host's grid), by 16-byte loads where
+    // the buffers are aligned (every allocation is; a view need not be).
     if ((a.dim & 7) == 0) {
+        const bool aligned = ge_aligned16(a.x, a.dy);
         const int c0 = 8 * (blockIdx.x * GE_WARP_SIZE + threadIdx.x);
         if (c0 >= a.dim) return;
         float acc[8];
@@ -123,8 +126,8 @@ extern "C" __global__ void ge_rms_norm_backward_weight(RmsNormBackwardArgs a) {
         for (int r = r0; r < r1; ++r) {
             const long long at = static_cast<long long>(r) * a.dim + c0;
             float xv[8], gv[8];
-            ge_load_bf16x8(x + at, xv);
-            ge_load_bf16x8(dy + at, gv);
+            ge_load_bf16x8_any(x + at, xv, aligned);
+            ge_load_bf16x8_any(dy + at, gv, aligned);
             const float rr = rinv[r];
 #pragma unroll
             for (int k = 0; k < 8; ++k) acc[k] += gv[k] * xv[k] * rr;

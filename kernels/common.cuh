@@ -87,6 +87,17 @@ __device__ __forceinline__ void ge_store8(float* p, const float f[8]) {
 }
 __device__ __forceinline__ void ge_store8(ge_bf16* p, const float f[8]) { ge_store_bf16x8(p, f); }
 
+// Eight bf16 values at `p` as floats: one 16-byte load when `aligned`, else eight 2-byte ones
+// (the same values).
+__device__ __forceinline__ void ge_load_bf16x8_any(const ge_bf16* p, float f[8], bool aligned) {
+    if (aligned) {
+        ge_load_bf16x8(p, f);
+    } else {
+#pragma unroll
+        for (int k = 0; k < 8; ++k) f[k] = ge_bf16_to_f32(p[k]);
+    }
+}
+
 // Whether every address is 16-byte aligned (the eight-element paths' requirement).
 __device__ __forceinline__ bool ge_aligned16(unsigned long long a, unsigned long long b = 0ull) {
     return ((a | b) & 15ull) == 0ull;

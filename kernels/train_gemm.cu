@@ -27,7 +27,10 @@ extern "C" __global__ void ge_bias_grad_bf16(BiasGradArgs a) {
     const int r1 = min(a.rows, r0 + a.row_group);
     const ge_bf16* dy = reinterpret_cast<const ge_bf16*>(a.dy);
     float* partial = reinterpret_cast<float*>(a.partial) + static_cast<long long>(g) * a.cols;
+    // Eight columns per thread when cols % 8 == 0 (the host's grid), by 16-byte loads where
+    // dy is aligned (every allocation is; a view need not be).
     if ((a.cols & 7) == 0) {
+        const bool aligned = ge_aligned16(a.dy);
         const int c0 = 8 * (blockIdx.x * GE_WARP_SIZE + threadIdx.x);
         if (c0 >= a.cols) return;
         float acc[8];
@@ -36,7 +39,7 @@ extern "C" __global__ void ge_bias_grad_bf16(BiasGradArgs a) {
 #pragma unroll 4
         for (int r = r0; r < r1; ++r) {
             float v[8];
-            ge_load_bf16x8(dy + static_cast<long long>(r) * a.cols + c0, v);
+            ge_load_bf16x8_any(dy + static_cast<long long>(r) * a.cols + c0, v, aligned);
 #pragma unroll
             for (int k = 0; k < 8; ++k) acc[k] += v[k];
         }

@@ -166,5 +166,12 @@ fn a_failed_decode_benchmark_fails_the_check() {
         "gpu-check passed with a failed decode benchmark: {context}"
     );
     assert!(stdout.contains("bench rollout: no result"), "{context}");
+    // Nothing else failed: the tests' row is ok, training and the run completed.
+    let row = stdout
+        .lines()
+        .find(|l| l.starts_with("cuda_stand_in"))
+        .unwrap_or_else(|| panic!("no row for the stand-in: {context}"));
+    assert!(row.ends_with("ok"), "{row}");
     assert!(stdout.contains("train step 8 x 32 tokens"), "{context}");
+    assert!(stdout.contains("run --device cuda, 2 rounds"), "{context}");
 }

@@ -15,7 +15,7 @@ use super::stops::{StopChecker, StopEvent};
 use crate::backend::Backend;
 use crate::model::TextTokenizer;
 use crate::transformer::{KvCache, PagedBatch, PagedSeqBatch, Transformer};
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use rayon::prelude::*;
 use std::collections::HashMap;
 use std::time::Instant;
@@ -638,6 +638,12 @@ impl<'t, B: Backend> Engine<'t, B> {
         }
         // Each sampled sequence takes its token (stop checks and detokenisation: independent
         // per sequence, so many are done in parallel); finish records in sampling order.
+        ensure!(
+            sampled.len() == samplers.len(),
+            "internal error: {} tokens sampled for {} sequences",
+            sampled.len(),
+            samplers.len()
+        );
         self.tokens_generated += sampled.len() as u64;
         let context = self.model.config.max_position_embeddings;
         let tokenizer = self.tokenizer;

@@ -295,13 +295,9 @@ pub(super) fn paged_work(
 }
 
 impl CudaBackend {
+    /// The device's SM count (queried once, when the backend was made).
     pub(super) fn num_sms(&self) -> usize {
-        use cudarc::driver::sys::CUdevice_attribute_enum::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT;
-        self.gpu
-            .ctx
-            .attribute(CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-            .map(|n| n.max(1) as usize)
-            .unwrap_or(132)
+        self.sm_count
     }
 
     pub(super) fn attn_kv_pool(

@@ -182,6 +182,8 @@ pub struct CudaBackend {
     /// Whether `linear` runs on the skinny GEMM kernels where they apply
     /// ([`CudaOptions::skinny_gemm`]; see [`CudaBackend::set_skinny_gemm`]).
     skinny_gemm: std::sync::atomic::AtomicBool,
+    /// Multiprocessors of the device (launch planning; 132 where the driver does not say).
+    pub(super) sm_count: usize,
     /// Decode steps captured into CUDA graphs ([`super::graphs`]).
     pub(super) graphs: Mutex<DecodeGraphs>,
     /// Whether `linear` and the training GEMMs time cuBLASLt's candidate algorithms per
@@ -205,6 +207,13 @@ impl CudaBackend {
         }
         gpu.ctx.bind_to_thread()?;
         let gemm = Gemm::new(gpu.stream.clone())?;
+        let sm_count = {
+            use cudarc::driver::sys::CUdevice_attribute_enum::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT;
+            gpu.ctx
+                .attribute(CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+                .map(|n| n.max(1) as usize)
+                .unwrap_or(132)
+        };
         Ok(Self {
             gemm: Mutex::new(gemm),
             poison: options.poison_outputs,
@@ -219,6 +228,7 @@ impl CudaBackend {
             attn_fwd_tc: std::sync::atomic::AtomicBool::new(options.attention_forward_tensor_cores),
             paged_attn_tc: std::sync::atomic::AtomicBool::new(options.paged_attention_tensor_cores),
             skinny_gemm: std::sync::atomic::AtomicBool::new(options.skinny_gemm),
+            sm_count,
             tune_gemms: options.tune_gemms,
             logprob_overlap: options.logprob_overlap,
             graphs: Mutex::new(DecodeGraphs::new(
