@@ -430,7 +430,9 @@ typedef struct SwigluBackwardArgs {
 GE_LAYOUT(SwigluBackwardArgs, 32, 8);
 
 /** One AdamW update of `n` f32 elements in place: `adamw_update_host`'s arithmetic (the
- * scalars of `AdamWStep`), every operation rounded separately (no fused multiply-add). */
+ * scalars of `AdamWStep`), every operation rounded separately (no fused multiply-add); with
+ * `out_bf16`, the updated master rounded to bf16 (as `ge_cast_f32_bf16` rounds) is written
+ * there too: the parameter's working copy, set in the same pass. */
 typedef struct AdamWArgs {
     /** f32 `[n]`, read and written. */
     unsigned long long master;
@@ -450,8 +452,10 @@ typedef struct AdamWArgs {
     float inv_sqrt_bias2;
     float decay;
     float grad_scale;
+    /** bf16 `[n]`, written; 0 for none. */
+    unsigned long long out_bf16;
 } AdamWArgs;
-GE_LAYOUT(AdamWArgs, 80, 8);
+GE_LAYOUT(AdamWArgs, 88, 8);
 
 /** `dst[i] = src[i]` converted (f32 to bf16: rounded to nearest even) for `i < n`. */
 typedef struct CastArgs {

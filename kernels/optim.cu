@@ -1,5 +1,6 @@
-// Optimizer kernels: the fused AdamW update on f32 master weights and moments, and the
-// f32 -> bf16 cast that sets a bf16 parameter from its master copy on the device.
+// Optimizer kernels: the fused AdamW update on f32 master weights and moments (optionally
+// writing the parameter's bf16 working copy in the same pass), and the f32 -> bf16 cast that
+// sets a bf16 parameter from its master copy on the device.
 // Launch shapes are chosen on the Rust side (src/backend/cuda/train_elementwise.rs).
 #include "common.cuh"
 
@@ -12,6 +13,7 @@ extern "C" __global__ void ge_adamw_update(AdamWArgs a) {
     float* m = reinterpret_cast<float*>(a.m);
     float* v = reinterpret_cast<float*>(a.v);
     const float* grad = reinterpret_cast<const float*>(a.grad);
+    ge_bf16* out = reinterpret_cast<ge_bf16*>(a.out_bf16);
     for (long long i = ge_global_index(); i < a.n; i += ge_grid_threads()) {
         // g = grad * grad_scale
         const float g = __fmul_rn(grad[i], a.grad_scale);
@@ -24,9 +26,11 @@ extern "C" __global__ void ge_adamw_update(AdamWArgs a) {
         const float denom = __fadd_rn(__fmul_rn(__fsqrt_rn(vi), a.inv_sqrt_bias2), a.eps);
         // p = p * decay - (step_size * m) / denom
         const float upd = __fdiv_rn(__fmul_rn(a.step_size, mi), denom);
-        p[i] = __fsub_rn(__fmul_rn(p[i], a.decay), upd);
+        const float pi = __fsub_rn(__fmul_rn(p[i], a.decay), upd);
+        p[i] = pi;
         m[i] = mi;
         v[i] = vi;
+        if (out != nullptr) out[i] = ge_f32_to_bf16(pi);  // the working copy, as the cast sets it
     }
 }
 

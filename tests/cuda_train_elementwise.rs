@@ -403,6 +403,70 @@ fn adamw_update_matches_the_host_over_several_steps() {
     );
 }
 
+/// The update with the working copy written in the same pass (`adamw_update_tensor`,
+/// `adamw_update_linear`) against the two separate ops (`adamw_update`, then
+/// `assign_tensor` / `assign_linear`): masters, moments and working copies bit for bit.
+#[test]
+#[cfg_attr(
+    not(genius_gpu_tests),
+    ignore = "needs a CUDA GPU: built by tools/gpu-prepare.sh (GENIUS_GPU_TESTS=1), run by tools/gpu-check.sh"
+)]
+fn adamw_update_with_the_working_copy_is_the_two_ops() {
+    let Some(be) = gpu() else { return };
+    let mut rng = Rng::new(107);
+    for (rows, cols) in [(1usize, 1usize), (7, 33), (130, 896), (3, 4097)] {
+        let n = rows * cols;
+        let p0 = rng.tensor(&[rows, cols], 1.0);
+        let grad = be.upload_f32(&rng.tensor(&[rows, cols], 2.0)).unwrap();
+        let step = AdamWStep::new(0.9, 0.95, 1e-8, 0.1, 3, 3e-3, 0.5);
+        let fresh = || {
+            (
+                be.upload_f32(&p0).unwrap(),
+                be.zeros_f32(&[rows, cols]).unwrap(),
+                be.zeros_f32(&[rows, cols]).unwrap(),
+            )
+        };
+        // Separate ops.
+        let (mut p1, mut m1, mut v1) = fresh();
+        be.adamw_update(&mut p1, &mut m1, &mut v1, &grad, &step)
+            .unwrap();
+        let mut t1 = be.upload(&p0).unwrap();
+        be.assign_tensor(&mut t1, &p1).unwrap();
+        let mut l1 = be.upload_linear(&p0).unwrap();
+        be.assign_linear(&mut l1, &p1).unwrap();
+        // One pass, for a tensor parameter and for a linear one.
+        let (mut p2, mut m2, mut v2) = fresh();
+        let mut t2 = be.upload(&p0).unwrap();
+        be.adamw_update_tensor(&mut p2, &mut m2, &mut v2, &grad, &step, &mut t2)
+            .unwrap();
+        let (mut p3, mut m3, mut v3) = fresh();
+        let mut l3 = be.upload_linear(&p0).unwrap();
+        be.adamw_update_linear(&mut p3, &mut m3, &mut v3, &grad, &step, &mut l3)
+            .unwrap();
+        let what = format!("[{rows}, {cols}] ({n} elements)");
+        for (label, a, b) in [
+            ("master (tensor)", &p2, &p1),
+            ("m (tensor)", &m2, &m1),
+            ("v (tensor)", &v2, &v1),
+            ("working copy (tensor)", &t2, &t1),
+            ("master (linear)", &p3, &p1),
+            ("m (linear)", &m3, &m1),
+            ("v (linear)", &v3, &v1),
+        ] {
+            assert_exact(
+                &format!("{label} {what}"),
+                &be.download(a).unwrap(),
+                &be.download(b).unwrap(),
+            );
+        }
+        assert_exact(
+            &format!("working copy (linear) {what}"),
+            &be.download_linear(&l3).unwrap(),
+            &be.download_linear(&l1).unwrap(),
+        );
+    }
+}
+
 /// f32 values whose bf16 rounding exercises the edge cases: ties to even both ways, values
 /// just over a tie, the largest finite values, overflow to infinity, subnormals, zeros.
 fn rounding_edge_cases() -> Vec<f32> {

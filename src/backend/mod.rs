@@ -408,6 +408,39 @@ pub trait Backend: Send + Sync {
         step: &AdamWStep,
     ) -> Result<()>;
 
+    /// [`Backend::adamw_update`], then [`Backend::assign_tensor`] of `dst` from the updated
+    /// master: one optimizer step of a tensor parameter and its working copy. A backend may do
+    /// both in one pass (same results).
+    #[allow(clippy::too_many_arguments)]
+    fn adamw_update_tensor(
+        &self,
+        master: &mut Self::Tensor,
+        m: &mut Self::Tensor,
+        v: &mut Self::Tensor,
+        grad: &Self::Tensor,
+        step: &AdamWStep,
+        dst: &mut Self::Tensor,
+    ) -> Result<()> {
+        self.adamw_update(master, m, v, grad, step)?;
+        self.assign_tensor(dst, master)
+    }
+
+    /// [`Backend::adamw_update`], then [`Backend::assign_linear`] of `dst` from the updated
+    /// master (as [`Backend::adamw_update_tensor`], for a linear weight).
+    #[allow(clippy::too_many_arguments)]
+    fn adamw_update_linear(
+        &self,
+        master: &mut Self::Tensor,
+        m: &mut Self::Tensor,
+        v: &mut Self::Tensor,
+        grad: &Self::Tensor,
+        step: &AdamWStep,
+        dst: &mut Self::Linear,
+    ) -> Result<()> {
+        self.adamw_update(master, m, v, grad, step)?;
+        self.assign_linear(dst, master)
+    }
+
     /// An f32 copy of a tensor parameter (the optimizer's master weights start from it).
     fn tensor_to_f32(&self, t: &Self::Tensor) -> Result<Self::Tensor> {
         self.upload_f32(&self.download(t)?)

@@ -387,20 +387,19 @@ pub fn train<B: Backend>(
             lr,
             grad_scale,
         );
+        // The update and the working weights set from the new masters, in one pass per
+        // parameter where the backend can.
         {
-            let be = &model.backend;
-            let grad_list = grads.iter();
-            for (i, (_, g)) in grad_list.into_iter().enumerate() {
-                be.adamw_update(
-                    &mut state.master[i],
-                    &mut state.m[i],
-                    &mut state.v[i],
-                    g,
-                    &update,
-                )?;
-            }
+            let grad_list: Vec<&B::Tensor> = grads.iter().into_iter().map(|(_, g)| g).collect();
+            model.adamw_step(
+                &state.names,
+                &mut state.master,
+                &mut state.m,
+                &mut state.v,
+                &grad_list,
+                &update,
+            )?;
         }
-        state.apply_to(model)?;
         state.step += 1;
 
         let (logps, losses): (Vec<PairLogps>, Vec<PairLoss>) = step_pairs.into_iter().unzip();

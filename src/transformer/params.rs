@@ -304,6 +304,91 @@ impl<B: Backend> Transformer<B> {
         Ok(())
     }
 
+    /// One AdamW step of the parameters `names` (as [`Self::assign_weights`] takes them) on
+    /// their f32 `masters`, moments `m` and `v` and gradients `grads` (same order and
+    /// shapes), then the parameters set from the updated masters: what
+    /// [`Backend::adamw_update`] on each and [`Self::assign_weights`] would do, with the
+    /// backend free to do a parameter's update and its working copy in one pass
+    /// ([`Backend::adamw_update_tensor`], [`Backend::adamw_update_linear`]).
+    pub fn adamw_step(
+        &mut self,
+        names: &[String],
+        masters: &mut [B::Tensor],
+        m: &mut [B::Tensor],
+        v: &mut [B::Tensor],
+        grads: &[&B::Tensor],
+        step: &crate::backend::AdamWStep,
+    ) -> Result<()> {
+        let k = names.len();
+        ensure!(
+            masters.len() == k && m.len() == k && v.len() == k && grads.len() == k,
+            "adamw_step: {k} names, {} masters, {} + {} moments, {} gradients",
+            masters.len(),
+            m.len(),
+            v.len(),
+            grads.len()
+        );
+        let tied = self.config.tie_word_embeddings;
+        let be = &self.backend;
+        let mut i = 0;
+        let mut embed_index = None;
+        for (name, param) in self.weights.params_mut() {
+            if i == k {
+                break;
+            }
+            if names[i] != name {
+                continue;
+            }
+            let shape = be.shape(&masters[i]);
+            match param {
+                Param::Tensor(t) => {
+                    ensure!(
+                        shape == be.shape(t),
+                        "adamw_step '{name}': shape {shape:?}, the parameter is {:?}",
+                        be.shape(t)
+                    );
+                    be.adamw_update_tensor(
+                        &mut masters[i],
+                        &mut m[i],
+                        &mut v[i],
+                        grads[i],
+                        step,
+                        t,
+                    )?;
+                }
+                Param::Linear(l) => {
+                    ensure!(
+                        shape == be.linear_shape(l),
+                        "adamw_step '{name}': shape {shape:?}, the parameter is {:?}",
+                        be.linear_shape(l)
+                    );
+                    be.adamw_update_linear(
+                        &mut masters[i],
+                        &mut m[i],
+                        &mut v[i],
+                        grads[i],
+                        step,
+                        l,
+                    )?;
+                }
+            }
+            if tied && name == EMBED_TOKENS {
+                embed_index = Some(i);
+            }
+            i += 1;
+        }
+        if i < k {
+            bail!(
+                "adamw_step: no parameter '{}' (or the names are out of order)",
+                names[i]
+            );
+        }
+        if let Some(e) = embed_index {
+            be.assign_linear(&mut self.weights.lm_head, &masters[e])?;
+        }
+        Ok(())
+    }
+
     /// Every weight downloaded in HF tensor names and layout ([`hf_tensor_names`] order):
     /// q/k/v projections and biases and gate/up projections unfused, `lm_head.weight` only
     /// when untied. What a checkpoint writer saves.

@@ -732,7 +732,7 @@ const _: () = {
     ["Offset of field: SwigluBackwardArgs::inner"]
         [::std::mem::offset_of!(SwigluBackwardArgs, inner) - 28usize];
 };
-#[doc = " One AdamW update of `n` f32 elements in place: `adamw_update_host`'s arithmetic (the\n scalars of `AdamWStep`), every operation rounded separately (no fused multiply-add)."]
+#[doc = " One AdamW update of `n` f32 elements in place: `adamw_update_host`'s arithmetic (the\n scalars of `AdamWStep`), every operation rounded separately (no fused multiply-add); with\n `out_bf16`, the updated master rounded to bf16 (as `ge_cast_f32_bf16` rounds) is written\n there too: the parameter's working copy, set in the same pass."]
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct AdamWArgs {
@@ -754,10 +754,12 @@ pub struct AdamWArgs {
     pub inv_sqrt_bias2: f32,
     pub decay: f32,
     pub grad_scale: f32,
+    #[doc = " bf16 `[n]`, written; 0 for none."]
+    pub out_bf16: ::std::os::raw::c_ulonglong,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of AdamWArgs"][::std::mem::size_of::<AdamWArgs>() - 80usize];
+    ["Size of AdamWArgs"][::std::mem::size_of::<AdamWArgs>() - 88usize];
     ["Alignment of AdamWArgs"][::std::mem::align_of::<AdamWArgs>() - 8usize];
     ["Offset of field: AdamWArgs::master"][::std::mem::offset_of!(AdamWArgs, master) - 0usize];
     ["Offset of field: AdamWArgs::m"][::std::mem::offset_of!(AdamWArgs, m) - 8usize];
@@ -778,6 +780,7 @@ const _: () = {
     ["Offset of field: AdamWArgs::decay"][::std::mem::offset_of!(AdamWArgs, decay) - 68usize];
     ["Offset of field: AdamWArgs::grad_scale"]
         [::std::mem::offset_of!(AdamWArgs, grad_scale) - 72usize];
+    ["Offset of field: AdamWArgs::out_bf16"][::std::mem::offset_of!(AdamWArgs, out_bf16) - 80usize];
 };
 #[doc = " `dst[i] = src[i]` converted (f32 to bf16: rounded to nearest even) for `i < n`."]
 #[repr(C)]

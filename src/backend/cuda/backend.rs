@@ -80,6 +80,8 @@ pub const ON_CUDA: &[&str] = &[
     "accumulate_bias_grad",
     "target_logprobs_backward",
     "adamw_update",
+    "adamw_update_tensor",
+    "adamw_update_linear",
     "scatter_add_rows",
     "rms_norm_backward",
     "rope_backward",
@@ -1146,6 +1148,46 @@ impl Backend for CudaBackend {
         step: &crate::backend::AdamWStep,
     ) -> Result<()> {
         self.train_adamw_update(master, m, v, grad, step)
+    }
+
+    fn adamw_update_tensor(
+        &self,
+        master: &mut CudaTensor,
+        m: &mut CudaTensor,
+        v: &mut CudaTensor,
+        grad: &CudaTensor,
+        step: &crate::backend::AdamWStep,
+        dst: &mut CudaTensor,
+    ) -> Result<()> {
+        if dst.dtype() == DType::Bf16 && dst.numel() == master.numel() {
+            // The working copy written by the update's own pass.
+            let out = self.addr_mut(dst);
+            self.train_adamw_update_into(master, m, v, grad, step, Some(out))?;
+            dst.shape = master.shape.clone();
+            Ok(())
+        } else {
+            self.train_adamw_update(master, m, v, grad, step)?;
+            self.train_assign_tensor(dst, master)
+        }
+    }
+
+    fn adamw_update_linear(
+        &self,
+        master: &mut CudaTensor,
+        m: &mut CudaTensor,
+        v: &mut CudaTensor,
+        grad: &CudaTensor,
+        step: &crate::backend::AdamWStep,
+        dst: &mut CudaLinear,
+    ) -> Result<()> {
+        let (out, inp) = (dst.out_features, dst.in_features);
+        ensure!(
+            master.shape == [out, inp],
+            "adamw_update_linear: weight [{out}, {inp}] for a master copy {:?}",
+            master.shape
+        );
+        let p = self.gpu.ptr_mut(&mut dst.weight);
+        self.train_adamw_update_into(master, m, v, grad, step, Some(p))
     }
 
     fn assign_tensor(&self, dst: &mut CudaTensor, master: &CudaTensor) -> Result<()> {

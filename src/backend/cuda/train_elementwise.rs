@@ -384,6 +384,21 @@ impl CudaBackend {
         grad: &CudaTensor,
         step: &AdamWStep,
     ) -> Result<()> {
+        self.train_adamw_update_into(master, m, v, grad, step, None)
+    }
+
+    /// [`Self::train_adamw_update`], also writing the updated master rounded to bf16 (the
+    /// cast's rounding) to `out_bf16` when given: the device address of `master.numel()` bf16s
+    /// (a parameter's working copy), set in the same pass.
+    pub(crate) fn train_adamw_update_into(
+        &self,
+        master: &mut CudaTensor,
+        m: &mut CudaTensor,
+        v: &mut CudaTensor,
+        grad: &CudaTensor,
+        step: &AdamWStep,
+        out_bf16: Option<u64>,
+    ) -> Result<()> {
         let op = "adamw_update";
         let n = master.numel();
         ensure!(
@@ -418,9 +433,11 @@ impl CudaBackend {
             inv_sqrt_bias2: step.inv_sqrt_bias2,
             decay: step.decay,
             grad_scale: step.grad_scale,
+            out_bf16: out_bf16.unwrap_or(0),
         };
         // SAFETY: the four buffers hold n f32s each (checked above); master, m and v are
-        // distinct tensors (three `&mut`), grad only read.
+        // distinct tensors (three `&mut`), grad only read; out_bf16, when given, holds n bf16s
+        // (the callers' parameter of the master's size) distinct from all four.
         unsafe {
             self.gpu
                 .launch("ge_adamw_update", grid_stride_config(n), &a)
