@@ -71,6 +71,81 @@ extern "C" __global__ void ge_copy_blocks_bf16(CopyBlocksArgs a) {
 #define GE_PA_TILE 128
 #define GE_PA_MAX_HEADS 8
 
+// What a block of either attention kernel works on (grid: x = work item, y = (kv head, slice
+// of its query heads), z = context partition): its work item `w` and query row, the sequence's
+// block-table (or contiguous) base, the query heads h0 .. h0 + nh - 1 sharing kv head kvh, the
+// partition's visible positions p0 .. p1 - 1, and the rows' widths and head pointers.
+struct GePaBlock {
+    long long w, row, base;
+    int nh, h0, p0, p1;
+    long long qw, kw;
+    const ge_bf16 *q, *kp, *vp;
+};
+
+// Fills `b` for this block; false when its partition holds no visible position of its row (the
+// whole block then returns).
+template <int HD>
+__device__ __forceinline__ bool ge_pa_block(const PagedAttentionArgs& a, GePaBlock& b) {
+    const unsigned int* work = reinterpret_cast<const unsigned int*>(a.work);
+    const unsigned int* seqs = reinterpret_cast<const unsigned int*>(a.seqs);
+    b.w = blockIdx.x;
+    b.row = work[2 * b.w];
+    const unsigned int* sd = seqs + 4 * static_cast<long long>(work[2 * b.w + 1]);
+    const int q_start = static_cast<int>(sd[0]);
+    const int q_len = static_cast<int>(sd[1]);
+    const int context_len = static_cast<int>(sd[2]);
+    b.base = sd[3];
+    const int visible = context_len - q_len + (static_cast<int>(b.row) - q_start) + 1;
+
+    const int group = a.num_heads / a.num_kv_heads;
+    const int slices = (group + a.heads_per_block - 1) / a.heads_per_block;
+    const int kvh = blockIdx.y / slices;
+    const int g0 = (blockIdx.y % slices) * a.heads_per_block;
+    b.nh = min(a.heads_per_block, group - g0);
+    b.h0 = kvh * group + g0;
+    b.p0 = blockIdx.z * a.partition_size;
+    if (b.p0 >= visible) return false;
+    b.p1 = min(visible, b.p0 + a.partition_size);
+
+    b.qw = static_cast<long long>(a.num_heads) * HD;
+    b.kw = static_cast<long long>(a.num_kv_heads) * HD;
+    b.q = reinterpret_cast<const ge_bf16*>(a.q) + b.row * b.qw + static_cast<long long>(b.h0) * HD;
+    b.kp = reinterpret_cast<const ge_bf16*>(a.k_pool) + static_cast<long long>(kvh) * HD;
+    b.vp = reinterpret_cast<const ge_bf16*>(a.v_pool) + static_cast<long long>(kvh) * HD;
+    return true;
+}
+
+// The K/V pool row of visible position `pos` of the sequence at `base`: through the block
+// table, or `base + pos` on contiguous rows.
+__device__ __forceinline__ long long ge_pa_slot(const PagedAttentionArgs& a, long long base, long long pos) {
+    return a.contiguous ? base + pos
+                        : static_cast<long long>(reinterpret_cast<const unsigned int*>(
+                              a.block_tables)[base + pos / a.block_size]) * a.block_size +
+                              pos % a.block_size;
+}
+
+// Head `head`'s normalised output columns 2 pair, + 1: bf16 into `out` when the context is
+// one partition, else f32 into the partition's slot of `part_out`, with (pair 0) the
+// partition's max of the scaled scores (natural-log units) and its sum of exponentials.
+template <int HD>
+__device__ __forceinline__ void ge_pa_write(const PagedAttentionArgs& a, const GePaBlock& b, int head,
+                                            int pair, float o0, float o1, float max, float sum) {
+    if (a.num_partitions == 1) {
+        const long long col = static_cast<long long>(head) * HD + 2 * pair;
+        reinterpret_cast<unsigned int*>(a.out)[(b.row * b.qw + col) / 2] = ge_pack_bf16x2(o0, o1);
+        return;
+    }
+    const long long idx = (b.w * a.num_heads + head) * a.num_partitions + blockIdx.z;
+    float2 o;
+    o.x = o0;
+    o.y = o1;
+    reinterpret_cast<float2*>(a.part_out)[(idx * HD) / 2 + pair] = o;
+    if (pair == 0) {
+        reinterpret_cast<float*>(a.part_max)[idx] = max;
+        reinterpret_cast<float*>(a.part_sum)[idx] = sum;
+    }
+}
+
 template <int HD>
 __device__ __forceinline__ void paged_attention_partition(const PagedAttentionArgs& a) {
     static_assert(HD % GE_WARP_SIZE == 0 && GE_PA_THREADS % (HD / 2) == 0, "head_dim");
@@ -87,33 +162,9 @@ __device__ __forceinline__ void paged_attention_partition(const PagedAttentionAr
     const int tid = threadIdx.x;
     const int lane = tid % GE_WARP_SIZE;
     const int warp = tid / GE_WARP_SIZE;
-    const unsigned int* work = reinterpret_cast<const unsigned int*>(a.work);
-    const unsigned int* seqs = reinterpret_cast<const unsigned int*>(a.seqs);
-    const long long w = blockIdx.x;
-    const long long row = work[2 * w];
-    const unsigned int* sd = seqs + 4 * static_cast<long long>(work[2 * w + 1]);
-    const int q_start = static_cast<int>(sd[0]);
-    const int q_len = static_cast<int>(sd[1]);
-    const int context_len = static_cast<int>(sd[2]);
-    const long long base = sd[3];
-    const int visible = context_len - q_len + (static_cast<int>(row) - q_start) + 1;
-
-    const int group = a.num_heads / a.num_kv_heads;
-    const int slices = (group + a.heads_per_block - 1) / a.heads_per_block;
-    const int kvh = blockIdx.y / slices;
-    const int g0 = (blockIdx.y % slices) * a.heads_per_block;
-    const int nh = min(a.heads_per_block, group - g0);
-    const int h0 = kvh * group + g0;
-    const int p0 = blockIdx.z * a.partition_size;
-    if (p0 >= visible) return;  // the whole block: this row has fewer partitions
-    const int p1 = min(visible, p0 + a.partition_size);
-
-    const long long qw = static_cast<long long>(a.num_heads) * HD;
-    const long long kw = static_cast<long long>(a.num_kv_heads) * HD;
-    const ge_bf16* q = reinterpret_cast<const ge_bf16*>(a.q) + row * qw + static_cast<long long>(h0) * HD;
-    const ge_bf16* kp = reinterpret_cast<const ge_bf16*>(a.k_pool) + static_cast<long long>(kvh) * HD;
-    const ge_bf16* vp = reinterpret_cast<const ge_bf16*>(a.v_pool) + static_cast<long long>(kvh) * HD;
-    const unsigned int* table = reinterpret_cast<const unsigned int*>(a.block_tables);
+    GePaBlock blk;
+    if (!ge_pa_block<HD>(a, blk)) return;  // the whole block: this row has fewer partitions
+    const auto& [w, row, base, nh, h0, p0, p1, qw, kw, q, kp, vp] = blk;
 
     for (int i = tid; i < nh * HD; i += GE_PA_THREADS) q_s[i / HD][i % HD] = ge_bf16_to_f32(q[i]);
     if (tid < GE_PA_MAX_HEADS) {
@@ -129,11 +180,7 @@ __device__ __forceinline__ void paged_attention_partition(const PagedAttentionAr
     for (int t0 = p0; t0 < p1; t0 += GE_PA_TILE) {
         const int tl = min(GE_PA_TILE, p1 - t0);
         if (tid < tl) {
-            const long long pos = t0 + tid;
-            slot_s[tid] = a.contiguous
-                              ? base + pos
-                              : static_cast<long long>(table[base + pos / a.block_size]) * a.block_size +
-                                    pos % a.block_size;
+            slot_s[tid] = ge_pa_slot(a, base, t0 + tid);
         }
         __syncthreads();  // slots (and, on the first tile, q_s, m_s, l_s) are visible
 
@@ -245,24 +292,7 @@ __device__ __forceinline__ void paged_attention_partition(const PagedAttentionAr
     for (int g = 0; g < GE_PA_MAX_HEADS; ++g) {
         if (g >= nh) continue;
         const float inv = 1.0f / l_s[g];
-        const float o0 = acc0[g] * inv;
-        const float o1 = acc1[g] * inv;
-        const long long col = static_cast<long long>(h0 + g) * HD + 2 * pair;
-        if (a.num_partitions == 1) {
-            unsigned int* out = reinterpret_cast<unsigned int*>(a.out);
-            out[(row * qw + col) / 2] = static_cast<unsigned int>(ge_f32_to_bf16(o0).bits) |
-                                        (static_cast<unsigned int>(ge_f32_to_bf16(o1).bits) << 16);
-        } else {
-            const long long idx = (w * a.num_heads + h0 + g) * a.num_partitions + blockIdx.z;
-            float2 o;
-            o.x = o0;
-            o.y = o1;
-            reinterpret_cast<float2*>(a.part_out)[(idx * HD) / 2 + pair] = o;
-            if (pair == 0) {
-                reinterpret_cast<float*>(a.part_max)[idx] = m_s[g];
-                reinterpret_cast<float*>(a.part_sum)[idx] = l_s[g];
-            }
-        }
+        ge_pa_write<HD>(a, blk, h0 + g, pair, acc0[g] * inv, acc1[g] * inv, m_s[g], l_s[g]);
     }
 }
 
@@ -305,13 +335,7 @@ __device__ __forceinline__ void ge_pt_gather(ge_bf16* ks, ge_bf16* vs, const Pag
     constexpr int LDS = HD + 8;
     // Lane r < KT looks up row r's slot; the copies take it by shuffle.
     long long my_slot = 0;
-    if (lane < KT && first + lane < end) {
-        const int pos = first + lane;
-        my_slot = a.contiguous ? base + pos
-                               : static_cast<long long>(reinterpret_cast<const unsigned int*>(
-                                     a.block_tables)[base + pos / a.block_size]) * a.block_size +
-                                     pos % a.block_size;
-    }
+    if (lane < KT && first + lane < end) my_slot = ge_pa_slot(a, base, first + lane);
     static_assert(KT <= GE_WARP_SIZE && (KT * VECS) % GE_WARP_SIZE == 0, "one slot per lane");
 #pragma unroll
     for (int it = 0; it < KT * VECS / GE_WARP_SIZE; ++it) {
@@ -344,32 +368,9 @@ __device__ __forceinline__ void paged_attention_tc_partition(const PagedAttentio
     const int warp = tid / GE_WARP_SIZE;
     const int g = lane / 4;
     const int t = lane % 4;
-    const unsigned int* work = reinterpret_cast<const unsigned int*>(a.work);
-    const unsigned int* seqs = reinterpret_cast<const unsigned int*>(a.seqs);
-    const long long w = blockIdx.x;
-    const long long row = work[2 * w];
-    const unsigned int* sd = seqs + 4 * static_cast<long long>(work[2 * w + 1]);
-    const int q_start = static_cast<int>(sd[0]);
-    const int q_len = static_cast<int>(sd[1]);
-    const int context_len = static_cast<int>(sd[2]);
-    const long long base = sd[3];
-    const int visible = context_len - q_len + (static_cast<int>(row) - q_start) + 1;
-
-    const int group = a.num_heads / a.num_kv_heads;
-    const int slices = (group + a.heads_per_block - 1) / a.heads_per_block;
-    const int kvh = blockIdx.y / slices;
-    const int g0 = (blockIdx.y % slices) * a.heads_per_block;
-    const int nh = min(a.heads_per_block, group - g0);
-    const int h0 = kvh * group + g0;
-    const int p0 = blockIdx.z * a.partition_size;
-    if (p0 >= visible) return;  // the whole block: this row has fewer partitions
-    const int p1 = min(visible, p0 + a.partition_size);
-
-    const long long qw = static_cast<long long>(a.num_heads) * HD;
-    const long long kw = static_cast<long long>(a.num_kv_heads) * HD;
-    const ge_bf16* q = reinterpret_cast<const ge_bf16*>(a.q) + row * qw + static_cast<long long>(h0) * HD;
-    const ge_bf16* kp = reinterpret_cast<const ge_bf16*>(a.k_pool) + static_cast<long long>(kvh) * HD;
-    const ge_bf16* vp = reinterpret_cast<const ge_bf16*>(a.v_pool) + static_cast<long long>(kvh) * HD;
+    GePaBlock blk;
+    if (!ge_pa_block<HD>(a, blk)) return;  // the whole block: this row has fewer partitions
+    const auto& [w, row, base, nh, h0, p0, p1, qw, kw, q, kp, vp] = blk;
 
     // Q's A fragments, rows g < nh only (a1 and a3, rows g + 8, are zero): words kk * 8 + t
     // and + 4 of head g's row are columns 16 kk + 2t, +1 and 16 kk + 8 + 2t, +1.
@@ -523,20 +524,8 @@ __device__ __forceinline__ void paged_attention_tc_partition(const PagedAttentio
             o1 += f * wo[(v * 8 + r) * HD + 2 * pair + 1];
         }
         const float inv = 1.0f / total;
-        const long long col = static_cast<long long>(h0 + r) * HD + 2 * pair;
-        if (a.num_partitions == 1) {
-            reinterpret_cast<unsigned int*>(a.out)[(row * qw + col) / 2] = ge_pack_bf16x2(o0 * inv, o1 * inv);
-        } else {
-            const long long idx = (w * a.num_heads + h0 + r) * a.num_partitions + blockIdx.z;
-            float2 out;
-            out.x = o0 * inv;
-            out.y = o1 * inv;
-            reinterpret_cast<float2*>(a.part_out)[(idx * HD) / 2 + pair] = out;
-            if (pair == 0) {
-                reinterpret_cast<float*>(a.part_max)[idx] = mmax * 0.6931471805599453f;
-                reinterpret_cast<float*>(a.part_sum)[idx] = total;
-            }
-        }
+        // The max in natural-log units, as the CUDA-core kernel writes it.
+        ge_pa_write<HD>(a, blk, h0 + r, pair, o0 * inv, o1 * inv, mmax * 0.6931471805599453f, total);
     }
 }
 
