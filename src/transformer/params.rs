@@ -249,10 +249,56 @@ impl<B: Backend> Transformer<B> {
         Ok(())
     }
 
-    /// Sets the parameters `names` (fused names, in [`Self::parameter_names`] order; a subset
-    /// is fine as long as the order holds) from f32 backend tensors of the same shapes,
-    /// without a host round trip where the backend can help it. On a tied model the
-    /// embedding's value sets the LM head too.
+    /// Walks the parameters `names` (fused names, in [`Self::parameter_names`] order; a subset
+    /// is fine as long as the order holds): `f(i, param)` on the parameter named `names[i]`,
+    /// after checking that its shape is `shape_of(i)` (the shape of the value it gets; errors
+    /// name `op`). Returns the index of the embedding when the model's LM head is tied to it
+    /// (the caller sets the head from that value after the walk).
+    fn for_each_named_param(
+        &mut self,
+        op: &str,
+        names: &[String],
+        shape_of: impl Fn(&B, usize) -> Vec<usize>,
+        mut f: impl FnMut(&B, usize, Param<&mut B::Tensor, &mut B::Linear>) -> Result<()>,
+    ) -> Result<Option<usize>> {
+        let tied = self.config.tie_word_embeddings;
+        let be = &self.backend;
+        let mut i = 0;
+        let mut embed = None;
+        for (name, param) in self.weights.params_mut() {
+            if i == names.len() {
+                break;
+            }
+            if names[i] != name {
+                continue;
+            }
+            let shape = shape_of(be, i);
+            let have = match &param {
+                Param::Tensor(t) => be.shape(t).to_vec(),
+                Param::Linear(l) => be.linear_shape(l).to_vec(),
+            };
+            ensure!(
+                shape == have,
+                "{op} '{name}': shape {shape:?}, the parameter is {have:?}"
+            );
+            f(be, i, param)?;
+            if tied && name == EMBED_TOKENS {
+                embed = Some(i);
+            }
+            i += 1;
+        }
+        if i < names.len() {
+            bail!(
+                "{op}: no parameter '{}' (or the names are out of order)",
+                names[i]
+            );
+        }
+        Ok(embed)
+    }
+
+    /// Sets the parameters `names` (as [`Self::for_each_named_param`] takes them) from f32
+    /// backend tensors of the same shapes, without a host round trip where the backend can
+    /// help it. On a tied model the embedding's value sets the LM head too.
     pub fn assign_weights(&mut self, names: &[String], masters: &[B::Tensor]) -> Result<()> {
         ensure!(
             names.len() == masters.len(),
@@ -260,46 +306,18 @@ impl<B: Backend> Transformer<B> {
             names.len(),
             masters.len()
         );
-        let tied = self.config.tie_word_embeddings;
-        let be = &self.backend;
-        let mut given = names.iter().zip(masters).peekable();
-        let mut embed_master = None;
-        for (name, param) in self.weights.params_mut() {
-            let Some((n, master)) = given.peek() else {
-                break;
-            };
-            if **n != name {
-                continue;
-            }
-            let shape = be.shape(master);
-            match param {
-                Param::Tensor(t) => {
-                    ensure!(
-                        shape == be.shape(t),
-                        "assign_weights '{name}': shape {shape:?}, the parameter is {:?}",
-                        be.shape(t)
-                    );
-                    be.assign_tensor(t, master)?;
-                }
-                Param::Linear(l) => {
-                    ensure!(
-                        shape == be.linear_shape(l),
-                        "assign_weights '{name}': shape {shape:?}, the parameter is {:?}",
-                        be.linear_shape(l)
-                    );
-                    be.assign_linear(l, master)?;
-                }
-            }
-            if tied && name == EMBED_TOKENS {
-                embed_master = Some(*master);
-            }
-            given.next();
-        }
-        if let Some((n, _)) = given.next() {
-            bail!("assign_weights: no parameter '{n}' (or the names are out of order)");
-        }
-        if let Some(m) = embed_master {
-            be.assign_linear(&mut self.weights.lm_head, m)?;
+        let embed = self.for_each_named_param(
+            "assign_weights",
+            names,
+            |be, i| be.shape(&masters[i]).to_vec(),
+            |be, i, param| match param {
+                Param::Tensor(t) => be.assign_tensor(t, &masters[i]),
+                Param::Linear(l) => be.assign_linear(l, &masters[i]),
+            },
+        )?;
+        if let Some(e) = embed {
+            self.backend
+                .assign_linear(&mut self.weights.lm_head, &masters[e])?;
         }
         Ok(())
     }
@@ -328,63 +346,28 @@ impl<B: Backend> Transformer<B> {
             v.len(),
             grads.len()
         );
-        let tied = self.config.tie_word_embeddings;
-        let be = &self.backend;
-        let mut i = 0;
-        let mut embed_index = None;
-        for (name, param) in self.weights.params_mut() {
-            if i == k {
-                break;
-            }
-            if names[i] != name {
-                continue;
-            }
-            let shape = be.shape(&masters[i]);
-            match param {
+        // The walk checks each parameter's shape against its master's (the masters', moments'
+        // and gradients' agreement is the update's own check).
+        let master_shapes: Vec<Vec<usize>> = masters
+            .iter()
+            .map(|t| self.backend.shape(t).to_vec())
+            .collect();
+        let embed = self.for_each_named_param(
+            "adamw_step",
+            names,
+            |_, i| master_shapes[i].clone(),
+            |be, i, param| match param {
                 Param::Tensor(t) => {
-                    ensure!(
-                        shape == be.shape(t),
-                        "adamw_step '{name}': shape {shape:?}, the parameter is {:?}",
-                        be.shape(t)
-                    );
-                    be.adamw_update_tensor(
-                        &mut masters[i],
-                        &mut m[i],
-                        &mut v[i],
-                        grads[i],
-                        step,
-                        t,
-                    )?;
+                    be.adamw_update_tensor(&mut masters[i], &mut m[i], &mut v[i], grads[i], step, t)
                 }
                 Param::Linear(l) => {
-                    ensure!(
-                        shape == be.linear_shape(l),
-                        "adamw_step '{name}': shape {shape:?}, the parameter is {:?}",
-                        be.linear_shape(l)
-                    );
-                    be.adamw_update_linear(
-                        &mut masters[i],
-                        &mut m[i],
-                        &mut v[i],
-                        grads[i],
-                        step,
-                        l,
-                    )?;
+                    be.adamw_update_linear(&mut masters[i], &mut m[i], &mut v[i], grads[i], step, l)
                 }
-            }
-            if tied && name == EMBED_TOKENS {
-                embed_index = Some(i);
-            }
-            i += 1;
-        }
-        if i < k {
-            bail!(
-                "adamw_step: no parameter '{}' (or the names are out of order)",
-                names[i]
-            );
-        }
-        if let Some(e) = embed_index {
-            be.assign_linear(&mut self.weights.lm_head, &masters[e])?;
+            },
+        )?;
+        if let Some(e) = embed {
+            self.backend
+                .assign_linear(&mut self.weights.lm_head, &masters[e])?;
         }
         Ok(())
     }
