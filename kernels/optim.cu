@@ -34,11 +34,12 @@ extern "C" __global__ void ge_adamw_update(AdamWArgs a) {
     }
 }
 
-// ---- f32 -> bf16, rounded to nearest even (the host upload's rounding): grid-stride, eight
-// elements per step while both buffers are 16-byte aligned. ----
-extern "C" __global__ void ge_cast_f32_bf16(CastArgs a) {
-    const float* src = reinterpret_cast<const float*>(a.src);
-    ge_bf16* dst = reinterpret_cast<ge_bf16*>(a.dst);
+// ---- Casts, grid-stride, eight elements per step while both buffers are 16-byte aligned:
+// f32 -> bf16 rounded to nearest even (the host upload's rounding; a bf16 parameter set from
+// its master copy), and bf16 -> f32 exactly (the master copy of a bf16 parameter). ----
+template <typename S, typename D> __device__ void cast(const CastArgs& a) {
+    const S* src = reinterpret_cast<const S*>(a.src);
+    D* dst = reinterpret_cast<D*>(a.dst);
     const long long n8 = ge_aligned16(a.src, a.dst) ? a.n / 8 : 0;
     for (long long v = ge_global_index(); v < n8; v += ge_grid_threads()) {
         float f[8];
@@ -46,22 +47,8 @@ extern "C" __global__ void ge_cast_f32_bf16(CastArgs a) {
         ge_store8(dst + 8 * v, f);
     }
     for (long long i = 8 * n8 + ge_global_index(); i < a.n; i += ge_grid_threads()) {
-        dst[i] = ge_f32_to_bf16(src[i]);
+        dst[i] = ge_from_f32<D>(ge_to_f32(src[i]));
     }
 }
-
-// ---- bf16 -> f32 (exact): the master copy of a bf16 parameter; grid-stride, eight elements
-// per step while aligned. ----
-extern "C" __global__ void ge_cast_bf16_f32(CastArgs a) {
-    const ge_bf16* src = reinterpret_cast<const ge_bf16*>(a.src);
-    float* dst = reinterpret_cast<float*>(a.dst);
-    const long long n8 = ge_aligned16(a.src, a.dst) ? a.n / 8 : 0;
-    for (long long v = ge_global_index(); v < n8; v += ge_grid_threads()) {
-        float f[8];
-        ge_load8(src + 8 * v, f);
-        ge_store8(dst + 8 * v, f);
-    }
-    for (long long i = 8 * n8 + ge_global_index(); i < a.n; i += ge_grid_threads()) {
-        dst[i] = ge_bf16_to_f32(src[i]);
-    }
-}
+extern "C" __global__ void ge_cast_f32_bf16(CastArgs a) { cast<float, ge_bf16>(a); }
+extern "C" __global__ void ge_cast_bf16_f32(CastArgs a) { cast<ge_bf16, float>(a); }

@@ -1147,7 +1147,7 @@ impl Backend for CudaBackend {
         grad: &CudaTensor,
         step: &crate::backend::AdamWStep,
     ) -> Result<()> {
-        self.train_adamw_update(master, m, v, grad, step)
+        self.train_adamw_update(master, m, v, grad, step, None)
     }
 
     fn adamw_update_tensor(
@@ -1162,11 +1162,11 @@ impl Backend for CudaBackend {
         if dst.dtype() == DType::Bf16 && dst.numel() == master.numel() {
             // The working copy written by the update's own pass.
             let out = self.addr_mut(dst);
-            self.train_adamw_update_into(master, m, v, grad, step, Some(out))?;
+            self.train_adamw_update(master, m, v, grad, step, Some(out))?;
             dst.shape = master.shape.clone();
             Ok(())
         } else {
-            self.train_adamw_update(master, m, v, grad, step)?;
+            self.train_adamw_update(master, m, v, grad, step, None)?;
             self.train_assign_tensor(dst, master)
         }
     }
@@ -1187,7 +1187,7 @@ impl Backend for CudaBackend {
             master.shape
         );
         let p = self.gpu.ptr_mut(&mut dst.weight);
-        self.train_adamw_update_into(master, m, v, grad, step, Some(p))
+        self.train_adamw_update(master, m, v, grad, step, Some(p))
     }
 
     fn assign_tensor(&self, dst: &mut CudaTensor, master: &CudaTensor) -> Result<()> {

@@ -375,22 +375,11 @@ impl CudaBackend {
     }
 
     /// [`crate::backend::Backend::adamw_update`] on the GPU: one fused kernel over f32
-    /// `master`, `m`, `v` and `grad`, bit for bit [`crate::backend::adamw_update_host`].
+    /// `master`, `m`, `v` and `grad`, bit for bit [`crate::backend::adamw_update_host`]; with
+    /// `out_bf16` (the device address of `master.numel()` bf16s: a parameter's working copy),
+    /// the updated master rounded to bf16 (the cast's rounding) is written there in the same
+    /// pass.
     pub(crate) fn train_adamw_update(
-        &self,
-        master: &mut CudaTensor,
-        m: &mut CudaTensor,
-        v: &mut CudaTensor,
-        grad: &CudaTensor,
-        step: &AdamWStep,
-    ) -> Result<()> {
-        self.train_adamw_update_into(master, m, v, grad, step, None)
-    }
-
-    /// [`Self::train_adamw_update`], also writing the updated master rounded to bf16 (the
-    /// cast's rounding) to `out_bf16` when given: the device address of `master.numel()` bf16s
-    /// (a parameter's working copy), set in the same pass.
-    pub(crate) fn train_adamw_update_into(
         &self,
         master: &mut CudaTensor,
         m: &mut CudaTensor,
