@@ -98,66 +98,25 @@ extern "C" __global__ void ge_rms_norm_backward_rows(RmsNormBackwardArgs a) {
     if (lane == 0) reinterpret_cast<float*>(a.rinv)[row] = r;
 }
 
-// ---- RMSNorm backward, weight gradient, step 1: block (32, GE_RMS_BWD_GROUPS) threads, grid
-// (column tiles, row-group tiles). Thread (l, y) of block (bx, by) owns row group g = by *
-// GE_RMS_BWD_GROUPS + y (rows g * row_group ..) and, when dim % 8 == 0, the 8 columns from
-// 8 (bx * 32 + l) (16-byte loads; a tile is 256 columns), else column bx * 32 + l; it sums
-// dy * x * r over its group's rows in order into partial[g]. ----
-#define GE_RMS_BWD_GROUPS 8
+// ---- RMSNorm backward, weight gradient, step 1: the column sums of dy * x * r over row
+// groups (ge_row_group_column_sums). ----
 extern "C" __global__ void ge_rms_norm_backward_weight(RmsNormBackwardArgs a) {
-    const int g = blockIdx.y * GE_RMS_BWD_GROUPS + threadIdx.y;
-    const int r0 = g * a.row_group;
-    if (r0 >= a.rows) return;
-    const int r1 = min(a.rows, r0 + a.row_group);
-    const ge_bf16* x = reinterpret_cast<const ge_bf16*>(a.x);
-    const ge_bf16* dy = reinterpret_cast<const ge_bf16*>(a.dy);
-    const float* rinv = reinterpret_cast<const float*>(a.rinv);
-    float* partial = reinterpret_cast<float*>(a.partial) + static_cast<long long>(g) * a.dim;
-    // Eight columns per thread when dim % 8 == 0 (the host's grid), by 16-byte loads where
-    // the buffers are aligned (every allocation is; a view need not be).
-    if ((a.dim & 7) == 0) {
-        const bool aligned = ge_aligned16(a.x, a.dy);
-        const int c0 = 8 * (blockIdx.x * GE_WARP_SIZE + threadIdx.x);
-        if (c0 >= a.dim) return;
-        float acc[8];
-#pragma unroll
-        for (int k = 0; k < 8; ++k) acc[k] = 0.0f;
-#pragma unroll 4
-        for (int r = r0; r < r1; ++r) {
-            const long long at = static_cast<long long>(r) * a.dim + c0;
-            float xv[8], gv[8];
-            ge_load_bf16x8_any(x + at, xv, aligned);
-            ge_load_bf16x8_any(dy + at, gv, aligned);
-            const float rr = rinv[r];
-#pragma unroll
-            for (int k = 0; k < 8; ++k) acc[k] += gv[k] * xv[k] * rr;
-        }
-#pragma unroll
-        for (int k = 0; k < 8; ++k) partial[c0 + k] = acc[k];
-    } else {
-        const int col = blockIdx.x * GE_WARP_SIZE + threadIdx.x;
-        if (col >= a.dim) return;
-        float acc = 0.0f;
-        for (int r = r0; r < r1; ++r) {
-            const long long at = static_cast<long long>(r) * a.dim + col;
-            acc += ge_bf16_to_f32(dy[at]) * ge_bf16_to_f32(x[at]) * rinv[r];
-        }
-        partial[col] = acc;
-    }
+    ge_row_group_column_sums<true>(reinterpret_cast<const ge_bf16*>(a.dy), reinterpret_cast<const ge_bf16*>(a.x),
+                                   reinterpret_cast<const float*>(a.rinv), reinterpret_cast<float*>(a.partial),
+                                   a.rows, a.dim, a.row_group);
 }
 
-// ---- Column sums of f32 partials (the RMSNorm weight gradient's and the bias gradient's
-// row groups), added to `out`: block (32, GE_COL_REDUCE_WARPS) over 32 columns; warp y sums
-// groups y, y + 8, ... in order, and thread (c, 0) adds the warps' sums in warp order. ----
-#define GE_COL_REDUCE_WARPS 8
+// ---- Column sums of f32 partials (ge_row_group_column_sums' row groups), added to `out`:
+// block (32, GE_COLUMN_SUM_GROUPS) over 32 columns; warp y sums groups y, y + 8, ... in order,
+// and thread (c, 0) adds the warps' sums in warp order. ----
 extern "C" __global__ void ge_column_partials_reduce(ColumnReduceArgs a) {
-    __shared__ float sums[GE_COL_REDUCE_WARPS][GE_WARP_SIZE + 1];
+    __shared__ float sums[GE_COLUMN_SUM_GROUPS][GE_WARP_SIZE + 1];
     const int col = blockIdx.x * GE_WARP_SIZE + threadIdx.x;
     const float* partial = reinterpret_cast<const float*>(a.partial);
     float acc = 0.0f;
     if (col < a.cols) {
 #pragma unroll 4
-        for (int g = threadIdx.y; g < a.groups; g += GE_COL_REDUCE_WARPS) {
+        for (int g = threadIdx.y; g < a.groups; g += GE_COLUMN_SUM_GROUPS) {
             acc += partial[static_cast<long long>(g) * a.cols + col];
         }
     }
@@ -166,7 +125,7 @@ extern "C" __global__ void ge_column_partials_reduce(ColumnReduceArgs a) {
     if (threadIdx.y == 0 && col < a.cols) {
         float total = 0.0f;
 #pragma unroll
-        for (int y = 0; y < GE_COL_REDUCE_WARPS; ++y) total += sums[y][threadIdx.x];
+        for (int y = 0; y < GE_COLUMN_SUM_GROUPS; ++y) total += sums[y][threadIdx.x];
         reinterpret_cast<float*>(a.out)[col] += total;
     }
 }

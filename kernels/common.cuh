@@ -103,6 +103,62 @@ __device__ __forceinline__ bool ge_aligned16(unsigned long long a, unsigned long
     return ((a | b) & 15ull) == 0ull;
 }
 
+// Column sums over groups of rows, the first step of a deterministic column reduction (the
+// RMSNorm weight gradient, the bias gradient; ge_column_partials_reduce adds the groups). Block
+// (32, GE_COLUMN_SUM_GROUPS), grid (column tiles, row-group tiles): thread (l, y) of block
+// (bx, by) owns row group g = by * GE_COLUMN_SUM_GROUPS + y (rows g * row_group ..) and, when
+// cols % 8 == 0, the 8 columns from 8 (bx * 32 + l) (16-byte loads where dy and x are aligned;
+// a tile is 256 columns), else column bx * 32 + l. It sums dy (SCALED: dy * x * rinv[row])
+// over its group's rows in order into partial[g * cols ..].
+#define GE_COLUMN_SUM_GROUPS 8
+template <bool SCALED>
+__device__ __forceinline__ void ge_row_group_column_sums(const ge_bf16* dy, const ge_bf16* x,
+                                                         const float* rinv, float* partial, int rows,
+                                                         int cols, int row_group) {
+    const int g = blockIdx.y * GE_COLUMN_SUM_GROUPS + threadIdx.y;
+    const int r0 = g * row_group;
+    if (r0 >= rows) return;
+    const int r1 = min(rows, r0 + row_group);
+    partial += static_cast<long long>(g) * cols;
+    if ((cols & 7) == 0) {
+        const bool aligned = ge_aligned16(reinterpret_cast<unsigned long long>(dy),
+                                          reinterpret_cast<unsigned long long>(x));
+        const int c0 = 8 * (blockIdx.x * GE_WARP_SIZE + threadIdx.x);
+        if (c0 >= cols) return;
+        float acc[8];
+#pragma unroll
+        for (int k = 0; k < 8; ++k) acc[k] = 0.0f;
+#pragma unroll 4
+        for (int r = r0; r < r1; ++r) {
+            const long long at = static_cast<long long>(r) * cols + c0;
+            float gv[8];
+            ge_load_bf16x8_any(dy + at, gv, aligned);
+            if (SCALED) {
+                float xv[8];
+                ge_load_bf16x8_any(x + at, xv, aligned);
+                const float rr = rinv[r];
+#pragma unroll
+                for (int k = 0; k < 8; ++k) acc[k] += gv[k] * xv[k] * rr;
+            } else {
+#pragma unroll
+                for (int k = 0; k < 8; ++k) acc[k] += gv[k];
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < 8; ++k) partial[c0 + k] = acc[k];
+    } else {
+        const int col = blockIdx.x * GE_WARP_SIZE + threadIdx.x;
+        if (col >= cols) return;
+        float acc = 0.0f;
+        for (int r = r0; r < r1; ++r) {
+            const long long at = static_cast<long long>(r) * cols + col;
+            const float gv = ge_bf16_to_f32(dy[at]);
+            acc += SCALED ? gv * ge_bf16_to_f32(x[at]) * rinv[r] : gv;
+        }
+        partial[col] = acc;
+    }
+}
+
 // Dynamic shared memory (the launch's shared_mem_bytes) as an array `name` of `type`.
 #ifdef GE_KERNEL_EMU
 #define GE_DYNAMIC_SHARED(type, name) type* name = reinterpret_cast<type*>(ge_emu::dynamic_shared())

@@ -12,46 +12,11 @@
 //   g * (onehot(target) - p).
 #include "common.cuh"
 
-// ---- bias gradient, step 1 (ge_column_partials_reduce in backward.cu adds the groups) ----
-
-#define GE_BIAS_ROW_GROUPS 8
-
-// Block (32, GE_BIAS_ROW_GROUPS), grid (column tiles, row-group tiles): thread (l, y) of block
-// (bx, by) owns row group g = by * GE_BIAS_ROW_GROUPS + y and, when cols % 8 == 0, the 8
-// columns from 8 (bx * 32 + l) (16-byte loads), else column bx * 32 + l; it sums its group's
-// rows in order into partial[g].
+// ---- bias gradient, step 1: the column sums of dy over row groups
+// (ge_row_group_column_sums; ge_column_partials_reduce in backward.cu adds the groups) ----
 extern "C" __global__ void ge_bias_grad_bf16(BiasGradArgs a) {
-    const int g = blockIdx.y * GE_BIAS_ROW_GROUPS + threadIdx.y;
-    const int r0 = g * a.row_group;
-    if (r0 >= a.rows) return;
-    const int r1 = min(a.rows, r0 + a.row_group);
-    const ge_bf16* dy = reinterpret_cast<const ge_bf16*>(a.dy);
-    float* partial = reinterpret_cast<float*>(a.partial) + static_cast<long long>(g) * a.cols;
-    // Eight columns per thread when cols % 8 == 0 (the host's grid), by 16-byte loads where
-    // dy is aligned (every allocation is; a view need not be).
-    if ((a.cols & 7) == 0) {
-        const bool aligned = ge_aligned16(a.dy);
-        const int c0 = 8 * (blockIdx.x * GE_WARP_SIZE + threadIdx.x);
-        if (c0 >= a.cols) return;
-        float acc[8];
-#pragma unroll
-        for (int k = 0; k < 8; ++k) acc[k] = 0.0f;
-#pragma unroll 4
-        for (int r = r0; r < r1; ++r) {
-            float v[8];
-            ge_load_bf16x8_any(dy + static_cast<long long>(r) * a.cols + c0, v, aligned);
-#pragma unroll
-            for (int k = 0; k < 8; ++k) acc[k] += v[k];
-        }
-#pragma unroll
-        for (int k = 0; k < 8; ++k) partial[c0 + k] = acc[k];
-    } else {
-        const int col = blockIdx.x * GE_WARP_SIZE + threadIdx.x;
-        if (col >= a.cols) return;
-        float acc = 0.0f;
-        for (int r = r0; r < r1; ++r) acc += ge_bf16_to_f32(dy[static_cast<long long>(r) * a.cols + col]);
-        partial[col] = acc;
-    }
+    ge_row_group_column_sums<false>(reinterpret_cast<const ge_bf16*>(a.dy), nullptr, nullptr,
+                                    reinterpret_cast<float*>(a.partial), a.rows, a.cols, a.row_group);
 }
 
 // ---- sum of squares ----

@@ -30,8 +30,8 @@ unsafe impl DeviceRepr for args::SwigluBackwardArgs {}
 unsafe impl DeviceRepr for args::AdamWArgs {}
 unsafe impl DeviceRepr for args::CastArgs {}
 
-/// Row groups per block of the column-sum kernels (`GE_RMS_BWD_GROUPS` in backward.cu,
-/// `GE_BIAS_ROW_GROUPS` in train_gemm.cu): blocks of (32, 8) threads.
+/// Row groups per block of the column-sum kernels (`GE_COLUMN_SUM_GROUPS` in common.cuh):
+/// blocks of (32, 8) threads.
 const COLUMN_SUM_GROUPS: usize = 8;
 /// Rows per warp-per-row block of the RMSNorm backward's row kernel.
 const RMS_BWD_ROWS_PER_BLOCK: usize = 8;
@@ -556,6 +556,15 @@ impl CudaBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn column_sum_groups_are_the_kernels() {
+        let line = include_str!("../../../kernels/common.cuh")
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("#define GE_COLUMN_SUM_GROUPS "))
+            .expect("GE_COLUMN_SUM_GROUPS in kernels/common.cuh");
+        assert_eq!(line.trim(), COLUMN_SUM_GROUPS.to_string());
+    }
 
     #[test]
     fn column_sum_grid_covers_every_row_and_column() {
