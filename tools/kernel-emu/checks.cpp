@@ -555,7 +555,8 @@ void check_kv_writes(unsigned long long seed, int hd = 64) {
            vp == want_v ? "exact" : "DIFFERS");
     // ge_rope in place on q's rows (forward, then the inverse rotation of the backward).
     for (int inverse : {0, 1}) {
-        auto x = std::vector<unsigned short>(qkv.begin(), qkv.begin() + static_cast<std::ptrdiff_t>(rows) * qw);
+        // q's columns of every row of qkv.
+        std::vector<unsigned short> x(static_cast<std::size_t>(rows) * qw);
         for (int r = 0; r < rows; ++r) {
             std::copy(&qkv[static_cast<std::size_t>(r) * width], &qkv[static_cast<std::size_t>(r) * width] + qw,
                       &x[static_cast<std::size_t>(r) * qw]);
