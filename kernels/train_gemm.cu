@@ -98,10 +98,6 @@ __device__ __forceinline__ float ge_lo_bf16(unsigned int w) { return __uint_as_f
 __device__ __forceinline__ float ge_hi_bf16(unsigned int w) {
     return __uint_as_float(w & 0xffff0000u);
 }
-__device__ __forceinline__ unsigned int ge_pack_bf16(float lo, float hi) {
-    return static_cast<unsigned int>(ge_f32_to_bf16(lo).bits) |
-           (static_cast<unsigned int>(ge_f32_to_bf16(hi).bits) << 16);
-}
 
 // Online softmax statistics of one bf16 row, for the whole block (block size a multiple of
 // 32, at most 1024): the running max m and sum s of exp(l - m) in f32, and whether any logit
@@ -256,7 +252,7 @@ __device__ __forceinline__ void ge_target_logprobs_backward_impl(const LogprobBa
                 float v1 = coef * expf(ge_hi_bf16(w[k]) - m);
                 if (i0 == t) v0 += g;
                 if (i0 + 1 == t) v1 += g;
-                o[k] = ge_pack_bf16(v0, v1);
+                o[k] = ge_pack_bf16x2(v0, v1);
             }
             uint4 r;
             r.x = o[0];
