@@ -250,9 +250,10 @@ typedef struct SampleArgs {
 } SampleArgs;
 GE_LAYOUT(SampleArgs, 32, 8);
 
-/** `out[r] = log_softmax(logits[r])[targets[r]]` for every row `r` (f32 max, f64 sum of
- * exponentials). `status[r]`: 0 done, 1 a NaN or `+inf` logit, 2 every logit `-inf`, 4 the
- * target is not a token of the vocabulary. */
+/** `out[r] = log_softmax(logits[r])[targets[r]]` for every row `r` (one online pass: f32
+ * running max and sum of exponentials), and, where `lse` is set, `lse[r]` = the row's
+ * log-sum-exp (max + log(sum)) for the backward. `status[r]`: 0 done, 1 a NaN or `+inf` logit,
+ * 2 every logit `-inf`, 4 the target is not a token of the vocabulary. */
 typedef struct TargetLogprobArgs {
     /** bf16 `[rows, vocab]`, read. */
     unsigned long long logits;
@@ -262,10 +263,12 @@ typedef struct TargetLogprobArgs {
     unsigned long long out;
     /** i32 `[rows]`, written. */
     unsigned long long status;
+    /** f32 `[rows]`, written (NaN for a row whose status is not 0); 0 for none. */
+    unsigned long long lse;
     int rows;
     int vocab;
 } TargetLogprobArgs;
-GE_LAYOUT(TargetLogprobArgs, 40, 8);
+GE_LAYOUT(TargetLogprobArgs, 48, 8);
 
 /** The residual add fused with the next norm, for every row `r`: `x[r] += y[r]` (rounded to
  * bf16, as the plain add), then `out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * weight`. */
@@ -353,8 +356,10 @@ GE_LAYOUT(SumSquaresArgs, 24, 8);
 
 /** Log-prob backward on a chunk of logits, in place: for every row `r`, with
  * `p = softmax(logits[r])` and `g = d_logprob[r]`, `logits[r] = g * (onehot(targets[r]) - p)`.
- * `status[r]`: 0 ok, 1 a NaN or +inf logit, 2 every logit -inf, 4 target outside the
- * vocabulary (the row is then left as it was). */
+ * Where `lse` is set, `p = exp(logits[r] - lse[r])` with the forward's log-sum-exp (one pass
+ * over the row); else the row's statistics are computed first (two passes).
+ * `status[r]`: 0 ok, 1 a NaN or +inf logit, 2 every logit -inf, 3 `lse[r]` is not finite,
+ * 4 target outside the vocabulary (the row is then left as it was on 2, 3 and 4). */
 typedef struct LogprobBackwardArgs {
     /** bf16 `[rows, vocab]`, read and written. */
     unsigned long long logits;
@@ -364,10 +369,12 @@ typedef struct LogprobBackwardArgs {
     unsigned long long d_logprob;
     /** i32 `[rows]`, written. */
     unsigned long long status;
+    /** f32 `[rows]`, read: the forward's log-sum-exp of each row; 0 for none. */
+    unsigned long long lse;
     int rows;
     int vocab;
 } LogprobBackwardArgs;
-GE_LAYOUT(LogprobBackwardArgs, 40, 8);
+GE_LAYOUT(LogprobBackwardArgs, 48, 8);
 /** Grouped row scatter-add, the adjoint of a row gather: for every group `g < groups`,
  * `dst[targets[g]] += src[order[k]]` for `k` in `segments[g] .. segments[g + 1]`, summed in
  * that order in f32 starting from the destination's value and rounded once to its type. The

@@ -7,9 +7,9 @@
 //   adds the partials in order, so the result is deterministic;
 // - ge_target_logprobs_bf16[_v8]: the fused LM head + log-softmax + gather's forward on a chunk
 //   of bf16 logits: one online (max, sum) pass over each row;
-// - ge_target_logprobs_backward_bf16[_v8]: its gradient, in place on a chunk of bf16 logits: the
-//   same online pass, then one pass that reads the logits again and writes
-//   g * (onehot(target) - p).
+// - ge_target_logprobs_backward_bf16[_v8]: its gradient, in place on a chunk of bf16 logits:
+//   g * (onehot(target) - p), in one pass when the forward handed over each row's log-sum-exp,
+//   else after the same online pass for the statistics.
 #include "common.cuh"
 
 // ---- bias gradient, step 1: the column sums of dy over row groups
@@ -195,13 +195,17 @@ __device__ __forceinline__ void ge_target_logprobs_impl(const TargetLogprobArgs&
     if (threadIdx.x != 0) return;
     float* out = reinterpret_cast<float*>(a.out);
     int* status = reinterpret_cast<int*>(a.status);
+    float* lse = reinterpret_cast<float*>(a.lse);
     if (bad || m == GE_NEG_INF || target >= static_cast<unsigned int>(vocab)) {
         out[row] = 0.0f;
         status[row] = bad ? 1 : (m == GE_NEG_INF ? 2 : 4);
+        if (lse != nullptr) lse[row] = __int_as_float(0x7fc00000);
         return;
     }
-    out[row] = ge_bf16_to_f32(l[target]) - (m + logf(s));
+    const float row_lse = m + logf(s);
+    out[row] = ge_bf16_to_f32(l[target]) - row_lse;
     status[row] = 0;
+    if (lse != nullptr) lse[row] = row_lse;
 }
 
 // bf16 logits [rows, vocab], any vocab.
@@ -214,10 +218,14 @@ extern "C" __global__ void ge_target_logprobs_bf16_v8(TargetLogprobArgs a) {
     ge_target_logprobs_impl<true>(a);
 }
 
-// ---- log-prob backward, in place: one block per row; the statistics above, then one pass
-// that reads the logits again and writes g * (onehot(target) - p). VEC as above. ----
+// ---- log-prob backward, in place: one block per row. Without the forward's log-sum-exp:
+// the statistics above, then one pass that reads the logits again and writes
+// g * (onehot(target) - exp(l - max) / sum). With it: only that pass, as
+// g * (onehot(target) - exp(l - lse)), noting NaN / +inf logits on the way (the row is then
+// written with garbage, and its status says so). VEC as above. ----
 template <bool VEC>
 __device__ __forceinline__ void ge_target_logprobs_backward_impl(const LogprobBackwardArgs& a) {
+    __shared__ int s_bad;
     const int row = blockIdx.x;
     const int tid = threadIdx.x;
     const int vocab = a.vocab;
@@ -225,18 +233,36 @@ __device__ __forceinline__ void ge_target_logprobs_backward_impl(const LogprobBa
     const unsigned int target = reinterpret_cast<const unsigned int*>(a.targets)[row];
     const float g = reinterpret_cast<const float*>(a.d_logprob)[row];
     int* status = reinterpret_cast<int*>(a.status);
+    const float* lse = reinterpret_cast<const float*>(a.lse);
 
-    // 1. online max and sum of exp(l - max), f32, NaN / +inf noted.
-    float m, s;
-    bool bad;
-    ge_row_softmax_stats<VEC>(l, vocab, m, s, bad);
-    if (bad || m == GE_NEG_INF || target >= static_cast<unsigned int>(vocab)) {
-        if (tid == 0) status[row] = bad ? 1 : (m == GE_NEG_INF ? 2 : 4);
-        return;
+    // 1. The statistics: p = exp(l - m) * (1 / s), or exp(l - lse) with the forward's.
+    if (tid == 0) s_bad = 0;
+    float m, coef;
+    if (lse != nullptr) {
+        // Every exit here is the whole block's (one row per block).
+        m = lse[row];
+        if (target >= static_cast<unsigned int>(vocab) || !(fabsf(m) < GE_POS_INF)) {
+            if (tid == 0) status[row] = target >= static_cast<unsigned int>(vocab) ? 4 : 3;
+            return;
+        }
+        coef = -g;
+        __syncthreads();  // s_bad's reset, before any thread can set it
+    } else {
+        // Online max and sum of exp(l - max), f32, NaN / +inf noted (its barriers also order
+        // s_bad's reset).
+        float s;
+        bool bad;
+        ge_row_softmax_stats<VEC>(l, vocab, m, s, bad);
+        if (bad || m == GE_NEG_INF || target >= static_cast<unsigned int>(vocab)) {
+            if (tid == 0) status[row] = bad ? 1 : (m == GE_NEG_INF ? 2 : 4);
+            return;
+        }
+        coef = -g / s;
     }
 
-    // 2. dl = g * (onehot(target) - exp(l - max) / sum), rounded to bf16 once.
-    const float coef = -g / s;
+    // 2. dl = g * onehot(target) + coef * exp(l - m), rounded to bf16 once; NaN / +inf logits
+    // noted (only the one-pass form can meet one here).
+    bool bad = false;
     const int t = static_cast<int>(target);
     if (VEC) {
         uint4* lv = reinterpret_cast<uint4*>(l);
@@ -248,8 +274,11 @@ __device__ __forceinline__ void ge_target_logprobs_backward_impl(const LogprobBa
 #pragma unroll
             for (int k = 0; k < 4; ++k) {
                 const int i0 = j * 8 + 2 * k;
-                float v0 = coef * expf(ge_lo_bf16(w[k]) - m);
-                float v1 = coef * expf(ge_hi_bf16(w[k]) - m);
+                const float x0 = ge_lo_bf16(w[k]);
+                const float x1 = ge_hi_bf16(w[k]);
+                bad |= ge_bad_logit(x0) | ge_bad_logit(x1);
+                float v0 = coef * expf(x0 - m);
+                float v1 = coef * expf(x1 - m);
                 if (i0 == t) v0 += g;
                 if (i0 + 1 == t) v1 += g;
                 o[k] = ge_pack_bf16x2(v0, v1);
@@ -263,12 +292,16 @@ __device__ __forceinline__ void ge_target_logprobs_backward_impl(const LogprobBa
         }
     } else {
         for (int i = tid; i < vocab; i += blockDim.x) {
-            float v = coef * expf(ge_bf16_to_f32(l[i]) - m);
+            const float x = ge_bf16_to_f32(l[i]);
+            bad |= ge_bad_logit(x);
+            float v = coef * expf(x - m);
             if (i == t) v += g;
             l[i] = ge_f32_to_bf16(v);
         }
     }
-    if (tid == 0) status[row] = 0;
+    if (bad) atomicOr(&s_bad, 1);
+    __syncthreads();
+    if (tid == 0) status[row] = s_bad != 0 ? 1 : 0;
 }
 
 // bf16 logits [rows, vocab], any vocab.

@@ -322,11 +322,42 @@ fn check_logprobs_backward(
     let mut fresh_cpu = HostTensor::new(vec![vocab, d], vec![0.0; vocab * d]);
     be.target_logprobs_backward(&gh, &gw, &targets, &d_logprob, &mut fresh)
         .unwrap();
-    cpu.target_logprobs_backward(&hidden, &cw, &targets, &d_logprob, &mut fresh_cpu)
+    let want_dh = cpu
+        .target_logprobs_backward(&hidden, &cw, &targets, &d_logprob, &mut fresh_cpu)
         .unwrap();
     assert_close(
         &format!("{what}: lm_head_grad from zero"),
         &be.download(&fresh).unwrap(),
+        &fresh_cpu,
+        GEMM_TOL,
+    );
+    // The one-pass form: the forward's log-sum-exp handed to the backward. The forward's
+    // log-probs are the plain forward's bits; the gradients match the CPU's as above.
+    let plain = be.target_logprobs(&gh, &gw, &targets).unwrap();
+    let (lp, lse) = be.target_logprobs_with_lse(&gh, &gw, &targets).unwrap();
+    assert_eq!(
+        lp, plain,
+        "{what}: the forward with the log-sum-exp changed the log-probs"
+    );
+    let lse = lse.expect("the CUDA backend hands the log-sum-exp over");
+    assert_eq!(lse.len(), n);
+    assert!(
+        lse.iter().all(|x| x.is_finite()),
+        "{what}: log-sum-exp {lse:?}"
+    );
+    let mut fresh1 = be.zeros_f32(&[vocab, d]).unwrap();
+    let dh1 = be
+        .target_logprobs_backward_with_lse(&gh, &gw, &targets, &d_logprob, Some(&lse), &mut fresh1)
+        .unwrap();
+    assert_close(
+        &format!("{what}: one pass: d_hidden"),
+        &be.download(&dh1).unwrap(),
+        &want_dh,
+        GEMM_TOL,
+    );
+    assert_close(
+        &format!("{what}: one pass: lm_head_grad from zero"),
+        &be.download(&fresh1).unwrap(),
         &fresh_cpu,
         GEMM_TOL,
     );
@@ -396,6 +427,29 @@ fn target_logprobs_backward_reports_bad_rows_and_targets() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("row 3 has a NaN"), "{err}");
+    // The one-pass form finds the NaN itself when handed a finite log-sum-exp, and refuses a
+    // log-sum-exp that is not finite or of the wrong length.
+    let gh = be.upload(&hidden).unwrap();
+    let targets = [0, 1, 2, 3, 4];
+    let err = be
+        .target_logprobs_backward_with_lse(&gh, &w, &targets, &g, Some(&[1.0; 5]), &mut grad)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("row 3 has a NaN"), "{err}");
+    let lse = [1.0, f32::NAN, 1.0, 1.0, 1.0];
+    hidden.data[3 * d + 2] = 0.5;
+    let gh = be.upload(&hidden).unwrap();
+    let err = be
+        .target_logprobs_backward_with_lse(&gh, &w, &targets, &g, Some(&lse), &mut grad)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("row 1: the forward's log-sum-exp"), "{err}");
+    let err = be
+        .target_logprobs_backward_with_lse(&gh, &w, &targets, &g, Some(&[1.0; 4]), &mut grad)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("log-sum-exps"), "{err}");
+    hidden.data[3 * d + 2] = f32::NAN;
     let err = be
         .target_logprobs_backward(
             &be.upload(&hidden).unwrap(),

@@ -327,7 +327,8 @@ if lp:
     for r in lp["results"]:
         pct = f" ({100 * r['forward_gb_s'] / ceiling:.0f}% / {100 * r['backward_gb_s'] / ceiling:.0f}% of copy)" if ceiling else ""
         mem = f", {r['device_memory_used_bytes'] / 2**30:.2f} GiB in use" if r.get("device_memory_used_bytes") else ""
-        out.append(f"log-probs {r['rows']} rows x {lp['vocab']}: fwd {r['forward_ms']:.2f} ms {r['forward_gb_s']:.0f} GB/s, bwd {r['backward_ms']:.2f} ms {r['backward_gb_s']:.0f} GB/s{pct}{mem}")
+        one = f", 1-pass bwd {r['one_pass_backward_ms']:.2f} ms {r['one_pass_backward_gb_s']:.0f} GB/s" if r.get("one_pass_backward_ms") is not None else ""
+        out.append(f"log-probs {r['rows']} rows x {lp['vocab']}: fwd {r['forward_ms']:.2f} ms {r['forward_gb_s']:.0f} GB/s, bwd {r['backward_ms']:.2f} ms {r['backward_gb_s']:.0f} GB/s{one}{pct}{mem}")
 for h, objs in tsecs:
     if h.startswith("logprobs variant "):
         lv = next((o for o in objs if o.get("bench") == "logprobs"), None)

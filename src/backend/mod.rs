@@ -279,6 +279,19 @@ pub trait Backend: Send + Sync {
         targets: &[u32],
     ) -> Result<Vec<f32>>;
 
+    /// [`Backend::target_logprobs`], and, where the backend's backward can use it, each row's
+    /// log-sum-exp of its logits for [`Backend::target_logprobs_backward_with_lse`] (which
+    /// then skips its own pass over every row's logits for the softmax statistics). The
+    /// default returns `None`: the backward computes the statistics itself.
+    fn target_logprobs_with_lse(
+        &self,
+        hidden: &Self::Tensor,
+        lm_head: &Self::Linear,
+        targets: &[u32],
+    ) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
+        Ok((self.target_logprobs(hidden, lm_head, targets)?, None))
+    }
+
     /// One token per row of `logits` (`[rows.len(), vocab]`), row `r` drawn with `rows[r]` as
     /// [`crate::engine::sampler::sample`] defines it (same tokens on every backend). The default
     /// downloads the logits and samples on the host.
@@ -585,6 +598,22 @@ pub trait Backend: Send + Sync {
         d_logprob: &[f32],
         lm_head_grad: &mut Self::Tensor,
     ) -> Result<Self::Tensor>;
+
+    /// [`Backend::target_logprobs_backward`] with the log-sum-exp per row that
+    /// [`Backend::target_logprobs_with_lse`] returned for the same `hidden`, `lm_head` and
+    /// `targets` (weights unchanged since), or `None` to compute it. The default ignores it.
+    fn target_logprobs_backward_with_lse(
+        &self,
+        hidden: &Self::Tensor,
+        lm_head: &Self::Linear,
+        targets: &[u32],
+        d_logprob: &[f32],
+        lse: Option<&[f32]>,
+        lm_head_grad: &mut Self::Tensor,
+    ) -> Result<Self::Tensor> {
+        let _ = lse;
+        self.target_logprobs_backward(hidden, lm_head, targets, d_logprob, lm_head_grad)
+    }
 }
 
 /// [`Backend::add_rms_norm`] as its two ops: `add_assign`, then `rms_norm`.

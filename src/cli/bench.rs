@@ -696,7 +696,9 @@ fn eval(args: &BenchArgs) -> Result<()> {
 /// 1024, 4096, 16384), median of `--iters` after a warm-up. Bytes counted per pass: the LM
 /// head read once per chunk, the hidden rows read, and the bf16 logits written by the GEMM and
 /// read back by the softmax kernel (the backward also writes them back and reads them again
-/// for the two gradient GEMMs); GB/s = bytes / time. The device memory in use after each row
+/// for the two gradient GEMMs); GB/s = bytes / time. Where the backend hands the forward's
+/// log-sum-exp to the backward ([`Backend::target_logprobs_with_lse`]), that one-pass backward
+/// is timed too (the same bytes less one read of the logits). The device memory in use after each row
 /// count (the allocator's cache released before it) is that count's peak: it should not grow
 /// with rows x vocab (fixed-size chunks).
 fn logprobs(args: &BenchArgs) -> Result<()> {
@@ -721,7 +723,9 @@ fn logprobs_on<B: Backend>(
     let eb = be.element_bytes() as f64;
     println!("device        {}", t.backend_name());
     println!("model         {} (vocab {vocab}, hidden {d})", model.name);
-    println!("     rows   forward ms    GB/s   backward ms    GB/s   memory in use");
+    println!(
+        "     rows   forward ms    GB/s   backward ms    GB/s   1-pass bwd ms    GB/s   memory in use"
+    );
     let mut results = Vec::new();
     let mut grad = be.zeros_f32(&[vocab, d])?;
     for &n in rows {
@@ -758,7 +762,29 @@ fn logprobs_on<B: Backend>(
             sync(&dh)?;
             bwd.push(started.elapsed().as_secs_f64());
         }
+        // The one-pass backward, with the forward's log-sum-exp (untimed forward).
+        let (_, lse) = be.target_logprobs_with_lse(&hidden, t.lm_head(), &targets)?;
+        let mut bwd1 = Vec::new();
+        if let Some(lse) = &lse {
+            let mut pass = || -> Result<f64> {
+                let started = Instant::now();
+                sync(&be.target_logprobs_backward_with_lse(
+                    &hidden,
+                    t.lm_head(),
+                    &targets,
+                    &d_lp,
+                    Some(lse),
+                    &mut grad,
+                )?)?;
+                Ok(started.elapsed().as_secs_f64())
+            };
+            pass()?;
+            for _ in 0..iters {
+                bwd1.push(pass()?);
+            }
+        }
         let (f, b) = (median(&mut fwd), median(&mut bwd));
+        let b1 = (!bwd1.is_empty()).then(|| median(&mut bwd1));
         let logits = (n * vocab) as f64 * eb;
         let head = (vocab * d) as f64 * eb;
         let hid = (n * d) as f64 * eb;
@@ -774,15 +800,21 @@ fn logprobs_on<B: Backend>(
             + 2.0 * head * chunks
             + 2.0 * 4.0 * (vocab * d) as f64 * chunks
             + 2.0 * hid;
+        let bwd1_bytes = bwd_bytes - logits;
         let used = be
             .memory_info()
             .map(|(free, total)| total.saturating_sub(free));
         println!(
-            "{n:>9}   {:>10.2}   {:>5.0}   {:>11.2}   {:>5.0}   {}",
+            "{n:>9}   {:>10.2}   {:>5.0}   {:>11.2}   {:>5.0}   {:>13}   {:>5}   {}",
             f * 1e3,
             fwd_bytes / f / 1e9,
             b * 1e3,
             bwd_bytes / b / 1e9,
+            b1.map_or("-".to_string(), |b1| format!("{:.2}", b1 * 1e3)),
+            b1.map_or("-".to_string(), |b1| format!(
+                "{:.0}",
+                bwd1_bytes / b1 / 1e9
+            )),
             used.map_or("-".to_string(), |u| format!(
                 "{:.2} GiB",
                 u as f64 / (1u64 << 30) as f64
@@ -791,6 +823,8 @@ fn logprobs_on<B: Backend>(
         results.push(serde_json::json!({
             "rows": n, "forward_ms": f * 1e3, "forward_gb_s": fwd_bytes / f / 1e9,
             "backward_ms": b * 1e3, "backward_gb_s": bwd_bytes / b / 1e9,
+            "one_pass_backward_ms": b1.map(|b1| b1 * 1e3),
+            "one_pass_backward_gb_s": b1.map(|b1| bwd1_bytes / b1 / 1e9),
             "device_memory_used_bytes": used,
         }));
     }

@@ -125,6 +125,9 @@ pub struct Activations<B: Backend> {
     x_final: B::Tensor,
     /// Final-normed hidden states of the scored rows, `[rows, hidden]` (the LM head's input).
     hidden_scored: B::Tensor,
+    /// The log-sum-exp of each scored row's logits, where the backend hands it from the
+    /// log-prob forward to its backward ([`Backend::target_logprobs_with_lse`]).
+    logit_lse: Option<Vec<f32>>,
 }
 
 impl<B: Backend> Activations<B> {
@@ -289,7 +292,8 @@ impl<B: Backend> Transformer<B> {
             Some(&mut saved),
         )?;
         let hidden_scored = be.gather_rows(&hidden, &batch.rows)?;
-        let logprobs = be.target_logprobs(&hidden_scored, self.lm_head(), &batch.targets)?;
+        let (logprobs, logit_lse) =
+            be.target_logprobs_with_lse(&hidden_scored, self.lm_head(), &batch.targets)?;
         let x_final = saved
             .x_final
             .context("internal: the forward pass saved no final residual")?;
@@ -305,6 +309,7 @@ impl<B: Backend> Transformer<B> {
                 inputs: saved.inputs,
                 x_final,
                 hidden_scored,
+                logit_lse,
             },
         ))
     }
@@ -347,11 +352,12 @@ impl<B: Backend> Transformer<B> {
         } else {
             &mut g.lm_head
         };
-        let d_scored = be.target_logprobs_backward(
+        let d_scored = be.target_logprobs_backward_with_lse(
             &acts.hidden_scored,
             &w.lm_head,
             &acts.targets,
             d_logprob,
+            acts.logit_lse.as_deref(),
             head_grad,
         )?;
         let mut d_hidden = be.zeros(&[n, c.hidden_size])?;

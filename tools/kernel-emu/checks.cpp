@@ -406,26 +406,43 @@ void check_logprobs(int rows, int vocab, unsigned long long seed) {
     const unsigned int threads = vocab >= 16384 ? 1024 : 256;
     // Forward.
     std::vector<float> out(rows, F32_POISON);
+    std::vector<float> lse(rows, F32_POISON);
     std::vector<int> status(rows, -1);
     TargetLogprobArgs fa{addr(logits.data()), addr(targets.data()), addr(out.data()),
-                         addr(status.data()), rows, vocab};
+                         addr(status.data()), addr(lse.data()), rows, vocab};
     ge_emu::launch(vec ? ge_target_logprobs_bf16_v8 : ge_target_logprobs_bf16,
                    dim3{static_cast<unsigned int>(rows), 1, 1}, dim3{threads, 1, 1}, fa);
-    // Backward (in place on a copy).
+    // Backward (in place on a copy), computing its own statistics.
     auto dl = logits;
     std::vector<int> bstatus(rows, -1);
     LogprobBackwardArgs ba{addr(dl.data()), addr(targets.data()), addr(g.data()),
-                           addr(bstatus.data()), rows, vocab};
+                           addr(bstatus.data()), 0, rows, vocab};
     ge_emu::launch(vec ? ge_target_logprobs_backward_bf16_v8 : ge_target_logprobs_backward_bf16,
                    dim3{static_cast<unsigned int>(rows), 1, 1}, dim3{threads, 1, 1}, ba);
-    double fwd_err = 0.0, bwd_err = 0.0;
+    // Backward in one pass with the forward's log-sum-exp. Row 1 (a NaN logit) is given a
+    // finite one, so that the pass itself must notice the NaN; the forward left NaN in the
+    // other failed rows (status 3, or 4 for the target outside the vocabulary).
+    auto dl1 = logits;
+    auto lse_in = lse;
+    if (rows >= 6) lse_in[1] = 0.0f;
+    const int expected_one_pass[6] = {0, 1, 3, 4, 0, 0};
+    std::vector<int> b1status(rows, -1);
+    LogprobBackwardArgs b1a{addr(dl1.data()), addr(targets.data()), addr(g.data()),
+                            addr(b1status.data()), addr(lse_in.data()), rows, vocab};
+    ge_emu::launch(vec ? ge_target_logprobs_backward_bf16_v8 : ge_target_logprobs_backward_bf16,
+                   dim3{static_cast<unsigned int>(rows), 1, 1}, dim3{threads, 1, 1}, b1a);
+    double fwd_err = 0.0, lse_err = 0.0, bwd_err = 0.0, bwd1_err = 0.0;
     bool status_ok = true;
     for (int r = 0; r < rows; ++r) {
         const int want_status = rows >= 6 && r < 6 ? expected_status[r] : 0;
-        if (status[r] != want_status || bstatus[r] != want_status) {
+        const int want_one_pass = rows >= 6 && r < 6 ? expected_one_pass[r] : 0;
+        const bool lse_nan_ok = want_status == 0 || std::isnan(lse[r]);
+        if (status[r] != want_status || bstatus[r] != want_status ||
+            b1status[r] != want_one_pass || !lse_nan_ok) {
             status_ok = false;
-            std::printf("  row %d: status %d (forward), %d (backward), want %d\n", r, status[r],
-                        bstatus[r], want_status);
+            std::printf("  row %d: status %d (forward), %d (backward), %d (one pass), want %d "
+                        "and %d; lse %g\n", r, status[r], bstatus[r], b1status[r], want_status,
+                        want_one_pass, lse[r]);
         }
         if (want_status != 0) continue;
         const unsigned short* l = &logits[static_cast<std::size_t>(r) * vocab];
@@ -433,22 +450,27 @@ void check_logprobs(int rows, int vocab, unsigned long long seed) {
         for (int i = 0; i < vocab; ++i) mx = std::max(mx, static_cast<double>(bf16_value(l[i])));
         double se = 0.0;
         for (int i = 0; i < vocab; ++i) se += std::exp(bf16_value(l[i]) - mx);
-        const double lse = mx + std::log(se);
-        const double want = bf16_value(l[targets[r]]) - lse;
+        const double row_lse = mx + std::log(se);
+        const double want = bf16_value(l[targets[r]]) - row_lse;
         fwd_err = std::max(fwd_err, std::fabs(out[r] - want) / (1e-3 + std::fabs(want)));
+        lse_err = std::max(lse_err, std::fabs(lse[r] - row_lse) / (1e-3 + std::fabs(row_lse)));
         for (int i = 0; i < vocab; ++i) {
-            const double p = std::exp(bf16_value(l[i]) - lse);
+            const double p = std::exp(bf16_value(l[i]) - row_lse);
             const double wd = g[r] * ((i == static_cast<int>(targets[r]) ? 1.0 : 0.0) - p);
             const double got = bf16_value(dl[static_cast<std::size_t>(r) * vocab + i]);
+            const double got1 = bf16_value(dl1[static_cast<std::size_t>(r) * vocab + i]);
             // bf16 output: half an ulp is up to 2^-8 of the value; f32 statistics add little.
             bwd_err = std::max(bwd_err, std::fabs(got - wd) / (1e-7 + std::fabs(wd)));
+            bwd1_err = std::max(bwd1_err, std::fabs(got1 - wd) / (1e-7 + std::fabs(wd)));
         }
     }
     report(status_ok && fwd_err <= 1e-5, "log-prob forward%s: %d rows, vocab %d, %u threads: "
            "max relative error %.2e%s", vec ? " (16-byte loads)" : "", rows, vocab, threads,
            fwd_err, status_ok ? "" : ", WRONG STATUS");
-    report(status_ok && bwd_err <= 5e-3, "log-prob backward%s: %d rows, vocab %d: max relative "
-           "error %.2e%s", vec ? " (16-byte loads)" : "", rows, vocab, bwd_err,
+    report(status_ok && bwd_err <= 5e-3 && bwd1_err <= 5e-3 && lse_err <= 1e-5,
+           "log-prob backward%s: %d rows, vocab %d: max relative error %.2e (two passes), "
+           "%.2e (one pass, the forward's log-sum-exp; its error %.2e)%s",
+           vec ? " (16-byte loads)" : "", rows, vocab, bwd_err, bwd1_err, lse_err,
            status_ok ? "" : ", WRONG STATUS");
 }
 

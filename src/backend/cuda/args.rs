@@ -413,7 +413,7 @@ const _: () = {
     ["Offset of field: SampleArgs::rows"][::std::mem::offset_of!(SampleArgs, rows) - 24usize];
     ["Offset of field: SampleArgs::vocab"][::std::mem::offset_of!(SampleArgs, vocab) - 28usize];
 };
-#[doc = " `out[r] = log_softmax(logits[r])[targets[r]]` for every row `r` (f32 max, f64 sum of\n exponentials). `status[r]`: 0 done, 1 a NaN or `+inf` logit, 2 every logit `-inf`, 4 the\n target is not a token of the vocabulary."]
+#[doc = " `out[r] = log_softmax(logits[r])[targets[r]]` for every row `r` (one online pass: f32\n running max and sum of exponentials), and, where `lse` is set, `lse[r]` = the row's\n log-sum-exp (max + log(sum)) for the backward. `status[r]`: 0 done, 1 a NaN or `+inf` logit,\n 2 every logit `-inf`, 4 the target is not a token of the vocabulary."]
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct TargetLogprobArgs {
@@ -425,12 +425,14 @@ pub struct TargetLogprobArgs {
     pub out: ::std::os::raw::c_ulonglong,
     #[doc = " i32 `[rows]`, written."]
     pub status: ::std::os::raw::c_ulonglong,
+    #[doc = " f32 `[rows]`, written (NaN for a row whose status is not 0); 0 for none."]
+    pub lse: ::std::os::raw::c_ulonglong,
     pub rows: ::std::os::raw::c_int,
     pub vocab: ::std::os::raw::c_int,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of TargetLogprobArgs"][::std::mem::size_of::<TargetLogprobArgs>() - 40usize];
+    ["Size of TargetLogprobArgs"][::std::mem::size_of::<TargetLogprobArgs>() - 48usize];
     ["Alignment of TargetLogprobArgs"][::std::mem::align_of::<TargetLogprobArgs>() - 8usize];
     ["Offset of field: TargetLogprobArgs::logits"]
         [::std::mem::offset_of!(TargetLogprobArgs, logits) - 0usize];
@@ -440,10 +442,12 @@ const _: () = {
         [::std::mem::offset_of!(TargetLogprobArgs, out) - 16usize];
     ["Offset of field: TargetLogprobArgs::status"]
         [::std::mem::offset_of!(TargetLogprobArgs, status) - 24usize];
+    ["Offset of field: TargetLogprobArgs::lse"]
+        [::std::mem::offset_of!(TargetLogprobArgs, lse) - 32usize];
     ["Offset of field: TargetLogprobArgs::rows"]
-        [::std::mem::offset_of!(TargetLogprobArgs, rows) - 32usize];
+        [::std::mem::offset_of!(TargetLogprobArgs, rows) - 40usize];
     ["Offset of field: TargetLogprobArgs::vocab"]
-        [::std::mem::offset_of!(TargetLogprobArgs, vocab) - 36usize];
+        [::std::mem::offset_of!(TargetLogprobArgs, vocab) - 44usize];
 };
 #[doc = " The residual add fused with the next norm, for every row `r`: `x[r] += y[r]` (rounded to\n bf16, as the plain add), then `out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * weight`."]
 #[repr(C)]
@@ -589,7 +593,7 @@ const _: () = {
         [::std::mem::offset_of!(SumSquaresArgs, partials) - 8usize];
     ["Offset of field: SumSquaresArgs::n"][::std::mem::offset_of!(SumSquaresArgs, n) - 16usize];
 };
-#[doc = " Log-prob backward on a chunk of logits, in place: for every row `r`, with\n `p = softmax(logits[r])` and `g = d_logprob[r]`, `logits[r] = g * (onehot(targets[r]) - p)`.\n `status[r]`: 0 ok, 1 a NaN or +inf logit, 2 every logit -inf, 4 target outside the\n vocabulary (the row is then left as it was)."]
+#[doc = " Log-prob backward on a chunk of logits, in place: for every row `r`, with\n `p = softmax(logits[r])` and `g = d_logprob[r]`, `logits[r] = g * (onehot(targets[r]) - p)`.\n Where `lse` is set, `p = exp(logits[r] - lse[r])` with the forward's log-sum-exp (one pass\n over the row); else the row's statistics are computed first (two passes).\n `status[r]`: 0 ok, 1 a NaN or +inf logit, 2 every logit -inf, 3 `lse[r]` is not finite,\n 4 target outside the vocabulary (the row is then left as it was on 2, 3 and 4)."]
 #[repr(C)]
 #[derive(Debug, Default, Copy, Clone)]
 pub struct LogprobBackwardArgs {
@@ -601,12 +605,14 @@ pub struct LogprobBackwardArgs {
     pub d_logprob: ::std::os::raw::c_ulonglong,
     #[doc = " i32 `[rows]`, written."]
     pub status: ::std::os::raw::c_ulonglong,
+    #[doc = " f32 `[rows]`, read: the forward's log-sum-exp of each row; 0 for none."]
+    pub lse: ::std::os::raw::c_ulonglong,
     pub rows: ::std::os::raw::c_int,
     pub vocab: ::std::os::raw::c_int,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of LogprobBackwardArgs"][::std::mem::size_of::<LogprobBackwardArgs>() - 40usize];
+    ["Size of LogprobBackwardArgs"][::std::mem::size_of::<LogprobBackwardArgs>() - 48usize];
     ["Alignment of LogprobBackwardArgs"][::std::mem::align_of::<LogprobBackwardArgs>() - 8usize];
     ["Offset of field: LogprobBackwardArgs::logits"]
         [::std::mem::offset_of!(LogprobBackwardArgs, logits) - 0usize];
@@ -616,10 +622,12 @@ const _: () = {
         [::std::mem::offset_of!(LogprobBackwardArgs, d_logprob) - 16usize];
     ["Offset of field: LogprobBackwardArgs::status"]
         [::std::mem::offset_of!(LogprobBackwardArgs, status) - 24usize];
+    ["Offset of field: LogprobBackwardArgs::lse"]
+        [::std::mem::offset_of!(LogprobBackwardArgs, lse) - 32usize];
     ["Offset of field: LogprobBackwardArgs::rows"]
-        [::std::mem::offset_of!(LogprobBackwardArgs, rows) - 32usize];
+        [::std::mem::offset_of!(LogprobBackwardArgs, rows) - 40usize];
     ["Offset of field: LogprobBackwardArgs::vocab"]
-        [::std::mem::offset_of!(LogprobBackwardArgs, vocab) - 36usize];
+        [::std::mem::offset_of!(LogprobBackwardArgs, vocab) - 44usize];
 };
 #[doc = " Grouped row scatter-add, the adjoint of a row gather: for every group `g < groups`,\n `dst[targets[g]] += src[order[k]]` for `k` in `segments[g] .. segments[g + 1]`, summed in\n that order in f32 starting from the destination's value and rounded once to its type. The\n host groups the rows (targets are distinct, so no two threads write one element, and the\n order of the sum is fixed: deterministic)."]
 #[repr(C)]

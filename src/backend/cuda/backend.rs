@@ -79,6 +79,8 @@ pub const ON_CUDA: &[&str] = &[
     "accumulate_linear_grad",
     "accumulate_bias_grad",
     "target_logprobs_backward",
+    "target_logprobs_with_lse",
+    "target_logprobs_backward_with_lse",
     "adamw_update",
     "adamw_update_tensor",
     "adamw_update_linear",
@@ -193,6 +195,8 @@ pub struct CudaBackend {
     pub(super) tune_gemms: bool,
     /// [`CudaOptions::logprob_overlap`].
     pub(super) logprob_overlap: bool,
+    /// [`CudaOptions::logprob_lse`].
+    pub(super) logprob_lse: bool,
     /// The device, its stream and kernels. Last, so that it is dropped last: the graphs and
     /// plans above are destroyed while the kernel modules they use are still loaded.
     pub(super) gpu: GpuContext,
@@ -233,6 +237,7 @@ impl CudaBackend {
             sm_count,
             tune_gemms: options.tune_gemms,
             logprob_overlap: options.logprob_overlap,
+            logprob_lse: options.logprob_lse,
             graphs: Mutex::new(DecodeGraphs::new(
                 options.decode_graphs,
                 gpu.profile.is_some(),
@@ -1012,7 +1017,18 @@ impl Backend for CudaBackend {
         lm_head: &CudaLinear,
         targets: &[u32],
     ) -> Result<Vec<f32>> {
-        self.train_target_logprobs(hidden, lm_head, targets)
+        Ok(self
+            .train_target_logprobs(hidden, lm_head, targets, false)?
+            .0)
+    }
+
+    fn target_logprobs_with_lse(
+        &self,
+        hidden: &CudaTensor,
+        lm_head: &CudaLinear,
+        targets: &[u32],
+    ) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
+        self.train_target_logprobs(hidden, lm_head, targets, self.logprob_lse)
     }
 
     fn sample_rows(&self, logits: &CudaTensor, rows: &[RowSampling]) -> Result<Vec<SampledToken>> {
@@ -1344,7 +1360,19 @@ impl Backend for CudaBackend {
         d_logprob: &[f32],
         lm_head_grad: &mut CudaTensor,
     ) -> Result<CudaTensor> {
-        self.train_target_logprobs_backward(hidden, lm_head, targets, d_logprob, lm_head_grad)
+        self.train_target_logprobs_backward(hidden, lm_head, targets, d_logprob, None, lm_head_grad)
+    }
+
+    fn target_logprobs_backward_with_lse(
+        &self,
+        hidden: &CudaTensor,
+        lm_head: &CudaLinear,
+        targets: &[u32],
+        d_logprob: &[f32],
+        lse: Option<&[f32]>,
+        lm_head_grad: &mut CudaTensor,
+    ) -> Result<CudaTensor> {
+        self.train_target_logprobs_backward(hidden, lm_head, targets, d_logprob, lse, lm_head_grad)
     }
 }
 

@@ -104,6 +104,11 @@ pub struct CudaOptions {
     /// `$GENIUS_CUDA_LOGPROB_OVERLAP=0` turns it off. Profiling and per-launch waits also turn
     /// it off.
     pub logprob_overlap: bool,
+    /// Hand the fused log-prob forward's log-sum-exp per row to its backward
+    /// ([`crate::backend::Backend::target_logprobs_with_lse`]), so that the backward makes one
+    /// pass over each chunk's logits instead of two; default on, `$GENIUS_CUDA_LOGPROB_LSE=0`
+    /// turns it off (for A/B runs).
+    pub logprob_lse: bool,
     /// Run paged attention (decode, prefill chunks over the cache) on the tensor-core kernels
     /// (`ge_paged_attention_tc_d*`: the block's query heads as the rows of an mma tile);
     /// default on, `$GENIUS_CUDA_PA_TC=0` keeps the CUDA-core kernels (for A/B runs).
@@ -129,6 +134,7 @@ impl Default for CudaOptions {
             attention_backward_split_heads: true,
             attention_backward_forward_stats: true,
             logprob_overlap: true,
+            logprob_lse: true,
             paged_attention_tensor_cores: true,
             skinny_gemm: false,
         }
@@ -139,9 +145,9 @@ impl CudaOptions {
     /// Options from the environment: `$GENIUS_CUDA_DEVICE`, `$GENIUS_CUDA_KERNELS`,
     /// `$GENIUS_CUDA_SYNC`, `$GENIUS_CUDA_ATTN_TC`, `$GENIUS_CUDA_ATTN_FWD_TC`,
     /// `$GENIUS_CUDA_GRAPHS`, `$GENIUS_CUDA_GEMM_TUNE`, `$GENIUS_CUDA_ATTN_BWD_SPLIT`,
-    /// `$GENIUS_CUDA_ATTN_BWD_STATS`, `$GENIUS_CUDA_LOGPROB_OVERLAP`, `$GENIUS_CUDA_PA_TC`,
-    /// `$GENIUS_CUDA_SKINNY_GEMM`, and the kernel cache
-    /// under `$GENIUS_HOME`.
+    /// `$GENIUS_CUDA_ATTN_BWD_STATS`, `$GENIUS_CUDA_LOGPROB_OVERLAP`, `$GENIUS_CUDA_LOGPROB_LSE`,
+    /// `$GENIUS_CUDA_PA_TC`, `$GENIUS_CUDA_SKINNY_GEMM`, and the kernel cache under
+    /// `$GENIUS_HOME`.
     pub fn from_env() -> Result<Self> {
         let ordinal = match std::env::var(DEVICE_ENV) {
             Ok(v) => v
@@ -168,6 +174,7 @@ impl CudaOptions {
                 .map_or(true, |v| v.trim() != "0"),
             logprob_overlap: std::env::var("GENIUS_CUDA_LOGPROB_OVERLAP")
                 .map_or(true, |v| v.trim() != "0"),
+            logprob_lse: std::env::var("GENIUS_CUDA_LOGPROB_LSE").map_or(true, |v| v.trim() != "0"),
             paged_attention_tensor_cores: std::env::var(PA_TC_ENV)
                 .map_or(true, |v| v.trim() != "0"),
             skinny_gemm: std::env::var(super::skinny_gemm::SKINNY_GEMM_ENV)

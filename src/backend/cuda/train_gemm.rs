@@ -19,10 +19,12 @@
 //! exponentials) writes each row's log-prob; the results stay on the device until the last
 //! chunk. With several chunks that pass runs on a second stream, ordered by events, so that
 //! it (memory-bound) overlaps the next chunk's GEMM (compute-bound); two chunks' logits are
-//! alive at most (`GENIUS_CUDA_LOGPROB_OVERLAP=0`: all on the main stream). The backward runs per chunk of rows too: the same GEMM,
-//! `ge_target_logprobs_backward_bf16[_v8]` turns the logits in place into
-//! `dlogits = g (onehot - softmax)` (one online max/sum pass and one read-write pass over each
-//! row), then `d_hidden = dlogits @ W` and `lm_head_grad += dlogits^T @ h`. Row offsets into
+//! alive at most (`GENIUS_CUDA_LOGPROB_OVERLAP=0`: all on the main stream). The backward
+//! runs per chunk of rows too: the same GEMM, `ge_target_logprobs_backward_bf16[_v8]` turns
+//! the logits in place into `dlogits = g (onehot - softmax)` (one read-write pass over each
+//! row when the forward handed over each row's log-sum-exp,
+//! [`Backend::target_logprobs_with_lse`]; else an online max/sum pass first), then
+//! `d_hidden = dlogits @ W` and `lm_head_grad += dlogits^T @ h`. Row offsets into
 //! `hidden` and `d_hidden` are used in place when they are 256-byte aligned (cuBLASLt's
 //! heuristic assumes that alignment), else the chunk is copied.
 //!
@@ -30,6 +32,7 @@
 //! [`Backend::linear`]: crate::backend::Backend::linear
 //! [`Backend::target_logprobs`]: crate::backend::Backend::target_logprobs
 //! [`Backend::target_logprobs_backward`]: crate::backend::Backend::target_logprobs_backward
+//! [`Backend::target_logprobs_with_lse`]: crate::backend::Backend::target_logprobs_with_lse
 
 use super::args;
 use super::backend::{CudaBackend, TARGET_LOGPROB_CHUNK_BYTES, int};
@@ -414,13 +417,17 @@ impl CudaBackend {
     }
 
     /// Checks the log-prob kernels' per-row status words (0 ok, 1 a NaN / +inf logit, 2 every
-    /// logit -inf, 4 a target outside the vocabulary).
+    /// logit -inf, 3 a log-sum-exp from the forward that is not finite, 4 a target outside the
+    /// vocabulary).
     fn check_logprob_status(op: &str, status: &[i32], targets: &[u32], vocab: usize) -> Result<()> {
         for (row, &st) in status.iter().enumerate() {
             match st {
                 0 => {}
                 1 => bail!("{op}: row {row} has a NaN or +inf logit"),
                 2 => bail!("{op}: row {row}: every logit is -inf"),
+                3 => bail!(
+                    "{op}: row {row}: the forward's log-sum-exp handed to the backward is not finite"
+                ),
                 4 => bail!(
                     "{op}: row {row}: target {} is outside the vocabulary of {vocab}",
                     targets[row]
@@ -434,12 +441,14 @@ impl CudaBackend {
     /// [`Backend::target_logprobs`] on the GPU: per chunk of rows, the LM-head GEMM into bf16
     /// logits and one pass of `ge_target_logprobs_bf16[_v8]` over them; the log-probs and
     /// status words stay on the device until the last chunk, so the chunks run back to back.
+    /// With `want_lse`, also each row's log-sum-exp (for the backward's one-pass form).
     pub(crate) fn train_target_logprobs(
         &self,
         hidden: &CudaTensor,
         lm_head: &CudaLinear,
         targets: &[u32],
-    ) -> Result<Vec<f32>> {
+        want_lse: bool,
+    ) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
         let op = "target_logprobs";
         let (n, d) = hidden.matrix();
         ensure!(
@@ -459,7 +468,7 @@ impl CudaBackend {
         }
         let hs = self.gpu.ptr(hidden.bf16(op)?);
         if n == 0 {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), want_lse.then(Vec::new)));
         }
         let vocab_i32 = int(vocab, op, "vocabulary")?;
         int(n, op, "rows")?;
@@ -467,8 +476,14 @@ impl CudaBackend {
         let t_dev = self.gpu.upload_slice(targets)?;
         let mut out = self.gpu.alloc::<f32>(n)?;
         let mut status = self.gpu.alloc::<i32>(n)?;
+        let mut lse = if want_lse {
+            Some(self.gpu.alloc::<f32>(n)?)
+        } else {
+            None
+        };
         let t_base = self.gpu.ptr(&t_dev);
         let (out_base, status_base) = (self.gpu.ptr_mut(&mut out), self.gpu.ptr_mut(&mut status));
+        let lse_base = lse.as_mut().map_or(0, |l| self.gpu.ptr_mut(l));
         let w_p = self.gpu.ptr(&lm_head.weight);
         let (threads, kernel) = Self::logprob_kernel(
             vocab,
@@ -492,6 +507,11 @@ impl CudaBackend {
                 targets: t_base + (start * 4) as u64,
                 out: out_base + (start * 4) as u64,
                 status: status_base + (start * 4) as u64,
+                lse: if lse_base == 0 {
+                    0
+                } else {
+                    lse_base + (start * 4) as u64
+                },
                 rows: m as i32,
                 vocab: vocab_i32,
             };
@@ -501,8 +521,9 @@ impl CudaBackend {
                 shared_mem_bytes: 0,
             };
             // SAFETY: logits is bf16 [m, vocab] (rows 16-byte aligned for the _v8 kernel:
-            // logprob_kernel); targets, out and status hold rows start..start + m of their n
-            // entries; one block per row writes its row's out and status. Run on the main
+            // logprob_kernel); targets, out, status (and lse when set) hold rows
+            // start..start + m of their n entries; one block per row writes its row's out,
+            // status and lse. Run on the main
             // stream, the chunk comes back and is freed here.
             drop(unsafe { self.launch_logprob_pass(&mut in_flight, c, kernel, cfg, &a) }?);
         }
@@ -513,7 +534,8 @@ impl CudaBackend {
         let lp = self.gpu.download_slice(&out, n)?;
         let status = self.gpu.download_slice(&status, n)?;
         Self::check_logprob_status(op, &status, targets, vocab)?;
-        Ok(lp)
+        let lse = lse.map(|l| self.gpu.download_slice(&l, n)).transpose()?;
+        Ok((lp, lse))
     }
 
     pub(crate) fn train_target_logprobs_backward(
@@ -522,6 +544,7 @@ impl CudaBackend {
         lm_head: &CudaLinear,
         targets: &[u32],
         d_logprob: &[f32],
+        lse: Option<&[f32]>,
         lm_head_grad: &mut CudaTensor,
     ) -> Result<CudaTensor> {
         let op = "target_logprobs_backward";
@@ -534,6 +557,13 @@ impl CudaBackend {
             targets.len(),
             d_logprob.len()
         );
+        if let Some(lse) = lse {
+            ensure!(
+                lse.len() == n,
+                "{op}: {n} rows but {} log-sum-exps from the forward",
+                lse.len()
+            );
+        }
         ensure!(
             lm_head_grad.shape == [vocab, d],
             "{op}: lm_head_grad {:?}, want [{vocab}, {d}]",
@@ -558,6 +588,8 @@ impl CudaBackend {
         let chunk = self.logprob_chunk_rows(vocab);
         let t_dev = self.gpu.upload_slice(targets)?;
         let g_dev = self.gpu.upload_slice(d_logprob)?;
+        let lse_dev = lse.map(|l| self.gpu.upload_slice(l)).transpose()?;
+        let lse_base = lse_dev.as_ref().map_or(0, |l| self.gpu.ptr(l));
         let mut status = self.gpu.alloc::<i32>(n)?;
         let (t_base, g_base) = (self.gpu.ptr(&t_dev), self.gpu.ptr(&g_dev));
         let status_base = self.gpu.ptr_mut(&mut status);
@@ -607,6 +639,11 @@ impl CudaBackend {
                 targets: t_base + (start * 4) as u64,
                 d_logprob: g_base + (start * 4) as u64,
                 status: status_base + (start * 4) as u64,
+                lse: if lse_base == 0 {
+                    0
+                } else {
+                    lse_base + (start * 4) as u64
+                },
                 rows: m as i32,
                 vocab: vocab_i32,
             };
@@ -616,8 +653,8 @@ impl CudaBackend {
                 shared_mem_bytes: 0,
             };
             // SAFETY: logits is bf16 [m, vocab] (rows 16-byte aligned for the _v8 kernel:
-            // logprob_kernel); targets, d_logprob and status hold rows start..start + m of
-            // their n entries.
+            // logprob_kernel); targets, d_logprob, status (and lse when set) hold rows
+            // start..start + m of their n entries.
             match unsafe { self.launch_logprob_pass(&mut in_flight, c, kernel, cfg, &a) }? {
                 // Ran on the main stream: its GEMMs follow at once.
                 Some(c) => gradient_gemms(&c)?,
