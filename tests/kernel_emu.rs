@@ -17,7 +17,9 @@
 //! preference-loss kernel (`kernels/loss.cu`) on pairs of every loss kind, packed as the CUDA
 //! backend packs them, against the host definition (`genius::loss::pair_losses_host`), and
 //! the sampling kernel (`kernels/sampling.cu`) on f32 and bf16 rows against its host port and
-//! the CPU sampler (the same tokens), with its f32 exponential against the CPU's bit for bit.
+//! the CPU sampler (the same tokens), with its f32 exponential against the CPU's bit for bit,
+//! and the AdamW update (`kernels/optim.cu`, with its bf16 working copy) against the host's
+//! `adamw_update_host` bit for bit.
 //!
 //! This runs without a GPU, so kernel logic is checked before device time is spent; it is
 //! not a GPU test (no timing, host math functions, the tensor cores' accumulation order
@@ -31,6 +33,7 @@ use genius_engine::backend::cuda::loss::{OUTPUTS, kind_code, pair_inputs};
 use genius_engine::backend::cuda::sampling::{
     RowSampling, THREADS, blocked_sample, filtered_sample, is_filtered, unpack_outputs,
 };
+use genius_engine::backend::{AdamWStep, adamw_update_host};
 use genius_engine::engine::sampler::{SampledToken, SamplingParams, sample, sampling_exp};
 use genius_engine::genius::loss::{LossConfig, PairLoss, pair_losses_host};
 use std::fmt::Write as _;
@@ -63,6 +66,77 @@ fn cuda_core_kernels_match_float64_references_in_the_cpu_emulation() {
     pair_loss_kernel_matches_the_host(&out.join("checks"));
     sampling_kernel_matches_the_host_port_and_the_cpu_sampler(&out.join("checks"));
     kernel_exponential_is_the_cpu_definition(&out.join("checks"));
+    adamw_kernel_is_the_host_update(&out.join("checks"));
+}
+
+/// `ge_adamw_update` (kernels/optim.cu) with the bf16 working copy, run by the emulation:
+/// the master weights and both moments are the host's `adamw_update_host` bit for bit (the
+/// kernel's explicitly rounded operations in the host's order), and the working copy is the
+/// updated master rounded to bf16 (nearest even), for a first step and a later one with
+/// weight decay and a clipping factor.
+fn adamw_kernel_is_the_host_update(checks: &Path) {
+    let mut rng = Rng::new(83);
+    let n = 1_001; // more than the emulated grid's 192 threads: the grid-stride loop runs
+    for (t, lr, wd, scale) in [(1, 1e-3, 0.0, 1.0f32), (100, 3e-4, 0.1, 0.37)] {
+        let step = AdamWStep::new(0.9, 0.999, 1e-8, wd, t, lr, scale);
+        let mut p: Vec<f32> = (0..n).map(|_| rng.uniform()).collect();
+        let mut m: Vec<f32> = (0..n).map(|_| rng.uniform() * 1e-2).collect();
+        let mut v: Vec<f32> = (0..n).map(|_| rng.uniform().abs() * 1e-4).collect();
+        let grad: Vec<f32> = (0..n)
+            .map(|i| match i % 7 {
+                0 => 0.0,
+                1 => rng.uniform() * 1e3,
+                _ => rng.uniform() * 0.1,
+            })
+            .collect();
+        if t == 1 {
+            m.fill(0.0);
+            v.fill(0.0);
+        }
+        let mut text = String::new();
+        for x in [
+            step.beta1,
+            step.beta2,
+            step.one_minus_beta1,
+            step.one_minus_beta2,
+            step.eps,
+            step.step_size,
+            step.inv_sqrt_bias2,
+            step.decay,
+            step.grad_scale,
+        ] {
+            write!(text, "{:08x} ", x.to_bits()).unwrap();
+        }
+        writeln!(text, "\n{n}").unwrap();
+        for x in p.iter().chain(&m).chain(&v).chain(&grad) {
+            write!(text, "{:08x} ", x.to_bits()).unwrap();
+        }
+        let got = run_checks_mode(checks, "adamw", &text);
+        assert_eq!(got.len(), 4 * n, "adamw: {} output words", got.len());
+        adamw_update_host(&mut p, &mut m, &mut v, &grad, &step);
+        for (what, (k, host)) in ["master", "m", "v"]
+            .iter()
+            .zip([&p, &m, &v].iter().enumerate())
+        {
+            for (i, x) in host.iter().enumerate() {
+                assert_eq!(
+                    got[k * n + i],
+                    u64::from(x.to_bits()),
+                    "adamw step {t}: {what}[{i}]: kernel {:#010x}, host {x} ({:#010x})",
+                    got[k * n + i],
+                    x.to_bits()
+                );
+            }
+        }
+        for (i, x) in p.iter().enumerate() {
+            let want = half::bf16::from_f32(*x).to_bits();
+            assert_eq!(
+                got[3 * n + i],
+                u64::from(want),
+                "adamw step {t}: working copy [{i}] of {x}"
+            );
+        }
+    }
 }
 
 /// Runs `checks MODE IN OUT` (tools/kernel-emu/checks.cpp) on `input` written to IN, in a

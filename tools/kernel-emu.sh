@@ -3,14 +3,15 @@
 # and tools/kernel-emu/emu.h (threads for CUDA threads, barriers for __syncthreads and warp
 # shuffles, the tensor-core mma.sync and ldmatrix emulated per warp), links
 # tools/kernel-emu/checks.cpp (float64 references) and runs it. No GPU or CUDA toolkit needed;
-# tests/kernel_emu.rs runs this as part of `cargo test`. optim.cu's casts are checked here; its
-# AdamW update is not (its GPU test checks it bit for bit against the host's AdamW).
+# tests/kernel_emu.rs runs this as part of `cargo test`. optim.cu's casts are checked here, its
+# AdamW update by tests/kernel_emu.rs (the `adamw` mode, bit for bit against the host's AdamW).
 #
 #   tools/kernel-emu.sh [attention|logprobs|gemm|swiglu|kv|norm|elementwise|training-attention]
 #                                        (default: every check)
 #   tools/kernel-emu.sh pair-losses IN OUT   the loss kernel on IN's inputs (tests/kernel_emu.rs)
 #   tools/kernel-emu.sh sample-rows IN OUT   the sampling kernel on IN's rows (tests/kernel_emu.rs)
 #   tools/kernel-emu.sh sampling-exp IN OUT  the sampling exponential on IN's values (same)
+#   tools/kernel-emu.sh adamw IN OUT         the AdamW update on IN's tensors (same)
 #
 # Uses $CXX, else g++, else clang++ (C++20: std::barrier). Build products go to
 # ${KERNEL_EMU_DIR:-target/kernel-emu}.

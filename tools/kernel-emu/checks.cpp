@@ -5,8 +5,9 @@
 // and backward, SwiGLU forward and backward, the KV-cache writes with padding rows, RMSNorm
 // (forward and backward) and the fused residual add + RMSNorm, and training attention (the tensor-core forward and
 // every form of the backward, tensor-core and CUDA-core). `checks pair-losses IN OUT`,
-// `checks sample-rows IN OUT` and `checks sampling-exp IN OUT` run the loss kernel, the
-// sampling kernel and the sampling exponential on inputs written by tests/kernel_emu.rs, which
+// `checks sample-rows IN OUT`, `checks sampling-exp IN OUT` and `checks adamw IN OUT` run the
+// loss kernel, the sampling kernel, the sampling exponential and the AdamW update on inputs
+// written by tests/kernel_emu.rs, which
 // compares them with the Rust definitions. Built and run by
 // tools/kernel-emu.sh; prints one line per check and exits non-zero if any fails. These checks
 // run the kernels' own source, but not on a GPU: the GPU tests (tests/cuda_*.rs) stay the
@@ -79,6 +80,7 @@ void ge_pair_losses(PairLossArgs a);
 void ge_sample_rows(SampleArgs a);
 void ge_sample_rows_bf16(SampleArgs a);
 void ge_sampling_exp_values(CastArgs a);
+void ge_adamw_update(AdamWArgs a);
 }
 
 namespace {
@@ -1306,6 +1308,61 @@ int run_sampling_exp(const char* in_path, const char* out_path) {
     return write_bits(out_path, y.data(), n);
 }
 
+// `checks adamw IN OUT`: ge_adamw_update (kernels/optim.cu), with the bf16 working copy, on
+// IN's tensors; OUT gets the updated master, moments and working copy, for tests/kernel_emu.rs
+// to compare with the host's `adamw_update_host` bit for bit.
+//   IN:  the 9 scalars of AdamWArgs (beta1, beta2, one_minus_beta1, one_minus_beta2, eps,
+//        step_size, inv_sqrt_bias2, decay, grad_scale) as f32 bits; n; then n f32 bits each
+//        of the master, m, v and the gradient.
+//   OUT: n f32 bits each of the master, m and v, then n bf16 bits (as 32-bit words).
+int run_adamw(const char* in_path, const char* out_path) {
+    FILE* in = std::fopen(in_path, "r");
+    if (!in) {
+        std::fprintf(stderr, "adamw: cannot read %s\n", in_path);
+        return 2;
+    }
+    auto read_f32 = [&](float& x) {
+        unsigned int bits = 0;
+        if (std::fscanf(in, "%x", &bits) != 1) return false;
+        std::memcpy(&x, &bits, 4);
+        return true;
+    };
+    float scalars[9];
+    for (float& x : scalars) {
+        if (!read_f32(x)) return 2;
+    }
+    std::size_t n = 0;
+    if (std::fscanf(in, "%zu", &n) != 1) return 2;
+    std::vector<float> t(4 * n + 1);
+    for (std::size_t i = 0; i < 4 * n; ++i) {
+        if (!read_f32(t[i])) return 2;
+    }
+    std::fclose(in);
+    std::vector<unsigned short> out(n + 1, 0x7fc0);
+    AdamWArgs a{};
+    a.master = addr(t.data());
+    a.m = addr(t.data() + n);
+    a.v = addr(t.data() + 2 * n);
+    a.grad = addr(t.data() + 3 * n);
+    a.n = static_cast<long long>(n);
+    a.beta1 = scalars[0];
+    a.beta2 = scalars[1];
+    a.one_minus_beta1 = scalars[2];
+    a.one_minus_beta2 = scalars[3];
+    a.eps = scalars[4];
+    a.step_size = scalars[5];
+    a.inv_sqrt_bias2 = scalars[6];
+    a.decay = scalars[7];
+    a.grad_scale = scalars[8];
+    a.out_bf16 = addr(out.data());
+    // Fewer threads than elements: the grid-stride loop runs.
+    ge_emu::launch(ge_adamw_update, dim3{3, 1, 1}, dim3{64, 1, 1}, a);
+    std::vector<unsigned int> words(4 * n + 1);
+    for (std::size_t i = 0; i < 3 * n; ++i) std::memcpy(&words[i], &t[i], 4);
+    for (std::size_t i = 0; i < n; ++i) words[3 * n + i] = out[i];
+    return write_bits(out_path, words.data(), 4 * n);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -1323,6 +1380,13 @@ int main(int argc, char** argv) {
             return 2;
         }
         return run_sample_rows(argv[2], argv[3]);
+    }
+    if (only == "adamw") {
+        if (argc != 4) {
+            std::fprintf(stderr, "usage: checks adamw IN OUT\n");
+            return 2;
+        }
+        return run_adamw(argv[2], argv[3]);
     }
     if (only == "sampling-exp") {
         if (argc != 4) {
