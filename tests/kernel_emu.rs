@@ -21,6 +21,11 @@
 //! and the AdamW update (`kernels/optim.cu`, with its bf16 working copy) against the host's
 //! `adamw_update_host` bit for bit.
 //!
+//! The checks run twice, with a block's threads one at a time in ascending and in descending
+//! rank order (the first warp running ahead of the others up to each block barrier), so that
+//! a missing `__syncthreads` / `__syncwarp` gives stale data in one of the two runs, and an
+//! ldmatrix read of another thread's cp.async data before a barrier stops the run.
+//!
 //! This runs without a GPU, so kernel logic is checked before device time is spent; it is
 //! not a GPU test (no timing, host math functions, the tensor cores' accumulation order
 //! approximated): the `cuda_*` tests stay the judges of the device. It needs a C++20
@@ -47,6 +52,7 @@ fn cuda_core_kernels_match_float64_references_in_the_cpu_emulation() {
     let result = Command::new("bash")
         .arg(root.join("tools/kernel-emu.sh"))
         .env("KERNEL_EMU_DIR", &out)
+        .env("KERNEL_EMU_ORDERS", "ascending descending")
         .current_dir(root)
         .output()
         .expect("runs bash tools/kernel-emu.sh");
@@ -58,10 +64,19 @@ fn cuda_core_kernels_match_float64_references_in_the_cpu_emulation() {
         "tools/kernel-emu.sh failed ({}):\n{stdout}\n{stderr}",
         result.status
     );
-    assert!(
-        stdout.contains("checks passed") && !stdout.contains("FAIL"),
-        "{stdout}"
+    // Both thread orders ran every check (a missing barrier fails one of them).
+    for order in ["ascending", "descending"] {
+        assert!(
+            stdout.contains(&format!("== thread order: {order}")),
+            "no run in the {order} thread order:\n{stdout}"
+        );
+    }
+    assert_eq!(
+        stdout.matches("checks passed").count(),
+        2,
+        "one summary per thread order:\n{stdout}"
     );
+    assert!(!stdout.contains("FAIL"), "{stdout}");
     // The same build, run on the loss kernel's inputs (after the checks: one build at a time).
     pair_loss_kernel_matches_the_host(&out.join("checks"));
     sampling_kernel_matches_the_host_port_and_the_cpu_sampler(&out.join("checks"));
@@ -147,6 +162,7 @@ fn run_checks_mode(checks: &Path, mode: &str, input: &str) -> Vec<u64> {
     let (inp, outp) = (dir.join("in.txt"), dir.join("out.txt"));
     std::fs::write(&inp, input).unwrap();
     let run = Command::new(checks)
+        .env("GE_EMU_ORDER", "descending")
         .arg(mode)
         .arg(&inp)
         .arg(&outp)

@@ -2,7 +2,9 @@
 # Runs the kernels of kernels/ on the CPU: compiles their real source with a host C++ compiler
 # and tools/kernel-emu/emu.h (threads for CUDA threads, barriers for __syncthreads and warp
 # shuffles, the tensor-core mma.sync and ldmatrix emulated per warp), links
-# tools/kernel-emu/checks.cpp (float64 references) and runs it. No GPU or CUDA toolkit needed;
+# tools/kernel-emu/checks.cpp (float64 references) and runs it, once with a block's threads
+# one at a time in ascending rank order and once in descending (side by side), so that a
+# missing barrier shows in one of them (tools/kernel-emu/emu.h). No GPU or CUDA toolkit needed;
 # tests/kernel_emu.rs runs this as part of `cargo test`. optim.cu's casts are checked here, its
 # AdamW update by tests/kernel_emu.rs (the `adamw` mode, bit for bit against the host's AdamW).
 #
@@ -13,6 +15,8 @@
 #   tools/kernel-emu.sh sampling-exp IN OUT  the sampling exponential on IN's values (same)
 #   tools/kernel-emu.sh adamw IN OUT         the AdamW update on IN's tensors (same)
 #
+# KERNEL_EMU_ORDERS: the thread orders to run (default "ascending descending"; "parallel" runs
+# a block's threads as concurrent OS threads). The IN OUT modes run in the first order only.
 # Uses $CXX, else g++, else clang++ (C++20: std::barrier). Build products go to
 # ${KERNEL_EMU_DIR:-target/kernel-emu}.
 set -euo pipefail
@@ -42,4 +46,24 @@ for u in "${units[@]}"; do
   objs+=("$obj")
 done
 "$cxx" "${flags[@]}" -include "$root/tools/kernel-emu/emu.h" "$root/tools/kernel-emu/checks.cpp" "${objs[@]}" -o "$out/checks"
-"$out/checks" "$@"
+# The thread orders (tools/kernel-emu/emu.h): by default both one-at-a-time orders, each a
+# single OS thread, run side by side; KERNEL_EMU_ORDERS="parallel" (or any list) to choose.
+read -r -a orders <<<"${KERNEL_EMU_ORDERS:-ascending descending}"
+case ${1:-} in
+  pair-losses | sample-rows | sampling-exp | adamw) orders=("${orders[0]}") ;;
+esac
+if ((${#orders[@]} == 1)); then
+  GE_EMU_ORDER=${orders[0]} exec "$out/checks" "$@"
+fi
+pids=()
+for o in "${orders[@]}"; do
+  GE_EMU_ORDER=$o "$out/checks" "$@" >"$out/run-$o.log" 2>&1 &
+  pids+=($!)
+done
+rc=0
+for i in "${!orders[@]}"; do
+  wait "${pids[$i]}" || rc=1
+  echo "== thread order: ${orders[$i]}"
+  cat "$out/run-${orders[$i]}.log"
+done
+exit $rc

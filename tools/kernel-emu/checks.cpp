@@ -23,6 +23,7 @@ thread_local dim3 threadIdx;
 thread_local dim3 blockIdx;
 namespace ge_emu {
 Block* block = nullptr;
+Sequencer* sequencer = nullptr;
 thread_local unsigned int thread_rank = 0;
 thread_local std::vector<AsyncCopy> async_open;
 thread_local std::vector<std::vector<AsyncCopy>> async_groups;

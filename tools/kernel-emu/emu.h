@@ -14,6 +14,18 @@
 // them instead of their inline PTX when built with GE_KERNEL_EMU. __syncwarp is a barrier
 // over the warp's live threads.
 //
+// Thread order ($GE_EMU_ORDER): `parallel` (the default) runs a block's threads at once, in
+// whatever order the OS gives them. `ascending` and `descending` run them one at a time, as
+// fibers: the runnable thread of lowest rank (highest, descending) runs until it reaches a
+// barrier (or a warp-wide operation, or returns), then the runnable thread of lowest rank
+// takes over. So the first warp runs ahead of the others up to each __syncthreads, and lanes
+// run in rank order between the warp's barriers: a read of another thread's write that lacks
+// a barrier sees the old value in one of the two orders, every time, where the parallel
+// order hits it by chance. These orders also track the shared-memory pieces each thread's
+// cp.async landed: ldmatrix reading one that another thread landed, before that thread
+// passed a __syncthreads / __syncwarp, aborts the run (the warp-wide operations synchronise
+// the emulation's lanes, so stale data alone would not show that missing barrier).
+//
 // What it does not model: timing, occupancy, memory coalescing, the tensor cores' internal
 // accumulation order, and the differences between the device's and the host's math functions
 // (expf, logf: a few ulps).
@@ -30,8 +42,11 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <string>
 #include <thread>
 #include <type_traits>
+#include <ucontext.h>
+#include <unordered_map>
 #include <vector>
 
 struct dim3 {
@@ -58,13 +73,93 @@ struct alignas(16) float4 {
 
 namespace ge_emu {
 
+// $GE_EMU_ORDER (see the top of this file).
+enum class Order { Parallel, Ascending, Descending };
+inline Order thread_order() {
+    static const Order order = [] {
+        const char* v = std::getenv("GE_EMU_ORDER");
+        const std::string s = v ? v : "parallel";
+        if (s == "parallel") return Order::Parallel;
+        if (s == "ascending") return Order::Ascending;
+        if (s == "descending") return Order::Descending;
+        std::fprintf(stderr, "emu: GE_EMU_ORDER=%s: want parallel, ascending or descending\n",
+                     s.c_str());
+        std::exit(2);
+    }();
+    return order;
+}
+
+class Barrier;
+
+// The one-at-a-time orders run a block's threads as fibers (ucontext) on the launching OS
+// thread: a thread that reaches a barrier switches back to the scheduler, which resumes the
+// runnable thread of lowest rank (highest when descending). No locks: one fiber runs at a
+// time.
+// One queued cp.async (see cp_async16 below).
+struct AsyncCopy {
+    void* dst;
+    const void* src;
+    bool valid;
+};
+struct Fiber {
+    ucontext_t context;
+    std::unique_ptr<char[]> stack;
+    std::vector<AsyncCopy> async_open;  // its cp.async state while it does not run
+    std::vector<std::vector<AsyncCopy>> async_groups;
+    const Barrier* waiting_on = nullptr;  // the barrier it waits at, or null
+    unsigned long long waiting_phase = 0;
+    bool done = false;
+};
+// Stack of each fiber (untouched pages cost nothing).
+constexpr std::size_t kFiberStack = 512 * 1024;
+struct Sequencer {
+    bool descending = false;
+    std::vector<Fiber> fibers;
+    ucontext_t scheduler;
+    unsigned int running = 0;
+    std::function<void()> body;  // the kernel with its arguments
+    bool runnable(unsigned int t) const;
+    // Back to the scheduler from the running fiber.
+    void yield() { swapcontext(&fibers[running].context, &scheduler); }
+};
+extern Sequencer* sequencer;  // set during a launch in the one-at-a-time orders
+
+// A barrier over a fixed set of threads (a block, or one warp's lanes), of either kind.
+class Barrier {
+  public:
+    explicit Barrier(unsigned int participants) : participants_(participants) {
+        if (sequencer == nullptr) parallel_ = std::make_unique<std::barrier<>>(participants);
+    }
+    void arrive_and_wait();
+    void arrive_and_drop();
+    unsigned long long phase() const { return phase_; }
+
+  private:
+    std::unique_ptr<std::barrier<>> parallel_;
+    unsigned int participants_;
+    unsigned int arrived_ = 0;
+    unsigned long long phase_ = 0;
+};
+
+inline bool Sequencer::runnable(unsigned int t) const {
+    const Fiber& f = fibers[t];
+    return !f.done && (f.waiting_on == nullptr || f.waiting_on->phase() > f.waiting_phase);
+}
+
 // The running block: its barriers, the warps' shuffle slots and its dynamic shared memory.
 struct Block {
-    std::unique_ptr<std::barrier<>> all;
-    std::vector<std::unique_ptr<std::barrier<>>> warps;
+    std::unique_ptr<Barrier> all;
+    std::vector<std::unique_ptr<Barrier>> warps;
     std::vector<unsigned long long> slots;  // one per thread
     std::vector<std::array<unsigned int, 6>> mma;  // one per thread: a0..a3, b0, b1
     std::vector<unsigned char> dynamic_shared;
+    // One-at-a-time orders only: the 16-byte pieces that a thread's cp.async landed at its
+    // wait and that it has not yet published by a barrier (piece address -> thread), and each
+    // thread's list of them. ldmatrix reading another thread's piece from here is the
+    // missing-barrier bug the device would show as stale data now and then.
+    std::unordered_map<std::uintptr_t, unsigned int> unpublished;
+    std::vector<std::vector<std::uintptr_t>> unpublished_by;
+    unsigned long long visibility_errors = 0;
 };
 
 extern Block* block;
@@ -74,6 +169,45 @@ inline unsigned char* dynamic_shared() {
     // 16-byte aligned, as the device's dynamic shared memory.
     auto p = reinterpret_cast<std::uintptr_t>(block->dynamic_shared.data());
     return reinterpret_cast<unsigned char*>((p + 15) & ~std::uintptr_t{15});
+}
+
+// The calling thread reaches a barrier: the pieces its cp.async landed are visible to the
+// barrier's other threads once it completes (their reads wait for it).
+inline void publish_async_copies() {
+    auto& mine = block->unpublished_by[thread_rank];
+    for (const std::uintptr_t p : mine) {
+        const auto it = block->unpublished.find(p);
+        if (it != block->unpublished.end() && it->second == thread_rank) block->unpublished.erase(it);
+    }
+    mine.clear();
+}
+
+inline void Barrier::arrive_and_wait() {
+    if (parallel_) {
+        parallel_->arrive_and_wait();
+        return;
+    }
+    Fiber& f = sequencer->fibers[thread_rank];
+    f.waiting_on = this;
+    f.waiting_phase = phase_;
+    if (++arrived_ == participants_) {
+        arrived_ = 0;
+        ++phase_;
+    }
+    sequencer->yield();
+    f.waiting_on = nullptr;
+}
+
+inline void Barrier::arrive_and_drop() {
+    if (parallel_) {
+        parallel_->arrive_and_drop();
+        return;
+    }
+    --participants_;
+    if (arrived_ > 0 && arrived_ == participants_) {
+        arrived_ = 0;
+        ++phase_;
+    }
 }
 
 inline unsigned int warp_of_thread() { return thread_rank / 32; }
@@ -110,8 +244,14 @@ extern thread_local dim3 blockIdx;
 extern dim3 blockDim;
 extern dim3 gridDim;
 
-inline void __syncthreads() { ge_emu::block->all->arrive_and_wait(); }
+// The barriers that make a thread's cp.async pieces visible to others (the warp-wide
+// operations below synchronise the emulation's lanes but publish nothing).
+inline void __syncthreads() {
+    if (ge_emu::sequencer != nullptr) ge_emu::publish_async_copies();
+    ge_emu::block->all->arrive_and_wait();
+}
 inline void __syncwarp(unsigned int = 0xffffffffu) {
+    if (ge_emu::sequencer != nullptr) ge_emu::publish_async_copies();
     ge_emu::block->warps[ge_emu::warp_of_thread()]->arrive_and_wait();
 }
 
@@ -214,6 +354,23 @@ inline void ldmatrix(unsigned int* r, int count, const void* row, bool trans) {
     auto row_of = [&](int m, unsigned int i) {
         return reinterpret_cast<const unsigned short*>(block->slots[warp * 32 + 8 * m + i]);
     };
+    if (sequencer != nullptr) {
+        // Every row this lane reads (as ldmatrix reads whole 16-byte rows) must not be
+        // another thread's unpublished cp.async piece.
+        for (int m = 0; m < count; ++m) {
+            for (unsigned int i = 0; i < 8; ++i) {
+                if (trans ? (i / 2 != lane % 4) : (i != lane / 4)) continue;
+                const auto p = reinterpret_cast<std::uintptr_t>(row_of(m, i));
+                const auto it = block->unpublished.find(p & ~std::uintptr_t{15});
+                if (it != block->unpublished.end() && it->second != thread_rank &&
+                    block->visibility_errors++ == 0) {
+                    std::fprintf(stderr, "emu: thread %u: ldmatrix reads shared memory that "
+                                 "thread %u's cp.async wrote, with no barrier between\n",
+                                 thread_rank, it->second);
+                }
+            }
+        }
+    }
     for (int m = 0; m < count; ++m) {
         unsigned short lo, hi;
         if (!trans) {
@@ -233,11 +390,6 @@ inline void ldmatrix(unsigned int* r, int count, const void* row, bool trans) {
 // thread's open group, `commit` closes the group, and `wait(n)` performs the oldest groups
 // until at most n are pending. The bytes land only at the wait, so a kernel that reads a
 // tile before waiting for it reads stale shared memory here too.
-struct AsyncCopy {
-    void* dst;
-    const void* src;
-    bool valid;
-};
 extern thread_local std::vector<AsyncCopy> async_open;
 extern thread_local std::vector<std::vector<AsyncCopy>> async_groups;
 
@@ -256,6 +408,11 @@ inline void cp_async_wait(int n) {
                 std::memcpy(c.dst, c.src, 16);
             } else {
                 std::memset(c.dst, 0, 16);
+            }
+            if (sequencer != nullptr) {
+                const auto p = reinterpret_cast<std::uintptr_t>(c.dst);
+                block->unpublished[p] = thread_rank;
+                block->unpublished_by[thread_rank].push_back(p);
             }
         }
         ++done;
@@ -330,6 +487,76 @@ inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v)
 // threads that returned early).
 namespace ge_emu {
 
+// A fiber's start: the kernel, then it leaves the barriers, as a returning thread does, and
+// goes back to the scheduler for good.
+inline void fiber_entry() {
+    Sequencer& q = *sequencer;
+    q.body();
+    const unsigned int t = q.running;
+    block->warps[t / 32]->arrive_and_drop();
+    block->all->arrive_and_drop();
+    q.fibers[t].done = true;
+    swapcontext(&q.fibers[t].context, &q.scheduler);
+}
+
+// A block's threads as fibers, one at a time, lowest rank first (highest when descending; see
+// Sequencer): `body` runs the kernel for the thread `thread_rank`.
+inline void run_block_as_fibers(Sequencer& q, unsigned int n, const dim3& threads) {
+    for (auto& f : q.fibers) {
+        f.done = false;
+        f.waiting_on = nullptr;
+        getcontext(&f.context);
+        f.context.uc_stack.ss_sp = f.stack.get();
+        f.context.uc_stack.ss_size = kFiberStack;
+        f.context.uc_link = nullptr;
+        makecontext(&f.context, fiber_entry, 0);
+    }
+    std::vector<AsyncCopy> open;
+    std::vector<std::vector<AsyncCopy>> groups;
+    // Always the first runnable thread in rank order (lowest rank, or highest when
+    // descending): that thread's warp runs ahead as far as it can, and other warps' writes
+    // that it reads without a barrier are not there yet.
+    unsigned int first_live = 0;  // ranks (in order) before this one are done
+    for (;;) {
+        unsigned int next = n;
+        while (first_live < n && q.fibers[q.descending ? n - 1 - first_live : first_live].done) {
+            ++first_live;
+        }
+        for (unsigned int k = first_live; k < n; ++k) {
+            const unsigned int t = q.descending ? n - 1 - k : k;
+            if (q.runnable(t)) {
+                next = t;
+                break;
+            }
+        }
+        if (next == n) {
+            for (unsigned int t = 0; t < n; ++t) {
+                if (!q.fibers[t].done) {
+                    std::fprintf(stderr, "emu: deadlock: thread %u waits at a barrier no other "
+                                 "thread can reach\n", t);
+                    std::abort();
+                }
+            }
+            return;
+        }
+        q.running = next;
+        thread_rank = next;
+        threadIdx = dim3{next % threads.x, (next / threads.x) % threads.y,
+                         next / (threads.x * threads.y)};
+        // The fiber's cp.async state lives in the thread-local queues while it runs.
+        std::swap(async_open, q.fibers[next].async_open);
+        std::swap(async_groups, q.fibers[next].async_groups);
+        swapcontext(&q.scheduler, &q.fibers[next].context);
+        std::swap(async_open, q.fibers[next].async_open);
+        std::swap(async_groups, q.fibers[next].async_groups);
+    }
+}
+
+// The launch: blocks in order. In the parallel order each block's threads run concurrently,
+// one OS thread per thread of a block, made once per launch: between blocks they meet the
+// launching thread at two barriers, while it sets up the next block's barriers (the kernel's
+// may have been left by threads that returned early). In the one-at-a-time orders they run
+// as fibers on the launching thread.
 template <typename Args>
 void launch(void (*kernel)(Args), dim3 grid, dim3 threads, Args args,
             std::size_t dynamic_shared_bytes = 0) {
@@ -342,23 +569,48 @@ void launch(void (*kernel)(Args), dim3 grid, dim3 threads, Args args,
     blockDim = threads;
     const unsigned long long blocks =
         static_cast<unsigned long long>(grid.x) * grid.y * grid.z;
-    std::barrier<> start(n + 1), end(n + 1);
     Block b;
     dim3 current;
+    const Order order = thread_order();
+    Sequencer seq;
+    sequencer = order == Order::Parallel ? nullptr : &seq;
     auto prepare = [&](unsigned long long i) {
-        b.all = std::make_unique<std::barrier<>>(n);
+        b.all = std::make_unique<Barrier>(n);
         b.warps.clear();
         for (unsigned int w = 0; w < (n + 31) / 32; ++w) {
-            b.warps.push_back(std::make_unique<std::barrier<>>(std::min(32u, n - 32 * w)));
+            b.warps.push_back(std::make_unique<Barrier>(std::min(32u, n - 32 * w)));
         }
         b.slots.assign(n, 0);
         b.mma.assign(n, {});
+        b.unpublished.clear();
+        b.unpublished_by.assign(n, {});
         b.dynamic_shared.assign(dynamic_shared_bytes + 16, 0xcd);
         current = dim3{static_cast<unsigned int>(i % grid.x),
                        static_cast<unsigned int>((i / grid.x) % grid.y),
                        static_cast<unsigned int>(i / (static_cast<unsigned long long>(grid.x) * grid.y))};
     };
     block = &b;
+    if (sequencer != nullptr) {
+        seq.descending = order == Order::Descending;
+        seq.fibers = std::vector<Fiber>(n);
+        for (auto& f : seq.fibers) f.stack = std::make_unique<char[]>(kFiberStack);
+        seq.body = [&] { kernel(args); };
+        for (unsigned long long i = 0; i < blocks; ++i) {
+            prepare(i);
+            blockIdx = current;
+            run_block_as_fibers(seq, n, threads);
+            if (b.visibility_errors != 0) {
+                std::fprintf(stderr, "emu: %llu unsynchronised reads of cp.async data in block "
+                             "(%u, %u, %u)\n", b.visibility_errors, current.x, current.y,
+                             current.z);
+                std::abort();
+            }
+        }
+        block = nullptr;
+        sequencer = nullptr;
+        return;
+    }
+    std::barrier<> start(n + 1), end(n + 1);
     std::vector<std::thread> pool;
     pool.reserve(n);
     for (unsigned int t = 0; t < n; ++t) {
