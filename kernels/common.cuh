@@ -293,21 +293,6 @@ __device__ __forceinline__ float ge_warp_max(float v) {
     return v;
 }
 
-// Sum of `v` over every thread of a one-dimensional block, returned to every thread. The
-// block size must be a multiple of 32 (at most 1024) and every thread must call it;
-// `scratch` is 32 floats of shared memory, which may be reused right after the call.
-__device__ __forceinline__ float ge_block_sum(float v, float* scratch) {
-    const int lane = threadIdx.x % GE_WARP_SIZE;
-    const int warp = threadIdx.x / GE_WARP_SIZE;
-    const int warps = blockDim.x / GE_WARP_SIZE;
-    v = ge_warp_sum(v);
-    __syncthreads();  // an earlier call's readers are done with `scratch`
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    v = lane < warps ? scratch[lane] : 0.0f;
-    return ge_warp_sum(v);
-}
-
 // Index of this thread in a one-dimensional grid, and the grid's thread count, as 64-bit
 // values for grid-stride loops over tensors of more than 2^31 elements.
 __device__ __forceinline__ long long ge_global_index() {

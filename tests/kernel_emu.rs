@@ -155,11 +155,30 @@ fn adamw_kernel_is_the_host_update(checks: &Path) {
 }
 
 /// Runs `checks MODE IN OUT` (tools/kernel-emu/checks.cpp) on `input` written to IN, in a
-/// folder of its own per mode; returns OUT's words (hexadecimal bit patterns).
+/// folder of its own per mode; returns OUT's words (hexadecimal bit patterns). Each call's
+/// input and output stay there (`in-N.txt`, `out-N.txt`, N counting the mode's calls), so
+/// that a kernel change can be rerun on all of them by hand.
 fn run_checks_mode(checks: &Path, mode: &str, input: &str) -> Vec<u64> {
+    static CALLS: std::sync::Mutex<Vec<(String, usize)>> = std::sync::Mutex::new(Vec::new());
+    let n = {
+        let mut calls = CALLS.lock().unwrap();
+        match calls.iter_mut().find(|(m, _)| m == mode) {
+            Some((_, k)) => {
+                *k += 1;
+                *k
+            }
+            None => {
+                calls.push((mode.to_string(), 0));
+                0
+            }
+        }
+    };
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("kernel-emu-{mode}"));
     std::fs::create_dir_all(&dir).unwrap();
-    let (inp, outp) = (dir.join("in.txt"), dir.join("out.txt"));
+    let (inp, outp) = (
+        dir.join(format!("in-{n}.txt")),
+        dir.join(format!("out-{n}.txt")),
+    );
     std::fs::write(&inp, input).unwrap();
     let run = Command::new(checks)
         .env("GE_EMU_ORDER", "descending")
