@@ -395,7 +395,7 @@ fn target_logprobs_backward_matches_f64_finite_differences() {
     let before = tensor(&mut rng, &[vocab, d], 1.0);
     let mut wg = before.clone();
     let dh = be
-        .target_logprobs_backward(&hidden, &packed, &targets, &g, &mut wg)
+        .target_logprobs_backward(&hidden, &packed, &targets, &g, None, &mut wg)
         .unwrap();
     let dw: Vec<f32> = wg
         .data
@@ -480,16 +480,23 @@ fn backward_ops_reject_bad_shapes() {
     let mut head_grad = be.zeros(&[5, 4]).unwrap();
     let g = [1.0f32; 3];
     assert!(
-        be.target_logprobs_backward(&x, &w, &[0, 1, 5], &g, &mut head_grad)
+        be.target_logprobs_backward(&x, &w, &[0, 1, 5], &g, None, &mut head_grad)
             .is_err()
     );
     assert!(
-        be.target_logprobs_backward(&x, &w, &[0, 1], &g, &mut head_grad)
+        be.target_logprobs_backward(&x, &w, &[0, 1], &g, None, &mut head_grad)
             .is_err()
     );
     assert!(
-        be.target_logprobs_backward(&x, &w, &[0, 1, 2], &g, &mut be.zeros(&[4, 4]).unwrap())
-            .is_err()
+        be.target_logprobs_backward(
+            &x,
+            &w,
+            &[0, 1, 2],
+            &g,
+            None,
+            &mut be.zeros(&[4, 4]).unwrap()
+        )
+        .is_err()
     );
     assert!(be.zeros(&[usize::MAX, 2]).is_err());
 }

@@ -298,10 +298,10 @@ fn check_logprobs_backward(
     let what = format!("target_logprobs_backward n {n}, d {d}, vocab {vocab}, chunk {chunk}");
     for call in 1..=2 {
         let want = cpu
-            .target_logprobs_backward(&hidden, &cw, &targets, &d_logprob, &mut want_grad)
+            .target_logprobs_backward(&hidden, &cw, &targets, &d_logprob, None, &mut want_grad)
             .unwrap();
         let got = be
-            .target_logprobs_backward(&gh, &gw, &targets, &d_logprob, &mut got_grad)
+            .target_logprobs_backward(&gh, &gw, &targets, &d_logprob, None, &mut got_grad)
             .unwrap();
         assert_eq!(got.dtype(), DType::Bf16);
         assert_close(
@@ -320,10 +320,10 @@ fn check_logprobs_backward(
     // The gradient's own contribution (without g0) is what matters most: check it alone.
     let mut fresh = be.zeros_f32(&[vocab, d]).unwrap();
     let mut fresh_cpu = HostTensor::new(vec![vocab, d], vec![0.0; vocab * d]);
-    be.target_logprobs_backward(&gh, &gw, &targets, &d_logprob, &mut fresh)
+    be.target_logprobs_backward(&gh, &gw, &targets, &d_logprob, None, &mut fresh)
         .unwrap();
     let want_dh = cpu
-        .target_logprobs_backward(&hidden, &cw, &targets, &d_logprob, &mut fresh_cpu)
+        .target_logprobs_backward(&hidden, &cw, &targets, &d_logprob, None, &mut fresh_cpu)
         .unwrap();
     assert_close(
         &format!("{what}: lm_head_grad from zero"),
@@ -347,7 +347,7 @@ fn check_logprobs_backward(
     );
     let mut fresh1 = be.zeros_f32(&[vocab, d]).unwrap();
     let dh1 = be
-        .target_logprobs_backward_with_lse(&gh, &gw, &targets, &d_logprob, Some(&lse), &mut fresh1)
+        .target_logprobs_backward(&gh, &gw, &targets, &d_logprob, Some(&lse), &mut fresh1)
         .unwrap();
     assert_close(
         &format!("{what}: one pass: d_hidden"),
@@ -410,6 +410,7 @@ fn target_logprobs_backward_reports_bad_rows_and_targets() {
             &w,
             &[0, 1, 2, 3, 40],
             &g,
+            None,
             &mut grad,
         )
         .unwrap_err()
@@ -422,6 +423,7 @@ fn target_logprobs_backward_reports_bad_rows_and_targets() {
             &w,
             &[0, 1, 2, 3, 4],
             &g,
+            None,
             &mut grad,
         )
         .unwrap_err()
@@ -432,7 +434,7 @@ fn target_logprobs_backward_reports_bad_rows_and_targets() {
     let gh = be.upload(&hidden).unwrap();
     let targets = [0, 1, 2, 3, 4];
     let err = be
-        .target_logprobs_backward_with_lse(&gh, &w, &targets, &g, Some(&[1.0; 5]), &mut grad)
+        .target_logprobs_backward(&gh, &w, &targets, &g, Some(&[1.0; 5]), &mut grad)
         .unwrap_err()
         .to_string();
     assert!(err.contains("row 3 has a NaN"), "{err}");
@@ -440,12 +442,12 @@ fn target_logprobs_backward_reports_bad_rows_and_targets() {
     hidden.data[3 * d + 2] = 0.5;
     let gh = be.upload(&hidden).unwrap();
     let err = be
-        .target_logprobs_backward_with_lse(&gh, &w, &targets, &g, Some(&lse), &mut grad)
+        .target_logprobs_backward(&gh, &w, &targets, &g, Some(&lse), &mut grad)
         .unwrap_err()
         .to_string();
     assert!(err.contains("row 1: the forward's log-sum-exp"), "{err}");
     let err = be
-        .target_logprobs_backward_with_lse(&gh, &w, &targets, &g, Some(&[1.0; 4]), &mut grad)
+        .target_logprobs_backward(&gh, &w, &targets, &g, Some(&[1.0; 4]), &mut grad)
         .unwrap_err()
         .to_string();
     assert!(err.contains("log-sum-exps"), "{err}");
@@ -456,6 +458,7 @@ fn target_logprobs_backward_reports_bad_rows_and_targets() {
             &w,
             &[0, 1, 2, 3, 4],
             &g,
+            None,
             &mut be.zeros(&[vocab, d]).unwrap(),
         )
         .unwrap_err()

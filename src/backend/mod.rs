@@ -280,7 +280,7 @@ pub trait Backend: Send + Sync {
     ) -> Result<Vec<f32>>;
 
     /// [`Backend::target_logprobs`], and, where the backend's backward can use it, each row's
-    /// log-sum-exp of its logits for [`Backend::target_logprobs_backward_with_lse`] (which
+    /// log-sum-exp of its logits for [`Backend::target_logprobs_backward`]'s `lse` (which
     /// then skips its own pass over every row's logits for the softmax statistics). The
     /// default returns `None`: the backward computes the statistics itself.
     fn target_logprobs_with_lse(
@@ -589,20 +589,11 @@ pub trait Backend: Send + Sync {
     /// `dlogits[r] = d_logprob[r] * (onehot(targets[r]) - p[r])`, returns
     /// `d_hidden = dlogits @ lm_head` (`[n, d]`) and adds `dlogits^T @ hidden` to
     /// `lm_head_grad` (`[vocab, d]`, a plain tensor). Chunked over rows like the forward: the
-    /// logits of all `n` rows are never held at once.
-    fn target_logprobs_backward(
-        &self,
-        hidden: &Self::Tensor,
-        lm_head: &Self::Linear,
-        targets: &[u32],
-        d_logprob: &[f32],
-        lm_head_grad: &mut Self::Tensor,
-    ) -> Result<Self::Tensor>;
-
-    /// [`Backend::target_logprobs_backward`] with the log-sum-exp per row that
+    /// logits of all `n` rows are never held at once. `lse`: the log-sum-exp per row that
     /// [`Backend::target_logprobs_with_lse`] returned for the same `hidden`, `lm_head` and
-    /// `targets` (weights unchanged since), or `None` to compute it. The default ignores it.
-    fn target_logprobs_backward_with_lse(
+    /// `targets` (weights unchanged since), which spares a backend that can use it a pass over
+    /// the logits; `None` to compute the statistics (a backend may always ignore it).
+    fn target_logprobs_backward(
         &self,
         hidden: &Self::Tensor,
         lm_head: &Self::Linear,
@@ -610,10 +601,7 @@ pub trait Backend: Send + Sync {
         d_logprob: &[f32],
         lse: Option<&[f32]>,
         lm_head_grad: &mut Self::Tensor,
-    ) -> Result<Self::Tensor> {
-        let _ = lse;
-        self.target_logprobs_backward(hidden, lm_head, targets, d_logprob, lm_head_grad)
-    }
+    ) -> Result<Self::Tensor>;
 }
 
 /// [`Backend::add_rms_norm`] as its two ops: `add_assign`, then `rms_norm`.

@@ -749,40 +749,34 @@ fn logprobs_on<B: Backend>(
             be.target_logprobs(&hidden, t.lm_head(), &targets)?;
             fwd.push(started.elapsed().as_secs_f64());
         }
-        let sync = |x: &B::Tensor| -> Result<()> {
-            be.download(&be.gather_rows(x, &[0])?)?;
-            Ok(())
-        };
-        sync(&be.target_logprobs_backward(&hidden, t.lm_head(), &targets, &d_lp, &mut grad)?)?;
-        let mut bwd = Vec::new();
-        for _ in 0..iters {
-            let started = Instant::now();
-            let dh =
-                be.target_logprobs_backward(&hidden, t.lm_head(), &targets, &d_lp, &mut grad)?;
-            sync(&dh)?;
-            bwd.push(started.elapsed().as_secs_f64());
-        }
-        // The one-pass backward, with the forward's log-sum-exp (untimed forward).
-        let (_, lse) = be.target_logprobs_with_lse(&hidden, t.lm_head(), &targets)?;
-        let mut bwd1 = Vec::new();
-        if let Some(lse) = &lse {
-            let mut pass = || -> Result<f64> {
+        // A warm-up, then `iters` timed backwards (the returned gradient read back, so each
+        // pass is complete); with the forward's log-sum-exp when `lse` is set.
+        let mut time_backward = |lse: Option<&[f32]>| -> Result<Vec<f64>> {
+            let mut times = Vec::new();
+            for i in 0..=iters {
                 let started = Instant::now();
-                sync(&be.target_logprobs_backward_with_lse(
+                let dh = be.target_logprobs_backward(
                     &hidden,
                     t.lm_head(),
                     &targets,
                     &d_lp,
-                    Some(lse),
+                    lse,
                     &mut grad,
-                )?)?;
-                Ok(started.elapsed().as_secs_f64())
-            };
-            pass()?;
-            for _ in 0..iters {
-                bwd1.push(pass()?);
+                )?;
+                be.download(&be.gather_rows(&dh, &[0])?)?;
+                if i > 0 {
+                    times.push(started.elapsed().as_secs_f64());
+                }
             }
-        }
+            Ok(times)
+        };
+        let mut bwd = time_backward(None)?;
+        // The one-pass backward, with the forward's log-sum-exp (untimed forward).
+        let (_, lse) = be.target_logprobs_with_lse(&hidden, t.lm_head(), &targets)?;
+        let mut bwd1 = match &lse {
+            Some(lse) => time_backward(Some(lse))?,
+            None => Vec::new(),
+        };
         let (f, b) = (median(&mut fwd), median(&mut bwd));
         let b1 = (!bwd1.is_empty()).then(|| median(&mut bwd1));
         let logits = (n * vocab) as f64 * eb;

@@ -352,7 +352,7 @@ impl<B: Backend> Transformer<B> {
         } else {
             &mut g.lm_head
         };
-        let d_scored = be.target_logprobs_backward_with_lse(
+        let d_scored = be.target_logprobs_backward(
             &acts.hidden_scored,
             &w.lm_head,
             &acts.targets,

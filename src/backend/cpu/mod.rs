@@ -706,6 +706,9 @@ impl Backend for CpuBackend {
         lm_head: &PackedMatrix,
         targets: &[u32],
         d_logprob: &[f32],
+        // The reference computes each row's statistics itself
+        // (`target_logprobs_with_lse` hands over none here).
+        _lse: Option<&[f32]>,
         lm_head_grad: &mut HostTensor,
     ) -> Result<HostTensor> {
         let (n, d) = as_matrix(hidden);

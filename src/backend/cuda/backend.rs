@@ -80,7 +80,6 @@ pub const ON_CUDA: &[&str] = &[
     "accumulate_bias_grad",
     "target_logprobs_backward",
     "target_logprobs_with_lse",
-    "target_logprobs_backward_with_lse",
     "adamw_update",
     "adamw_update_tensor",
     "adamw_update_linear",
@@ -1353,17 +1352,6 @@ impl Backend for CudaBackend {
     }
 
     fn target_logprobs_backward(
-        &self,
-        hidden: &CudaTensor,
-        lm_head: &CudaLinear,
-        targets: &[u32],
-        d_logprob: &[f32],
-        lm_head_grad: &mut CudaTensor,
-    ) -> Result<CudaTensor> {
-        self.train_target_logprobs_backward(hidden, lm_head, targets, d_logprob, None, lm_head_grad)
-    }
-
-    fn target_logprobs_backward_with_lse(
         &self,
         hidden: &CudaTensor,
         lm_head: &CudaLinear,
