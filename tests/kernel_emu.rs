@@ -52,7 +52,7 @@ fn cuda_core_kernels_match_float64_references_in_the_cpu_emulation() {
     let result = Command::new("bash")
         .arg(root.join("tools/kernel-emu.sh"))
         .env("KERNEL_EMU_DIR", &out)
-        .env("KERNEL_EMU_ORDERS", "ascending descending")
+        .env("KERNEL_EMU_ORDERS", "ascending descending:issue")
         .current_dir(root)
         .output()
         .expect("runs bash tools/kernel-emu.sh");
@@ -65,7 +65,7 @@ fn cuda_core_kernels_match_float64_references_in_the_cpu_emulation() {
         result.status
     );
     // Both thread orders ran every check (a missing barrier fails one of them).
-    for order in ["ascending", "descending"] {
+    for order in ["ascending", "descending:issue"] {
         assert!(
             stdout.contains(&format!("== thread order: {order}")),
             "no run in the {order} thread order:\n{stdout}"
@@ -80,6 +80,7 @@ fn cuda_core_kernels_match_float64_references_in_the_cpu_emulation() {
     // The same build, run on the loss kernel's inputs (after the checks: one build at a time).
     pair_loss_kernel_matches_the_host(&out.join("checks"));
     sampling_kernel_matches_the_host_port_and_the_cpu_sampler(&out.join("checks"));
+    sampling_kernel_filtered_paths_match_the_cpu_sampler(&out.join("checks"));
     kernel_exponential_is_the_cpu_definition(&out.join("checks"));
     adamw_kernel_is_the_host_update(&out.join("checks"));
 }
@@ -456,6 +457,127 @@ fn sampling_kernel_matches_the_host_port_and_the_cpu_sampler(checks: &Path) {
         "sampling: the emulated kernel draws the host port's and the CPU's tokens on {checked} rows \
          ({greedy_ties} greedy rows with tied maxima, {later_tiles} walks past a chunk's first \
          tile); bad rows refused"
+    );
+}
+
+/// The filtered (top-k / top-p) paths of `ge_sample_rows[_bf16]` that random rows rarely
+/// reach, run by the emulation against the host port and the CPU sampler: the whole-row
+/// searches (more than `CAP` tokens at the histogram's bound: top-k 5,000, and top-p 0.95 on a
+/// flat row), the cut inside a tie at the k-th key (compacted and whole-row), top-p ending
+/// inside a tie, top-k together with top-p, and a top-k at or above the candidate count
+/// (no floor at all). Every path is asserted to have been taken, so that the barriers on it
+/// are exercised (`tools/kernel-emu-barrier-sweep.sh` reruns these inputs without each one).
+fn sampling_kernel_filtered_paths_match_the_cpu_sampler(checks: &Path) {
+    #[derive(Clone, Copy, Debug)]
+    enum Shape {
+        /// Uniform in [-8, 8].
+        Spread,
+        /// Uniform in [-0.5, 0.5]: the nucleus holds most of the vocabulary.
+        Flat,
+        /// Multiples of 0.5 in [-4, 4], then 100 tokens at 6.0 and 50 at 5.5: ties everywhere.
+        Ties,
+        /// Multiples of 0.5 in [-4, 4]: thousands tied at the top key.
+        Steps,
+        /// 30 finite logits, the rest -inf.
+        Sparse,
+    }
+    let cases: [(Shape, f32, usize, f32); 10] = [
+        (Shape::Spread, 0.7, 5_000, 1.0),
+        (Shape::Flat, 1.0, 0, 0.95),
+        (Shape::Spread, 1.3, 50, 0.8),
+        (Shape::Spread, 1.0, 1_000_000, 1.0),
+        (Shape::Ties, 1.0, 120, 1.0),
+        (Shape::Ties, 1.0, 0, 0.5),
+        (Shape::Sparse, 1.0, 40, 1.0),
+        (Shape::Sparse, 0.9, 10, 0.7),
+        (Shape::Steps, 1.0, 1_000, 1.0),
+        (Shape::Flat, 1.0, 3_000, 0.9),
+    ];
+    let mut rng = Rng::new(9_001);
+    let (mut compacted, mut whole_row, mut checked) = (0, 0, 0);
+    for (vocab, bf16) in [(151_936usize, true), (50_003, false)] {
+        let mut logits = Vec::with_capacity(vocab * cases.len());
+        for &(shape, ..) in &cases {
+            let start = logits.len();
+            logits.extend((0..vocab).map(|_| {
+                let x = 2.0 * rng.uniform() - 1.0;
+                match shape {
+                    Shape::Spread => 8.0 * x,
+                    Shape::Flat => 0.5 * x,
+                    Shape::Ties | Shape::Steps => (8.0 * x).round() * 0.5,
+                    Shape::Sparse => f32::NEG_INFINITY,
+                }
+            }));
+            let row = &mut logits[start..];
+            match shape {
+                Shape::Ties => {
+                    for j in 0..150 {
+                        row[rng.below(vocab)] = if j < 100 { 6.0 } else { 5.5 };
+                    }
+                }
+                Shape::Sparse => {
+                    for _ in 0..30 {
+                        row[rng.below(vocab)] = 4.0 * rng.uniform();
+                    }
+                }
+                _ => {}
+            }
+            if bf16 {
+                for x in row.iter_mut() {
+                    *x = half::bf16::from_f32(*x).to_f32();
+                }
+            }
+        }
+        let rows: Vec<RowSampling> = cases
+            .iter()
+            .enumerate()
+            .map(|(r, &(_, temperature, top_k, top_p))| RowSampling {
+                params: SamplingParams {
+                    temperature,
+                    top_k,
+                    top_p,
+                    seed: 0xf17e_0000 + r as u64 * 31 + vocab as u64,
+                },
+                seq_id: 1_000 + r as u64,
+                position: (r * 7 + 3) as u32,
+            })
+            .collect();
+        let got = unpack_outputs(
+            &emulated_sample_rows(checks, &logits, vocab, &rows, bf16),
+            vocab,
+        )
+        .unwrap();
+        for (r, (g, row)) in got.iter().zip(&rows).enumerate() {
+            let l = &logits[r * vocab..(r + 1) * vocab];
+            let what = format!(
+                "vocab {vocab}, bf16 {bf16}, row {r} ({:?}), {:?}",
+                cases[r].0, row.params
+            );
+            let (port, compact) =
+                filtered_sample(l, &row.params, row.seq_id, row.position).unwrap();
+            let cpu = sample(l, &row.params, row.seq_id, row.position).unwrap();
+            for (name, want) in [("host port", port), ("CPU sampler", cpu)] {
+                assert_eq!(g.token, want.token, "{what}: kernel {g:?}, {name} {want:?}");
+                assert!(
+                    (g.logprob - want.logprob).abs() <= 1e-5
+                        && (g.sampling_logprob - want.sampling_logprob).abs() <= 1e-5,
+                    "{what}: kernel {g:?}, {name} {want:?}"
+                );
+            }
+            if compact {
+                compacted += 1;
+            } else {
+                whole_row += 1;
+            }
+            checked += 1;
+        }
+    }
+    // Both search paths ran, on both vocabularies' worth of rows.
+    assert!(compacted >= 6, "{compacted} compacted rows");
+    assert!(whole_row >= 6, "{whole_row} whole-row rows");
+    println!(
+        "sampling, filtered paths: the emulated kernel draws the host port's and the CPU's tokens \
+         on {checked} rows ({compacted} compacted, {whole_row} searched over the whole row)"
     );
 }
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Barrier mutation sweep for the CPU kernel emulation: removes each __syncthreads() /
 # __syncwarp() of kernels/ in turn (in a copy of the tree) and reruns the emulation checks
-# that cover its unit, in both one-at-a-time thread orders (tools/kernel-emu/emu.h). Prints one
+# that cover its unit, in both one-at-a-time thread orders (tools/kernel-emu/emu.h; the
+# descending one with cp.async copies landing at issue). Prints one
 # line per barrier: the check group that failed, or NOT-CAUGHT (a barrier that is redundant,
 # or whose path no check reaches). The sampling and loss kernels are checked through the
 # inputs the kernel_emu test left under target/tmp (run `cargo test --release --test

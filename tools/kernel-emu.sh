@@ -15,8 +15,12 @@
 #   tools/kernel-emu.sh sampling-exp IN OUT  the sampling exponential on IN's values (same)
 #   tools/kernel-emu.sh adamw IN OUT         the AdamW update on IN's tensors (same)
 #
-# KERNEL_EMU_ORDERS: the thread orders to run (default "ascending descending"; "parallel" runs
-# a block's threads as concurrent OS threads). The IN OUT modes run in the first order only.
+# KERNEL_EMU_ORDERS: the thread orders to run (default "ascending descending:issue";
+# "parallel" runs a block's threads as concurrent OS threads). An order may end in ":issue"
+# (cp.async copies land when issued, the earliest the device may) or ":wait" (at the wait, the
+# latest; the default): the ascending run lands them late, the descending run early, so a
+# missing wait and a refill that races other threads' reads (tools/kernel-emu/emu.h) both
+# show. The IN OUT modes run in the first order only.
 # Uses $CXX, else g++, else clang++ (C++20: std::barrier). Build products go to
 # ${KERNEL_EMU_DIR:-target/kernel-emu}.
 set -euo pipefail
@@ -48,22 +52,29 @@ done
 "$cxx" "${flags[@]}" -include "$root/tools/kernel-emu/emu.h" "$root/tools/kernel-emu/checks.cpp" "${objs[@]}" -o "$out/checks"
 # The thread orders (tools/kernel-emu/emu.h): by default both one-at-a-time orders, each a
 # single OS thread, run side by side; KERNEL_EMU_ORDERS="parallel" (or any list) to choose.
-read -r -a orders <<<"${KERNEL_EMU_ORDERS:-ascending descending}"
+read -r -a orders <<<"${KERNEL_EMU_ORDERS:-ascending descending:issue}"
 case ${1:-} in
   pair-losses | sample-rows | sampling-exp | adamw) orders=("${orders[0]}") ;;
 esac
+# One order's environment: GE_EMU_ORDER and GE_EMU_ASYNC from "order[:landing]".
+order_env() {
+  local landing=wait
+  [[ $1 == *:* ]] && landing=${1#*:}
+  echo "GE_EMU_ORDER=${1%%:*} GE_EMU_ASYNC=$landing"
+}
 if ((${#orders[@]} == 1)); then
-  GE_EMU_ORDER=${orders[0]} exec "$out/checks" "$@"
+  exec env $(order_env "${orders[0]}") "$out/checks" "$@"
 fi
 pids=()
 for o in "${orders[@]}"; do
-  GE_EMU_ORDER=$o "$out/checks" "$@" >"$out/run-$o.log" 2>&1 &
+  env $(order_env "$o") "$out/checks" "$@" >"$out/run-${o/:/-}.log" 2>&1 &
   pids+=($!)
 done
 rc=0
 for i in "${!orders[@]}"; do
   wait "${pids[$i]}" || rc=1
   echo "== thread order: ${orders[$i]}"
-  cat "$out/run-${orders[$i]}.log"
+  o=${orders[$i]}
+  cat "$out/run-${o/:/-}.log"
 done
 exit $rc

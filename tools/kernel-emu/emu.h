@@ -7,6 +7,11 @@
 // barriers over the warp's live threads (each lane publishes its value, then reads its
 // partner's). A thread that returns leaves both barriers, as exited threads do on the GPU.
 // `__shared__` becomes `static`: one instance, which is right while one block runs at a time.
+// Those statics live in their own linker section, which is filled with 0xcd bytes before every
+// block (as the dynamic shared memory is): the device's shared memory starts undefined, so a
+// kernel that reads a shared variable before its block wrote it (a missing initialisation, or
+// a missing barrier after one) reads garbage here too instead of a friendly zero or the
+// previous block's value.
 //
 // The tensor-core instructions the attention kernels use (mma.sync m16n8k16, bf16 in, f32
 // accumulate; ldmatrix, plain and transposed) are emulated per warp from the PTX ISA's
@@ -25,6 +30,12 @@
 // cp.async landed: ldmatrix reading one that another thread landed, before that thread
 // passed a __syncthreads / __syncwarp, aborts the run (the warp-wide operations synchronise
 // the emulation's lanes, so stale data alone would not show that missing barrier).
+//
+// When cp.async copies land ($GE_EMU_ASYNC): `wait` (the default) lands them at the thread's
+// cp.async.wait, the latest the device may; `issue` lands them at the cp.async itself (and
+// again at the wait), the earliest: then a refill issued while other threads may still read
+// the stage it overwrites (a missing barrier before the refill: a write-after-read race) gives
+// those threads the new data, where landing at the wait would hide it behind the wait.
 //
 // What it does not model: timing, occupancy, memory coalescing, the tensor cores' internal
 // accumulation order, and the differences between the device's and the host's math functions
@@ -66,12 +77,22 @@ struct alignas(16) float4 {
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __shared__ static
+#define __shared__ static __attribute__((section("ge_emu_shared"), used))
 #define __align__(n) __attribute__((aligned(n)))
 #define __launch_bounds__(...)
 #define __restrict__
 
+// The bounds of the `__shared__` statics' section (the linker defines them).
+extern "C" unsigned char __start_ge_emu_shared[];
+extern "C" unsigned char __stop_ge_emu_shared[];
+
 namespace ge_emu {
+
+// Fills every kernel's static shared memory with 0xcd bytes: the state a block must not rely on.
+inline void poison_static_shared() {
+    std::memset(__start_ge_emu_shared, 0xcd,
+                static_cast<std::size_t>(__stop_ge_emu_shared - __start_ge_emu_shared));
+}
 
 // $GE_EMU_ORDER (see the top of this file).
 enum class Order { Parallel, Ascending, Descending };
@@ -87,6 +108,19 @@ inline Order thread_order() {
         std::exit(2);
     }();
     return order;
+}
+
+// $GE_EMU_ASYNC (see the top of this file): whether cp.async copies land at issue.
+inline bool async_lands_at_issue() {
+    static const bool at_issue = [] {
+        const char* v = std::getenv("GE_EMU_ASYNC");
+        const std::string s = v ? v : "wait";
+        if (s == "wait") return false;
+        if (s == "issue") return true;
+        std::fprintf(stderr, "emu: GE_EMU_ASYNC=%s: want wait or issue\n", s.c_str());
+        std::exit(2);
+    }();
+    return at_issue;
 }
 
 class Barrier;
@@ -388,12 +422,20 @@ inline void ldmatrix(unsigned int* r, int count, const void* row, bool trans) {
 
 // `cp.async` (16 bytes, zero-filled when not valid), per thread: a copy is queued in the
 // thread's open group, `commit` closes the group, and `wait(n)` performs the oldest groups
-// until at most n are pending. The bytes land only at the wait, so a kernel that reads a
-// tile before waiting for it reads stale shared memory here too.
+// until at most n are pending. By default the bytes land only at the wait, so a kernel that
+// reads a tile before waiting for it reads stale shared memory here too; with
+// GE_EMU_ASYNC=issue they also land at once (see the top of this file).
 extern thread_local std::vector<AsyncCopy> async_open;
 extern thread_local std::vector<std::vector<AsyncCopy>> async_groups;
 
 inline void cp_async16(void* dst, const void* src, bool valid) {
+    if (async_lands_at_issue()) {
+        if (valid) {
+            std::memcpy(dst, src, 16);
+        } else {
+            std::memset(dst, 0, 16);
+        }
+    }
     async_open.push_back({dst, src, valid});
 }
 inline void cp_async_commit() {
@@ -585,6 +627,7 @@ void launch(void (*kernel)(Args), dim3 grid, dim3 threads, Args args,
         b.unpublished.clear();
         b.unpublished_by.assign(n, {});
         b.dynamic_shared.assign(dynamic_shared_bytes + 16, 0xcd);
+        poison_static_shared();
         current = dim3{static_cast<unsigned int>(i % grid.x),
                        static_cast<unsigned int>((i / grid.x) % grid.y),
                        static_cast<unsigned int>(i / (static_cast<unsigned long long>(grid.x) * grid.y))};
