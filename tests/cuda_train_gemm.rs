@@ -370,7 +370,16 @@ fn check_logprobs_backward(
     ignore = "needs a CUDA GPU: built by tools/gpu-prepare.sh (GENIUS_GPU_TESTS=1), run by tools/gpu-check.sh"
 )]
 fn target_logprobs_backward_matches_cpu_in_chunks() {
-    let Some(be) = gpu() else { return };
+    // The log-sum-exp handed over whatever GENIUS_CUDA_LOGPROB_LSE says (both forms are
+    // checked here).
+    let Some(be) = common::cuda::gpu_with(|o| CudaOptions {
+        sync_after_launch: true,
+        logprob_lse: true,
+        ..o
+    }) else {
+        return;
+    };
+    let be = &be;
     let mut rng = Rng::new(105);
     // (n, d, vocab, chunk rows; 0 = the default, one chunk here). d = 96 with 7-row chunks
     // gives row offsets that are not 256-byte aligned (the copied path); d = 128 and 576 with
@@ -482,6 +491,7 @@ fn logprob_chunks_overlapped_on_two_streams_match() {
         sync_after_launch: false,
         logprob_overlap: true,
         tune_gemms: false,
+        logprob_lse: true,
         ..o
     }) else {
         return;
@@ -490,6 +500,7 @@ fn logprob_chunks_overlapped_on_two_streams_match() {
         sync_after_launch: false,
         logprob_overlap: false,
         tune_gemms: false,
+        logprob_lse: true,
         ..o
     })
     .expect("a second backend on the same device");

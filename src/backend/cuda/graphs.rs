@@ -295,9 +295,11 @@ impl DecodeGraphs {
         }
     }
 
-    /// Drops every graph (their memory goes back with them).
+    /// Drops every graph (their memory goes back with them); each shape warms up eagerly
+    /// again before its next capture.
     pub(super) fn clear(&mut self) {
         self.graphs.clear();
+        self.warmed.clear();
     }
 }
 
@@ -422,12 +424,12 @@ impl CudaBackend {
             |l| self.gpu.ptr(&l.weight),
         );
         if fp != graphs.fingerprint {
-            if !graphs.graphs.is_empty() {
-                graphs.clear();
+            // New weights, pools or RoPE table: every shape warms up again before its capture.
+            let had_graphs = !graphs.graphs.is_empty();
+            graphs.clear();
+            if had_graphs {
                 self.trim_graph_memory()?;
             }
-            // New weights, pools or RoPE table: every shape warms up again before its capture.
-            graphs.warmed.clear();
             graphs.fingerprint = fp;
         }
         let key = (bucket, width);
