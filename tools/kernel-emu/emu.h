@@ -135,9 +135,88 @@ struct AsyncCopy {
     const void* src;
     bool valid;
 };
+// A fiber's saved context. On x86-64 a fiber switch is a few instructions of our own
+// (ge_emu_switch: the callee-saved registers and the SSE / x87 control words on the stack,
+// then the stack pointer); elsewhere ucontext's swapcontext, which also saves the signal mask
+// by a system call on every switch (several times slower: the emulation switches fibers at
+// every barrier, shuffle and warp-wide operation of every thread).
+#if defined(__x86_64__)
+#define GE_EMU_FAST_SWITCH 1
+extern "C" void ge_emu_switch(void** save_sp, void* load_sp);
+// Weak: every unit that includes this header carries a copy, the linker keeps one.
+asm(R"(
+    .text
+    .weak ge_emu_switch
+    .type ge_emu_switch, @function
+ge_emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    subq $8, %rsp
+    stmxcsr (%rsp)
+    fnstcw 4(%rsp)
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    ldmxcsr (%rsp)
+    fldcw 4(%rsp)
+    addq $8, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size ge_emu_switch, .-ge_emu_switch
+)");
+#endif
+struct FiberContext {
+#ifdef GE_EMU_FAST_SWITCH
+    void* sp = nullptr;
+#else
+    ucontext_t uc;
+#endif
+};
+// Saves the running context in `from` and resumes `to`.
+inline void switch_context(FiberContext& from, FiberContext& to) {
+#ifdef GE_EMU_FAST_SWITCH
+    ge_emu_switch(&from.sp, to.sp);
+#else
+    swapcontext(&from.uc, &to.uc);
+#endif
+}
+// Makes `c` start `entry` (which must never return) on the given stack.
+inline void start_context(FiberContext& c, char* stack, std::size_t size, void (*entry)()) {
+#ifdef GE_EMU_FAST_SWITCH
+    // The frame ge_emu_switch pops: control words, six registers, then `entry` as the return
+    // address, placed so that `entry` starts with the stack aligned as after a call.
+    const auto top = (reinterpret_cast<std::uintptr_t>(stack) + size) & ~std::uintptr_t{15};
+    auto* ret = reinterpret_cast<std::uint64_t*>(top - 16);
+    ret[0] = reinterpret_cast<std::uint64_t>(entry);
+    for (int i = 1; i <= 6; ++i) ret[-i] = 0;
+    auto* words = reinterpret_cast<std::uint32_t*>(ret - 7);
+    std::uint32_t mxcsr;
+    std::uint16_t fpcw;
+    asm volatile("stmxcsr %0" : "=m"(mxcsr));
+    asm volatile("fnstcw %0" : "=m"(fpcw));
+    words[0] = mxcsr;
+    words[1] = fpcw;
+    c.sp = ret - 7;
+#else
+    getcontext(&c.uc);
+    c.uc.uc_stack.ss_sp = stack;
+    c.uc.uc_stack.ss_size = size;
+    c.uc.uc_link = nullptr;
+    makecontext(&c.uc, entry, 0);
+#endif
+}
+
 struct Fiber {
-    ucontext_t context;
-    std::unique_ptr<char[]> stack;
+    FiberContext context;
+    char* stack = nullptr;  // kFiberStack bytes of fiber_stacks()
     std::vector<AsyncCopy> async_open;  // its cp.async state while it does not run
     std::vector<std::vector<AsyncCopy>> async_groups;
     const Barrier* waiting_on = nullptr;  // the barrier it waits at, or null
@@ -146,15 +225,27 @@ struct Fiber {
 };
 // Stack of each fiber (untouched pages cost nothing).
 constexpr std::size_t kFiberStack = 512 * 1024;
+// The fibers' stacks, kept for the next launch (fresh ones would be mapped, faulted in page by
+// page and unmapped again at every launch): at least n of them.
+inline char* fiber_stack(unsigned int i) {
+    static thread_local std::vector<std::unique_ptr<char[]>> stacks;
+    while (stacks.size() <= i) stacks.push_back(std::make_unique<char[]>(kFiberStack));
+    return stacks[i].get();
+}
 struct Sequencer {
     bool descending = false;
     std::vector<Fiber> fibers;
-    ucontext_t scheduler;
+    FiberContext scheduler;
     unsigned int running = 0;
+    // Scan position (k-th thread in rank order) from which the scheduler looks for the next
+    // runnable thread: every thread before it is known not to be runnable. A barrier that
+    // completes wakes its waiters and moves it back to its first participant's position.
+    unsigned int cursor = 0;
     std::function<void()> body;  // the kernel with its arguments
     bool runnable(unsigned int t) const;
+    void woke(unsigned int position) { cursor = std::min(cursor, position); }
     // Back to the scheduler from the running fiber.
-    void yield() { swapcontext(&fibers[running].context, &scheduler); }
+    void yield() { switch_context(fibers[running].context, scheduler); }
 };
 extern Sequencer* sequencer;  // set during a launch in the one-at-a-time orders
 
@@ -167,8 +258,16 @@ class Barrier {
     void arrive_and_wait();
     void arrive_and_drop();
     unsigned long long phase() const { return phase_; }
+    // One-at-a-time orders: the scan position of the participant that comes first in the
+    // order (where the scheduler looks again when this barrier completes).
+    unsigned int first_position = 0;
 
   private:
+    void complete() {
+        arrived_ = 0;
+        ++phase_;
+        if (sequencer != nullptr) sequencer->woke(first_position);
+    }
     std::unique_ptr<std::barrier<>> parallel_;
     unsigned int participants_;
     unsigned int arrived_ = 0;
@@ -224,10 +323,7 @@ inline void Barrier::arrive_and_wait() {
     Fiber& f = sequencer->fibers[thread_rank];
     f.waiting_on = this;
     f.waiting_phase = phase_;
-    if (++arrived_ == participants_) {
-        arrived_ = 0;
-        ++phase_;
-    }
+    if (++arrived_ == participants_) complete();
     sequencer->yield();
     f.waiting_on = nullptr;
 }
@@ -238,10 +334,7 @@ inline void Barrier::arrive_and_drop() {
         return;
     }
     --participants_;
-    if (arrived_ > 0 && arrived_ == participants_) {
-        arrived_ = 0;
-        ++phase_;
-    }
+    if (arrived_ > 0 && arrived_ == participants_) complete();
 }
 
 inline unsigned int warp_of_thread() { return thread_rank / 32; }
@@ -538,7 +631,8 @@ inline void fiber_entry() {
     block->warps[t / 32]->arrive_and_drop();
     block->all->arrive_and_drop();
     q.fibers[t].done = true;
-    swapcontext(&q.fibers[t].context, &q.scheduler);
+    switch_context(q.fibers[t].context, q.scheduler);
+    std::abort();  // a finished fiber is never resumed
 }
 
 // A block's threads as fibers, one at a time, lowest rank first (highest when descending; see
@@ -547,11 +641,7 @@ inline void run_block_as_fibers(Sequencer& q, unsigned int n, const dim3& thread
     for (auto& f : q.fibers) {
         f.done = false;
         f.waiting_on = nullptr;
-        getcontext(&f.context);
-        f.context.uc_stack.ss_sp = f.stack.get();
-        f.context.uc_stack.ss_size = kFiberStack;
-        f.context.uc_link = nullptr;
-        makecontext(&f.context, fiber_entry, 0);
+        start_context(f.context, f.stack, kFiberStack, fiber_entry);
     }
     std::vector<AsyncCopy> open;
     std::vector<std::vector<AsyncCopy>> groups;
@@ -559,15 +649,17 @@ inline void run_block_as_fibers(Sequencer& q, unsigned int n, const dim3& thread
     // descending): that thread's warp runs ahead as far as it can, and other warps' writes
     // that it reads without a barrier are not there yet.
     unsigned int first_live = 0;  // ranks (in order) before this one are done
+    q.cursor = 0;
     for (;;) {
         unsigned int next = n;
         while (first_live < n && q.fibers[q.descending ? n - 1 - first_live : first_live].done) {
             ++first_live;
         }
-        for (unsigned int k = first_live; k < n; ++k) {
+        for (unsigned int k = std::max(first_live, q.cursor); k < n; ++k) {
             const unsigned int t = q.descending ? n - 1 - k : k;
             if (q.runnable(t)) {
                 next = t;
+                q.cursor = k;
                 break;
             }
         }
@@ -588,7 +680,7 @@ inline void run_block_as_fibers(Sequencer& q, unsigned int n, const dim3& thread
         // The fiber's cp.async state lives in the thread-local queues while it runs.
         std::swap(async_open, q.fibers[next].async_open);
         std::swap(async_groups, q.fibers[next].async_groups);
-        swapcontext(&q.scheduler, &q.fibers[next].context);
+        switch_context(q.scheduler, q.fibers[next].context);
         std::swap(async_open, q.fibers[next].async_open);
         std::swap(async_groups, q.fibers[next].async_groups);
     }
@@ -621,6 +713,10 @@ void launch(void (*kernel)(Args), dim3 grid, dim3 threads, Args args,
         b.warps.clear();
         for (unsigned int w = 0; w < (n + 31) / 32; ++w) {
             b.warps.push_back(std::make_unique<Barrier>(std::min(32u, n - 32 * w)));
+            // The warp's first lane in the scan order: its lowest rank, or its highest when
+            // descending.
+            b.warps.back()->first_position =
+                seq.descending ? n - 1 - std::min(32 * w + 31, n - 1) : 32 * w;
         }
         b.slots.assign(n, 0);
         b.mma.assign(n, {});
@@ -636,7 +732,7 @@ void launch(void (*kernel)(Args), dim3 grid, dim3 threads, Args args,
     if (sequencer != nullptr) {
         seq.descending = order == Order::Descending;
         seq.fibers = std::vector<Fiber>(n);
-        for (auto& f : seq.fibers) f.stack = std::make_unique<char[]>(kFiberStack);
+        for (unsigned int t = 0; t < n; ++t) seq.fibers[t].stack = fiber_stack(t);
         seq.body = [&] { kernel(args); };
         for (unsigned long long i = 0; i < blocks; ++i) {
             prepare(i);
