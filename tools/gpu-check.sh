@@ -269,6 +269,8 @@ else:
         out.append(f"foresight: {f['forks']} forks of {f['prompt_tokens']} tokens: {f['blocks_used']} KV blocks used, {f['blocks_shared']} shared ({f['blocks_without_sharing']} without sharing), {f['seconds']:.2f}s")
 if fwd:
     out.append(f"prefill {fwd['tokens']} tokens: {fwd['tokens_per_s']:.0f} tokens/s")
+# Per row count, the layer GEMMs' time per layer; the variants beside the heuristic's.
+gemm_base = {}
 for h, objs in secs:
     if h.startswith("bench gemm "):
         g = next((o for o in objs if o.get("bench") == "gemm"), None)
@@ -281,12 +283,27 @@ for h, objs in secs:
         for n, rs in sorted(by_rows.items()):
             layer = [r for r in rs if r["gemm"] != "lm_head"]
             us = sum(r["us_per_call"] for r in layer)
+            name = h[len('bench gemm '):]
+            if name == "BASELINE=heuristic":
+                gemm_base[n] = us
+                vs = ""
+            else:
+                vs = f" ({gemm_base[n] / us:.2f}x the heuristic's speed)" if gemm_base.get(n) and us > 0 else ""
             parts = ", ".join(f"{r['gemm']} {r['us_per_call']:.1f} us ({r['gb_s']:.0f} GB/s, {r['tflop_s']:.0f} TF/s)" for r in rs)
-            out.append(f"gemm {h[len('bench gemm '):]} {n} rows: layer {us:.1f} us; {parts}")
+            out.append(f"gemm {name} {n} rows: layer {us:.1f} us{vs}; {parts}")
+# Each A/B variant beside the same-settings baseline (tokens/s ratio per batch): the evidence
+# for a switch's default.
+base = next((v for h, v in variants if h == "variant BASELINE=same-settings"), None)
+base_rate = {b["sequences"]: b["decode_tokens_per_s"] for b in (base or {}).get("batches", [])}
 for h, v in variants:
     if v:
-        rates = ", ".join(f"{b['sequences']}: {b['decode_tokens_per_s']:.0f} tok/s ({b['decode_step_ms']:.2f} ms/step)" for b in v["batches"])
-        out.append(f"{h[8:]}: {rates}")
+        def rate(b):
+            r = f"{b['sequences']}: {b['decode_tokens_per_s']:.0f} tok/s ({b['decode_step_ms']:.2f} ms/step"
+            ref = base_rate.get(b["sequences"])
+            if ref and v is not base:
+                r += f", {b['decode_tokens_per_s'] / ref:.2f}x baseline"
+            return r + ")"
+        out.append(f"{h[8:]}: " + ", ".join(rate(b) for b in v["batches"]))
     else:
         out.append(f"{h[8:]}: no result")
 for h, _ in secs + sections(sys.argv[3]):
