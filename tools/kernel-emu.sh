@@ -49,7 +49,15 @@ for u in "${units[@]}"; do
   fi
   objs+=("$obj")
 done
-"$cxx" "${flags[@]}" -include "$root/tools/kernel-emu/emu.h" "$root/tools/kernel-emu/checks.cpp" "${objs[@]}" -o "$out/checks"
+# The checks binary: relinked when checks.cpp, the headers or any unit's object changed (the
+# IN OUT modes run it once per input file).
+relink=0
+for dep in "$root/tools/kernel-emu/checks.cpp" "$root/tools/kernel-emu/emu.h" "$root/kernels/args.h" "${objs[@]}"; do
+  [[ ! -f $out/checks || $dep -nt $out/checks ]] && relink=1
+done
+if ((relink)); then
+  "$cxx" "${flags[@]}" -include "$root/tools/kernel-emu/emu.h" "$root/tools/kernel-emu/checks.cpp" "${objs[@]}" -o "$out/checks"
+fi
 # The thread orders (tools/kernel-emu/emu.h): by default both one-at-a-time orders, each a
 # single OS thread, run side by side; KERNEL_EMU_ORDERS="parallel" (or any list) to choose.
 read -r -a orders <<<"${KERNEL_EMU_ORDERS:-ascending descending:issue}"
