@@ -40,12 +40,24 @@ mkdir -p "$out"
 flags=(-std=c++20 -O2 -ffp-contract=off -pthread -DGE_KERNEL_EMU -Wall -Wno-unused-function -Wno-unknown-pragmas)
 units=(paged_attention train_gemm elementwise backward attention_tc attention_backward_tc attention_backward loss sampling skinny_gemm optim)
 objs=()
+# Each unit is compiled from a copy whose `__shared__ T name[dims];` declarations read
+# GE_EMU_SHARED(T, name, [dims]) (emu.h: the variable is poisoned at each block); line numbers
+# and the file name stay the original's. A declaration of another form stops the build.
+shared_decl='^([[:space:]]*)__shared__[[:space:]]+((__align__\([0-9]+\)[[:space:]]+)?((unsigned|long|signed)[[:space:]]+)*[A-Za-z_][A-Za-z_0-9]*)[[:space:]]+([A-Za-z_][A-Za-z_0-9]*)((\[[^]]*\])*)[[:space:]]*;'
 for u in "${units[@]}"; do
   obj=$out/$u.o
   # Rebuilt when the unit, the shared headers or the emulation changed.
   if [[ ! -f $obj || $root/kernels/$u.cu -nt $obj || $root/kernels/common.cuh -nt $obj ||
-        $root/kernels/args.h -nt $obj || $root/tools/kernel-emu/emu.h -nt $obj ]]; then
-    "$cxx" "${flags[@]}" -include "$root/tools/kernel-emu/emu.h" -x c++ -c "$root/kernels/$u.cu" -o "$obj"
+        $root/kernels/args.h -nt $obj || $root/tools/kernel-emu/emu.h -nt $obj ||
+        $root/tools/kernel-emu.sh -nt $obj ]]; then
+    src=$out/$u.emu.cu
+    { echo "#line 1 \"$root/kernels/$u.cu\""
+      sed -E "s/$shared_decl/\1GE_EMU_SHARED(\2, \6, \7);/" "$root/kernels/$u.cu"; } >"$src"
+    if grep -n '__shared__' "$src" | grep -v '^1:'; then
+      echo "kernel-emu: kernels/$u.cu: a __shared__ declaration of a form the emulation does not rewrite (one variable per declaration, no initialiser)" >&2
+      exit 2
+    fi
+    "$cxx" "${flags[@]}" -I "$root/kernels" -include "$root/tools/kernel-emu/emu.h" -x c++ -c "$src" -o "$obj"
   fi
   objs+=("$obj")
 done

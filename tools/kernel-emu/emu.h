@@ -6,12 +6,13 @@
 // OS thread: __syncthreads is a barrier over the block's live threads, a warp shuffle two
 // barriers over the warp's live threads (each lane publishes its value, then reads its
 // partner's). A thread that returns leaves both barriers, as exited threads do on the GPU.
-// `__shared__` becomes `static`: one instance, which is right while one block runs at a time.
-// Those statics live in their own linker section, which is filled with 0xcd bytes before every
-// block (as the dynamic shared memory is): the device's shared memory starts undefined, so a
-// kernel that reads a shared variable before its block wrote it (a missing initialisation, or
-// a missing barrier after one) reads garbage here too instead of a friendly zero or the
-// previous block's value.
+// `__shared__` variables become statics: one instance, which is right while one block runs at
+// a time. tools/kernel-emu.sh rewrites each declaration `__shared__ T name[dims];` as
+// GE_EMU_SHARED(T, name, [dims]), which also fills the variable with 0xcd bytes the first time
+// a thread of each block reaches it (as the dynamic shared memory is at every block): the
+// device's shared memory starts undefined, so a kernel that reads a shared variable before its
+// block wrote it (a missing initialisation, or a missing barrier after one) reads garbage here
+// too instead of a friendly zero or the previous block's value.
 //
 // The tensor-core instructions the attention kernels use (mma.sync m16n8k16, bf16 in, f32
 // accumulate; ldmatrix, plain and transposed) are emulated per warp from the PTX ISA's
@@ -57,7 +58,9 @@
 #include <thread>
 #include <type_traits>
 #include <ucontext.h>
+#include <mutex>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 struct dim3 {
@@ -77,22 +80,15 @@ struct alignas(16) float4 {
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __shared__ static __attribute__((section("ge_emu_shared"), used))
+#define __shared__ static
+#define GE_EMU_SHARED(type, name, dims) \
+    static type name dims;              \
+    ::ge_emu::shared_declared(&name, sizeof(name))
 #define __align__(n) __attribute__((aligned(n)))
 #define __launch_bounds__(...)
 #define __restrict__
 
-// The bounds of the `__shared__` statics' section (the linker defines them).
-extern "C" unsigned char __start_ge_emu_shared[];
-extern "C" unsigned char __stop_ge_emu_shared[];
-
 namespace ge_emu {
-
-// Fills every kernel's static shared memory with 0xcd bytes: the state a block must not rely on.
-inline void poison_static_shared() {
-    std::memset(__start_ge_emu_shared, 0xcd,
-                static_cast<std::size_t>(__stop_ge_emu_shared - __start_ge_emu_shared));
-}
 
 // $GE_EMU_ORDER (see the top of this file).
 enum class Order { Parallel, Ascending, Descending };
@@ -291,12 +287,22 @@ struct Block {
     // thread's list of them. ldmatrix reading another thread's piece from here is the
     // missing-barrier bug the device would show as stale data now and then.
     std::unordered_map<std::uintptr_t, unsigned int> unpublished;
+    // The shared variables this block has reached (and filled with 0xcd bytes).
+    std::unordered_set<const void*> poisoned;
+    std::mutex poisoned_mutex;
     std::vector<std::vector<std::uintptr_t>> unpublished_by;
     unsigned long long visibility_errors = 0;
 };
 
 extern Block* block;
 extern thread_local unsigned int thread_rank;  // linear index in the block
+
+// A thread of the running block reaches the declaration of the shared variable at `p`: the
+// first one fills it with 0xcd bytes (GE_EMU_SHARED).
+inline void shared_declared(const void* p, std::size_t bytes) {
+    std::lock_guard<std::mutex> lock(block->poisoned_mutex);
+    if (block->poisoned.insert(p).second) std::memset(const_cast<void*>(p), 0xcd, bytes);
+}
 
 inline unsigned char* dynamic_shared() {
     // 16-byte aligned, as the device's dynamic shared memory.
@@ -723,7 +729,7 @@ void launch(void (*kernel)(Args), dim3 grid, dim3 threads, Args args,
         b.unpublished.clear();
         b.unpublished_by.assign(n, {});
         b.dynamic_shared.assign(dynamic_shared_bytes + 16, 0xcd);
-        poison_static_shared();
+        b.poisoned.clear();
         current = dim3{static_cast<unsigned int>(i % grid.x),
                        static_cast<unsigned int>((i / grid.x) % grid.y),
                        static_cast<unsigned int>(i / (static_cast<unsigned long long>(grid.x) * grid.y))};
