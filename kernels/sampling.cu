@@ -465,6 +465,10 @@ __device__ GeFilterOut ge_filter_and_walk(const L& list, int k, float top_p, dou
         o.token = fid;
         o.p = __uint_as_float(fk);
     } else {
+        // The definition's fallback, the last kept token; not reached as the kernel calls this:
+        // with no floor (no top-k cut, top-p 1) the list is the whole row, whose mass at keys
+        // >= 1 is s_all (the same sums in the same order), and u * s_all < s_all for u < 1, so
+        // kw >= 1 above. (So no emulation input reaches ge_list_last's barriers either.)
         unsigned int key;
         int id;
         ge_list_last(list, fk, fid, s_u, s_id, key, id);

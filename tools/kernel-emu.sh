@@ -8,7 +8,7 @@
 # tests/kernel_emu.rs runs this as part of `cargo test`. optim.cu's casts are checked here, its
 # AdamW update by tests/kernel_emu.rs (the `adamw` mode, bit for bit against the host's AdamW).
 #
-#   tools/kernel-emu.sh [attention|logprobs|gemm|swiglu|kv|norm|elementwise|training-attention]
+#   tools/kernel-emu.sh [attention|logprobs|gemm|swiglu|kv|norm|elementwise|training-attention|emulator]
 #                                        (default: every check)
 #   tools/kernel-emu.sh pair-losses IN OUT   the loss kernel on IN's inputs (tests/kernel_emu.rs)
 #   tools/kernel-emu.sh sample-rows IN OUT   the sampling kernel on IN's rows (tests/kernel_emu.rs)
@@ -38,7 +38,7 @@ if [[ -z $cxx ]]; then
 fi
 mkdir -p "$out"
 flags=(-std=c++20 -O2 -ffp-contract=off -pthread -DGE_KERNEL_EMU -Wall -Wno-unused-function -Wno-unknown-pragmas)
-units=(paged_attention train_gemm elementwise backward attention_tc attention_backward_tc attention_backward loss sampling skinny_gemm optim)
+units=(paged_attention train_gemm elementwise backward attention_tc attention_backward_tc attention_backward loss sampling skinny_gemm optim selftest)
 objs=()
 # Each unit is compiled from a copy whose `__shared__ T name[dims];` declarations read
 # GE_EMU_SHARED(T, name, [dims]) (emu.h: the variable is poisoned at each block); line numbers
@@ -46,15 +46,19 @@ objs=()
 shared_decl='^([[:space:]]*)__shared__[[:space:]]+((__align__\([0-9]+\)[[:space:]]+)?((unsigned|long|signed)[[:space:]]+)*[A-Za-z_][A-Za-z_0-9]*)[[:space:]]+([A-Za-z_][A-Za-z_0-9]*)((\[[^]]*\])*)[[:space:]]*;'
 for u in "${units[@]}"; do
   obj=$out/$u.o
+  # The emulation's own self-test kernels live beside it.
+  orig=$root/kernels/$u.cu
+  [[ $u == selftest ]] && orig=$root/tools/kernel-emu/selftest.cu
   # Rebuilt when the unit, the shared headers or the emulation changed.
-  if [[ ! -f $obj || $root/kernels/$u.cu -nt $obj || $root/kernels/common.cuh -nt $obj ||
+  if [[ ! -f $obj || $orig -nt $obj || $root/kernels/common.cuh -nt $obj ||
         $root/kernels/args.h -nt $obj || $root/tools/kernel-emu/emu.h -nt $obj ||
-        $root/tools/kernel-emu.sh -nt $obj ]]; then
+        $root/tools/kernel-emu/selftest.h -nt $obj || $root/tools/kernel-emu.sh -nt $obj ]]; then
     src=$out/$u.emu.cu
-    { echo "#line 1 \"$root/kernels/$u.cu\""
-      sed -E "s/$shared_decl/\1GE_EMU_SHARED(\2, \6, \7);/" "$root/kernels/$u.cu"; } >"$src"
-    if grep -n '__shared__' "$src" | grep -v '^1:'; then
-      echo "kernel-emu: kernels/$u.cu: a __shared__ declaration of a form the emulation does not rewrite (one variable per declaration, no initialiser)" >&2
+    { echo "#line 1 \"$orig\""
+      sed -E "s/$shared_decl/\1GE_EMU_SHARED(\2, \6, \7);/" "$orig"; } >"$src"
+    # (outside comments)
+    if grep -nE '^([^/]|/[^/])*__shared__' "$src" | grep -v '^1:'; then
+      echo "kernel-emu: $orig: a __shared__ declaration of a form the emulation does not rewrite (one variable per declaration, no initialiser)" >&2
       exit 2
     fi
     "$cxx" "${flags[@]}" -I "$root/kernels" -include "$root/tools/kernel-emu/emu.h" -x c++ -c "$src" -o "$obj"

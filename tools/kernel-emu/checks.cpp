@@ -16,6 +16,7 @@
 #include <string>
 
 #include "../../kernels/args.h"
+#include "selftest.h"
 
 dim3 blockDim;
 dim3 gridDim;
@@ -78,6 +79,9 @@ void ge_qkv_rope_write_kv(QkvRopeArgs a);
 void ge_rope(RopeArgs a);
 void ge_swiglu_backward(SwigluBackwardArgs a);
 void ge_pair_losses(PairLossArgs a);
+void ge_selftest_fresh_shared(SelfTestArgs a);
+void ge_selftest_missing_barrier(SelfTestArgs a);
+void ge_selftest_async_landing(SelfTestArgs a);
 void ge_sample_rows(SampleArgs a);
 void ge_sample_rows_bf16(SampleArgs a);
 void ge_sampling_exp_values(CastArgs a);
@@ -1366,6 +1370,36 @@ int run_adamw(const char* in_path, const char* out_path) {
 
 }  // namespace
 
+// The emulation's own guarantees (tools/kernel-emu/selftest.cu), which the other checks rely
+// on to catch missing barriers, missing initialisations and cp.async races.
+void emulator_checks() {
+    using ge_emu::Order;
+    const Order order = ge_emu::thread_order();
+    std::vector<unsigned int> in(4 * 32), out(2 * 64, 0u);
+    for (unsigned int i = 0; i < in.size(); ++i) in[i] = 1000u + i;
+    SelfTestArgs a{in.data(), out.data()};
+    // Fresh shared memory in each of two blocks, in a template kernel.
+    ge_emu::launch(ge_selftest_fresh_shared, dim3{2, 1, 1}, dim3{64, 1, 1}, a);
+    bool fresh = true;
+    for (unsigned int w : out) fresh = fresh && w == 0xcdcdcdcdu;
+    report(fresh, "emulator: shared memory is garbage (0xcd) at the start of every block, a template kernel's too (second block read %08x)", out[64]);
+    if (order != Order::Parallel) {
+        out.assign(out.size(), 0u);
+        ge_emu::launch(ge_selftest_missing_barrier, dim3{1, 1, 1}, dim3{64, 1, 1}, a);
+        const unsigned int want = order == Order::Ascending ? 7u : 42u;
+        report(out[0] == want, "emulator: a read of another warp's write with no barrier between sees %s value (%u)",
+               order == Order::Ascending ? "the old" : "the new", out[0]);
+    }
+    out.assign(out.size(), 0u);
+    ge_emu::launch(ge_selftest_async_landing, dim3{1, 1, 1}, dim3{32, 1, 1}, a);
+    const bool at_issue = ge_emu::async_lands_at_issue();
+    bool landed = true;
+    for (unsigned int t = 0; t < 32; ++t) {
+        landed = landed && out[2 * t] == (at_issue ? in[4 * t] : 0u) && out[2 * t + 1] == in[4 * t];
+    }
+    report(landed, "emulator: cp.async copies land at the %s", at_issue ? "issue" : "wait");
+}
+
 int main(int argc, char** argv) {
     const std::string only = argc > 1 ? argv[1] : "";
     if (only == "pair-losses") {
@@ -1396,6 +1430,7 @@ int main(int argc, char** argv) {
         }
         return run_sampling_exp(argv[2], argv[3]);
     }
+    if (only.empty() || only == "emulator") emulator_checks();
     if (only.empty() || only == "attention") paged_attention_checks();
     if (only.empty() || only == "logprobs") logprob_checks();
     if (only.empty() || only == "gemm") skinny_gemm_checks();

@@ -1,0 +1,6 @@
+// The emulation self-test kernels' argument (tools/kernel-emu/selftest.cu).
+#pragma once
+struct SelfTestArgs {
+    const unsigned int* in;
+    unsigned int* out;
+};
