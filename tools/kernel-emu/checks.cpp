@@ -2,9 +2,11 @@
 // references written here: paged attention, CUDA-core and tensor-core kernels (decode and
 // prefill over block tables, GQA, head slices, context partitions and their combine,
 // contiguous rows), the fused log-prob forward
-// and backward, SwiGLU forward and backward, the KV-cache writes with padding rows, RMSNorm
+// and backward, SwiGLU forward and backward, the KV-cache writes with padding rows and the KV
+// block copies, the row scatter-add, the elementwise kernels, RMSNorm
 // (forward and backward) and the fused residual add + RMSNorm, and training attention (the tensor-core forward and
-// every form of the backward, tensor-core and CUDA-core). `checks pair-losses IN OUT`,
+// every form of the backward, tensor-core and CUDA-core), and the emulation's own guarantees
+// (the `emulator` group, tools/kernel-emu/selftest.cu). `checks pair-losses IN OUT`,
 // `checks sample-rows IN OUT`, `checks sampling-exp IN OUT` and `checks adamw IN OUT` run the
 // loss kernel, the sampling kernel, the sampling exponential and the AdamW update on inputs
 // written by tests/kernel_emu.rs, which
@@ -44,6 +46,11 @@ void ge_target_logprobs_backward_bf16(LogprobBackwardArgs a);
 void ge_target_logprobs_backward_bf16_v8(LogprobBackwardArgs a);
 void ge_swiglu(SwigluArgs a);
 void ge_write_kv_bf16(WriteKvArgs a);
+void ge_copy_blocks_bf16(CopyBlocksArgs a);
+void ge_scatter_add_rows_bf16(ScatterAddRowsArgs a);
+void ge_scatter_add_rows_bf16_f32(ScatterAddRowsArgs a);
+void ge_scatter_add_rows_f32(ScatterAddRowsArgs a);
+void ge_scatter_add_rows_f32_bf16(ScatterAddRowsArgs a);
 void ge_rms_norm(RmsNormArgs a);
 void ge_rms_norm_backward_rows(RmsNormBackwardArgs a);
 void ge_rms_norm_backward_weight(RmsNormBackwardArgs a);
@@ -1143,6 +1150,97 @@ void check_elementwise_vectors(unsigned long long seed) {
            ok ? "exact" : ("DIFFER:" + failed).c_str());
 }
 
+// The KV block copies of copy-on-write (ge_copy_blocks_bf16) on a pool of `blocks` blocks of
+// `block_elems` bf16 (16-byte path when a multiple of 8), and the row scatter-add (the
+// embedding's backward, every destination / source type pair), exactly against their
+// definitions: destination blocks are the sources' bits and nothing else changes; each target
+// row gets its group's source rows added in order in f32, rounded once.
+void check_copy_blocks_and_scatter_add(unsigned long long seed) {
+    Rng rng(seed);
+    bool ok = true;
+    std::string failed;
+    auto fail = [&](const std::string& what) {
+        ok = false;
+        failed += " " + what;
+    };
+    for (long long block_elems : {16LL * 64, 7LL * 20, 5LL}) {
+        const int blocks = 9;
+        auto pool = random_bf16(rng, static_cast<std::size_t>(blocks * block_elems), 2.0f);
+        const std::vector<unsigned int> pairs = {0, 5, 3, 8, 3, 1};  // (source, destination)
+        auto want = pool;
+        for (std::size_t c = 0; c < pairs.size(); c += 2) {
+            std::copy(pool.begin() + pairs[c] * block_elems, pool.begin() + (pairs[c] + 1) * block_elems,
+                      want.begin() + pairs[c + 1] * block_elems);
+        }
+        // Fewer threads than a block's vectors in x: the loop strides; y is the copy.
+        ge_emu::launch(ge_copy_blocks_bf16, dim3{2, 3, 1}, dim3{32, 1, 1},
+                       CopyBlocksArgs{addr(pool.data()), addr(pairs.data()), block_elems, 3});
+        if (pool != want) fail("copy_blocks (" + std::to_string(block_elems) + " elements per block)");
+    }
+    const int width = 37, src_rows = 11, dst_rows = 6;
+    // Groups (destination row <- source rows, ascending): 4 <- {0, 3, 9}, 1 <- {2}, 5 <- {1, 4, 5, 10}.
+    const std::vector<unsigned int> order = {0, 3, 9, 2, 1, 4, 5, 10};
+    const std::vector<unsigned int> segments = {0, 3, 4, 8};
+    const std::vector<unsigned int> targets = {4, 1, 5};
+    const int groups = 3;
+    auto src_b = random_bf16(rng, static_cast<std::size_t>(src_rows * width), 2.0f);
+    std::vector<float> src_f(static_cast<std::size_t>(src_rows * width));
+    for (auto& v : src_f) v = rng.uniform() * 2.0f;
+    auto dst_b0 = random_bf16(rng, static_cast<std::size_t>(dst_rows * width), 2.0f);
+    std::vector<float> dst_f0(static_cast<std::size_t>(dst_rows * width));
+    for (auto& v : dst_f0) v = rng.uniform() * 2.0f;
+    // The definition, for source values `sv` and destination values `dv` (as f32).
+    auto sums = [&](auto sv, auto dv) {
+        std::vector<float> out(static_cast<std::size_t>(dst_rows * width));
+        for (int r = 0; r < dst_rows; ++r)
+            for (int c = 0; c < width; ++c) out[r * width + c] = dv(r * width + c);
+        for (int g = 0; g < groups; ++g) {
+            for (int c = 0; c < width; ++c) {
+                float acc = dv(targets[g] * width + c);
+                for (unsigned int k = segments[g]; k < segments[g + 1]; ++k) acc += sv(order[k] * width + c);
+                out[targets[g] * width + c] = acc;
+            }
+        }
+        return out;
+    };
+    auto sb = [&](int i) { return f32_of(src_b[i]); };
+    auto sf = [&](int i) { return src_f[i]; };
+    auto db = [&](int i) { return f32_of(dst_b0[i]); };
+    auto df = [&](int i) { return dst_f0[i]; };
+    auto args = [&](void* dst, const void* src) {
+        return ScatterAddRowsArgs{addr(dst), addr(src), addr(order.data()), addr(segments.data()),
+                                  addr(targets.data()), groups, width};
+    };
+    auto as_bf16 = [](const std::vector<float>& v) {
+        std::vector<unsigned short> b(v.size());
+        for (std::size_t i = 0; i < v.size(); ++i) b[i] = ge_emu::f32_to_bf16_bits(v[i]);
+        return b;
+    };
+    const dim3 grid{2, 1, 1}, block{32, 1, 1};
+    {
+        auto d = dst_b0;
+        ge_emu::launch(ge_scatter_add_rows_bf16, grid, block, args(d.data(), src_b.data()));
+        if (d != as_bf16(sums(sb, db))) fail("scatter_add_rows_bf16");
+    }
+    {
+        auto d = dst_b0;
+        ge_emu::launch(ge_scatter_add_rows_bf16_f32, grid, block, args(d.data(), src_f.data()));
+        if (d != as_bf16(sums(sf, db))) fail("scatter_add_rows_bf16_f32");
+    }
+    {
+        auto d = dst_f0;
+        ge_emu::launch(ge_scatter_add_rows_f32, grid, block, args(d.data(), src_f.data()));
+        if (d != sums(sf, df)) fail("scatter_add_rows_f32");
+    }
+    {
+        auto d = dst_f0;
+        ge_emu::launch(ge_scatter_add_rows_f32_bf16, grid, block, args(d.data(), src_b.data()));
+        if (d != sums(sb, df)) fail("scatter_add_rows_f32_bf16");
+    }
+    report(ok, "KV block copies (16-byte and one-element paths) and the row scatter-add (4 type pairs): %s",
+           ok ? "exact" : ("DIFFER:" + failed).c_str());
+}
+
 // ---------------------------------------------------------------------------------------
 // `checks pair-losses IN OUT`: runs ge_pair_losses on the inputs in file IN and writes its
 // outputs to OUT, for tests/kernel_emu.rs to compare with the host definition
@@ -1453,7 +1551,10 @@ int main(int argc, char** argv) {
         check_bias_grad(300, 1152, 32, 79);
         check_bias_grad(77, 45, 8, 80);
     }
-    if (only.empty() || only == "elementwise") check_elementwise_vectors(81);
+    if (only.empty() || only == "elementwise") {
+        check_elementwise_vectors(81);
+        check_copy_blocks_and_scatter_add(82);
+    }
     if (only.empty() || only == "training-attention") training_attention_checks();
     std::printf("kernel-emu: %d of %d checks passed\n", checks - failures, checks);
     return failures == 0 ? 0 : 1;
