@@ -4,7 +4,9 @@
 # shuffles, the tensor-core mma.sync and ldmatrix emulated per warp), links
 # tools/kernel-emu/checks.cpp (float64 references) and runs it, once with a block's threads
 # one at a time in ascending rank order and once in descending (side by side), so that a
-# missing barrier shows in one of them (tools/kernel-emu/emu.h). No GPU or CUDA toolkit needed;
+# missing barrier shows in one of them (tools/kernel-emu/emu.h); every shared variable starts
+# as garbage in each block (see the __shared__ rewrite below), and the `emulator` group checks
+# these guarantees themselves (tools/kernel-emu/selftest.cu). No GPU or CUDA toolkit needed;
 # tests/kernel_emu.rs runs this as part of `cargo test`. optim.cu's casts are checked here, its
 # AdamW update by tests/kernel_emu.rs (the `adamw` mode, bit for bit against the host's AdamW).
 #
