@@ -253,7 +253,7 @@ else:
     out.append(f"rollout on {bench['device']}, {bench['model']}, prompt {bench['prompt_tokens']} + {bench['new_tokens']} new")
     if "rc-fallback" in open(sys.argv[1]).read():
         out.append("  (the run with CUDA graphs FAILED: these numbers are its rerun with GENIUS_CUDA_GRAPHS=0)")
-    out.append(f"{'sequences':>9} {'decode tok/s':>13} {'step ms':>8} {'host ms':>8} {'GB/s':>7} {'% copy':>7} {'HF tok/s':>9} {'x HF':>6}  graphs (replayed/eager steps)")
+    out.append(f"{'sequences':>9} {'decode tok/s':>13} {'step ms':>8} {'host ms':>8} {'stops ms':>8} {'GB/s':>7} {'% copy':>7} {'HF tok/s':>9} {'x HF':>6}  graphs (replayed/eager steps)")
     for b in bench["batches"]:
         n = b["sequences"]
         pct = f"{100 * b['achieved_gb_s'] / ceiling:6.1f}%" if ceiling else "      -"
@@ -263,7 +263,8 @@ else:
         g = b.get("graphs") or {}
         gs = f"{g.get('replays', '-')}/{g.get('eager_steps', '-')}" + (f" off: {g['off']}" if g.get("off") else "")
         host = f"{b['host_ms_per_step']:8.3f}" if "host_ms_per_step" in b else "       -"
-        out.append(f"{n:>9} {b['decode_tokens_per_s']:>13.0f} {b['decode_step_ms']:>8.2f} {host} {b['achieved_gb_s']:>7.0f} {pct:>7} {hfs} {ratio}  {gs}")
+        stops = f"{b['accept_ms_per_step']:8.3f}" if "accept_ms_per_step" in b else "       -"
+        out.append(f"{n:>9} {b['decode_tokens_per_s']:>13.0f} {b['decode_step_ms']:>8.2f} {host} {stops} {b['achieved_gb_s']:>7.0f} {pct:>7} {hfs} {ratio}  {gs}")
     f = bench.get("foresight")
     if f:
         out.append(f"foresight: {f['forks']} forks of {f['prompt_tokens']} tokens: {f['blocks_used']} KV blocks used, {f['blocks_shared']} shared ({f['blocks_without_sharing']} without sharing), {f['seconds']:.2f}s")

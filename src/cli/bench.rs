@@ -283,7 +283,7 @@ fn rollout_on<B: Backend>(
         args.new_tokens
     );
     println!(
-        "  sequences   prefill s   decode s   decode tokens/s   step ms   host ms   GB/s (weights + KV read)   KV blocks used (peak)"
+        "  sequences   prefill s   decode s   decode tokens/s   step ms   host ms   (stops ms)   GB/s (weights + KV read)   KV blocks used (peak)"
     );
     let mut rows = Vec::new();
     for &batch in &args.batches {
@@ -309,7 +309,11 @@ fn rollout_on<B: Backend>(
             engine.continue_sequence(p, sampling, stop.clone())?;
         }
         let generated0 = engine.tokens_generated;
-        let (step_s0, model_s0) = (engine.step_seconds, engine.model_seconds);
+        let (step_s0, model_s0, accept_s0) = (
+            engine.step_seconds,
+            engine.model_seconds,
+            engine.accept_seconds,
+        );
         let graphs0 = engine.model().backend.decode_graph_stats();
         let t1 = Instant::now();
         let mut peak = 0;
@@ -322,6 +326,8 @@ fn rollout_on<B: Backend>(
         let host_ms = ((engine.step_seconds - step_s0) - (engine.model_seconds - model_s0))
             / args.new_tokens as f64
             * 1e3;
+        // Of that, taking the sampled tokens (stop checks, detokenisation); the rest schedules.
+        let accept_ms = (engine.accept_seconds - accept_s0) / args.new_tokens as f64 * 1e3;
         // The decode-graph activity of this batch (none where the backend records none).
         let graphs = graphs0
             .zip(engine.model().backend.decode_graph_stats())
@@ -336,13 +342,13 @@ fn rollout_on<B: Backend>(
         let bytes = decode_step_bytes(&model.config, element_bytes, batch as f64 * mean_context);
         let gb_s = bytes / step_s / 1e9;
         println!(
-            "  {batch:>9}   {prefill_s:>9.2}   {decode_s:>8.2}   {tok_s:>15.1}   {:>7.2}   {host_ms:>7.3}   {gb_s:>24.1}   {peak:>6}",
+            "  {batch:>9}   {prefill_s:>9.2}   {decode_s:>8.2}   {tok_s:>15.1}   {:>7.2}   {host_ms:>7.3}   {accept_ms:>10.3}   {gb_s:>24.1}   {peak:>6}",
             step_s * 1e3
         );
         rows.push(
             serde_json::json!({"sequences": batch, "prefill_s": prefill_s, "decode_s": decode_s,
             "decode_tokens": tokens, "decode_tokens_per_s": tok_s, "decode_step_ms": step_s * 1e3,
-            "host_ms_per_step": host_ms,
+            "host_ms_per_step": host_ms, "accept_ms_per_step": accept_ms,
             "decode_step_bytes": bytes, "achieved_gb_s": gb_s, "peak_blocks_used": peak,
             "graphs": graphs}),
         );

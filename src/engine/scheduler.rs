@@ -170,6 +170,9 @@ pub struct Engine<'t, B: Backend> {
     /// KV block copies; on a GPU this includes waiting for the device): the rest is the
     /// engine's own host work (scheduling, block tables, stops, detokenisation).
     pub model_seconds: f64,
+    /// Of the rest, the time taking the sampled tokens: stop checks and detokenisation (the
+    /// remainder is scheduling: block reservations, block tables, the batch).
+    pub accept_seconds: f64,
     /// Whether a step mixing decodes and prefill chunks runs as two passes (see
     /// [`Engine::set_split_mixed_steps`]); `None`: as the backend prefers.
     split_mixed: Option<bool>,
@@ -208,6 +211,7 @@ impl<'t, B: Backend> Engine<'t, B> {
             split_steps: 0,
             step_seconds: 0.0,
             model_seconds: 0.0,
+            accept_seconds: 0.0,
             split_mixed: None,
         })
     }
@@ -645,6 +649,7 @@ impl<'t, B: Backend> Engine<'t, B> {
             samplers.len()
         );
         self.tokens_generated += sampled.len() as u64;
+        let accept_started = Instant::now();
         let context = self.model.config.max_position_embeddings;
         let tokenizer = self.tokenizer;
         let mut by_id: HashMap<SeqId, &mut Sequence> = self
@@ -674,6 +679,7 @@ impl<'t, B: Backend> Engine<'t, B> {
                 finished.push(self.finish_record(*id, reason));
             }
         }
+        self.accept_seconds += accept_started.elapsed().as_secs_f64();
         Ok(finished)
     }
 
