@@ -226,7 +226,8 @@ fn paged_attention_matches_the_cpu() {
     };
     let mut rng = Rng(seed());
     let mut cases = Vec::new();
-    for (heads, kv_heads) in [(4, 4), (4, 2), (14, 2)] {
+    // GQA 1, 2, 7 (Qwen2.5-0.5B's 14 / 2) and 4 (LLaMA-3 8B's 32 / 8).
+    for (heads, kv_heads) in [(4, 4), (4, 2), (14, 2), (32, 8)] {
         for head_dim in [64, 128] {
             for block_size in [1, 16, 7] {
                 // Decode steps (one query each, odd and partial-block contexts), a prefill

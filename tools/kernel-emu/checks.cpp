@@ -314,10 +314,11 @@ void paged_attention_checks() {
                               true);
     }
     // The tensor-core kernels (fewer cases: the emulated mma is slow): one head per block and
-    // GQA 2, 7 and 10 (two slices of 5), decode and prefill chunks, partitions, block sizes
-    // 16, 7 and 1, contiguous rows.
+    // GQA 2, 4 (LLaMA-3's 32 / 8), 7 and 10 (two slices of 5), decode and prefill chunks,
+    // partitions, block sizes 16, 7 and 1, contiguous rows.
     for (int hd : {64, 128}) {
         check_paged_attention("decode", hd, 14, 2, 16, decode, 0, 61 + hd, false, true);
+        check_paged_attention("decode", hd, 16, 4, 16, decode, 0, 91 + hd, false, true);
         check_paged_attention("decode", hd, 20, 2, 7, decode, 0, 67 + hd, false, true);
         check_paged_attention("mixed", hd, 4, 2, 16, mixed, 0, 71 + hd, false, true);
         check_paged_attention("split", hd, 14, 2, 16, longer, 256, 73 + hd, false, true);
