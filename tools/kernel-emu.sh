@@ -40,11 +40,21 @@ if [[ -z $cxx ]]; then
 fi
 mkdir -p "$out"
 flags=(-std=c++20 -O2 -ffp-contract=off -pthread -DGE_KERNEL_EMU -Wall -Wno-unused-function -Wno-unknown-pragmas)
+# The fibers' own context switch (emu.h) returns into frames that were never called: no
+# shadow stacks.
+[[ $(uname -m) == x86_64 ]] && flags+=(-fcf-protection=none)
 units=(paged_attention train_gemm elementwise backward attention_tc attention_backward_tc attention_backward loss sampling skinny_gemm optim selftest)
 objs=()
 # Each unit is compiled from a copy whose `__shared__ T name[dims];` declarations read
 # GE_EMU_SHARED(T, name, [dims]) (emu.h: the variable is poisoned at each block); line numbers
 # and the file name stay the original's. A declaration of another form stops the build.
+# Headers are not rewritten: none may declare a __shared__ variable (the dynamic shared memory
+# macro's device branch aside).
+if grep -nE '^([^/]|/[^/])*__shared__' "$root"/kernels/*.cuh "$root"/kernels/*.h "$root/tools/kernel-emu/selftest.h" |
+    grep -v 'define GE_DYNAMIC_SHARED(type, name) extern __shared__'; then
+  echo "kernel-emu: a __shared__ declaration in a header (the emulation only rewrites the units' own)" >&2
+  exit 2
+fi
 shared_decl='^([[:space:]]*)__shared__[[:space:]]+((__align__\([0-9]+\)[[:space:]]+)?((unsigned|long|signed)[[:space:]]+)*[A-Za-z_][A-Za-z_0-9]*)[[:space:]]+([A-Za-z_][A-Za-z_0-9]*)((\[[^]]*\])*)[[:space:]]*;'
 for u in "${units[@]}"; do
   obj=$out/$u.o
@@ -74,7 +84,7 @@ for dep in "$root/tools/kernel-emu/checks.cpp" "$root/tools/kernel-emu/emu.h" "$
   [[ ! -f $out/checks || $dep -nt $out/checks ]] && relink=1
 done
 if ((relink)); then
-  "$cxx" "${flags[@]}" -include "$root/tools/kernel-emu/emu.h" "$root/tools/kernel-emu/checks.cpp" "${objs[@]}" -o "$out/checks"
+  "$cxx" "${flags[@]}" -DGE_EMU_MAIN -include "$root/tools/kernel-emu/emu.h" "$root/tools/kernel-emu/checks.cpp" "${objs[@]}" -o "$out/checks"
 fi
 # The thread orders (tools/kernel-emu/emu.h): by default both one-at-a-time orders, each a
 # single OS thread, run side by side; KERNEL_EMU_ORDERS="parallel" (or any list) to choose.

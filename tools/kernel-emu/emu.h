@@ -136,13 +136,16 @@ struct AsyncCopy {
 // then the stack pointer); elsewhere ucontext's swapcontext, which also saves the signal mask
 // by a system call on every switch (several times slower: the emulation switches fibers at
 // every barrier, shuffle and warp-wide operation of every thread).
-#if defined(__x86_64__)
+#if defined(__x86_64__) && defined(__ELF__) && !defined(_WIN32)
 #define GE_EMU_FAST_SWITCH 1
 extern "C" void ge_emu_switch(void** save_sp, void* load_sp);
-// Weak: every unit that includes this header carries a copy, the linker keeps one.
+// Defined once, in the checks program (built with GE_EMU_MAIN); System V calling convention.
+// Fibers return into frames that were never called, so the build turns off shadow stacks
+// (-fcf-protection=none in kernel-emu.sh).
+#ifdef GE_EMU_MAIN
 asm(R"(
     .text
-    .weak ge_emu_switch
+    .globl ge_emu_switch
     .type ge_emu_switch, @function
 ge_emu_switch:
     pushq %rbp
@@ -168,6 +171,7 @@ ge_emu_switch:
     ret
     .size ge_emu_switch, .-ge_emu_switch
 )");
+#endif
 #endif
 struct FiberContext {
 #ifdef GE_EMU_FAST_SWITCH
