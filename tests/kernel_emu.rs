@@ -77,12 +77,34 @@ fn cuda_core_kernels_match_float64_references_in_the_cpu_emulation() {
         "one summary per thread order:\n{stdout}"
     );
     assert!(!stdout.contains("FAIL"), "{stdout}");
+    emulation_stops_unsynchronised_ldmatrix(&out.join("checks"));
     // The same build, run on the loss kernel's inputs (after the checks: one build at a time).
     pair_loss_kernel_matches_the_host(&out.join("checks"));
     sampling_kernel_matches_the_host_port_and_the_cpu_sampler(&out.join("checks"));
     sampling_kernel_filtered_paths_match_the_cpu_sampler(&out.join("checks"));
     kernel_exponential_is_the_cpu_definition(&out.join("checks"));
     adamw_kernel_is_the_host_update(&out.join("checks"));
+}
+
+/// The emulation's visibility tracking, which the checks rely on to catch a missing barrier
+/// between cp.async and ldmatrix (the data is there in the emulation even without it): a
+/// warp's ldmatrix of rows other lanes landed, with no `__syncwarp` between, stops the run in
+/// both one-at-a-time orders (the same kernel with the barrier passes in the `emulator` group).
+fn emulation_stops_unsynchronised_ldmatrix(checks: &Path) {
+    for order in ["ascending", "descending"] {
+        let run = Command::new(checks)
+            .env("GE_EMU_ORDER", order)
+            .arg("emulator-unsynced")
+            .output()
+            .expect("runs the kernel-emu checks");
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(
+            !run.status.success() && stderr.contains("with no barrier between"),
+            "{order}: an unsynchronised ldmatrix was not stopped ({}):\n{}\n{stderr}",
+            run.status,
+            String::from_utf8_lossy(&run.stdout)
+        );
+    }
 }
 
 /// `ge_adamw_update` (kernels/optim.cu) with the bf16 working copy, run by the emulation:

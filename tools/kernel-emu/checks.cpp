@@ -89,6 +89,8 @@ void ge_pair_losses(PairLossArgs a);
 void ge_selftest_fresh_shared(SelfTestArgs a);
 void ge_selftest_missing_barrier(SelfTestArgs a);
 void ge_selftest_async_landing(SelfTestArgs a);
+void ge_selftest_ldmatrix_synced(SelfTestArgs a);
+void ge_selftest_ldmatrix_unsynced(SelfTestArgs a);
 void ge_sample_rows(SampleArgs a);
 void ge_sample_rows_bf16(SampleArgs a);
 void ge_sampling_exp_values(CastArgs a);
@@ -1497,6 +1499,26 @@ void emulator_checks() {
         landed = landed && out[2 * t] == (at_issue ? in[4 * t] : 0u) && out[2 * t + 1] == in[4 * t];
     }
     report(landed, "emulator: cp.async copies land at the %s", at_issue ? "issue" : "wait");
+    if (order != Order::Parallel) {
+        // The synced form runs through and gives ldmatrix's fragments (lane l, register j:
+        // word l of matrix j); `checks emulator-unsynced` (tests/kernel_emu.rs) must stop.
+        out.assign(out.size(), 0u);
+        ge_emu::launch(ge_selftest_ldmatrix_synced, dim3{1, 1, 1}, dim3{32, 1, 1}, a);
+        bool fragments = true;
+        for (unsigned int l = 0; l < 32; ++l) {
+            fragments = fragments && out[2 * l] == in[l] && out[2 * l + 1] == in[32 + l];
+        }
+        report(fragments, "emulator: ldmatrix after cp.async and __syncwarp reads the landed rows as fragments");
+    }
+}
+
+// `checks emulator-unsynced`: ldmatrix of other lanes' cp.async rows with no barrier between,
+// which the one-at-a-time orders must refuse (the run aborts).
+int run_emulator_unsynced() {
+    std::vector<unsigned int> in(4 * 32, 1u), out(2 * 64, 0u);
+    ge_emu::launch(ge_selftest_ldmatrix_unsynced, dim3{1, 1, 1}, dim3{32, 1, 1}, SelfTestArgs{in.data(), out.data()});
+    std::printf("emulator-unsynced: the run was NOT stopped\n");
+    return 1;
 }
 
 int main(int argc, char** argv) {
@@ -1522,6 +1544,7 @@ int main(int argc, char** argv) {
         }
         return run_adamw(argv[2], argv[3]);
     }
+    if (only == "emulator-unsynced") return run_emulator_unsynced();
     if (only == "sampling-exp") {
         if (argc != 4) {
             std::fprintf(stderr, "usage: checks sampling-exp IN OUT\n");

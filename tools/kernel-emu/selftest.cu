@@ -40,3 +40,23 @@ extern "C" __global__ void ge_selftest_async_landing(SelfTestArgs a) {
     ge_cp_async_wait<0>();
     a.out[2 * t + 1] = tile[4 * t];  // the source
 }
+
+// Lanes 0-15 each land one 16-byte row of two 8 x 8 bf16 matrices by cp.async and wait for
+// it; the warp then reads them with ldmatrix.x2, each lane's fragment holding other lanes'
+// rows. With SYNC a __syncwarp makes those rows visible first; without it the one-at-a-time
+// orders must stop the run (the device would read stale rows now and then).
+template <bool SYNC>
+__device__ void ge_selftest_ldmatrix_after_copies_impl(const SelfTestArgs& a) {
+    __shared__ __align__(16) ge_bf16 tile[16 * 8];
+    const int lane = threadIdx.x;
+    if (lane < 16) ge_cp_async16(tile + 8 * lane, a.in + 4 * lane, true);
+    ge_cp_async_commit();
+    ge_cp_async_wait<0>();
+    if (SYNC) __syncwarp();
+    unsigned int r[2];
+    ge_ldsm<2, false>(r, tile + 8 * (lane % 16));
+    a.out[2 * lane] = r[0];
+    a.out[2 * lane + 1] = r[1];
+}
+extern "C" __global__ void ge_selftest_ldmatrix_synced(SelfTestArgs a) { ge_selftest_ldmatrix_after_copies_impl<true>(a); }
+extern "C" __global__ void ge_selftest_ldmatrix_unsynced(SelfTestArgs a) { ge_selftest_ldmatrix_after_copies_impl<false>(a); }
