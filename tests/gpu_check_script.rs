@@ -133,6 +133,7 @@ fn gpu_check_runs_every_part_and_prints_its_tables_on_the_cpu() {
         "GENIUS_CUDA_PA_TC=0:",
         "GENIUS_CUDA_SKINNY_GEMM=1:",
         "x baseline)",
+        "A/B at 3 sequences: ",
         "train step 8 x 32 tokens",
         "log-probs 1024 rows",
         "run --device cuda, 2 rounds",

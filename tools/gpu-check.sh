@@ -307,6 +307,14 @@ for h, v in variants:
         out.append(f"{h[8:]}: " + ", ".join(rate(b) for b in v["batches"]))
     else:
         out.append(f"{h[8:]}: no result")
+# The switches ranked at the largest batch the baseline ran (a ratio above 1 favours the
+# variant's setting; compare with the baseline's own run-to-run spread before acting).
+if base_rate:
+    top = max(base_rate)
+    ranked = sorted(((b["decode_tokens_per_s"] / base_rate[top], h[8:]) for h, v in variants if v and v is not base
+                     for b in v["batches"] if b["sequences"] == top), reverse=True)
+    if ranked:
+        out.append(f"A/B at {top} sequences: " + ", ".join(f"{name} {r:.2f}x" for r, name in ranked))
 for h, _ in secs + sections(sys.argv[3]):
     if h.startswith("skipped: "):
         out.append(h)
