@@ -335,6 +335,21 @@ fn emulated_sample_rows(
         .collect()
 }
 
+/// The kernel's draw `got` is each reference's token, with both log-probabilities within 1e-5.
+fn assert_same_draw(got: &SampledToken, wants: &[(&str, SampledToken)], what: &str) {
+    for (name, want) in wants {
+        assert_eq!(
+            got.token, want.token,
+            "{what}: kernel {got:?}, {name} {want:?}"
+        );
+        assert!(
+            (got.logprob - want.logprob).abs() <= 1e-5
+                && (got.sampling_logprob - want.sampling_logprob).abs() <= 1e-5,
+            "{what}: kernel {got:?}, {name} {want:?}"
+        );
+    }
+}
+
 /// `ge_sample_rows[_bf16]` (kernels/sampling.cu), run by the emulation, draws the tokens of the
 /// kernel's host port (`blocked_sample`, `filtered_sample`: the same chunking and walk) and of
 /// the CPU sampler, with their log-probabilities, on f32 and bf16 logits: greedy, T = 1 and
@@ -420,14 +435,7 @@ fn sampling_kernel_matches_the_host_port_and_the_cpu_sampler(checks: &Path) {
                 blocked_sample(l, &row.params, row.seq_id, row.position).unwrap()
             };
             let cpu = sample(l, &row.params, row.seq_id, row.position).unwrap();
-            for (name, want) in [("host port", port), ("CPU sampler", cpu)] {
-                assert_eq!(g.token, want.token, "{what}: kernel {g:?}, {name} {want:?}");
-                assert!(
-                    (g.logprob - want.logprob).abs() <= 1e-5
-                        && (g.sampling_logprob - want.sampling_logprob).abs() <= 1e-5,
-                    "{what}: kernel {g:?}, {name} {want:?}"
-                );
-            }
+            assert_same_draw(g, &[("host port", port), ("CPU sampler", cpu)], &what);
             if row.params.temperature == 0.0 {
                 if let Some(first) = tie_first[r] {
                     assert_eq!(
@@ -578,14 +586,7 @@ fn sampling_kernel_filtered_paths_match_the_cpu_sampler(checks: &Path) {
             let (port, compact) =
                 filtered_sample(l, &row.params, row.seq_id, row.position).unwrap();
             let cpu = sample(l, &row.params, row.seq_id, row.position).unwrap();
-            for (name, want) in [("host port", port), ("CPU sampler", cpu)] {
-                assert_eq!(g.token, want.token, "{what}: kernel {g:?}, {name} {want:?}");
-                assert!(
-                    (g.logprob - want.logprob).abs() <= 1e-5
-                        && (g.sampling_logprob - want.sampling_logprob).abs() <= 1e-5,
-                    "{what}: kernel {g:?}, {name} {want:?}"
-                );
-            }
+            assert_same_draw(g, &[("host port", port), ("CPU sampler", cpu)], &what);
             if compact {
                 compacted += 1;
             } else {

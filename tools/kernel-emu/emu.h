@@ -216,7 +216,6 @@ inline void start_context(FiberContext& c, char* stack, std::size_t size, void (
 
 struct Fiber {
     FiberContext context;
-    char* stack = nullptr;  // kFiberStack bytes of fiber_stacks()
     std::vector<AsyncCopy> async_open;  // its cp.async state while it does not run
     std::vector<std::vector<AsyncCopy>> async_groups;
     const Barrier* waiting_on = nullptr;  // the barrier it waits at, or null
@@ -531,15 +530,18 @@ inline void ldmatrix(unsigned int* r, int count, const void* row, bool trans) {
 extern thread_local std::vector<AsyncCopy> async_open;
 extern thread_local std::vector<std::vector<AsyncCopy>> async_groups;
 
-inline void cp_async16(void* dst, const void* src, bool valid) {
-    if (async_lands_at_issue()) {
-        if (valid) {
-            std::memcpy(dst, src, 16);
-        } else {
-            std::memset(dst, 0, 16);
-        }
+// One copy's 16 bytes land (zeros when not valid).
+inline void land(const AsyncCopy& c) {
+    if (c.valid) {
+        std::memcpy(c.dst, c.src, 16);
+    } else {
+        std::memset(c.dst, 0, 16);
     }
+}
+
+inline void cp_async16(void* dst, const void* src, bool valid) {
     async_open.push_back({dst, src, valid});
+    if (async_lands_at_issue()) land(async_open.back());
 }
 inline void cp_async_commit() {
     async_groups.push_back(std::move(async_open));
@@ -549,11 +551,7 @@ inline void cp_async_wait(int n) {
     std::size_t done = 0;
     while (async_groups.size() - done > static_cast<std::size_t>(n)) {
         for (const auto& c : async_groups[done]) {
-            if (c.valid) {
-                std::memcpy(c.dst, c.src, 16);
-            } else {
-                std::memset(c.dst, 0, 16);
-            }
+            land(c);
             if (sequencer != nullptr) {
                 const auto p = reinterpret_cast<std::uintptr_t>(c.dst);
                 block->unpublished[p] = thread_rank;
@@ -648,10 +646,11 @@ inline void fiber_entry() {
 // A block's threads as fibers, one at a time, lowest rank first (highest when descending; see
 // Sequencer): `body` runs the kernel for the thread `thread_rank`.
 inline void run_block_as_fibers(Sequencer& q, unsigned int n, const dim3& threads) {
-    for (auto& f : q.fibers) {
+    for (unsigned int t = 0; t < n; ++t) {
+        Fiber& f = q.fibers[t];
         f.done = false;
         f.waiting_on = nullptr;
-        start_context(f.context, f.stack, kFiberStack, fiber_entry);
+        start_context(f.context, fiber_stack(t), kFiberStack, fiber_entry);
     }
     std::vector<AsyncCopy> open;
     std::vector<std::vector<AsyncCopy>> groups;
@@ -742,7 +741,6 @@ void launch(void (*kernel)(Args), dim3 grid, dim3 threads, Args args,
     if (sequencer != nullptr) {
         seq.descending = order == Order::Descending;
         seq.fibers = std::vector<Fiber>(n);
-        for (unsigned int t = 0; t < n; ++t) seq.fibers[t].stack = fiber_stack(t);
         seq.body = [&] { kernel(args); };
         for (unsigned long long i = 0; i < blocks; ++i) {
             prepare(i);
